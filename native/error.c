@@ -1,0 +1,16 @@
+#include "flashgguf.h"
+
+const char *fg_strerror(int code) {
+    switch (code) {
+    case FG_OK: return "ok";
+    case FG_ERR_NOMEM: return "out of memory";
+    case FG_ERR_IO: return "I/O error reading the payload";
+    case FG_ERR_SHORT_READ: return "the payload file ended before the bytes it promised (truncated?)";
+    case FG_ERR_ARG: return "argument out of range";
+    case FG_ERR_TYPE: return "unsupported ggml type";
+    case FG_ERR_SHAPE: return "unexpected tensor shape or type in the llama.cpp graph";
+    case FG_ERR_STATE: return "call out of order";
+    case FG_ERR_THREADS: return "worker threads could not be started";
+    default: return "unknown error";
+    }
+}

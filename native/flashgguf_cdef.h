@@ -1,0 +1,78 @@
+/* cffi declarations of native/flashgguf.h (values of constants come from the header). */
+#define FG_OK ...
+#define FG_ERR_NOMEM ...
+#define FG_ERR_IO ...
+#define FG_ERR_SHORT_READ ...
+#define FG_ERR_ARG ...
+#define FG_ERR_TYPE ...
+#define FG_ERR_SHAPE ...
+#define FG_ERR_STATE ...
+#define FG_ERR_THREADS ...
+#define FG_TYPE_F32 ...
+#define FG_TYPE_F16 ...
+#define FG_TYPE_Q4_0 ...
+#define FG_TYPE_Q4_1 ...
+#define FG_TYPE_Q8_0 ...
+#define FG_TYPE_Q8_1 ...
+#define FG_ACT_SILU ...
+#define FG_ACT_GELU ...
+#define FG_ACT_RELU ...
+#define FG_ACT_RELU2 ...
+#define FG_PART_GATE ...
+#define FG_PART_UP ...
+#define FG_PART_DOWN ...
+
+const char *fg_strerror(int code);
+
+size_t fg_row_size(int type, int64_t n);
+int fg_block_size(int type);
+int fg_vec_dot_type(int weight_type);
+int fg_quantize_row(int type, const float *x, void *out, int64_t n);
+int fg_quantize_row_ref(int type, const float *x, void *out, int64_t n);
+int fg_dequantize_row(int type, const void *src, float *out, int64_t n);
+int fg_vec_dot(int weight_type, const void *w, const void *xq, int64_t n, float *out);
+int fg_vec_dot_ref(int weight_type, const void *w, const void *xq, int64_t n, float *out);
+int fg_axpy(int type, const void *col, float a, float *y, int64_t n);
+int fg_axpy_ref(int type, const void *col, float a, float *y, int64_t n);
+int fg_activate(int activation, float *x, int64_t n);
+const char *fg_simd_name(void);
+
+typedef struct fg_runtime fg_runtime;
+
+typedef struct fg_config {
+    int32_t n_layer;
+    int32_t n_embd;
+    int32_t n_ff;
+    int32_t gated;
+    int32_t activation;
+    int32_t part_type[3];
+    int64_t part_offset[3];
+    int64_t bundle_stride;
+    int32_t max_tokens;
+    int32_t n_threads;
+    int32_t n_threads_batch;
+    int32_t use_direct_io;
+    char input_node[32];
+    char output_node[32];
+} fg_config;
+
+typedef struct fg_stats {
+    uint64_t tokens;
+    uint64_t bytes_read;
+    uint64_t reads;
+    uint64_t neurons_computed;
+    double time_io_s;
+    double time_ffn_s;
+} fg_stats;
+
+int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out);
+void fg_runtime_destroy(fg_runtime *rt);
+int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
+                         const float *up_bias, const float *gate_bias, const float *down_bias);
+int fg_runtime_load_all(fg_runtime *rt);
+int fg_runtime_direct_io(const fg_runtime *rt);
+int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens);
+int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);
+void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out);
+void fg_runtime_reset_stats(fg_runtime *rt);
+bool fg_eval_callback(void *tensor, bool ask, void *user_data);

@@ -1,0 +1,129 @@
+/*
+ * The ggml eval callback (ggml_backend_sched_eval_callback) installed on a llama.cpp
+ * context. llama.cpp asks about every graph node (ask=true); for the FFN input node of
+ * layer L we say yes, and when it has been computed (ask=false) we run the FFN ourselves.
+ * The result waits in rt->ffn_out until the FFN output node of layer L is computed, and is
+ * written over it. llama.cpp's own FFN has a dummy width and zero weights (see the trunk
+ * in the flash GGUF format), so what it computed there is thrown away.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime_internal.h"
+
+/*
+ * Leading fields of struct ggml_tensor (ggml.h) for the llama.cpp that llama-cpp-python
+ * 0.3.36 ships: the Python side refuses any other version, and every tensor we touch is
+ * checked (type, strides, name) before its data is used.
+ */
+#define FG_GGML_MAX_DIMS 4
+#define FG_GGML_MAX_OP_PARAMS 64
+#define FG_GGML_MAX_SRC 10
+#define FG_GGML_MAX_NAME 64
+#define FG_GGML_TYPE_F32 0
+
+typedef struct fg_ggml_tensor_abi {
+    int32_t type;                            /* enum ggml_type */
+    void *buffer;
+    int64_t ne[FG_GGML_MAX_DIMS];            /* elements per dimension */
+    size_t nb[FG_GGML_MAX_DIMS];             /* strides in bytes */
+    int32_t op;                              /* enum ggml_op */
+    int32_t op_params[FG_GGML_MAX_OP_PARAMS / sizeof(int32_t)];
+    int32_t flags;
+    void *src[FG_GGML_MAX_SRC];
+    void *view_src;
+    size_t view_offs;
+    void *data;
+    char name[FG_GGML_MAX_NAME];
+    void *extra;
+    char padding[8];
+} fg_ggml_tensor_abi;
+
+/* "<prefix>-<layer>" -> layer, or -1 if the name is not of that form. */
+static int32_t node_layer(const char *name, const char *prefix) {
+    const size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0 || name[n] != '-') return -1;
+    const char *p = name + n + 1;
+    if (*p < '0' || *p > '9') return -1;
+    int32_t layer = 0;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        layer = layer * 10 + (*p - '0');
+        if (layer > 1000000) return -1;
+    }
+    return *p == 0 ? layer : -1;
+}
+
+/* A contiguous F32 tensor of n_embd x rows (rows <= max_tokens); rows or -1. */
+static int32_t checked_rows(fg_runtime *rt, const fg_ggml_tensor_abi *t) {
+    const int64_t embd = rt->cfg.n_embd;
+    char msg[200];
+    if (t->type != FG_GGML_TYPE_F32 || t->ne[0] != embd || t->nb[0] != sizeof(float) ||
+        t->nb[1] != (size_t)embd * sizeof(float) || t->ne[2] != 1 || t->ne[3] != 1 ||
+        t->data == NULL) {
+        snprintf(msg, sizeof msg,
+                 "node %.64s: expected contiguous F32 [%lld x rows], got type %d [%lld x %lld x "
+                 "%lld x %lld]",
+                 t->name, (long long)embd, (int)t->type, (long long)t->ne[0],
+                 (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3]);
+        fg_runtime_set_error(rt, FG_ERR_SHAPE, msg);
+        return -1;
+    }
+    if (t->ne[1] < 1 || t->ne[1] > rt->cfg.max_tokens) {
+        snprintf(msg, sizeof msg, "node %.64s has %lld rows; the runtime was sized for %d",
+                 t->name, (long long)t->ne[1], (int)rt->cfg.max_tokens);
+        fg_runtime_set_error(rt, FG_ERR_SHAPE, msg);
+        return -1;
+    }
+    return (int32_t)t->ne[1];
+}
+
+static void on_ffn_input(fg_runtime *rt, const fg_ggml_tensor_abi *t, int32_t layer) {
+    rt->pending_rows[layer] = 0;
+    const int32_t rows = checked_rows(rt, t);
+    if (rows < 0) return;
+    const int rc = fg_runtime_ffn(rt, layer, t->data, rt->ffn_out, rows);
+    if (rc != FG_OK) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "FFN of layer %d: %s", (int)layer, fg_strerror(rc));
+        fg_runtime_set_error(rt, rc, msg);
+        return;
+    }
+    rt->pending_rows[layer] = rows;
+}
+
+static void on_ffn_output(fg_runtime *rt, fg_ggml_tensor_abi *t, int32_t layer) {
+    const int32_t rows = checked_rows(rt, t);
+    const int32_t want = rt->pending_rows[layer];
+    rt->pending_rows[layer] = 0;
+    if (rows < 0) return;
+    if (rows != want) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "layer %d: FFN output has %d rows, its input had %d",
+                 (int)layer, (int)rows, (int)want);
+        fg_runtime_set_error(rt, FG_ERR_SHAPE, msg);
+        return;
+    }
+    memcpy(t->data, rt->ffn_out, (size_t)rows * (size_t)rt->cfg.n_embd * sizeof(float));
+}
+
+bool fg_eval_callback(void *tensor, bool ask, void *user_data) {
+    fg_runtime *rt = user_data;
+    fg_ggml_tensor_abi *t = tensor;
+    if (rt == NULL || t == NULL) return true;
+    const int32_t in_layer = node_layer(t->name, rt->cfg.input_node);
+    if (in_layer >= 0 && in_layer < rt->cfg.n_layer) {
+        if (!ask) on_ffn_input(rt, t, in_layer);
+        return true;
+    }
+    const int32_t out_layer = node_layer(t->name, rt->cfg.output_node);
+    if (out_layer >= 0 && out_layer < rt->cfg.n_layer) {
+        /* Some graphs give the name to more than one node (llama: the FFN result, then the
+         * residual sum): only the first one after the input has a result waiting. */
+        if (ask) return rt->pending_rows[out_layer] > 0;
+        if (rt->pending_rows[out_layer] > 0) on_ffn_output(rt, t, out_layer);
+        return true;
+    }
+    /* Returning false on ask=false would stop the graph: only ever say false to asks. */
+    return !ask;
+}

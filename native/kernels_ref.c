@@ -1,0 +1,414 @@
+/*
+ * Scalar reference kernels. Every SIMD kernel in kernels_simd.c is checked against these
+ * (tests/test_kernels.py). Arithmetic follows ggml's reference code (ggml-quants.c) so
+ * that results track llama.cpp: activations are quantized to the weight's vec_dot_type.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* ---- fp16 ------------------------------------------------------------------------ */
+
+float fg_half_to_float(fg_half h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while ((mant & 0x400u) == 0) {
+                mant <<= 1;
+                exp--;
+            }
+            mant &= 0x3ffu;
+            bits = sign | (exp << 23) | (mant << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+fg_half fg_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t abs = x & 0x7fffffffu;
+    if (abs >= 0x7f800000u) { /* inf or nan */
+        return (fg_half)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0));
+    }
+    if (abs >= 0x477ff000u) { /* rounds to >= 65520: overflow to inf */
+        return (fg_half)(sign | 0x7c00u);
+    }
+    if (abs < 0x38800000u) { /* below the smallest normal half: subnormal or zero */
+        if (abs < 0x33000000u) {
+            return (fg_half)sign;
+        }
+        const uint32_t e = abs >> 23;
+        const uint32_t m = (abs & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126 - e; /* 14..24 */
+        uint32_t half_m = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1);
+        const uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half_m & 1u))) {
+            half_m++;
+        }
+        return (fg_half)(sign | half_m);
+    }
+    uint32_t h = ((abs >> 13) - ((127u - 15u) << 10));
+    const uint32_t rem = abs & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) {
+        h++;
+    }
+    return (fg_half)(sign | h);
+}
+
+/* ---- sizes ----------------------------------------------------------------------- */
+
+int fg_block_size(int type) {
+    switch (type) {
+    case FG_TYPE_F32:
+    case FG_TYPE_F16: return 1;
+    case FG_TYPE_Q4_0: return QK4_0;
+    case FG_TYPE_Q4_1: return QK4_1;
+    case FG_TYPE_Q8_0: return QK8_0;
+    case FG_TYPE_Q8_1: return QK8_1;
+    default: return 0;
+    }
+}
+
+static size_t block_bytes(int type) {
+    switch (type) {
+    case FG_TYPE_F32: return sizeof(float);
+    case FG_TYPE_F16: return sizeof(fg_half);
+    case FG_TYPE_Q4_0: return sizeof(fg_block_q4_0);
+    case FG_TYPE_Q4_1: return sizeof(fg_block_q4_1);
+    case FG_TYPE_Q8_0: return sizeof(fg_block_q8_0);
+    case FG_TYPE_Q8_1: return sizeof(fg_block_q8_1);
+    default: return 0;
+    }
+}
+
+size_t fg_row_size(int type, int64_t n) {
+    const int bs = fg_block_size(type);
+    if (bs == 0 || n < 0 || n % bs != 0) {
+        return 0;
+    }
+    return (size_t)(n / bs) * block_bytes(type);
+}
+
+int fg_vec_dot_type(int weight_type) {
+    switch (weight_type) {
+    case FG_TYPE_F32: return FG_TYPE_F32;
+    case FG_TYPE_F16: return FG_TYPE_F16;
+    case FG_TYPE_Q4_0:
+    case FG_TYPE_Q8_0: return FG_TYPE_Q8_0;
+    case FG_TYPE_Q4_1: return FG_TYPE_Q8_1;
+    default: return -1;
+    }
+}
+
+/* ---- quantize (ggml's *_ref rounding) --------------------------------------------- */
+
+static void quantize_f32(const float *x, void *out, int64_t n) {
+    memcpy(out, x, (size_t)n * sizeof(float));
+}
+
+static void quantize_f16(const float *x, void *out, int64_t n) {
+    fg_half *y = out;
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = fg_float_to_half(x[i]);
+    }
+}
+
+static void quantize_q8_0(const float *x, void *out, int64_t n) {
+    fg_block_q8_0 *y = out;
+    for (int64_t b = 0; b < n / QK8_0; b++, x += QK8_0) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK8_0; j++) {
+            amax = fmaxf(amax, fabsf(x[j]));
+        }
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fg_float_to_half(d);
+        for (int j = 0; j < QK8_0; j++) {
+            y[b].qs[j] = (int8_t)roundf(x[j] * id);
+        }
+    }
+}
+
+static void quantize_q8_1(const float *x, void *out, int64_t n) {
+    fg_block_q8_1 *y = out;
+    for (int64_t b = 0; b < n / QK8_1; b++, x += QK8_1) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK8_1; j++) {
+            amax = fmaxf(amax, fabsf(x[j]));
+        }
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK8_1; j++) {
+            y[b].qs[j] = (int8_t)roundf(x[j] * id);
+            sum += y[b].qs[j];
+        }
+        y[b].d = fg_float_to_half(d);
+        y[b].s = fg_float_to_half((float)sum * d);
+    }
+}
+
+static void quantize_q4_0(const float *x, void *out, int64_t n) {
+    fg_block_q4_0 *y = out;
+    for (int64_t b = 0; b < n / QK4_0; b++, x += QK4_0) {
+        float amax = 0.0f, max = 0.0f; /* max keeps its sign: d maps it to -8 exactly */
+        for (int j = 0; j < QK4_0; j++) {
+            if (amax < fabsf(x[j])) {
+                amax = fabsf(x[j]);
+                max = x[j];
+            }
+        }
+        const float d = max / -8.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fg_float_to_half(d);
+        for (int j = 0; j < QK4_0 / 2; j++) {
+            const int q0 = (int)(x[j] * id + 8.5f);
+            const int q1 = (int)(x[j + QK4_0 / 2] * id + 8.5f);
+            y[b].qs[j] = (uint8_t)((q0 > 15 ? 15 : q0) | ((q1 > 15 ? 15 : q1) << 4));
+        }
+    }
+}
+
+static void quantize_q4_1(const float *x, void *out, int64_t n) {
+    fg_block_q4_1 *y = out;
+    for (int64_t b = 0; b < n / QK4_1; b++, x += QK4_1) {
+        float min = INFINITY, max = -INFINITY;
+        for (int j = 0; j < QK4_1; j++) {
+            min = fminf(min, x[j]);
+            max = fmaxf(max, x[j]);
+        }
+        const float d = (max - min) / 15.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fg_float_to_half(d);
+        y[b].m = fg_float_to_half(min);
+        for (int j = 0; j < QK4_1 / 2; j++) {
+            const int q0 = (int)((x[j] - min) * id + 0.5f);
+            const int q1 = (int)((x[j + QK4_1 / 2] - min) * id + 0.5f);
+            y[b].qs[j] = (uint8_t)((q0 > 15 ? 15 : q0) | ((q1 > 15 ? 15 : q1) << 4));
+        }
+    }
+}
+
+fg_quantize_fn fg_quantize_ref_fn(int type) {
+    switch (type) {
+    case FG_TYPE_F32: return quantize_f32;
+    case FG_TYPE_F16: return quantize_f16;
+    case FG_TYPE_Q4_0: return quantize_q4_0;
+    case FG_TYPE_Q4_1: return quantize_q4_1;
+    case FG_TYPE_Q8_0: return quantize_q8_0;
+    case FG_TYPE_Q8_1: return quantize_q8_1;
+    default: return NULL;
+    }
+}
+
+/* ---- dot products: weight row x quantized activation row -------------------------- */
+
+static void vec_dot_f32(const void *w, const void *xq, int64_t n, float *out) {
+    const float *a = w, *b = xq;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        sum += (double)a[i] * (double)b[i];
+    }
+    *out = (float)sum;
+}
+
+static void vec_dot_f16(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_half *a = w, *b = xq;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        sum += (double)(fg_half_to_float(a[i]) * fg_half_to_float(b[i]));
+    }
+    *out = (float)sum;
+}
+
+static void vec_dot_q8_0(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q8_0 *a = w;
+    const fg_block_q8_0 *b = xq;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        int sumi = 0;
+        for (int j = 0; j < QK8_0; j++) {
+            sumi += a[i].qs[j] * b[i].qs[j];
+        }
+        sum += (float)sumi * (fg_half_to_float(a[i].d) * fg_half_to_float(b[i].d));
+    }
+    *out = sum;
+}
+
+static void vec_dot_q4_0(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q4_0 *a = w;
+    const fg_block_q8_0 *b = xq;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK4_0; i++) {
+        int sumi = 0;
+        for (int j = 0; j < QK4_0 / 2; j++) {
+            const int v0 = (a[i].qs[j] & 0x0f) - 8;
+            const int v1 = (a[i].qs[j] >> 4) - 8;
+            sumi += v0 * b[i].qs[j] + v1 * b[i].qs[j + QK4_0 / 2];
+        }
+        sum += (float)sumi * (fg_half_to_float(a[i].d) * fg_half_to_float(b[i].d));
+    }
+    *out = sum;
+}
+
+static void vec_dot_q4_1(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q4_1 *a = w;
+    const fg_block_q8_1 *b = xq;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK4_1; i++) {
+        int sumi = 0;
+        for (int j = 0; j < QK4_1 / 2; j++) {
+            sumi += (a[i].qs[j] & 0x0f) * b[i].qs[j] + (a[i].qs[j] >> 4) * b[i].qs[j + QK4_1 / 2];
+        }
+        sum += (fg_half_to_float(a[i].d) * fg_half_to_float(b[i].d)) * (float)sumi
+             + fg_half_to_float(a[i].m) * fg_half_to_float(b[i].s);
+    }
+    *out = sum;
+}
+
+fg_vec_dot_fn fg_vec_dot_ref_fn(int weight_type) {
+    switch (weight_type) {
+    case FG_TYPE_F32: return vec_dot_f32;
+    case FG_TYPE_F16: return vec_dot_f16;
+    case FG_TYPE_Q4_0: return vec_dot_q4_0;
+    case FG_TYPE_Q4_1: return vec_dot_q4_1;
+    case FG_TYPE_Q8_0: return vec_dot_q8_0;
+    default: return NULL;
+    }
+}
+
+/* ---- axpy: y += a * dequant(col) --------------------------------------------------- */
+
+static void axpy_f32(const void *col, float a, float *y, int64_t n) {
+    const float *c = col;
+    for (int64_t i = 0; i < n; i++) {
+        y[i] += a * c[i];
+    }
+}
+
+static void axpy_f16(const void *col, float a, float *y, int64_t n) {
+    const fg_half *c = col;
+    for (int64_t i = 0; i < n; i++) {
+        y[i] += a * fg_half_to_float(c[i]);
+    }
+}
+
+static void axpy_q8_0(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q8_0 *c = col;
+    for (int64_t b = 0; b < n / QK8_0; b++, y += QK8_0) {
+        const float ad = a * fg_half_to_float(c[b].d);
+        for (int j = 0; j < QK8_0; j++) {
+            y[j] += ad * (float)c[b].qs[j];
+        }
+    }
+}
+
+static void axpy_q4_0(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q4_0 *c = col;
+    for (int64_t b = 0; b < n / QK4_0; b++, y += QK4_0) {
+        const float ad = a * fg_half_to_float(c[b].d);
+        for (int j = 0; j < QK4_0 / 2; j++) {
+            y[j] += ad * (float)((c[b].qs[j] & 0x0f) - 8);
+            y[j + QK4_0 / 2] += ad * (float)((c[b].qs[j] >> 4) - 8);
+        }
+    }
+}
+
+static void axpy_q4_1(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q4_1 *c = col;
+    for (int64_t b = 0; b < n / QK4_1; b++, y += QK4_1) {
+        const float ad = a * fg_half_to_float(c[b].d);
+        const float am = a * fg_half_to_float(c[b].m);
+        for (int j = 0; j < QK4_1 / 2; j++) {
+            y[j] += ad * (float)(c[b].qs[j] & 0x0f) + am;
+            y[j + QK4_1 / 2] += ad * (float)(c[b].qs[j] >> 4) + am;
+        }
+    }
+}
+
+fg_axpy_fn fg_axpy_ref_fn(int type) {
+    switch (type) {
+    case FG_TYPE_F32: return axpy_f32;
+    case FG_TYPE_F16: return axpy_f16;
+    case FG_TYPE_Q4_0: return axpy_q4_0;
+    case FG_TYPE_Q4_1: return axpy_q4_1;
+    case FG_TYPE_Q8_0: return axpy_q8_0;
+    default: return NULL;
+    }
+}
+
+/* ---- public entry points (checked arguments) --------------------------------------- */
+
+int fg_quantize_row_ref(int type, const float *x, void *out, int64_t n) {
+    const fg_quantize_fn fn = fg_quantize_ref_fn(type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
+    fn(x, out, n);
+    return FG_OK;
+}
+
+int fg_vec_dot_ref(int weight_type, const void *w, const void *xq, int64_t n, float *out) {
+    const fg_vec_dot_fn fn = fg_vec_dot_ref_fn(weight_type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(weight_type, n) == 0 && n != 0) return FG_ERR_ARG;
+    fn(w, xq, n, out);
+    return FG_OK;
+}
+
+int fg_axpy_ref(int type, const void *col, float a, float *y, int64_t n) {
+    const fg_axpy_fn fn = fg_axpy_ref_fn(type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
+    fn(col, a, y, n);
+    return FG_OK;
+}
+
+int fg_dequantize_row(int type, const void *src, float *out, int64_t n) {
+    /* Dequantizing is an axpy with a = 1 into zeros: one code path for both. */
+    const fg_axpy_fn fn = fg_axpy_ref_fn(type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
+    memset(out, 0, (size_t)n * sizeof(float));
+    fn(src, 1.0f, out, n);
+    return FG_OK;
+}
+
+int fg_activate(int activation, float *x, int64_t n) {
+    switch (activation) {
+    case FG_ACT_SILU:
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
+        return FG_OK;
+    case FG_ACT_GELU: {
+        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+        for (int64_t i = 0; i < n; i++) {
+            const float v = x[i];
+            x[i] = 0.5f * v * (1.0f + tanhf(k * v * (1.0f + 0.044715f * v * v)));
+        }
+        return FG_OK;
+    }
+    case FG_ACT_RELU:
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        return FG_OK;
+    case FG_ACT_RELU2:
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] * x[i] : 0.0f;
+        return FG_OK;
+    default:
+        return FG_ERR_ARG;
+    }
+}

@@ -1,0 +1,501 @@
+/*
+ * Fast kernels: SIMD paths chosen at build time, falling back by name to the scalar
+ * reference for anything not written here.
+ *
+ * Paths (compile-time, from the compiler's target macros; the build passes -march=native):
+ *   AVX2 + FMA + F16C  every kernel below, whole ggml blocks per step;
+ *   + AVX512-VNNI/VL   the integer dot products use vpdpbusd (same exact int32 results);
+ *   anything else, or FG_FORCE_SCALAR defined: the reference (kernels_ref.c) only.
+ *
+ * Numerics versus the reference: the integer parts of the quantized dot products are exact
+ * and identical; only the float accumulation order differs (8 lanes instead of one running
+ * sum), and axpy uses fused multiply-adds. Quantization to Q8_0/Q8_1/F16 is bit-exact with
+ * the reference (same scale, same 1/d, roundf's half-away-from-zero rounding, RNE fp16).
+ */
+#include <string.h>
+
+#include "kernels.h"
+
+#if !defined(FG_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define FG_SIMD_AVX2 1
+#include <immintrin.h>
+#endif
+
+#if defined(FG_SIMD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define FG_SIMD_VNNI 1
+#if !defined(FG_NO_AVX512)
+#define FG_SIMD_AVX512 1
+#endif
+#endif
+
+#if defined(FG_SIMD_AVX2)
+
+/* ---- helpers ------------------------------------------------------------------------ */
+
+static inline float h2f(fg_half h) { return _cvtsh_ss(h); }
+
+static inline fg_half f2h(float f) {
+    return (fg_half)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float hmax_ps(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 16 bytes of nibbles -> 32 bytes 0..15 in value order: the low nibbles are values 0..15
+ * (low 128-bit lane), the high nibbles values 16..31 (high lane). */
+static inline __m256i nibbles_to_bytes(const uint8_t *qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(q, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    return _mm256_set_m128i(hi, lo);
+}
+
+/* Sums of 4 adjacent u8 * s8 products as 8 int32. Callers keep u <= 128 and s in
+ * [-127, 127] so the 16-bit pair sums of maddubs cannot saturate: both paths are exact. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(FG_SIMD_VNNI)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Signed x signed via |x| * (y with x's sign). */
+static inline __m256i dot_s8s8(__m256i x, __m256i y) {
+    return dot_u8s8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+/* roundf (ties away from zero) of 8 floats of magnitude < 2^23, as int32: truncate
+ * v + copysign(0.5 - 2^-25, v). The largest float below 0.5 keeps v + c below the next
+ * integer when frac(v) < 0.5, while frac(v) >= 0.5 reaches it (a sum landing on the
+ * midpoint 1 - 2^-25 rounds up to 1.0 under round-to-nearest-even). */
+static inline __m256i round_away_epi32(__m256 v) {
+    const __m256 sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
+    const __m256 half = _mm256_or_ps(sign, _mm256_set1_ps(0.49999997f));
+    return _mm256_cvttps_epi32(_mm256_add_ps(v, half));
+}
+
+/* ---- quantize ----------------------------------------------------------------------- */
+
+/* One block of 32 floats -> 32 int8 with the reference's d, 1/d and rounding.
+ * Returns d; *sum receives the sum of the int8 values. */
+static inline float quantize_block_q8(const float *x, int8_t *qs, int *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v0 = _mm256_loadu_ps(x);
+    __m256 v1 = _mm256_loadu_ps(x + 8);
+    __m256 v2 = _mm256_loadu_ps(x + 16);
+    __m256 v3 = _mm256_loadu_ps(x + 24);
+    const __m256 m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+    const __m256 m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3));
+    const float amax = hmax_ps(_mm256_max_ps(m01, m23));
+    const float d = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    const __m256i i0 = round_away_epi32(_mm256_mul_ps(v0, id));
+    const __m256i i1 = round_away_epi32(_mm256_mul_ps(v1, id));
+    const __m256i i2 = round_away_epi32(_mm256_mul_ps(v2, id));
+    const __m256i i3 = round_away_epi32(_mm256_mul_ps(v3, id));
+    *sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    /* The packs work per 128-bit lane: bytes come out as 4-value groups in the order
+     * i0lo i1lo i2lo i3lo i0hi i1hi i2hi i3hi; the permute restores value order. */
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    const __m256i q = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)qs, q);
+    return d;
+}
+
+static void quantize_q8_0_avx2(const float *x, void *out, int64_t n) {
+    fg_block_q8_0 *y = out;
+    for (int64_t b = 0; b < n / QK8_0; b++, x += QK8_0) {
+        int sum;
+        y[b].d = f2h(quantize_block_q8(x, y[b].qs, &sum));
+    }
+}
+
+static void quantize_q8_1_avx2(const float *x, void *out, int64_t n) {
+    fg_block_q8_1 *y = out;
+    for (int64_t b = 0; b < n / QK8_1; b++, x += QK8_1) {
+        int sum;
+        const float d = quantize_block_q8(x, y[b].qs, &sum);
+        y[b].d = f2h(d);
+        y[b].s = f2h((float)sum * d);
+    }
+}
+
+static void quantize_f16_avx2(const float *x, void *out, int64_t n) {
+    fg_half *y = out;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(y + i), h);
+    }
+    for (; i < n; i++) {
+        y[i] = f2h(x[i]);
+    }
+}
+
+/* ---- dot products ------------------------------------------------------------------- */
+
+/* The two fp16 values at p (a block's d and m, or d and s) as floats in lanes 0 and 1. */
+static inline __m128 load_half_pair(const fg_half *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
+}
+
+#if !defined(FG_SIMD_AVX512)
+static void vec_dot_q4_1_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q4_1 *a = w;
+    const fg_block_q8_1 *b = xq;
+    const int64_t nb = n / QK4_1;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m128 summ = _mm_setzero_ps(); /* lane 1: sum of m_w * s_x */
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        /* lanes: [d_w * d_x, m_w * s_x, 0, 0] */
+        const __m128 h0 = _mm_mul_ps(load_half_pair(&a[i].d), load_half_pair(&b[i].d));
+        const __m128 h1 = _mm_mul_ps(load_half_pair(&a[i + 1].d), load_half_pair(&b[i + 1].d));
+        summ = _mm_add_ps(_mm_add_ps(summ, h0), h1);
+        const __m256i p0 = dot_u8s8(nibbles_to_bytes(a[i].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
+        const __m256i p1 = dot_u8s8(nibbles_to_bytes(a[i + 1].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(h0), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(h1), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++) {
+        const __m128 h0 = _mm_mul_ps(load_half_pair(&a[i].d), load_half_pair(&b[i].d));
+        summ = _mm_add_ps(summ, h0);
+        const __m256i p0 = dot_u8s8(nibbles_to_bytes(a[i].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(h0), _mm256_cvtepi32_ps(p0), acc0);
+    }
+    *out = hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(summ));
+}
+#endif
+
+#if defined(FG_SIMD_AVX512)
+/* Two blocks per 512-bit step: 16-byte lanes hold [w lo0, w hi0, w lo1, w hi1] against
+ * the activations [x0 (32 bytes), x1 (32 bytes)]. */
+static void vec_dot_q4_1_avx512(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q4_1 *a = w;
+    const fg_block_q8_1 *b = xq;
+    const int64_t nb = n / QK4_1;
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 summ = _mm_setzero_ps(); /* lanes 1 and 3: sums of m_w * s_x */
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        int32_t hw0, hw1, hx0, hx1;
+        memcpy(&hw0, &a[i].d, 4);
+        memcpy(&hw1, &a[i + 1].d, 4);
+        memcpy(&hx0, &b[i].d, 4);
+        memcpy(&hx1, &b[i + 1].d, 4);
+        /* lanes: [d_w0 d_x0, m_w0 s_x0, d_w1 d_x1, m_w1 s_x1] */
+        const __m128 h = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi32(hw0, hw1, 0, 0)),
+                                    _mm_cvtph_ps(_mm_setr_epi32(hx0, hx1, 0, 0)));
+        summ = _mm_add_ps(summ, h);
+        const __m256i q = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)a[i + 1].qs),
+                                           _mm_loadu_si128((const __m128i *)a[i].qs));
+        const __m512i q2 = _mm512_inserti64x4(_mm512_castsi256_si512(q),
+                                              _mm256_srli_epi16(q, 4), 1);
+        const __m512i qw = _mm512_and_si512(_mm512_shuffle_i64x2(q2, q2, _MM_SHUFFLE(3, 1, 2, 0)),
+                                            mask);
+        const __m512i qx = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[i].qs)),
+            _mm256_loadu_si256((const __m256i *)b[i + 1].qs), 1);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qx);
+        const __m512 d = _mm512_permutexvar_ps(sel, _mm512_castps128_ps512(h));
+        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
+    }
+    float tail = 0.0f;
+    for (; i < nb; i++) {
+        const __m128 h0 = _mm_mul_ps(load_half_pair(&a[i].d), load_half_pair(&b[i].d));
+        const __m256i p0 = dot_u8s8(nibbles_to_bytes(a[i].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
+        tail += hsum_ps(_mm256_mul_ps(_mm256_broadcastss_ps(h0), _mm256_cvtepi32_ps(p0)))
+              + _mm_cvtss_f32(_mm_movehdup_ps(h0));
+    }
+    const __m128 ms = _mm_movehdup_ps(summ); /* lanes 0 and 2 now hold the m * s sums */
+    *out = _mm512_reduce_add_ps(acc) + (_mm_cvtss_f32(ms) + _mm_cvtss_f32(_mm_movehl_ps(ms, ms)))
+         + tail;
+}
+#endif
+
+static void vec_dot_q4_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q4_0 *a = w;
+    const fg_block_q8_0 *b = xq;
+    const int64_t nb = n / QK4_0;
+    const __m256i eight = _mm256_set1_epi8(8);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
+        const __m256 d1 = _mm256_set1_ps(h2f(a[i + 1].d) * h2f(b[i + 1].d));
+        const __m256i x0 = _mm256_sub_epi8(nibbles_to_bytes(a[i].qs), eight);
+        const __m256i x1 = _mm256_sub_epi8(nibbles_to_bytes(a[i + 1].qs), eight);
+        const __m256i p0 = dot_s8s8(x0, _mm256_loadu_si256((const __m256i *)b[i].qs));
+        const __m256i p1 = dot_s8s8(x1, _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++) {
+        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
+        const __m256i x0 = _mm256_sub_epi8(nibbles_to_bytes(a[i].qs), eight);
+        const __m256i p0 = dot_s8s8(x0, _mm256_loadu_si256((const __m256i *)b[i].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+    }
+    *out = hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+static void vec_dot_q8_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q8_0 *a = w;
+    const fg_block_q8_0 *b = xq;
+    const int64_t nb = n / QK8_0;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
+        const __m256 d1 = _mm256_set1_ps(h2f(a[i + 1].d) * h2f(b[i + 1].d));
+        const __m256i p0 = dot_s8s8(_mm256_loadu_si256((const __m256i *)a[i].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
+        const __m256i p1 = dot_s8s8(_mm256_loadu_si256((const __m256i *)a[i + 1].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++) {
+        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
+        const __m256i p0 = dot_s8s8(_mm256_loadu_si256((const __m256i *)a[i].qs),
+                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+    }
+    *out = hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+static void vec_dot_f16_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_half *a = w, *b = xq;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+#define FG_LOAD_PH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(FG_LOAD_PH(a + i), FG_LOAD_PH(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(FG_LOAD_PH(a + i + 8), FG_LOAD_PH(b + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(FG_LOAD_PH(a + i + 16), FG_LOAD_PH(b + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(FG_LOAD_PH(a + i + 24), FG_LOAD_PH(b + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) {
+        acc0 = _mm256_fmadd_ps(FG_LOAD_PH(a + i), FG_LOAD_PH(b + i), acc0);
+    }
+#undef FG_LOAD_PH
+    float tail = 0.0f;
+    for (; i < n; i++) {
+        tail += h2f(a[i]) * h2f(b[i]);
+    }
+    *out = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) + tail;
+}
+
+static void vec_dot_f32_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const float *a = w, *b = xq;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    }
+    float tail = 0.0f;
+    for (; i < n; i++) {
+        tail += a[i] * b[i];
+    }
+    *out = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) + tail;
+}
+
+/* ---- axpy: y += a * dequant(col) ---------------------------------------------------- */
+
+/* y[0..8) += s * (8 int32 as float) [+ m]. */
+static inline void axpy8(float *y, __m256 s, __m256i q) {
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), _mm256_loadu_ps(y)));
+}
+
+static void axpy_q8_0_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q8_0 *c = col;
+    for (int64_t b = 0; b < n / QK8_0; b++, y += QK8_0) {
+        const __m256 ad = _mm256_set1_ps(a * h2f(c[b].d));
+        const __m256i q = _mm256_loadu_si256((const __m256i *)c[b].qs);
+        const __m128i lo = _mm256_castsi256_si128(q);
+        const __m128i hi = _mm256_extracti128_si256(q, 1);
+        axpy8(y, ad, _mm256_cvtepi8_epi32(lo));
+        axpy8(y + 8, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+        axpy8(y + 16, ad, _mm256_cvtepi8_epi32(hi));
+        axpy8(y + 24, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    }
+}
+
+static void axpy_q4_0_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q4_0 *c = col;
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int64_t b = 0; b < n / QK4_0; b++, y += QK4_0) {
+        const __m256 ad = _mm256_set1_ps(a * h2f(c[b].d));
+        const __m256i q = _mm256_sub_epi8(nibbles_to_bytes(c[b].qs), eight);
+        const __m128i lo = _mm256_castsi256_si128(q);
+        const __m128i hi = _mm256_extracti128_si256(q, 1);
+        axpy8(y, ad, _mm256_cvtepi8_epi32(lo));
+        axpy8(y + 8, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+        axpy8(y + 16, ad, _mm256_cvtepi8_epi32(hi));
+        axpy8(y + 24, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    }
+}
+
+/* y[0..8) += s * q + m, with s * q + m formed first as in the reference. */
+static inline void axpy8_min(float *y, __m256 s, __m256 m, __m256i q) {
+    const __m256 v = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), m);
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), v));
+}
+
+static void axpy_q4_1_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q4_1 *c = col;
+    for (int64_t b = 0; b < n / QK4_1; b++, y += QK4_1) {
+        const __m256 ad = _mm256_set1_ps(a * h2f(c[b].d));
+        const __m256 am = _mm256_set1_ps(a * h2f(c[b].m));
+        const __m256i q = nibbles_to_bytes(c[b].qs);
+        const __m128i lo = _mm256_castsi256_si128(q);
+        const __m128i hi = _mm256_extracti128_si256(q, 1);
+        axpy8_min(y, ad, am, _mm256_cvtepu8_epi32(lo));
+        axpy8_min(y + 8, ad, am, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+        axpy8_min(y + 16, ad, am, _mm256_cvtepu8_epi32(hi));
+        axpy8_min(y + 24, ad, am, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    }
+}
+
+static void axpy_f16_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_half *c = col;
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, v, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) {
+        y[i] += a * h2f(c[i]);
+    }
+}
+
+static void axpy_f32_avx2(const void *col, float a, float *y, int64_t n) {
+    const float *c = col;
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(c + i), _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) {
+        y[i] += a * c[i];
+    }
+}
+
+#endif /* FG_SIMD_AVX2 */
+
+/* ---- dispatch ----------------------------------------------------------------------- */
+
+fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type) {
+#if defined(FG_SIMD_AVX2)
+    switch (weight_type) {
+    case FG_TYPE_F32: return vec_dot_f32_avx2;
+    case FG_TYPE_F16: return vec_dot_f16_avx2;
+    case FG_TYPE_Q4_0: return vec_dot_q4_0_avx2;
+#if defined(FG_SIMD_AVX512)
+    case FG_TYPE_Q4_1: return vec_dot_q4_1_avx512;
+#else
+    case FG_TYPE_Q4_1: return vec_dot_q4_1_avx2;
+#endif
+    case FG_TYPE_Q8_0: return vec_dot_q8_0_avx2;
+    default: break;
+    }
+#endif
+    return fg_vec_dot_ref_fn(weight_type);
+}
+
+fg_axpy_fn fg_axpy_fast_fn(int type) {
+#if defined(FG_SIMD_AVX2)
+    switch (type) {
+    case FG_TYPE_F32: return axpy_f32_avx2;
+    case FG_TYPE_F16: return axpy_f16_avx2;
+    case FG_TYPE_Q4_0: return axpy_q4_0_avx2;
+    case FG_TYPE_Q4_1: return axpy_q4_1_avx2;
+    case FG_TYPE_Q8_0: return axpy_q8_0_avx2;
+    default: break;
+    }
+#endif
+    return fg_axpy_ref_fn(type);
+}
+
+fg_quantize_fn fg_quantize_fast_fn(int type) {
+#if defined(FG_SIMD_AVX2)
+    switch (type) {
+    case FG_TYPE_F16: return quantize_f16_avx2;
+    case FG_TYPE_Q8_0: return quantize_q8_0_avx2;
+    case FG_TYPE_Q8_1: return quantize_q8_1_avx2;
+    default: break;
+    }
+#endif
+    return fg_quantize_ref_fn(type);
+}
+
+const char *fg_simd_name(void) {
+#if defined(FG_SIMD_AVX2)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+int fg_quantize_row(int type, const float *x, void *out, int64_t n) {
+    const fg_quantize_fn fn = fg_quantize_fast_fn(type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
+    fn(x, out, n);
+    return FG_OK;
+}
+
+int fg_vec_dot(int weight_type, const void *w, const void *xq, int64_t n, float *out) {
+    const fg_vec_dot_fn fn = fg_vec_dot_fast_fn(weight_type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(weight_type, n) == 0 && n != 0) return FG_ERR_ARG;
+    fn(w, xq, n, out);
+    return FG_OK;
+}
+
+int fg_axpy(int type, const void *col, float a, float *y, int64_t n) {
+    const fg_axpy_fn fn = fg_axpy_fast_fn(type);
+    if (fn == NULL) return FG_ERR_TYPE;
+    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
+    fn(col, a, y, n);
+    return FG_OK;
+}
