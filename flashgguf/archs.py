@@ -1,0 +1,53 @@
+"""Per-architecture facts: one table entry per llama.cpp architecture flashgguf runs.
+
+Nothing architecture-specific lives anywhere else: the converter and the runtime ask
+this table for node names, the FFN's activation and its tensor names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str  # llama.cpp's general.architecture
+    activation: str  # what llama.cpp's graph applies (flashgguf.ffn.activation)
+    gated: bool = True  # h = act(gate x) * (up x); else h = act(up x)
+    # Graph nodes around the FFN (llama.cpp names them "<node>-<layer>"); checked by
+    # tests/test_hook.py on a generated model of each architecture.
+    ffn_input_node: str = "ffn_norm"
+    ffn_output_node: str = "ffn_out"
+    ffn_gate: str = "blk.{bid}.ffn_gate.weight"
+    ffn_up: str = "blk.{bid}.ffn_up.weight"
+    ffn_down: str = "blk.{bid}.ffn_down.weight"
+    ffn_gate_bias: str = "blk.{bid}.ffn_gate.bias"
+    ffn_up_bias: str = "blk.{bid}.ffn_up.bias"
+    ffn_down_bias: str = "blk.{bid}.ffn_down.bias"
+
+    def ffn_tensor_names(self, bid: int) -> tuple[str, ...]:
+        names = (self.ffn_up, self.ffn_down, self.ffn_up_bias, self.ffn_down_bias)
+        if self.gated:
+            names += (self.ffn_gate, self.ffn_gate_bias)
+        return tuple(n.format(bid=bid) for n in names)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec("llama", activation="silu"),  # Llama 2/3, Mistral, SmolLM
+        ArchSpec("qwen2", activation="silu"),
+    )
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHS))
+        raise UnsupportedError(
+            f"architecture {name!r} is not supported (supported: {supported})"
+        ) from None

@@ -1,0 +1,58 @@
+"""Every constant of the flash GGUF format (DESIGN.md section 3) in one place."""
+
+from __future__ import annotations
+
+from gguf import GGMLQuantizationType
+
+FORMAT_VERSION = 1
+
+# Trunk (GGUF #1): a llama.cpp model whose architecture name stock llama.cpp refuses.
+TRUNK_ARCH = "flashgguf"
+PAYLOAD_ARCH = "flashgguf-payload"
+DUMMY_FFN_WIDTH = 32
+
+KEY_ARCHITECTURE = "general.architecture"
+KEY_ALIGNMENT = "general.alignment"
+KEY_VERSION = "flashgguf.version"
+KEY_ARCH = "flashgguf.arch"
+KEY_PAYLOAD_OFFSET = "flashgguf.payload.offset"
+KEY_PAYLOAD_SIZE = "flashgguf.payload.size"
+
+# Payload (GGUF #2), appended at a 4096-aligned offset.
+PAYLOAD_ALIGNMENT = 4096
+KEY_BLOCK_COUNT = "flashgguf.block_count"
+KEY_EMBEDDING_LENGTH = "flashgguf.embedding_length"
+KEY_FEED_FORWARD_LENGTH = "flashgguf.feed_forward_length"
+KEY_ACTIVATION = "flashgguf.ffn.activation"
+KEY_GATED = "flashgguf.ffn.gated"
+KEY_BUNDLE_PARTS = "flashgguf.bundle.parts"
+KEY_BUNDLE_TYPES = "flashgguf.bundle.types"
+KEY_BUNDLE_OFFSETS = "flashgguf.bundle.offsets"
+KEY_BUNDLE_STRIDE = "flashgguf.bundle.stride"
+KEY_SOURCE_NAME = "flashgguf.source.name"
+KEY_SOURCE_SHA256 = "flashgguf.source.sha256"
+KEY_DOWN_REQUANT_ERROR = "flashgguf.bundle.down_requant_rel_error"
+
+TENSOR_BUNDLE = "blk.{bid}.ffn_bundle"
+TENSOR_ORDER = "blk.{bid}.ffn_order"
+TENSOR_FREQ = "blk.{bid}.ffn_freq"
+TENSOR_UP_BIAS = "blk.{bid}.ffn_up_b"
+TENSOR_GATE_BIAS = "blk.{bid}.ffn_gate_b"
+TENSOR_DOWN_BIAS = "blk.{bid}.ffn_down_b"
+
+PART_GATE = "gate"
+PART_UP = "up"
+PART_DOWN = "down"
+
+# Bundle part types the C kernels implement (scalar reference + SIMD).
+BUNDLE_TYPES = {
+    "f16": GGMLQuantizationType.F16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+}
+DEFAULT_DOWN_TYPE = "q8_0"
+# Bundle rows are padded to this many bytes (measured choice, see BENCHMARKS.md).
+DEFAULT_BUNDLE_ALIGN = 64
+
+ACTIVATIONS = ("silu", "gelu", "relu", "relu2")

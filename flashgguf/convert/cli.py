@@ -1,0 +1,58 @@
+"""Command line: flashgguf-convert model.gguf [-o out.flash.gguf]."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import constants as C
+from ..errors import FlashGGUFError
+from .gguf_source import ConvertOptions, convert_gguf
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flashgguf-convert",
+        description="Convert a GGUF model to a flash GGUF: the trunk stays a llama.cpp model, "
+        "the FFN neurons are bundled for reading from flash.",
+    )
+    p.add_argument("model", help="source model (.gguf)")
+    p.add_argument("-o", "--output", help="output path (default: <model>.flash.gguf)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--bundle-type", default="auto",
+                   choices=["auto", *C.BUNDLE_TYPES],
+                   help="type of the gate/up rows (auto: the source's where supported, else q8_0)")
+    p.add_argument("--down-type", default=C.DEFAULT_DOWN_TYPE, choices=list(C.BUNDLE_TYPES),
+                   help="type the down columns are re-quantized to (default %(default)s)")
+    p.add_argument("--bundle-align", type=int, default=C.DEFAULT_BUNDLE_ALIGN,
+                   help="pad each neuron's bundle row to a multiple of this many bytes")
+    p.add_argument("--activation", choices=list(C.ACTIVATIONS),
+                   help="FFN activation to run instead of the architecture's (ReLU-fied models)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = ConvertOptions(
+        bundle_type=args.bundle_type,
+        down_type=args.down_type,
+        bundle_align=args.bundle_align,
+        activation=args.activation,
+        force=args.force,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=(lambda _msg: None) if args.quiet else print,
+    )
+    try:
+        convert_gguf(args.model, args.output, opts)
+    except FlashGGUFError as exc:
+        print(f"flashgguf-convert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flashgguf-convert: interrupted; no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Convert a GGUF model into a flash GGUF."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from .. import constants as C
+from ..archs import ArchSpec, get_arch
+from ..errors import ConvertError, FormatError, UnsupportedError
+from ..format import BundleLayout
+from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, tensor_array
+from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
+from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
+
+# Keys the trunk does not copy from the source: the writer adds its own.
+_SKIPPED_KEYS = ("GGUF.", C.KEY_ARCHITECTURE, C.KEY_ALIGNMENT)
+
+
+@dataclass
+class ConvertOptions:
+    bundle_type: str = "auto"  # gate/up parts: "auto" keeps the source type where supported
+    down_type: str = C.DEFAULT_DOWN_TYPE
+    bundle_align: int = C.DEFAULT_BUNDLE_ALIGN
+    # The FFN activation to store instead of the architecture's (a checkpoint fine-tuned with
+    # ReLU in a SiLU architecture: llama.cpp's graph would apply SiLU, flashgguf applies this).
+    activation: str | None = None
+    force: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = field(default=print)
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    output: Path
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    layout: BundleLayout
+    trunk_nbytes: int
+    payload_nbytes: int
+    down_rel_error_max: float
+
+
+def _bundle_type(name: str) -> GGMLQuantizationType:
+    try:
+        return C.BUNDLE_TYPES[name.lower()]
+    except KeyError:
+        raise UnsupportedError(
+            f"bundle type {name!r} is not supported (choose from {', '.join(C.BUNDLE_TYPES)})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Source:
+    stream: GGUFStream
+    buf: memoryview
+
+    def data(self, t: TensorInfo) -> np.ndarray:
+        return tensor_array(self.buf, t)
+
+
+def _open_source(src: Path) -> _Source:
+    try:
+        with open(src, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ConvertError(f"cannot read {src}: {exc.strerror}") from exc
+    if magic != b"GGUF":
+        hint = " (safetensors input is not supported yet)" if src.suffix == ".safetensors" else ""
+        raise ConvertError(f"{src} is not a GGUF file (magic {magic!r}){hint}")
+    return _Source(*open_gguf(src))
+
+
+def _scalar_int(stream: GGUFStream, key: str) -> int:
+    value = stream.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UnsupportedError(f"key {key!r} is {value!r}; a single integer is needed "
+                               "(per-layer FFN widths are not supported)")
+    return value
+
+
+def _source_matrix(source: _Source, name: str, n_embd: int, n_ff: int,
+                   down: bool) -> SourceMatrix:
+    t = source.stream.tensors.get(name)
+    if t is None:
+        raise FormatError(f"source tensor {name!r} is missing")
+    want = (n_ff, n_embd) if down else (n_embd, n_ff)  # ggml order
+    if t.shape != want:
+        raise FormatError(f"source tensor {name!r} has shape {list(t.shape)}, expected {list(want)}")
+    return SourceMatrix(source.data(t), t.ggml_type, n_ff if down else n_embd)
+
+
+def _part_types(tensors: dict[str, TensorInfo], spec: ArchSpec,
+                opts: ConvertOptions) -> dict[str, GGMLQuantizationType]:
+    supported = set(C.BUNDLE_TYPES.values())
+    types = {C.PART_DOWN: _bundle_type(opts.down_type)}
+    for part, template in ((C.PART_GATE, spec.ffn_gate), (C.PART_UP, spec.ffn_up)):
+        if part == C.PART_GATE and not spec.gated:
+            continue
+        if opts.bundle_type == "auto":
+            t = tensors.get(template.format(bid=0))
+            if t is None:
+                raise FormatError(f"source tensor {template.format(bid=0)!r} is missing")
+            src_type = t.ggml_type
+            types[part] = src_type if src_type in supported else GGMLQuantizationType.Q8_0
+        else:
+            types[part] = _bundle_type(opts.bundle_type)
+    return types
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 opts: ConvertOptions | None = None) -> ConvertReport:
+    opts = opts or ConvertOptions()
+    src = Path(src)
+    out = Path(out) if out is not None else src.with_name(src.name.removesuffix(".gguf")
+                                                          + ".flash.gguf")
+    if opts.bundle_align <= 0 or opts.bundle_align & (opts.bundle_align - 1):
+        raise ConvertError(f"--bundle-align {opts.bundle_align} is not a power of two")
+    if out.exists() and not opts.force:
+        raise ConvertError(f"{out} exists; pass --force to overwrite it")
+    if out.resolve() == src.resolve():
+        raise ConvertError("the output would overwrite the input")
+
+    source = _open_source(src)
+    stream = source.stream
+    arch_name = stream.get(C.KEY_ARCHITECTURE)
+    if arch_name == C.TRUNK_ARCH:
+        raise ConvertError(f"{src} is already a flash GGUF")
+    spec = get_arch(str(arch_name))
+    if opts.activation is not None:
+        if opts.activation not in C.ACTIVATIONS:
+            raise UnsupportedError(f"activation {opts.activation!r} is not one of {C.ACTIVATIONS}")
+        spec = dataclasses.replace(spec, activation=opts.activation)
+    n_layer = _scalar_int(stream, f"{spec.name}.block_count")
+    n_embd = _scalar_int(stream, f"{spec.name}.embedding_length")
+    n_ff = _scalar_int(stream, f"{spec.name}.feed_forward_length")
+    tensors = stream.tensors
+    ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_names(bid)}
+    types = _part_types(tensors, spec, opts)
+    layout = make_layout(n_embd, spec.gated, types, opts.bundle_align)
+    opts.log(f"flashgguf-convert: {src.name}: {spec.name}, {n_layer} layers, n_embd {n_embd}, "
+             f"n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
+             f"stride {layout.stride} bytes")
+
+    with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp:
+        payload_nbytes, down_err = _write_payload(payload_tmp, source, spec, layout,
+                                                  n_layer, n_embd, n_ff, opts, src)
+        trunk_nbytes = _write_trunk(final_tmp, source, spec, ffn_names, n_embd)
+        offset = -(-trunk_nbytes // C.PAYLOAD_ALIGNMENT) * C.PAYLOAD_ALIGNMENT
+        with open(final_tmp, "r+b") as fout, open(payload_tmp, "rb") as fin:
+            fout.seek(offset)
+            shutil.copyfileobj(fin, fout, 1 << 24)
+        patch_u64_key(final_tmp, C.KEY_PAYLOAD_OFFSET, offset)
+        patch_u64_key(final_tmp, C.KEY_PAYLOAD_SIZE, payload_nbytes)
+    opts.log(f"flashgguf-convert: wrote {out} (trunk {trunk_nbytes / 2**20:.1f} MiB, payload "
+             f"{payload_nbytes / 2**20:.1f} MiB); down columns re-quantized to "
+             f"{types[C.PART_DOWN].name}: max relative error {down_err:.4f}")
+    return ConvertReport(out, spec.name, n_layer, n_embd, n_ff, layout, trunk_nbytes,
+                         payload_nbytes, down_err)
+
+
+def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str],
+                 n_embd: int) -> int:
+    stream = source.stream
+    w = GGUFFileWriter(path, C.TRUNK_ARCH)
+    # the payload location goes first, patched once the payload is written
+    w.add_uint64(C.KEY_PAYLOAD_OFFSET, 0)
+    w.add_uint64(C.KEY_PAYLOAD_SIZE, 0)
+    w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
+    w.add_string(C.KEY_ARCH, spec.name)
+    if C.KEY_ALIGNMENT in stream.fields:
+        w.add_custom_alignment(stream.alignment)
+    for key, value in stream.fields.items():
+        if key.startswith(_SKIPPED_KEYS):
+            continue
+        if key == f"{spec.name}.feed_forward_length":
+            value = C.DUMMY_FFN_WIDTH
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        w.add_key_value(key, value, stream.value_types[key], stream.array_types.get(key))
+
+    dummy = C.DUMMY_FFN_WIDTH
+    sources: list[np.ndarray] = []
+    for t in stream.tensors.values():
+        if t.name in ffn_names:
+            # llama.cpp's own FFN: zero weights of the dummy width (computes nothing of value)
+            shape = _dummy_shape(spec, t.name, n_embd, dummy)
+            data = np.zeros(shape, dtype=np.float32)
+            w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes)
+        else:
+            data = source.data(t)
+            w.add_tensor_info(t.name, data.shape, data.dtype, t.nbytes, raw_dtype=t.ggml_type)
+        sources.append(data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for data in sources:
+        w.write_tensor_data(data)
+    w.close()
+    return path.stat().st_size
+
+
+def _dummy_shape(spec: ArchSpec, name: str, n_embd: int, dummy: int) -> tuple[int, ...]:
+    """numpy shape (reversed ggml order) of a dummy-width FFN tensor."""
+    for template, shape in ((spec.ffn_gate, (dummy, n_embd)), (spec.ffn_up, (dummy, n_embd)),
+                            (spec.ffn_down, (n_embd, dummy)), (spec.ffn_gate_bias, (dummy,)),
+                            (spec.ffn_up_bias, (dummy,)), (spec.ffn_down_bias, (n_embd,))):
+        if name.endswith(template.split("}", 1)[1]):
+            return shape
+    raise AssertionError(name)
+
+
+def _write_payload(path: Path, source: _Source, spec: ArchSpec,
+                   layout: BundleLayout, n_layer: int, n_embd: int, n_ff: int,
+                   opts: ConvertOptions, src: Path) -> tuple[int, float]:
+    tensors = source.stream.tensors
+    w = GGUFFileWriter(path, C.PAYLOAD_ARCH)
+    w.add_custom_alignment(C.PAYLOAD_ALIGNMENT)
+    w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
+    w.add_string(C.KEY_ARCH, spec.name)
+    w.add_uint32(C.KEY_BLOCK_COUNT, n_layer)
+    w.add_uint32(C.KEY_EMBEDDING_LENGTH, n_embd)
+    w.add_uint32(C.KEY_FEED_FORWARD_LENGTH, n_ff)
+    w.add_string(C.KEY_ACTIVATION, spec.activation)
+    w.add_bool(C.KEY_GATED, spec.gated)
+    w.add_array(C.KEY_BUNDLE_PARTS, list(layout.parts))
+    w.add_key_value(C.KEY_BUNDLE_TYPES, [int(t) for t in layout.types], GGUFValueType.ARRAY,
+                    GGUFValueType.UINT32)
+    w.add_key_value(C.KEY_BUNDLE_OFFSETS, list(layout.offsets), GGUFValueType.ARRAY,
+                    GGUFValueType.UINT32)
+    w.add_uint32(C.KEY_BUNDLE_STRIDE, layout.stride)
+    w.add_string(C.KEY_SOURCE_NAME, src.name)
+    w.add_string(C.KEY_SOURCE_SHA256, _sha256(src))
+    # placeholder, patched below (a float32 needs no re-layout)
+    w.add_float32(C.KEY_DOWN_REQUANT_ERROR, 0.0)
+
+    biases = {}
+    for bid in range(n_layer):
+        w.add_tensor_info(C.TENSOR_BUNDLE.format(bid=bid), (n_ff, layout.stride), np.dtype(np.int8),
+                          n_ff * layout.stride)
+        w.add_tensor_info(C.TENSOR_ORDER.format(bid=bid), (n_ff,), np.dtype(np.int32), n_ff * 4)
+        w.add_tensor_info(C.TENSOR_FREQ.format(bid=bid), (n_ff,), np.dtype(np.float32), n_ff * 4)
+        for src_t, dst_t, n in ((spec.ffn_up_bias, C.TENSOR_UP_BIAS, n_ff),
+                                (spec.ffn_gate_bias, C.TENSOR_GATE_BIAS, n_ff),
+                                (spec.ffn_down_bias, C.TENSOR_DOWN_BIAS, n_embd)):
+            t = tensors.get(src_t.format(bid=bid))
+            if t is None or (dst_t == C.TENSOR_GATE_BIAS and not spec.gated):
+                continue
+            data = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
+            if data.size != n:
+                raise FormatError(f"bias {t.name!r} has {data.size} values, expected {n}")
+            biases[(bid, dst_t)] = data
+            w.add_tensor_info(dst_t.format(bid=bid), (n,), np.dtype(np.float32), n * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+
+    # No calibration yet: neurons keep their original order and have no measured frequency.
+    order = np.arange(n_ff, dtype=np.int32)
+    freq = np.zeros(n_ff, dtype=np.float32)
+    down_err = 0.0
+    layers = range(n_layer)
+    if opts.progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="bundling FFN layers", unit="layer")
+    for bid in layers:
+        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False) \
+            if spec.gated else None
+        up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False)
+        down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True)
+        bundle: LayerBundle = build_layer_bundle(layout, gate, up, down, order)
+        down_err = max(down_err, bundle.down_rel_error)
+        w.write_tensor_data(bundle.rows.view(np.int8))
+        w.write_tensor_data(order)
+        w.write_tensor_data(freq)
+        for dst_t in (C.TENSOR_UP_BIAS, C.TENSOR_GATE_BIAS, C.TENSOR_DOWN_BIAS):
+            if (bid, dst_t) in biases:
+                w.write_tensor_data(biases[(bid, dst_t)])
+    w.close()
+    patch_key(path, C.KEY_DOWN_REQUANT_ERROR, GGUFValueType.FLOAT32, np.float32(down_err).tobytes())
+    return path.stat().st_size, down_err
+

@@ -1,0 +1,35 @@
+"""Exceptions. FlashGGUFError is the root and is never raised itself."""
+
+from __future__ import annotations
+
+
+class FlashGGUFError(Exception):
+    """Root of every error flashgguf raises."""
+
+
+class FormatError(FlashGGUFError, ValueError):
+    """A file is not a valid (flash) GGUF: names the check that failed."""
+
+
+class VersionError(FormatError):
+    """A flash GGUF written for another format version."""
+
+
+class NotFlashGGUFError(FormatError):
+    """A plain GGUF where a flash GGUF is needed (run flashgguf-convert)."""
+
+
+class UnsupportedError(FlashGGUFError, ValueError):
+    """An architecture, tensor type or option flashgguf does not support."""
+
+
+class ConvertError(FlashGGUFError):
+    """A conversion could not be done (bad input or output path)."""
+
+
+class NativeError(FlashGGUFError, OSError):
+    """The C core reported an error (I/O, memory, shapes seen in the graph)."""
+
+
+class VersionMismatchError(FlashGGUFError, ImportError):
+    """The installed llama-cpp-python is not the version flashgguf is pinned to."""

@@ -1,0 +1,126 @@
+"""flashgguf.Llama: llama_cpp.Llama with the FFN computed by flashgguf's runtime.
+
+The trunk of a flash GGUF is loaded by llama.cpp as it is (kv_overrides gives back the real
+architecture name); a C eval callback on the llama.cpp context computes each layer's FFN
+from the payload. Every high-level llama-cpp-python API works unchanged on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals
+
+from .archs import get_arch
+from .errors import NotFlashGGUFError, VersionMismatchError
+from .format import is_flash_gguf, open_flash_file
+from .runtime import Runtime, RuntimeOptions
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
+    raise VersionMismatchError(
+        f"flashgguf needs llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (its eval-callback ABI and "
+        f"graph node names are pinned), but {llama_cpp.__version__} is installed: "
+        f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    )
+
+# llama_cpp.Llama creates its context inside __init__ with no way to pass cb_eval, so the
+# context class is swapped for the duration of that call; the lock keeps two threads that
+# load models at once from seeing each other's swap.
+_context_swap_lock = threading.Lock()
+
+
+def _flash_context_class(runtime: Runtime) -> type[_internals.LlamaContext]:
+    callback = llama_cpp.ggml_backend_sched_eval_callback(runtime.callback_address)
+
+    class FlashContext(_internals.LlamaContext):
+        def __init__(self, *, model, params, verbose: bool = True) -> None:
+            params.cb_eval = callback
+            params.cb_eval_user_data = runtime.handle_address
+            self._flash_callback = callback  # the ctypes pointer lives as long as the context
+            super().__init__(model=model, params=params, verbose=verbose)
+
+        def decode(self, batch) -> None:
+            super().decode(batch)
+            runtime.raise_pending_error()
+
+    return FlashContext
+
+
+@contextlib.contextmanager
+def _installed_context_class(cls: type[_internals.LlamaContext]) -> Iterator[None]:
+    with _context_swap_lock:
+        original = _internals.LlamaContext
+        _internals.LlamaContext = cls
+        try:
+            yield
+        finally:
+            _internals.LlamaContext = original
+
+
+class Llama(llama_cpp.Llama):
+    """llama_cpp.Llama that runs flash GGUFs (made by flashgguf-convert).
+
+    flash_offload=True: the FFN payload is read with direct I/O by flashgguf's runtime.
+    flash_offload=False on a flash GGUF: the same engine with the payload read through the
+    page cache. A plain GGUF with flash_offload=False is run by llama.cpp as usual.
+    """
+
+    def __init__(self, model_path: str, *args: Any, flash_offload: bool = False,
+                 **kwargs: Any) -> None:
+        self._flash_runtime: Runtime | None = None
+        path = os.fspath(model_path)
+        if not is_flash_gguf(path):
+            if flash_offload:
+                raise NotFlashGGUFError(
+                    f"{path} is not a flash GGUF; convert it first: flashgguf-convert {path} "
+                    f"-o {os.path.splitext(path)[0]}.flash.gguf"
+                )
+            super().__init__(path, *args, **kwargs)
+            return
+
+        flash = open_flash_file(path)
+        spec = get_arch(flash.arch)
+        overrides = dict(kwargs.pop("kv_overrides", None) or {})
+        overrides["general.architecture"] = flash.arch
+        n_batch = int(kwargs.get("n_batch", 512))
+        n_ubatch = int(kwargs.get("n_ubatch", 512))
+        n_threads = kwargs.get("n_threads") or max(multiprocessing.cpu_count() // 2, 1)
+        n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
+        runtime = Runtime(flash, spec, RuntimeOptions(
+            max_tokens=max(1, min(n_batch, n_ubatch)),
+            n_threads=n_threads,
+            n_threads_batch=n_threads_batch,
+            direct_io=flash_offload,
+        ))
+        self._flash_runtime = runtime
+        try:
+            with _installed_context_class(_flash_context_class(runtime)):
+                super().__init__(path, *args, kv_overrides=overrides, **kwargs)
+        except BaseException:
+            runtime.close()
+            self._flash_runtime = None
+            raise
+
+    @property
+    def flash_runtime(self) -> Runtime | None:
+        return self._flash_runtime
+
+    def flash_stats(self, reset: bool = False) -> dict[str, float]:
+        """Cumulative counters of the flash runtime (empty for a plain GGUF)."""
+        return {} if self._flash_runtime is None else self._flash_runtime.stats(reset=reset)
+
+    def close(self) -> None:
+        # The context (which calls into the runtime) goes first, then the runtime.
+        if hasattr(self, "_stack"):  # absent when __init__ failed before llama.cpp was called
+            super().close()
+        runtime, self._flash_runtime = getattr(self, "_flash_runtime", None), None
+        if runtime is not None:
+            runtime.close()
