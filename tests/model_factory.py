@@ -1,0 +1,100 @@
+"""Small seeded GGUF models made by the tests (never committed): real llama.cpp
+architectures with random weights and SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import quants as gq
+
+from flashgguf.gguf_stream import open_gguf
+
+Q = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    arch: str = "llama"
+    n_layer: int = 2
+    n_embd: int = 64
+    n_ff: int = 160
+    n_head: int = 4
+    n_head_kv: int = 2
+    ffn_type: GGMLQuantizationType = Q.Q8_0
+    attn_type: GGMLQuantizationType = Q.F16
+    ffn_biases: bool = False
+    seed: int = 0
+
+
+def _quantized(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType,
+               scale: float) -> tuple[np.ndarray, GGMLQuantizationType]:
+    w = (rng.standard_normal(shape) * scale).astype(np.float32)
+    if qtype == Q.F32:
+        return w, qtype
+    return gq.quantize(w, qtype), qtype
+
+
+def _copy_tokenizer(w: GGUFWriter, tokenizer_gguf: Path) -> int:
+    stream, _ = open_gguf(tokenizer_gguf)
+    for key, value in stream.fields.items():
+        if key.startswith("tokenizer."):
+            if hasattr(value, "tolist"):
+                value = value.tolist()
+            w.add_key_value(key, value, stream.value_types[key], stream.array_types.get(key))
+    return len(stream.fields["tokenizer.ggml.tokens"])
+
+
+def write_tiny_model(path: Path, spec: TinyModel, tokenizer_gguf: Path) -> Path:
+    rng = np.random.default_rng(spec.seed)
+    w = GGUFWriter(path, spec.arch)
+    a = spec.arch
+    head_dim = spec.n_embd // spec.n_head
+    w.add_uint32(f"{a}.context_length", 2048)
+    w.add_uint32(f"{a}.embedding_length", spec.n_embd)
+    w.add_uint32(f"{a}.block_count", spec.n_layer)
+    w.add_uint32(f"{a}.feed_forward_length", spec.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", spec.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{a}.rope.freq_base", 10000.0)
+    w.add_uint32("general.file_type", 1)
+    n_vocab = _copy_tokenizer(w, tokenizer_gguf)
+
+    def add(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType, scale: float) -> None:
+        data, t = _quantized(rng, shape, qtype, scale)
+        w.add_tensor(name, data, raw_dtype=None if t in (Q.F32,) else t)
+
+    add("token_embd.weight", (n_vocab, spec.n_embd), Q.F16, 1.0)
+    w.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    kv_dim = spec.n_head_kv * head_dim
+    s_attn = 1.0 / np.sqrt(spec.n_embd)
+    for i in range(spec.n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight",
+                     (1.0 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32))
+        add(f"blk.{i}.attn_q.weight", (spec.n_embd, spec.n_embd), spec.attn_type, s_attn)
+        add(f"blk.{i}.attn_k.weight", (kv_dim, spec.n_embd), spec.attn_type, s_attn)
+        add(f"blk.{i}.attn_v.weight", (kv_dim, spec.n_embd), spec.attn_type, s_attn)
+        add(f"blk.{i}.attn_output.weight", (spec.n_embd, spec.n_embd), spec.attn_type, s_attn)
+        if spec.arch == "qwen2":
+            for name, n in (("attn_q", spec.n_embd), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+                w.add_tensor(f"blk.{i}.{name}.bias",
+                             (0.1 * rng.standard_normal(n)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight",
+                     (1.0 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32))
+        add(f"blk.{i}.ffn_gate.weight", (spec.n_ff, spec.n_embd), spec.ffn_type, s_attn)
+        add(f"blk.{i}.ffn_up.weight", (spec.n_ff, spec.n_embd), spec.ffn_type, s_attn)
+        add(f"blk.{i}.ffn_down.weight", (spec.n_embd, spec.n_ff), spec.ffn_type,
+            1.0 / np.sqrt(spec.n_ff))
+        if spec.ffn_biases:
+            for name, n in (("ffn_gate", spec.n_ff), ("ffn_up", spec.n_ff),
+                            ("ffn_down", spec.n_embd)):
+                w.add_tensor(f"blk.{i}.{name}.bias",
+                             (0.1 * rng.standard_normal(n)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

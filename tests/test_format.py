@@ -1,0 +1,259 @@
+"""Flash GGUF v1: round trip through the converter, and every validation failure."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import quants as gq
+from model_factory import TinyModel
+
+from flashgguf import constants as C
+from flashgguf.convert import ConvertOptions, convert_gguf
+from flashgguf.convert.output import patch_key, patch_u64_key
+from flashgguf.errors import (
+    ConvertError,
+    FlashGGUFError,
+    FormatError,
+    NotFlashGGUFError,
+    UnsupportedError,
+    VersionError,
+)
+from flashgguf.format import is_flash_gguf, open_flash_file
+from flashgguf.gguf_stream import open_gguf, tensor_array
+
+Q = GGMLQuantizationType
+QUIET = ConvertOptions(progress=False, log=lambda _m: None)
+
+
+def convert(src: Path, out: Path, **kw) -> Path:
+    opts = ConvertOptions(progress=False, log=lambda _m: None, **kw)
+    convert_gguf(src, out, opts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_flash(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    src = tiny_models(TinyModel(ffn_type=Q.Q4_1))
+    out = tmp_path_factory.mktemp("flash") / "tiny.flash.gguf"
+    return src, convert(src, out)
+
+
+def test_round_trip_bundles_match_source(tiny_flash):
+    src, out = tiny_flash
+    ff = open_flash_file(out)
+    spec = TinyModel()
+    assert (ff.arch, ff.n_layer, ff.n_embd, ff.n_ff) == ("llama", 2, spec.n_embd, spec.n_ff)
+    assert ff.activation == "silu" and ff.gated
+    assert ff.layout.parts == ("gate", "up", "down")
+    assert ff.layout.types == (Q.Q4_1, Q.Q4_1, Q.Q8_0)
+    assert ff.layout.stride % C.DEFAULT_BUNDLE_ALIGN == 0
+    assert ff.payload.base % C.PAYLOAD_ALIGNMENT == 0
+    stream, buf = open_gguf(src)
+    tensors = {name: tensor_array(buf, t) for name, t in stream.tensors.items()}
+    raw = np.fromfile(out, dtype=np.uint8)
+    for layer in ff.layers:
+        bid = layer.index
+        assert layer.bundle.offset % C.PAYLOAD_ALIGNMENT == 0
+        rows = raw[layer.bundle.offset:layer.bundle.offset + layer.bundle.nbytes]
+        rows = rows.reshape(ff.n_ff, ff.layout.stride)
+        for part in ("gate", "up"):
+            ptype, off = ff.layout.part(part)
+            src_rows = tensors[f"blk.{bid}.ffn_{part}.weight"]
+            width = src_rows.shape[1]
+            # copied byte for byte, in the stored neuron order
+            np.testing.assert_array_equal(rows[:, off:off + width], src_rows[layer.order])
+        dtype, off = ff.layout.part("down")
+        down = gq.dequantize(tensors[f"blk.{bid}.ffn_down.weight"], Q.Q4_1)
+        cols = gq.dequantize(np.ascontiguousarray(rows[:, off:off + 34 * ff.n_embd // 32]), dtype)
+        err = np.linalg.norm(cols - down.T[layer.order]) / np.linalg.norm(down)
+        assert err < 0.01
+    # the trunk keeps every non-FFN tensor byte for byte, and a dummy zero FFN
+    trunk = open_flash_file(out).trunk
+    for name, data in tensors.items():
+        t = trunk.tensors[name]
+        if ".ffn_gate." in name or ".ffn_up." in name or ".ffn_down." in name:
+            assert t.ggml_type == Q.F32
+            assert C.DUMMY_FFN_WIDTH in t.shape
+            assert not np.any(tensor_array(memoryview(raw), t))
+        else:
+            assert t.ggml_type == stream.tensors[name].ggml_type
+            np.testing.assert_array_equal(tensor_array(memoryview(raw), t), data)
+
+
+def test_trunk_keeps_keys_and_renames_architecture(tiny_flash):
+    src, out = tiny_flash
+    s = open_gguf(src)[0].fields
+    t = open_flash_file(out).trunk.fields
+    assert t["general.architecture"] == C.TRUNK_ARCH
+    assert t[C.KEY_ARCH] == "llama"
+    assert t[C.KEY_VERSION] == C.FORMAT_VERSION
+    assert t["llama.feed_forward_length"] == C.DUMMY_FFN_WIDTH
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
+                "tokenizer.ggml.token_type", "llama.embedding_length",
+                "llama.attention.head_count_kv"):
+        assert np.array_equal(t[key], s[key]) if isinstance(s[key], np.ndarray) else t[key] == s[key]
+    assert set(s) <= set(t)
+
+
+def test_is_flash_gguf(tiny_flash):
+    src, out = tiny_flash
+    assert is_flash_gguf(out)
+    assert not is_flash_gguf(src)
+    with pytest.raises(NotFlashGGUFError, match="flashgguf-convert"):
+        open_flash_file(src)
+
+
+@pytest.mark.parametrize("bundle_type", ["f16", "q8_0", "q4_0", "q4_1"])
+def test_bundle_types(tiny_models, tmp_path, bundle_type):
+    src = tiny_models(TinyModel(ffn_type=Q.Q8_0))
+    ff = open_flash_file(convert(src, tmp_path / "x.flash.gguf", bundle_type=bundle_type,
+                                 down_type=bundle_type))
+    assert ff.layout.types == (C.BUNDLE_TYPES[bundle_type],) * 3
+
+
+# ---- validation failures: each names the problem ------------------------------------
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bad.flash.gguf"
+    dst.write_bytes(out.read_bytes())
+    return dst
+
+
+def test_truncated_file(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size - 5000)
+    with pytest.raises(FormatError, match="past the end"):
+        open_flash_file(bad)
+
+
+def test_truncated_in_trunk_header(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    with open(bad, "r+b") as f:
+        f.truncate(3000)
+    with pytest.raises(FormatError, match="ends at byte 3000"):
+        open_flash_file(bad)
+
+
+def test_payload_offset_past_end(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    patch_u64_key(bad, C.KEY_PAYLOAD_OFFSET, 1 << 40)
+    with pytest.raises(FormatError, match="payload .* runs past the end"):
+        open_flash_file(bad)
+
+
+def test_payload_offset_unaligned(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    ff = open_flash_file(bad)
+    patch_u64_key(bad, C.KEY_PAYLOAD_OFFSET, ff.payload.base + 8)
+    with pytest.raises(FormatError, match="not 4096-aligned"):
+        open_flash_file(bad)
+
+
+def test_wrong_version(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 2))
+    with pytest.raises(VersionError, match="version 2.*reads version 1"):
+        open_flash_file(bad)
+
+
+def _rename_in_payload(path: Path, old: bytes, new: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    base = open_flash_file(path).payload.base
+    pos = data.find(old, base)
+    assert pos > 0 and len(old) == len(new)
+    data[pos:pos + len(old)] = new
+    path.write_bytes(bytes(data))
+
+
+def test_missing_bundle_tensor(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    _rename_in_payload(bad, b"blk.1.ffn_bundle", b"blk.1.ffn_bundlX")
+    with pytest.raises(FormatError, match="'blk.1.ffn_bundle' is missing"):
+        open_flash_file(bad)
+
+
+def test_shape_mismatch(tiny_flash, tmp_path):
+    bad = _copy(tiny_flash[1], tmp_path)
+    base = open_flash_file(bad).payload.base
+    data = bytearray(bad.read_bytes())
+    key = C.KEY_FEED_FORWARD_LENGTH.encode()
+    pos = data.find(key, base) + len(key) + 4
+    data[pos:pos + 4] = struct.pack("<I", TinyModel().n_ff + 32)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="'blk.0.ffn_bundle' is I8 .* expected I8"):
+        open_flash_file(bad)
+
+
+def test_bad_magic(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(FormatError, match="bad magic"):
+        open_flash_file(bad)
+
+
+def test_errors_are_flashgguf_errors():
+    for cls in (FormatError, VersionError, NotFlashGGUFError, ConvertError, UnsupportedError):
+        assert issubclass(cls, FlashGGUFError)
+
+
+# ---- converter errors leave no output behind ----------------------------------------
+
+def _no_leftovers(folder: Path) -> None:
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_convert_refuses_non_gguf(tmp_path):
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ConvertError, match="not a GGUF"):
+        convert(src, tmp_path / "out.flash.gguf")
+    assert not (tmp_path / "out.flash.gguf").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_convert_refuses_existing_output(tiny_flash, tmp_path):
+    out = tmp_path / "exists.flash.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ConvertError, match="--force"):
+        convert(tiny_flash[0], out)
+    assert out.read_bytes() == b"keep me"
+    convert(tiny_flash[0], out, force=True)
+    assert is_flash_gguf(out)
+    _no_leftovers(tmp_path)
+
+
+def test_convert_refuses_unsupported_arch(tiny_models, tmp_path):
+    src = tiny_models(TinyModel())
+    bad = tmp_path / "other.gguf"
+    data = bytearray(src.read_bytes())
+    pos = data.find(b"llama")  # general.architecture's value is the first "llama"
+    data[pos:pos + 5] = b"llamX"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedError, match="'llamX' is not supported .*llama"):
+        convert(bad, tmp_path / "out.flash.gguf")
+    assert not (tmp_path / "out.flash.gguf").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_convert_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    from flashgguf.convert import gguf_source
+
+    def boom(*_a, **_k):
+        raise ConvertError("simulated failure while bundling")
+
+    monkeypatch.setattr(gguf_source, "build_layer_bundle", boom)
+    with pytest.raises(ConvertError, match="simulated"):
+        convert(tiny_models(TinyModel()), tmp_path / "out.flash.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    from flashgguf.convert.cli import main
+
+    assert main([str(tmp_path / "missing.gguf"), "-q"]) == 2
+    assert "cannot read" in capsys.readouterr().err

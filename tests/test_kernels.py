@@ -1,0 +1,432 @@
+"""Kernels of the C core (native/kernels_ref.c, native/kernels_simd.c) against numpy.
+
+Three layers are checked: the scalar reference against llama.cpp's gguf-py numpy code and
+float64 numpy arithmetic; the fast (SIMD) entry points against the reference; and the
+argument checks of the public entry points.
+
+Tolerances are derived from float32 rounding bounds: a sum of k float32 terms carries at most
+about k * 2**-24 * sum|term| of rounding error, so each check allows a small multiple of that
+relative to ``mag`` = sum of |term|s (for Q4_1 the scale and min parts are counted separately,
+since d*q and m can cancel). A misplaced block, nibble or lane moves a result by O(1) * mag,
+orders of magnitude above these bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flashgguf._native import ffi, lib
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+pytestmark = pytest.mark.native
+
+SEED = 20240611
+U = 2.0**-24  # float32 unit roundoff
+
+QUANT_TYPES = {"Q8_0": lib.FG_TYPE_Q8_0, "Q4_0": lib.FG_TYPE_Q4_0, "Q4_1": lib.FG_TYPE_Q4_1}
+WEIGHT_TYPES = {"F32": lib.FG_TYPE_F32, "F16": lib.FG_TYPE_F16, **QUANT_TYPES}
+GGUF_TYPE = {
+    lib.FG_TYPE_F32: QT.F32,
+    lib.FG_TYPE_F16: QT.F16,
+    lib.FG_TYPE_Q8_0: QT.Q8_0,
+    lib.FG_TYPE_Q4_0: QT.Q4_0,
+    lib.FG_TYPE_Q4_1: QT.Q4_1,
+}
+QUANT_SIZES = [32, 96, 544, 576, 4128]
+FLOAT_SIZES = [1, 7, 33, 577, *QUANT_SIZES]
+GUARD = 64  # bytes past every output buffer that must stay untouched
+
+# numpy views of ggml's blocks (native/kernels.h)
+BLOCK_DTYPE = {
+    lib.FG_TYPE_Q8_0: np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
+    lib.FG_TYPE_Q8_1: np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)]),
+    lib.FG_TYPE_Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+    lib.FG_TYPE_Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
+}
+
+
+def weight_cases(sizes_q=QUANT_SIZES, sizes_f=FLOAT_SIZES):
+    return [
+        pytest.param(t, n, id=f"{name}-{n}")
+        for name, t in WEIGHT_TYPES.items()
+        for n in (sizes_f if t in (lib.FG_TYPE_F32, lib.FG_TYPE_F16) else sizes_q)
+    ]
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def fptr(a: np.ndarray):
+    assert a.dtype == np.float32 and a.flags.c_contiguous
+    return ffi.cast("float *", ffi.from_buffer(a))
+
+
+def vptr(a: np.ndarray):
+    assert a.flags.c_contiguous
+    return ffi.cast("void *", ffi.from_buffer(a))
+
+
+def random_row(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Normal values with a spread of block scales, plus the special blocks of the
+    quantizers: all zeros (d = 0) and constant (Q4_1: d = 0 with a non-zero min)."""
+    x = rng.standard_normal(n).astype(np.float32)
+    x *= np.repeat(np.float32(10.0) ** rng.uniform(-3, 1, (n + 31) // 32), 32)[:n]
+    if n >= 96:
+        x[:32] = 0.0
+        x[32:64] = 0.75
+    return x.astype(np.float32)
+
+
+def c_quantize(t: int, x: np.ndarray, ref: bool) -> np.ndarray:
+    n = x.size
+    size = lib.fg_row_size(t, n)
+    out = np.full(size + GUARD, 0xAB, np.uint8)
+    fn = lib.fg_quantize_row_ref if ref else lib.fg_quantize_row
+    assert fn(t, fptr(x), vptr(out), n) == lib.FG_OK
+    assert (out[size:] == 0xAB).all(), "wrote past the end of the row"
+    return out[:size]
+
+
+def c_dequantize(t: int, data: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n + GUARD // 4, 7.0, np.float32)
+    assert lib.fg_dequantize_row(t, vptr(data), fptr(out), n) == lib.FG_OK
+    assert (out[n:] == 7.0).all()
+    return out[:n]
+
+
+def c_vec_dot(t: int, w: np.ndarray, xq: np.ndarray, n: int, ref: bool) -> float:
+    out = ffi.new("float *")
+    fn = lib.fg_vec_dot_ref if ref else lib.fg_vec_dot
+    assert fn(t, vptr(w), vptr(xq), n, out) == lib.FG_OK
+    return float(out[0])
+
+
+def c_axpy(t: int, col: np.ndarray, a: float, y: np.ndarray, n: int, ref: bool) -> np.ndarray:
+    buf = np.concatenate([y, np.full(GUARD // 4, 7.0, np.float32)])
+    fn = lib.fg_axpy_ref if ref else lib.fg_axpy
+    assert fn(t, vptr(col), a, fptr(buf), n) == lib.FG_OK
+    assert (buf[n:] == 7.0).all(), "wrote past the end of y"
+    return buf[:n]
+
+
+def components(t: int, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale part d*q, min part m) of each value, float64; their sum is the value."""
+    if t == lib.FG_TYPE_F32:
+        return data.view(np.float32).astype(np.float64), np.zeros(n)
+    if t == lib.FG_TYPE_F16:
+        return data.view(np.float16).astype(np.float64), np.zeros(n)
+    b = data.view(BLOCK_DTYPE[t])
+    d = b["d"].astype(np.float64)[:, None]
+    qs = b["qs"].astype(np.int64)
+    if t in (lib.FG_TYPE_Q4_0, lib.FG_TYPE_Q4_1):
+        qs = np.concatenate([qs & 15, qs >> 4], axis=1)
+    if t == lib.FG_TYPE_Q4_0:
+        qs = qs - 8
+    m = b["m"].astype(np.float64)[:, None] if t == lib.FG_TYPE_Q4_1 else np.zeros_like(d)
+    return (d * qs).ravel(), np.broadcast_to(m, qs.shape).ravel().copy()
+
+
+def numpy_q8_1(x: np.ndarray) -> np.ndarray:
+    """ggml's Q8_1 reference: Q8_0's d and qs (gguf-py) plus s = fp16(float(sum(qs)) * d)."""
+    q8 = quantize(x, QT.Q8_0).view(BLOCK_DTYPE[lib.FG_TYPE_Q8_0])
+    d = np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)  # float32, before fp16
+    out = np.zeros(q8.size, BLOCK_DTYPE[lib.FG_TYPE_Q8_1])
+    out["d"], out["qs"] = q8["d"], q8["qs"]
+    out["s"] = (q8["qs"].astype(np.int32).sum(axis=1).astype(np.float32) * d).astype(np.float16)
+    return out.view(np.uint8)
+
+
+# ---- quantize / dequantize: reference against gguf-py ----------------------------------------
+
+
+@pytest.mark.parametrize("t,n", weight_cases())
+def test_quantize_ref_matches_gguf(t, n):
+    x = random_row(np.random.default_rng([SEED, t, n]), n)
+    expected = np.ascontiguousarray(quantize(x, GGUF_TYPE[t])).view(np.uint8).ravel()
+    got = c_quantize(t, x, ref=True)
+    # gguf-py reproduces ggml's reference rounding (roundf ties away from zero for Q8_0,
+    # truncation of +0.5 / +8.5 for Q4_x, RNE fp16 scales), so the bytes are identical.
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n", QUANT_SIZES)
+def test_quantize_q8_1_ref_matches_numpy(n):
+    x = random_row(np.random.default_rng([SEED, 9, n]), n)
+    np.testing.assert_array_equal(c_quantize(lib.FG_TYPE_Q8_1, x, ref=True), numpy_q8_1(x))
+
+
+@pytest.mark.parametrize("t,n", weight_cases())
+def test_dequantize_matches_gguf(t, n):
+    x = random_row(np.random.default_rng([SEED, t, n, 1]), n)
+    data = np.ascontiguousarray(quantize(x, GGUF_TYPE[t])).view(np.uint8).ravel()
+    expected = dequantize(data, GGUF_TYPE[t]).astype(np.float32).ravel()
+    got = c_dequantize(t, data, n)
+    if t == lib.FG_TYPE_Q4_1:
+        # d*q + m: two float32 roundings in both; a compiler that fuses them into one FMA
+        # may differ by one rounding of the sum.
+        dq, m = components(t, data, n)
+        tol = 2 * U * (np.abs(dq) + np.abs(m)) + 1e-45
+        np.testing.assert_array_less(np.abs(got - expected), tol)
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
+# ---- quantize: fast against reference ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,t", [("Q8_0", lib.FG_TYPE_Q8_0), ("Q8_1", lib.FG_TYPE_Q8_1)])
+@pytest.mark.parametrize("n", QUANT_SIZES)
+def test_quantize_q8_fast_matches_ref(name, t, n):
+    rng = np.random.default_rng([SEED, t, n, 2])
+    x = random_row(rng, n)
+    # exact ties x * (1/d) = k + 0.5 in one block, where the rounding modes differ
+    if n >= 128:
+        x[96:128] = (np.arange(32) - 16 + 0.5).astype(np.float32)
+        x[96] = 127.0  # d = 1 exactly
+    fast = c_quantize(t, x, ref=False).view(BLOCK_DTYPE[t])
+    ref = c_quantize(t, x, ref=True).view(BLOCK_DTYPE[t])
+    np.testing.assert_array_equal(fast["d"].view(np.uint16), ref["d"].view(np.uint16))
+    # either rounding of ties (nearest-even or away from zero) is acceptable: one step
+    diff = np.abs(fast["qs"].astype(np.int32) - ref["qs"].astype(np.int32))
+    assert diff.max() <= 1, f"{name}: quants differ by {diff.max()} steps"
+    if t == lib.FG_TYPE_Q8_1:
+        # s = d * sum(qs): agrees within the tie differences times d (plus fp16 rounding)
+        d = ref["d"].astype(np.float64)
+        s_fast, s_ref = fast["s"].astype(np.float64), ref["s"].astype(np.float64)
+        bound = d * diff.sum(axis=1) + 2.0**-10 * np.maximum(np.abs(s_ref), np.abs(s_fast))
+        np.testing.assert_array_less(np.abs(s_fast - s_ref), bound + 1e-30)
+
+
+@pytest.mark.parametrize("t", [lib.FG_TYPE_Q8_0, lib.FG_TYPE_Q8_1])
+def test_quantize_q8_fast_is_bit_exact(t):
+    """The AVX2 quantizers reproduce roundf's ties-away rounding, so today they are
+    bit-exact. If a kernel moves to nearest-even, drop this test (the one above remains)."""
+    x = random_row(np.random.default_rng([SEED, t, 3]), 4096)
+    x[96:128] = (np.arange(32) - 16 + 0.5).astype(np.float32)
+    x[96] = 127.0
+    np.testing.assert_array_equal(c_quantize(t, x, ref=False), c_quantize(t, x, ref=True))
+
+
+# ---- fp16 --------------------------------------------------------------------------------------
+
+
+def fp16_test_values(rng: np.random.Generator) -> np.ndarray:
+    finite = np.arange(0x7C00, dtype=np.uint16)  # every non-negative finite half
+    finite = np.concatenate([finite, finite | 0x8000])
+    h = finite.view(np.float16).astype(np.float64)
+    halves = h.astype(np.float32)
+    # exact midpoints between neighbouring halves: ties, incl. subnormal ones
+    step = np.concatenate([finite[:-1] + 1, [0]]).astype(np.uint16).view(np.float16)
+    mid = ((h + step.astype(np.float64)) / 2)[:-1].astype(np.float32)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -np.nan,
+            65504,
+            65519.99,
+            65520,
+            1e6,
+            -1e30,
+            2.0**-24,
+            2.0**-25,
+            2.0**-25 * 1.0001,
+            2.0**-26,
+            1e-45,
+            -1e-45,
+            6.1e-5,
+            5.96e-8,
+        ],
+        np.float32,
+    )
+    noise = (rng.standard_normal(5000) * 10.0 ** rng.uniform(-9, 6, 5000)).astype(np.float32)
+    return np.concatenate([halves, mid, special, noise]).astype(np.float32)
+
+
+@pytest.mark.parametrize("ref", [True, False], ids=["ref", "fast"])
+def test_fp16_quantize_bit_exact(ref):
+    x = fp16_test_values(np.random.default_rng(SEED))
+    got = c_quantize(lib.FG_TYPE_F16, x, ref=ref).view(np.float16)
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16)
+    nan = np.isnan(x)
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), expected[~nan].view(np.uint16))
+
+
+def test_fp16_dequantize_all_patterns():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = c_dequantize(lib.FG_TYPE_F16, bits, bits.size)
+    expected = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.isnan(got[nan]).all()
+    # compared as values: dequantizing is an axpy into zeros, so -0.0 comes out as +0.0
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+
+
+# ---- vec_dot -----------------------------------------------------------------------------------
+
+# Extra rounding allowance, in units of U * mag, on top of one U per accumulated term.
+DOT_SLACK = {
+    lib.FG_TYPE_F32: 24,
+    lib.FG_TYPE_F16: 24,
+    lib.FG_TYPE_Q8_0: 8,
+    lib.FG_TYPE_Q4_0: 8,
+    lib.FG_TYPE_Q4_1: 8,
+}
+
+
+def dot_case(t: int, n: int):
+    rng = np.random.default_rng([SEED, t, n, 4])
+    w = np.ascontiguousarray(quantize(random_row(rng, n), GGUF_TYPE[t])).view(np.uint8).ravel()
+    xt = lib.fg_vec_dot_type(t)
+    xq = c_quantize(xt, random_row(rng, n), ref=True)
+    wd, wm = components(t, w, n)
+    xd, _ = components(xt, xq, n)  # activations have no min part
+    exact = float(np.dot(wd + wm, xd))
+    mag = float(np.abs(wd) @ np.abs(xd) + np.abs(wm) @ np.abs(xd))
+    if t == lib.FG_TYPE_Q4_1:
+        # ggml's Q4_1 dot takes the min term from the activation's fp16-rounded
+        # s = d * sum(qs): exact in ggml's terms is sum_b (d_w d_x sum(q_w q_x) + m_w s_x).
+        s = xq.view(BLOCK_DTYPE[xt])["s"].astype(np.float64)
+        m = w.view(BLOCK_DTYPE[t])["m"].astype(np.float64)
+        ggml_exact = float(np.dot(wd, xd) + np.dot(m, s))
+        # ... which differs from the dequantized dot only by the fp16 rounding of s
+        assert abs(ggml_exact - exact) <= 2.0**-11 * float(np.abs(m) @ np.abs(s)) + 1e-30
+        exact = ggml_exact
+    # longest float32 accumulation chain: one term per block (quantized, reference) or
+    # n / 32 per lane plus the horizontal sum and the tail (SIMD); slack for the rest
+    tol = (n // 32 + DOT_SLACK[t]) * U * mag
+    return w, xq, exact, tol
+
+
+@pytest.mark.parametrize("t,n", weight_cases())
+def test_vec_dot(t, n):
+    w, xq, exact, tol = dot_case(t, n)
+    ref = c_vec_dot(t, w, xq, n, ref=True)
+    fast = c_vec_dot(t, w, xq, n, ref=False)
+    assert abs(ref - exact) <= tol, f"ref {ref} vs numpy {exact} (tol {tol:.3g})"
+    assert abs(fast - ref) <= 2 * tol, f"fast {fast} vs ref {ref} (tol {2 * tol:.3g})"
+
+
+# ---- axpy --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t,n", weight_cases())
+def test_axpy(t, n):
+    rng = np.random.default_rng([SEED, t, n, 5])
+    col = np.ascontiguousarray(quantize(random_row(rng, n), GGUF_TYPE[t])).view(np.uint8).ravel()
+    y = rng.standard_normal(n).astype(np.float32)
+    a = float(np.float32(rng.uniform(-3, 3)))
+    ref = c_axpy(t, col, a, y, n, ref=True)
+    fast = c_axpy(t, col, a, y, n, ref=False)
+    dq, m = components(t, col, n)
+    exact = y.astype(np.float64) + a * (dq + m)
+    tol = 8 * U * (np.abs(y) + abs(a) * (np.abs(dq) + np.abs(m))) + 1e-45
+    np.testing.assert_array_less(np.abs(ref - exact), tol)
+    np.testing.assert_array_less(np.abs(fast - exact), tol)
+
+
+# ---- activations -------------------------------------------------------------------------------
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * x * (1.0 + 0.044715 * x * x)))
+
+
+@pytest.mark.parametrize(
+    "act,fn",
+    [(lib.FG_ACT_SILU, _silu), (lib.FG_ACT_GELU, _gelu)],
+    ids=["silu", "gelu"],
+)
+def test_activate_smooth(act, fn):
+    rng = np.random.default_rng([SEED, act, 6])
+    x = np.concatenate([rng.standard_normal(1000) * 4, [-200, -50, -1e-6, 0, 1e-6, 50, 200]])
+    x = x.astype(np.float32)
+    got = x.copy()
+    assert lib.fg_activate(act, fptr(got), got.size) == lib.FG_OK
+    with np.errstate(over="ignore"):
+        expected = fn(x.astype(np.float64))
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
+
+
+def test_activate_relu():
+    x = np.random.default_rng([SEED, 7]).standard_normal(1001).astype(np.float32)
+    r, r2 = x.copy(), x.copy()
+    assert lib.fg_activate(lib.FG_ACT_RELU, fptr(r), r.size) == lib.FG_OK
+    assert lib.fg_activate(lib.FG_ACT_RELU2, fptr(r2), r2.size) == lib.FG_OK
+    np.testing.assert_array_equal(r, np.maximum(x, 0))
+    np.testing.assert_array_equal(r2, np.where(x > 0, x * x, np.float32(0)))
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+
+def test_unsupported_type_and_bad_n():
+    x = np.zeros(64, np.float32)
+    buf = np.zeros(512, np.uint8)
+    out = ffi.new("float *")
+    q5_0, q2_k = 6, 10
+    for t in (q5_0, q2_k, -1, 99):
+        for ref in (True, False):
+            qfn = lib.fg_quantize_row_ref if ref else lib.fg_quantize_row
+            dfn = lib.fg_vec_dot_ref if ref else lib.fg_vec_dot
+            afn = lib.fg_axpy_ref if ref else lib.fg_axpy
+            assert qfn(t, fptr(x), vptr(buf), 32) == lib.FG_ERR_TYPE
+            assert dfn(t, vptr(buf), vptr(buf), 32, out) == lib.FG_ERR_TYPE
+            assert afn(t, vptr(buf), 1.0, fptr(x), 32) == lib.FG_ERR_TYPE
+        assert lib.fg_dequantize_row(t, vptr(buf), fptr(x), 32) == lib.FG_ERR_TYPE
+        assert lib.fg_row_size(t, 32) == 0
+        assert lib.fg_vec_dot_type(t) == -1
+    # Q8_1 is an activation type only: no dot product or axpy with it as the weight
+    assert lib.fg_vec_dot(lib.FG_TYPE_Q8_1, vptr(buf), vptr(buf), 32, out) == lib.FG_ERR_TYPE
+    assert lib.fg_axpy(lib.FG_TYPE_Q8_1, vptr(buf), 1.0, fptr(x), 32) == lib.FG_ERR_TYPE
+    for t in (lib.FG_TYPE_Q4_0, lib.FG_TYPE_Q4_1, lib.FG_TYPE_Q8_0):
+        for n in (33, 16, -32):
+            for ref in (True, False):
+                qfn = lib.fg_quantize_row_ref if ref else lib.fg_quantize_row
+                dfn = lib.fg_vec_dot_ref if ref else lib.fg_vec_dot
+                afn = lib.fg_axpy_ref if ref else lib.fg_axpy
+                assert qfn(t, fptr(x), vptr(buf), n) == lib.FG_ERR_ARG
+                assert dfn(t, vptr(buf), vptr(buf), n, out) == lib.FG_ERR_ARG
+                assert afn(t, vptr(buf), 1.0, fptr(x), n) == lib.FG_ERR_ARG
+            assert lib.fg_dequantize_row(t, vptr(buf), fptr(x), n) == lib.FG_ERR_ARG
+    assert lib.fg_quantize_row(lib.FG_TYPE_Q8_1, fptr(x), vptr(buf), 40) == lib.FG_ERR_ARG
+    assert lib.fg_quantize_row(lib.FG_TYPE_F16, fptr(x), vptr(buf), -1) == lib.FG_ERR_ARG
+    assert lib.fg_activate(99, fptr(x), 4) == lib.FG_ERR_ARG
+    # n = 0 is a valid empty row
+    assert lib.fg_vec_dot(lib.FG_TYPE_Q4_1, vptr(buf), vptr(buf), 0, out) == lib.FG_OK
+    assert out[0] == 0.0
+
+
+def test_sizes_and_vec_dot_types():
+    assert lib.fg_row_size(lib.FG_TYPE_Q4_0, 64) == 36
+    assert lib.fg_row_size(lib.FG_TYPE_Q4_1, 64) == 40
+    assert lib.fg_row_size(lib.FG_TYPE_Q8_0, 64) == 68
+    assert lib.fg_row_size(lib.FG_TYPE_Q8_1, 64) == 72
+    assert lib.fg_row_size(lib.FG_TYPE_F16, 7) == 14
+    assert lib.fg_row_size(lib.FG_TYPE_F32, 7) == 28
+    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q4_0) == lib.FG_TYPE_Q8_0
+    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q8_0) == lib.FG_TYPE_Q8_0
+    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q4_1) == lib.FG_TYPE_Q8_1
+    assert lib.fg_vec_dot_type(lib.FG_TYPE_F16) == lib.FG_TYPE_F16
+    assert lib.fg_vec_dot_type(lib.FG_TYPE_F32) == lib.FG_TYPE_F32
+
+
+def test_simd_name():
+    name = ffi.string(lib.fg_simd_name()).decode()
+    assert name in {"avx512", "avx2", "neon", "scalar"}
+    if name == "scalar":
+        # without SIMD the fast entry points are the reference: identical results
+        w, xq, _, _ = dot_case(lib.FG_TYPE_Q4_1, 576)
+        assert c_vec_dot(lib.FG_TYPE_Q4_1, w, xq, 576, ref=False) == c_vec_dot(
+            lib.FG_TYPE_Q4_1, w, xq, 576, ref=True
+        )
