@@ -14,3 +14,16 @@ const char *fg_strerror(int code) {
     default: return "unknown error";
     }
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+#define FG_SANITIZE "address"
+#else
+#define FG_SANITIZE "none"
+#endif
+#if defined(_OPENMP)
+#define FG_OPENMP "1"
+#else
+#define FG_OPENMP "0"
+#endif
+
+const char *fg_build_info(void) { return "openmp=" FG_OPENMP " sanitize=" FG_SANITIZE; }

@@ -27,6 +27,8 @@ extern "C" {
 #define FG_ERR_THREADS     -8  /* worker threads could not be started */
 
 const char *fg_strerror(int code);
+/* How this core was built: "openmp=1 sanitize=none" (SIMD: fg_simd_name). */
+const char *fg_build_info(void);
 
 /* ---- ggml type ids (same numbers as enum ggml_type) ------------------------------- */
 #define FG_TYPE_F32   0

