@@ -24,9 +24,6 @@
 #if defined(FG_SIMD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
     defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define FG_SIMD_VNNI 1
-#if !defined(FG_NO_AVX512)
-#define FG_SIMD_AVX512 1
-#endif
 #endif
 
 #if defined(FG_SIMD_AVX2)
@@ -163,7 +160,6 @@ static inline __m128 load_half_pair(const fg_half *p) {
     return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
 }
 
-#if !defined(FG_SIMD_AVX512)
 static void vec_dot_q4_1_avx2(const void *w, const void *xq, int64_t n, float *out) {
     const fg_block_q4_1 *a = w;
     const fg_block_q8_1 *b = xq;
@@ -192,56 +188,6 @@ static void vec_dot_q4_1_avx2(const void *w, const void *xq, int64_t n, float *o
     }
     *out = hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(summ));
 }
-#endif
-
-#if defined(FG_SIMD_AVX512)
-/* Two blocks per 512-bit step: 16-byte lanes hold [w lo0, w hi0, w lo1, w hi1] against
- * the activations [x0 (32 bytes), x1 (32 bytes)]. */
-static void vec_dot_q4_1_avx512(const void *w, const void *xq, int64_t n, float *out) {
-    const fg_block_q4_1 *a = w;
-    const fg_block_q8_1 *b = xq;
-    const int64_t nb = n / QK4_1;
-    const __m512i mask = _mm512_set1_epi8(0x0f);
-    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-    __m512 acc = _mm512_setzero_ps();
-    __m128 summ = _mm_setzero_ps(); /* lanes 1 and 3: sums of m_w * s_x */
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        int32_t hw0, hw1, hx0, hx1;
-        memcpy(&hw0, &a[i].d, 4);
-        memcpy(&hw1, &a[i + 1].d, 4);
-        memcpy(&hx0, &b[i].d, 4);
-        memcpy(&hx1, &b[i + 1].d, 4);
-        /* lanes: [d_w0 d_x0, m_w0 s_x0, d_w1 d_x1, m_w1 s_x1] */
-        const __m128 h = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi32(hw0, hw1, 0, 0)),
-                                    _mm_cvtph_ps(_mm_setr_epi32(hx0, hx1, 0, 0)));
-        summ = _mm_add_ps(summ, h);
-        const __m256i q = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)a[i + 1].qs),
-                                           _mm_loadu_si128((const __m128i *)a[i].qs));
-        const __m512i q2 = _mm512_inserti64x4(_mm512_castsi256_si512(q),
-                                              _mm256_srli_epi16(q, 4), 1);
-        const __m512i qw = _mm512_and_si512(_mm512_shuffle_i64x2(q2, q2, _MM_SHUFFLE(3, 1, 2, 0)),
-                                            mask);
-        const __m512i qx = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[i].qs)),
-            _mm256_loadu_si256((const __m256i *)b[i + 1].qs), 1);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qx);
-        const __m512 d = _mm512_permutexvar_ps(sel, _mm512_castps128_ps512(h));
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
-    }
-    float tail = 0.0f;
-    for (; i < nb; i++) {
-        const __m128 h0 = _mm_mul_ps(load_half_pair(&a[i].d), load_half_pair(&b[i].d));
-        const __m256i p0 = dot_u8s8(nibbles_to_bytes(a[i].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
-        tail += hsum_ps(_mm256_mul_ps(_mm256_broadcastss_ps(h0), _mm256_cvtepi32_ps(p0)))
-              + _mm_cvtss_f32(_mm_movehdup_ps(h0));
-    }
-    const __m128 ms = _mm_movehdup_ps(summ); /* lanes 0 and 2 now hold the m * s sums */
-    *out = _mm512_reduce_add_ps(acc) + (_mm_cvtss_f32(ms) + _mm_cvtss_f32(_mm_movehl_ps(ms, ms)))
-         + tail;
-}
-#endif
 
 static void vec_dot_q4_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
     const fg_block_q4_0 *a = w;
@@ -430,11 +376,7 @@ fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type) {
     case FG_TYPE_F32: return vec_dot_f32_avx2;
     case FG_TYPE_F16: return vec_dot_f16_avx2;
     case FG_TYPE_Q4_0: return vec_dot_q4_0_avx2;
-#if defined(FG_SIMD_AVX512)
-    case FG_TYPE_Q4_1: return vec_dot_q4_1_avx512;
-#else
     case FG_TYPE_Q4_1: return vec_dot_q4_1_avx2;
-#endif
     case FG_TYPE_Q8_0: return vec_dot_q8_0_avx2;
     default: break;
     }
