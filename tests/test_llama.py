@@ -1,0 +1,157 @@
+"""flashgguf.Llama end to end on generated models, against stock llama.cpp on the source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from model_factory import TinyModel
+
+import flashgguf.llama as flash_llama
+from flashgguf import Llama
+from flashgguf.convert import ConvertOptions, convert_gguf
+from flashgguf.errors import NativeError, NotFlashGGUFError
+from flashgguf.evaluate import teacher_forced_logits, top1_agreement
+
+Q = GGMLQuantizationType
+pytestmark = pytest.mark.native
+TEXT = ("The old man looked at the sea and thought about the long day ahead of him, "
+        "the boat, the line and the fish that would come.")
+KW = dict(n_ctx=256, n_batch=64, n_ubatch=64, logits_all=True, verbose=False, n_threads=2)
+
+
+def convert(src: Path, folder: Path) -> Path:
+    out = folder / (src.stem + ".flash.gguf")
+    if not out.exists():
+        convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None))
+    return out
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("llama")
+
+
+@pytest.mark.parametrize("spec", [
+    TinyModel(arch="llama", ffn_type=Q.Q4_1),
+    TinyModel(arch="llama", ffn_type=Q.Q8_0, n_layer=3),
+    TinyModel(arch="qwen2", ffn_type=Q.Q4_0),
+], ids=["llama-q4_1", "llama-q8_0", "qwen2-q4_0"])
+def test_flash_matches_stock(tiny_models, folder, spec):
+    src = tiny_models(spec)
+    stock = llama_cpp.Llama(str(src), **KW)
+    tokens = stock.tokenize(TEXT.encode())
+    want = teacher_forced_logits(stock, tokens)
+    flash = Llama(str(convert(src, folder)), flash_offload=True, **KW)
+    assert flash.tokenize(TEXT.encode()) == tokens
+    got = teacher_forced_logits(flash, tokens)
+    # Same weights, same activation quantization; only the re-quantized down columns differ.
+    assert rel_err(got, want) < 0.03
+    assert top1_agreement(got, want) >= 0.9
+    # one token at a time (the decode path: one row per graph) agrees with the batch
+    flash.reset()
+    for i, tok in enumerate(tokens[:8]):
+        flash.eval([tok])
+        np.testing.assert_allclose(flash.scores[i], got[i], rtol=1e-3, atol=1e-3)
+    stats = flash.flash_stats()
+    assert stats["tokens"] == len(tokens) + 8
+    assert stats["neurons_computed"] == (len(tokens) + 8) * spec.n_ff * spec.n_layer
+    flash.close()
+    stock.close()
+
+
+def test_flash_offload_false_runs_the_same_engine(tiny_models, folder):
+    path = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), folder)
+    a = Llama(str(path), flash_offload=True, **KW)
+    b = Llama(str(path), flash_offload=False, **KW)
+    assert a.flash_runtime.direct_io and not b.flash_runtime.direct_io
+    tokens = a.tokenize(TEXT.encode())
+    np.testing.assert_array_equal(teacher_forced_logits(a, tokens),
+                                  teacher_forced_logits(b, tokens))
+
+
+def test_plain_gguf_with_flash_offload_is_refused(tiny_models):
+    src = tiny_models(TinyModel())
+    with pytest.raises(NotFlashGGUFError, match="flashgguf-convert"):
+        Llama(str(src), flash_offload=True, verbose=False)
+    # without flash_offload it is just llama.cpp
+    plain = Llama(str(src), verbose=False, n_ctx=64)
+    assert plain.flash_runtime is None and plain.flash_stats() == {}
+
+
+def test_stock_llama_cpp_refuses_a_flash_gguf(tiny_models, folder):
+    path = convert(tiny_models(TinyModel()), folder)
+    with pytest.raises(ValueError):
+        llama_cpp.Llama(str(path), verbose=False)
+
+
+def test_two_models_in_one_process(tiny_models, folder):
+    pa = convert(tiny_models(TinyModel(seed=1)), folder)
+    pb = convert(tiny_models(TinyModel(seed=2, ffn_type=Q.Q4_0)), folder)
+    alone_a = Llama(str(pa), flash_offload=True, **KW)
+    tokens = alone_a.tokenize(TEXT.encode())[:20]
+    ref_a = teacher_forced_logits(alone_a, tokens)
+    alone_a.close()
+    a = Llama(str(pa), flash_offload=True, **KW)
+    b = Llama(str(pb), flash_offload=True, **KW)
+    a.reset()
+    b.reset()
+    for i, tok in enumerate(tokens):  # interleaved decodes
+        a.eval([tok])
+        b.eval([tok])
+    np.testing.assert_allclose(np.array(a.scores[: len(tokens)]), ref_a, rtol=1e-3, atol=1e-3)
+    assert rel_err(np.array(b.scores[: len(tokens)]), ref_a) > 0.1  # b is another model
+    a.close()
+    b.close()
+
+
+def test_close_and_gc(tiny_models, folder):
+    path = convert(tiny_models(TinyModel()), folder)
+    llm = Llama(str(path), flash_offload=True, **KW)
+    runtime = llm.flash_runtime
+    llm.close()
+    assert llm.flash_runtime is None and runtime._rt is None
+    llm.close()
+    del llm
+    # a model dropped without close() is freed by the garbage collector
+    for _ in range(3):
+        Llama(str(path), flash_offload=True, **KW)("Hello", max_tokens=2)
+
+
+def test_callback_errors_surface_as_exceptions(tiny_models, folder, monkeypatch):
+    path = convert(tiny_models(TinyModel()), folder)
+    original = flash_llama.RuntimeOptions
+
+    def small(**kw):
+        kw["max_tokens"] = 4  # smaller than the batches llama.cpp will send
+        return original(**kw)
+
+    monkeypatch.setattr(flash_llama, "RuntimeOptions", small)
+    llm = Llama(str(path), flash_offload=True, **KW)
+    tokens = llm.tokenize(TEXT.encode())
+    with pytest.raises(NativeError, match="rows; the runtime was sized for 4"):
+        llm.eval(tokens)
+    llm.reset()
+    llm.eval(tokens[:3])  # a batch that fits still works afterwards
+    llm.close()
+
+
+def test_high_level_apis(tiny_models, folder):
+    path = convert(tiny_models(TinyModel()), folder)
+    llm = Llama(str(path), flash_offload=True, n_ctx=256, verbose=False, seed=1)
+    out = llm("Once upon a time", max_tokens=6, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+    chunks = list(llm("Once upon a time", max_tokens=6, temperature=0.0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
+    chat = llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}],
+                                      max_tokens=4)
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    toks = llm.tokenize(b"hello world")
+    assert llm.detokenize(toks) == b"hello world"

@@ -1,0 +1,60 @@
+"""The real model: SmolLM2-135M-Instruct (Q4_1, from PyPI) converted and run with flash
+offload, against stock llama.cpp on the source GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from flashgguf import Llama
+from flashgguf.convert import ConvertOptions, convert_gguf
+from flashgguf.evaluate import evaluation_tokens, perplexity, teacher_forced_logits, top1_agreement
+
+pytestmark = [pytest.mark.model, pytest.mark.native]
+N_EVAL_TOKENS = 1000
+KW = dict(n_ctx=1024, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def smollm2_flash(smollm2_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2.flash.gguf"
+    convert_gguf(smollm2_gguf, out, ConvertOptions(progress=False, log=lambda _m: None))
+    return out
+
+
+def test_quality_matches_stock(smollm2_gguf, smollm2_flash, evaluation_text):
+    stock = llama_cpp.Llama(str(smollm2_gguf), **KW)
+    tokens = evaluation_tokens(stock, evaluation_text, N_EVAL_TOKENS)
+    assert len(tokens) == N_EVAL_TOKENS
+    want = teacher_forced_logits(stock, tokens)
+    stock.close()
+    flash = Llama(str(smollm2_flash), flash_offload=True, **KW)
+    assert evaluation_tokens(flash, evaluation_text, N_EVAL_TOKENS) == tokens
+    got = teacher_forced_logits(flash, tokens)
+    flash.close()
+    ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
+    agree = top1_agreement(got, want)
+    print(f"\nSmolLM2 first {N_EVAL_TOKENS} tokens of evaluation.txt: perplexity stock "
+          f"{ppl_stock:.3f}, flash {ppl_flash:.3f} (ratio {ppl_flash / ppl_stock:.4f}); "
+          f"top-1 agreement {agree:.4f}")
+    assert abs(ppl_flash / ppl_stock - 1.0) <= 0.01
+    assert agree >= 0.95
+
+
+def test_chat_and_streaming_produce_text(smollm2_flash):
+    llm = Llama(str(smollm2_flash), flash_offload=True, n_ctx=512, verbose=False, n_threads=2)
+    chat = llm.create_chat_completion(
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0.0)
+    message = chat["choices"][0]["message"]
+    # a 135M model's answer is not reliable (stock llama.cpp's isn't "Paris" either): check
+    # that the chat template ran and produced words
+    assert message["role"] == "assistant" and len(message["content"].split()) >= 3
+    pieces = [c["choices"][0]["text"] for c in
+              llm("The capital of France is", max_tokens=12, temperature=0.0, stream=True)]
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    stats = llm.flash_stats()
+    assert stats["tokens"] > 0 and stats["bytes_read"] > 0
+    llm.close()
