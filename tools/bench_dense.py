@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Decode speed of flashgguf (flash_offload=True, every neuron resident) against stock
+llama.cpp on the source GGUF, measured side by side in one run.
+
+    python tools/bench_dense.py [--model model.gguf] [--tokens 128] [--reps 5] [--threads 2]
+
+Runs alternate (stock, flash, stock, flash, ...) so that drift of a shared machine hits both.
+The last line is the median ratio flash / stock of decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import llama_cpp  # noqa: E402
+
+from flashgguf import Llama  # noqa: E402
+from flashgguf.convert import ConvertOptions, convert_gguf  # noqa: E402
+from flashgguf.models import smollm2_gguf  # noqa: E402
+
+PROMPT = "The history of the city begins in the twelfth century, when"
+
+
+def decode_tokens_per_s(llm, n_tokens: int) -> float:
+    """Greedy decode of n_tokens one at a time after the prompt; only decode is timed."""
+    llm.reset()
+    prompt = llm.tokenize(PROMPT.encode())
+    llm.eval(prompt)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return n_tokens / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="source GGUF (default: SmolLM2)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    src = args.model or smollm2_gguf()
+    kw = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    with tempfile.TemporaryDirectory(dir=Path(src).parent if args.model else None) as tmp:
+        flash_path = Path(tmp) / "bench.flash.gguf"
+        convert_gguf(src, flash_path, ConvertOptions(progress=False, log=lambda _m: None))
+        stock = llama_cpp.Llama(str(src), **kw)
+        flash = Llama(str(flash_path), flash_offload=True, **kw)
+        decode_tokens_per_s(stock, 8)  # warm both up
+        decode_tokens_per_s(flash, 8)
+        print(f"model {Path(src).name}, {args.tokens} decode tokens, {args.threads} threads")
+        print(f"{'rep':>3} {'stock tok/s':>12} {'flash tok/s':>12} {'ratio':>7}")
+        ratios = []
+        for rep in range(args.reps):
+            s = decode_tokens_per_s(stock, args.tokens)
+            f = decode_tokens_per_s(flash, args.tokens)
+            ratios.append(f / s)
+            print(f"{rep:>3} {s:>12.1f} {f:>12.1f} {f / s:>7.3f}")
+        ffn = flash.flash_stats()
+        print(f"flash FFN time {ffn['time_ffn_s']:.2f} s over {ffn['tokens']} tokens "
+              f"({1e3 * ffn['time_ffn_s'] / max(ffn['tokens'], 1):.2f} ms/token)")
+        flash.close()
+        stock.close()
+    print(f"median decode speed ratio flash/stock: {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
