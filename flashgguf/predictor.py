@@ -1,0 +1,76 @@
+"""The activity predictor stored in a flash GGUF payload, and its numpy reference.
+
+Per layer, a low-rank predictor scores every neuron from the FFN input x:
+
+    z     = A x                 A: [rank, n_embd]   (blk.N.pred_a, Q8_0 rows of n_embd)
+    g_hat = B z                 B: [n_ff, rank]     (blk.N.pred_b, Q8_0 rows of rank)
+    u_hat = B_up z (optional)   B_up: [n_ff, rank]  (blk.N.pred_b_up, Q8_0 rows of rank)
+    score = |act(g_hat)| * (|u_hat| if B_up else 1) * scale      scale: blk.N.pred_scale (F32)
+
+and a neuron is predicted active when score > the layer's threshold. Rows of B, B_up and
+scale follow the bundle's row order (hot-first), not the original neuron order.
+
+g_hat estimates the pre-activation that decides activity (the gate for gated FFNs, up
+otherwise); u_hat and scale (the norm of the neuron's down column) turn it into an estimate
+of the neuron's contribution |act(g) * u| * ||down_i||, which is what matters for SiLU/GELU
+gates. Quantization follows ggml's Q8_0 x Q8_0 dot product: x is quantized to Q8_0 before
+A, z before B, so the C predictor and this reference decide alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .quants import dequantize_rows, quantize_rows
+
+Q8_0 = GGMLQuantizationType.Q8_0
+PREDICTOR_BLOCK = 32  # rank and n_embd are whole Q8_0 blocks
+
+
+@dataclass(frozen=True)
+class LayerPredictor:
+    rank: int
+    a: np.ndarray  # uint8 [rank, row_nbytes(Q8_0, n_embd)]
+    b: np.ndarray  # uint8 [n_ff, row_nbytes(Q8_0, rank)]
+    b_up: np.ndarray | None  # same as b, or None
+    scale: np.ndarray  # float32 [n_ff]
+    threshold: float
+
+
+def _act(activation: str, v: np.ndarray) -> np.ndarray:
+    if activation == "silu":
+        return v / (1.0 + np.exp(-v))
+    if activation == "gelu":
+        return 0.5 * v * (1.0 + np.tanh(0.7978845608028654 * (v + 0.044715 * v**3)))
+    if activation == "relu":
+        return np.maximum(v, 0.0)
+    if activation == "relu2":
+        return np.maximum(v, 0.0) ** 2
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _q8_roundtrip(v: np.ndarray) -> np.ndarray:
+    """v as the Q8_0 dot product sees it (rows quantized and dequantized)."""
+    v = np.atleast_2d(np.asarray(v, dtype=np.float32))
+    return dequantize_rows(quantize_rows(v, Q8_0), Q8_0, v.shape[-1])
+
+
+def predictor_scores(pred: LayerPredictor, activation: str, x: np.ndarray) -> np.ndarray:
+    """Scores [n_tokens, n_ff] for FFN inputs x [n_tokens, n_embd] (reference for the C code)."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    a = dequantize_rows(pred.a, Q8_0, x.shape[1])
+    z = _q8_roundtrip(x).astype(np.float64) @ a.T.astype(np.float64)
+    zq = _q8_roundtrip(z.astype(np.float32)).astype(np.float64)
+    g_hat = zq @ dequantize_rows(pred.b, Q8_0, pred.rank).T.astype(np.float64)
+    score = np.abs(_act(activation, g_hat))
+    if pred.b_up is not None:
+        score = score * np.abs(zq @ dequantize_rows(pred.b_up, Q8_0, pred.rank).T)
+    return (score * pred.scale.astype(np.float64)).astype(np.float32)
+
+
+def predicted_active(pred: LayerPredictor, activation: str, x: np.ndarray) -> np.ndarray:
+    """bool [n_tokens, n_ff]: the neurons the predictor loads."""
+    return predictor_scores(pred, activation, x) > pred.threshold
