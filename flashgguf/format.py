@@ -120,7 +120,8 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
     if offset % C.PAYLOAD_ALIGNMENT:
         raise FormatError(f"{what}: payload offset {offset} is not {C.PAYLOAD_ALIGNMENT}-aligned")
     if offset < trunk.end:
-        raise FormatError(f"{what}: payload offset {offset} overlaps the trunk (ends at {trunk.end})")
+        raise FormatError(f"{what}: payload offset {offset} overlaps the trunk "
+                          f"(ends at {trunk.end})")
     if offset + psize > size:
         raise FormatError(
             f"{what}: payload [{offset}, {offset + psize}) runs past the end of the file "
@@ -164,7 +165,7 @@ def _read_layout(payload: GGUFStream, what: str, n_embd: int, gated: bool) -> Bu
         raise FormatError(f"{what}: bundle types/offsets do not match the {len(parts)} parts")
     allowed = set(C.BUNDLE_TYPES.values())
     types = []
-    for part, raw in zip(parts, raw_types):
+    for part, raw in zip(parts, raw_types, strict=True):
         try:
             t = GGMLQuantizationType(raw)
         except ValueError:
@@ -173,7 +174,7 @@ def _read_layout(payload: GGUFStream, what: str, n_embd: int, gated: bool) -> Bu
             raise FormatError(f"{what}: bundle part {part!r} has unsupported type {raw}")
         types.append(t)
     spans = sorted((off, off + tensor_nbytes(t, (n_embd,)), part)
-                   for part, t, off in zip(parts, types, offsets))
+                   for part, t, off in zip(parts, types, offsets, strict=True))
     prev_end = 0
     for start, end, part in spans:
         if start < prev_end or end > stride:

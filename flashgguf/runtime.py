@@ -56,7 +56,7 @@ class Runtime:
         cfg.gated = int(flash.gated)
         cfg.activation = _ACTIVATIONS[flash.activation]
         for part, ggml_type, offset in zip(flash.layout.parts, flash.layout.types,
-                                           flash.layout.offsets):
+                                           flash.layout.offsets, strict=True):
             cfg.part_type[_PARTS[part]] = int(ggml_type)
             cfg.part_offset[_PARTS[part]] = offset
         cfg.bundle_stride = flash.layout.stride

@@ -47,7 +47,8 @@ def native_flags() -> tuple[list[str], list[str]]:
     cflags: list[str] = ["-fPIC", "-D_GNU_SOURCE"]
     ldflags: list[str] = []
     if os.environ.get("FLASHGGUF_SANITIZE") == "1":
-        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+               "-fno-sanitize-recover=all"]
         cflags += [*san, "-O1", "-g"]
         ldflags += san
     else:

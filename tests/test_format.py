@@ -95,7 +95,10 @@ def test_trunk_keeps_keys_and_renames_architecture(tiny_flash):
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
                 "tokenizer.ggml.token_type", "llama.embedding_length",
                 "llama.attention.head_count_kv"):
-        assert np.array_equal(t[key], s[key]) if isinstance(s[key], np.ndarray) else t[key] == s[key]
+        if isinstance(s[key], np.ndarray):
+            assert np.array_equal(t[key], s[key])
+        else:
+            assert t[key] == s[key]
     assert set(s) <= set(t)
 
 

@@ -103,7 +103,7 @@ def test_two_models_in_one_process(tiny_models, folder):
     b = Llama(str(pb), flash_offload=True, **KW)
     a.reset()
     b.reset()
-    for i, tok in enumerate(tokens):  # interleaved decodes
+    for tok in tokens:  # interleaved decodes
         a.eval([tok])
         b.eval([tok])
     np.testing.assert_allclose(np.array(a.scores[: len(tokens)]), ref_a, rtol=1e-3, atol=1e-3)

@@ -58,3 +58,15 @@ def test_chat_and_streaming_produce_text(smollm2_flash):
     stats = llm.flash_stats()
     assert stats["tokens"] > 0 and stats["bytes_read"] > 0
     llm.close()
+
+
+def test_evaluation_excerpt_is_a_prefix_of_the_shared_text():
+    from conftest import EVALUATION_HEAD, SHARED_BROWN
+
+    shared = SHARED_BROWN / "evaluation.txt"
+    if not shared.exists():
+        pytest.skip(f"{shared} is not beside this checkout")
+    head = EVALUATION_HEAD.read_bytes()
+    assert len(head) > 20_000
+    with open(shared, "rb") as f:
+        assert f.read(len(head)) == head

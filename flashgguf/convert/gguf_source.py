@@ -96,7 +96,8 @@ def _source_matrix(source: _Source, name: str, n_embd: int, n_ff: int,
         raise FormatError(f"source tensor {name!r} is missing")
     want = (n_ff, n_embd) if down else (n_embd, n_ff)  # ggml order
     if t.shape != want:
-        raise FormatError(f"source tensor {name!r} has shape {list(t.shape)}, expected {list(want)}")
+        raise FormatError(f"source tensor {name!r} has shape {list(t.shape)}, "
+                          f"expected {list(want)}")
     return SourceMatrix(source.data(t), t.ggml_type, n_ff if down else n_embd)
 
 
