@@ -128,6 +128,24 @@ void fg_runtime_reset_stats(fg_runtime *rt);
 /* ggml_backend_sched_eval_callback; user_data is the fg_runtime. */
 bool fg_eval_callback(void *tensor, bool ask, void *user_data);
 
+/* ---- calibration capture (capture.c) ------------------------------------------------ */
+
+typedef struct fg_capture fg_capture;
+
+/* Record the rows of graph nodes "<node>-L" (F32 [n_embd x rows]), up to max_rows per layer
+ * between two takes. */
+int fg_capture_create(int32_t n_layer, int32_t n_embd, const char *node, int32_t max_rows,
+                      fg_capture **out);
+void fg_capture_destroy(fg_capture *c);
+/* ggml_backend_sched_eval_callback; user_data is the fg_capture. */
+bool fg_capture_callback(void *tensor, bool ask, void *user_data);
+/* Rows of layer recorded since its last take. */
+int32_t fg_capture_rows(const fg_capture *c, int32_t layer);
+/* Copy layer's rows into out (room for out_rows rows) and forget them; a pending capture
+ * error (wrong node shape, overflow) is returned instead, see fg_capture_take_error. */
+int fg_capture_take(fg_capture *c, int32_t layer, float *out, int32_t out_rows);
+int fg_capture_take_error(fg_capture *c, char *msg, size_t msg_cap);
+
 #ifdef __cplusplus
 }
 #endif

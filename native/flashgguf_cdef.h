@@ -77,3 +77,12 @@ int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);
 void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out);
 void fg_runtime_reset_stats(fg_runtime *rt);
 bool fg_eval_callback(void *tensor, bool ask, void *user_data);
+
+typedef struct fg_capture fg_capture;
+int fg_capture_create(int32_t n_layer, int32_t n_embd, const char *node, int32_t max_rows,
+                      fg_capture **out);
+void fg_capture_destroy(fg_capture *c);
+bool fg_capture_callback(void *tensor, bool ask, void *user_data);
+int32_t fg_capture_rows(const fg_capture *c, int32_t layer);
+int fg_capture_take(fg_capture *c, int32_t layer, float *out, int32_t out_rows);
+int fg_capture_take_error(fg_capture *c, char *msg, size_t msg_cap);
