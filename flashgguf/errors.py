@@ -33,3 +33,7 @@ class NativeError(FlashGGUFError, OSError):
 
 class VersionMismatchError(FlashGGUFError, ImportError):
     """The installed llama-cpp-python is not the version flashgguf is pinned to."""
+
+
+class CalibrationError(FlashGGUFError, ValueError):
+    """Calibration could not be done (empty, too short or unreadable text, ...)."""
