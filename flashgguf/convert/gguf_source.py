@@ -33,6 +33,8 @@ class ConvertOptions:
     # The FFN activation to store instead of the architecture's (a checkpoint fine-tuned with
     # ReLU in a SiLU architecture: llama.cpp's graph would apply SiLU, flashgguf applies this).
     activation: str | None = None
+    activation_threshold: float = 0.0  # fatrelu's threshold
+    source_name: str | None = None  # recorded as the payload's source (default: the file name)
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
@@ -76,8 +78,7 @@ def _open_source(src: Path) -> _Source:
     except OSError as exc:
         raise ConvertError(f"cannot read {src}: {exc.strerror}") from exc
     if magic != b"GGUF":
-        hint = " (safetensors input is not supported yet)" if src.suffix == ".safetensors" else ""
-        raise ConvertError(f"{src} is not a GGUF file (magic {magic!r}){hint}")
+        raise ConvertError(f"{src} is not a GGUF file (magic {magic!r})")
     return _Source(*open_gguf(src))
 
 
@@ -148,7 +149,11 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     if opts.activation is not None:
         if opts.activation not in C.ACTIVATIONS:
             raise UnsupportedError(f"activation {opts.activation!r} is not one of {C.ACTIVATIONS}")
+        if opts.activation == "drelu" and not spec.gated:
+            raise UnsupportedError(f"activation drelu needs a gated FFN; {spec.name}'s is not")
         spec = dataclasses.replace(spec, activation=opts.activation)
+    if not np.isfinite(opts.activation_threshold):
+        raise ConvertError(f"activation threshold {opts.activation_threshold} is not finite")
     n_layer = _scalar_int(stream, f"{spec.name}.block_count")
     n_embd = _scalar_int(stream, f"{spec.name}.embedding_length")
     n_ff = _scalar_int(stream, f"{spec.name}.feed_forward_length")
@@ -240,6 +245,8 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     w.add_uint32(C.KEY_EMBEDDING_LENGTH, n_embd)
     w.add_uint32(C.KEY_FEED_FORWARD_LENGTH, n_ff)
     w.add_string(C.KEY_ACTIVATION, spec.activation)
+    if spec.activation in C.THRESHOLD_ACTIVATIONS:
+        w.add_float32(C.KEY_ACTIVATION_THRESHOLD, opts.activation_threshold)
     w.add_bool(C.KEY_GATED, spec.gated)
     w.add_array(C.KEY_BUNDLE_PARTS, list(layout.parts))
     w.add_key_value(C.KEY_BUNDLE_TYPES, [int(t) for t in layout.types], GGUFValueType.ARRAY,
@@ -247,7 +254,7 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     w.add_key_value(C.KEY_BUNDLE_OFFSETS, list(layout.offsets), GGUFValueType.ARRAY,
                     GGUFValueType.UINT32)
     w.add_uint32(C.KEY_BUNDLE_STRIDE, layout.stride)
-    w.add_string(C.KEY_SOURCE_NAME, src.name)
+    w.add_string(C.KEY_SOURCE_NAME, opts.source_name or src.name)
     w.add_string(C.KEY_SOURCE_SHA256, _sha256(src))
     # placeholder, patched below (a float32 needs no re-layout)
     w.add_float32(C.KEY_DOWN_REQUANT_ERROR, 0.0)
