@@ -3,14 +3,25 @@ supported layout against numpy reference forward passes, and bad inputs."""
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_factory import TinyHF, llama_forward, opt_forward, write_tiny_checkpoint
+from hf_factory import (
+    TinyHF,
+    llama_forward,
+    opt_forward,
+    to_bf16_bits,
+    write_safetensors,
+    write_tiny_checkpoint,
+)
 
 from flashgguf import Llama
 from flashgguf.convert import ConvertOptions, convert_hf
+from flashgguf.convert.cli import main as convert_main
+from flashgguf.errors import ConvertError, FlashGGUFError, FormatError, UnsupportedError
 from flashgguf.evaluate import teacher_forced_logits, top1_agreement
 from flashgguf.format import open_flash_file
 
@@ -71,3 +82,138 @@ def test_tiny_checkpoint_matches_reference(tiny_hf, tmp_path, kind, activation):
         # the test can tell the activation apart: plain ReLU would be far off
         wrong = llama_forward(spec, weights, tokens, act_kind="relullama")
         assert rel_err(got, wrong) > 5 * rel_err(got, want)
+
+
+# ---- bad inputs: a clear FlashGGUFError and nothing left behind ----------------------------
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _corrupt_header(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00")  # not even the length field
+
+
+def _header_past_end(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
+
+
+def _truncated_data(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _missing_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+
+
+def _rewrite_header(folder: Path, edit) -> None:
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + hlen])
+    edit(header)
+    head = json.dumps(header).encode()
+    head += b" " * (hlen - len(head))  # same length: the data offsets stay valid
+    assert len(head) == hlen
+    path.write_bytes(data[:8] + head + data[8 + hlen:])
+
+
+def _unreadable_dtype(folder: Path) -> None:
+    def edit(header):  # 4 bytes per value either way: an int32 tensor of the same size
+        header["model.layers.0.mlp.up_proj.weight"]["dtype"] = "I32"
+    _rewrite_header(folder, edit)
+
+
+def _mismatched_shape(folder: Path) -> None:
+    def edit(header):  # same bytes, transposed: config.json implies the other shape
+        t = header["model.layers.1.self_attn.o_proj.weight"]
+        t["shape"] = t["shape"][::-1]
+        u = header["model.layers.0.mlp.down_proj.weight"]
+        u["shape"] = u["shape"][::-1]
+    _rewrite_header(folder, edit)
+
+
+def _unknown_architecture(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _unknown_pre_tokenizer(folder: Path) -> None:
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Whitespace"}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+
+
+@pytest.mark.parametrize("damage,error,message", [
+    (_corrupt_header, FormatError, "too short"),
+    (_header_past_end, FormatError, "header claims"),
+    (_truncated_data, FormatError, "outside the data section"),
+    (_missing_config, ConvertError, "config.json is missing"),
+    (_unreadable_dtype, UnsupportedError, "dtype I32"),
+    (_mismatched_shape, FormatError, "config.json implies"),
+    (_unknown_architecture, UnsupportedError, "supported: "),
+    (_unknown_pre_tokenizer, UnsupportedError, "pre-tokenizer"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_bad_checkpoint_is_refused(tiny_hf, tmp_path, damage, error, message):
+    folder = _copy_checkpoint(tiny_hf(TinyHF(kind="relullama"))[0], tmp_path / "ckpt")
+    damage(folder)
+    before = set(tmp_path.rglob("*"))
+    out = tmp_path / "out.flash.gguf"
+    with pytest.raises(error, match=message) as info:
+        convert_hf(folder, out, QUIET)
+    assert isinstance(info.value, FlashGGUFError)
+    assert set(tmp_path.rglob("*")) == before  # no output, no scratch or partial file
+    # the command line says the same and fails
+    assert convert_main([str(folder), "-o", str(out), "-q"]) == 2
+    assert not out.exists()
+
+
+def test_opt_350m_layout_is_refused(tiny_hf, tmp_path):
+    folder = _copy_checkpoint(tiny_hf(TinyHF(kind="opt"))[0], tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(do_layer_norm_before=False, word_embed_proj_dim=32)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match="opt-350m"):
+        convert_hf(folder, tmp_path / "out.flash.gguf", QUIET)
+    assert not (tmp_path / "out.flash.gguf").exists()
+
+
+@pytest.mark.native
+def test_sharded_bf16_checkpoint_through_the_cli(tiny_hf, tmp_path):
+    """model.safetensors.index.json over two BF16 shards, --outtype q8_0, via the CLI."""
+    spec = TinyHF(kind="relullama", seed=3)
+    single, weights = tiny_hf(spec)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for f in single.iterdir():
+        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        write_safetensors(folder / shard, {n: weights[n] for n in members}, "BF16")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: s for s, ms in shards.items() for n in ms}}))
+    bf16 = {n: (to_bf16_bits(w).astype(np.uint32) << 16).view(np.float32)
+            for n, w in weights.items()}
+
+    out = tmp_path / "sharded.flash.gguf"
+    index = folder / "model.safetensors.index.json"
+    assert convert_main([str(index), "-o", str(out), "--outtype", "q8_0", "-q"]) == 0
+    assert convert_main([str(index), "-o", str(out), "-q"]) == 2  # refuses to overwrite
+    llm = Llama(str(out), flash_offload=True, **KW)
+    tokens = llm.tokenize(TEXT.encode(), add_bos=False)[:24]
+    got = teacher_forced_logits(llm, tokens)
+    llm.close()
+    want = llama_forward(spec, bf16, tokens)
+    assert rel_err(got, want) < 0.03, rel_err(got, want)
+    assert top1_agreement(got, want) >= 0.9
