@@ -27,7 +27,7 @@ from .hf import HFModel, TensorSource, hf_architecture
 from .hf.base import KIND_FFN_DOWN, KIND_FFN_GATE, KIND_FFN_UP, KIND_FLOAT
 from .hf.tokenizer import add_tokenizer
 from .output import scratch_file
-from .safetensors import Checkpoint, open_checkpoint
+from .safetensors import Checkpoint, open_checkpoint, widen
 
 Q = GGMLQuantizationType
 OUTTYPES = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -112,16 +112,18 @@ def _nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     return rows * row_nbytes(ggml_type, shape[-1])
 
 
-def _encode(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
-    if ggml_type == Q.F32:
-        return np.ascontiguousarray(data, dtype=np.float32)
-    if ggml_type == Q.F16:
-        return np.ascontiguousarray(data, dtype=np.float16)
-    rows = data.reshape(-1, data.shape[-1])
-    out = np.empty((rows.shape[0], row_nbytes(ggml_type, rows.shape[1])), dtype=np.uint8)
+def _encode(raw: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """Checkpoint data -> ggml_type bytes, a block of rows at a time (bounded temporaries)."""
+    rows = raw.reshape(-1, raw.shape[-1])
+    if ggml_type in (Q.F32, Q.F16):
+        out = np.empty(rows.shape, dtype=np.float32 if ggml_type == Q.F32 else np.float16)
+    else:
+        out = np.empty((rows.shape[0], row_nbytes(ggml_type, rows.shape[1])), dtype=np.uint8)
     step = max(1, _QUANT_CHUNK_VALUES // rows.shape[1])
     for r in range(0, rows.shape[0], step):
-        out[r:r + step] = quantize_rows(rows[r:r + step], ggml_type)
+        block = widen(rows[r:r + step])
+        out[r:r + step] = block if ggml_type in (Q.F32, Q.F16) else quantize_rows(block,
+                                                                                  ggml_type)
     return out
 
 
@@ -155,9 +157,10 @@ def write_llama_cpp_gguf(path: Path, model: HFModel, ckpt: Checkpoint,
 
         steps = tqdm(plan, desc="writing tensors", unit="tensor")
     for p in steps:
-        data = p.tensor.load()
-        if data.shape != p.tensor.shape:  # an architecture module's loader is wrong
-            raise AssertionError(f"{p.tensor.name}: {data.shape} != {p.tensor.shape}")
-        w.write_tensor_data(_encode(data, p.ggml_type))
-        del data
+        raw = p.tensor.load()
+        if raw.shape != p.tensor.shape:  # an architecture module's loader is wrong
+            raise AssertionError(f"{p.tensor.name}: {raw.shape} != {p.tensor.shape}")
+        w.write_tensor_data(_encode(raw, p.ggml_type))
+        del raw
+        ckpt.release()
     w.close()

@@ -6,9 +6,10 @@ its file before anything is read: a header length past the end of the file, bad 
 offsets outside the data section or not matching the shape and dtype all raise a FormatError
 that names the file and the check.
 
-Tensors are read from a memory map; `release()` drops the pages of a tensor once it has been
-converted (madvise DONTNEED), so the converter's resident memory stays near the size of the
-tensor it is working on, not the size of the model.
+Tensors are read from a memory map, as stored (bfloat16 widened to float32 only a block of
+rows at a time by the writer); `release()` drops the mapped pages once a tensor is written
+(madvise DONTNEED), so the converter's resident memory follows the tensor it works on, not
+the size of the model.
 """
 
 from __future__ import annotations
@@ -74,32 +75,45 @@ class Checkpoint:
         except KeyError:
             raise FormatError(f"the checkpoint has no tensor {name!r}") from None
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array (the mapped pages are released afterwards)."""
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's data as stored, a read-only view of the map: float32, float16, or
+        uint16 holding bfloat16 bits (widen() turns any of them into float32)."""
         t = self.entry(name)
         if t.dtype not in DTYPE_SIZES:
             raise UnsupportedError(
                 f"{t.shard.name}: tensor {name!r} has dtype {t.dtype}; the converter reads "
                 f"{', '.join(DTYPE_SIZES)}"
             )
-        shard = self._shards.setdefault(t.shard, _Shard(t.shard))
-        mm = shard.map()
+        mm = self._shards.setdefault(t.shard, _Shard(t.shard)).map()
         count = int(np.prod(t.shape, dtype=np.int64))
-        if t.dtype == "BF16":  # bfloat16 is the top half of a float32
-            wide = np.frombuffer(mm, dtype="<u2", count=count, offset=t.offset).astype(np.uint32)
-            wide <<= 16
-            out = wide.view(np.float32)
-        else:
-            dtype = "<f4" if t.dtype == "F32" else "<f2"
-            out = np.frombuffer(mm, dtype=dtype, count=count, offset=t.offset).astype(np.float32)
-        release_pages(mm, t.offset, t.nbytes)
-        return out.reshape(t.shape)
+        dtype = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[t.dtype]
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=t.offset).reshape(t.shape)
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 array."""
+        return widen(self.raw(name))
+
+    def release(self) -> None:
+        """Drop every mapped page from resident memory (they stay in the page cache): the
+        converter calls it after each tensor, so its footprint follows that tensor."""
+        for shard in self._shards.values():
+            if shard.mm is not None:
+                release_pages(shard.mm, 0, len(shard.mm))
 
     def close(self) -> None:
         for shard in self._shards.values():
             if shard.mm is not None:
                 shard.mm.close()
                 shard.mm = None
+
+
+def widen(raw: np.ndarray) -> np.ndarray:
+    """float32 copy of data as Checkpoint.raw returns it (uint16 = bfloat16 bits)."""
+    if raw.dtype == np.uint16:  # bfloat16 is the top half of a float32
+        wide = raw.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
+    return raw.astype(np.float32)
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:

@@ -31,7 +31,9 @@ class OutTensor:
     name: str  # llama.cpp tensor name
     shape: tuple[int, ...]  # numpy order
     kind: str
-    load: Callable[[], np.ndarray]  # float32 data of `shape`
+    # the data of `shape` as the checkpoint stores it (see Checkpoint.raw: float32, float16
+    # or bfloat16 bits); the writer widens it a block of rows at a time
+    load: Callable[[], np.ndarray]
 
 
 @dataclass
@@ -67,7 +69,7 @@ class TensorSource:
                 f"config.json implies {list(shape)}"
             )
         self.used.add(name)
-        return lambda: self.ckpt.load(name)
+        return lambda: self.ckpt.raw(name)
 
     def ignore(self, names: Iterable[str]) -> None:
         self.used.update(names)

@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ...errors import UnsupportedError
+from ..safetensors import widen
 from .base import (
     KIND_FFN_DOWN,
     KIND_FFN_UP,
@@ -97,7 +98,8 @@ def build_opt(arch_name: str, config: dict[str, Any], src: TensorSource) -> HFMo
             qkv = [src.take(f"{pre}{hf}self_attn.{p}_proj.{part}", shape) for p in "qkv"]
             tensors.append(OutTensor(
                 f"{blk}attn_qkv.{part}", (3 * n_embd, *shape[1:]), kind,
-                lambda qkv=qkv: np.concatenate([load() for load in qkv], axis=0)))
+                # widened: the three may be stored in different dtypes
+                lambda qkv=qkv: np.concatenate([widen(load()) for load in qkv], axis=0)))
         for name, hf_name, rows, cols, kind in (
                 ("attn_output", "self_attn.out_proj", n_embd, n_embd, KIND_MATRIX),
                 ("ffn_up", "fc1", n_ff, n_embd, KIND_FFN_UP),
