@@ -17,7 +17,7 @@ from .. import constants as C
 from ..archs import ArchSpec, get_arch
 from ..errors import ConvertError, FormatError, UnsupportedError
 from ..format import BundleLayout
-from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, tensor_array
+from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
 from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 
@@ -69,6 +69,13 @@ class _Source:
 
     def data(self, t: TensorInfo) -> np.ndarray:
         return tensor_array(self.buf, t)
+
+    def release(self, *tensors: TensorInfo | None) -> None:
+        """Done with these tensors: drop their mapped pages from resident memory, so that a
+        conversion's footprint follows the layer it works on, not the file it has read."""
+        for t in tensors:
+            if t is not None:
+                release_pages(self.buf.obj, t.offset, t.nbytes)
 
 
 def _open_source(src: Path) -> _Source:
@@ -161,8 +168,8 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_names(bid)}
     types = _part_types(tensors, spec, opts)
     layout = make_layout(n_embd, spec.gated, types, opts.bundle_align)
-    opts.log(f"flashgguf-convert: {src.name}: {spec.name}, {n_layer} layers, n_embd {n_embd}, "
-             f"n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
+    opts.log(f"flashgguf-convert: {opts.source_name or src.name}: {spec.name}, {n_layer} layers, "
+             f"n_embd {n_embd}, n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
              f"stride {layout.stride} bytes")
 
     with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp:
@@ -203,7 +210,7 @@ def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str
         w.add_key_value(key, value, stream.value_types[key], stream.array_types.get(key))
 
     dummy = C.DUMMY_FFN_WIDTH
-    sources: list[np.ndarray] = []
+    sources: list[tuple[TensorInfo | None, np.ndarray]] = []
     for t in stream.tensors.values():
         if t.name in ffn_names:
             # llama.cpp's own FFN: zero weights of the dummy width (computes nothing of value)
@@ -213,12 +220,13 @@ def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str
         else:
             data = source.data(t)
             w.add_tensor_info(t.name, data.shape, data.dtype, t.nbytes, raw_dtype=t.ggml_type)
-        sources.append(data)
+        sources.append((None if t.name in ffn_names else t, data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for data in sources:
+    for t, data in sources:
         w.write_tensor_data(data)
+        source.release(t)
     w.close()
     return path.stat().st_size
 
@@ -297,11 +305,14 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
         bundle: LayerBundle = build_layer_bundle(layout, gate, up, down, order)
         down_err = max(down_err, bundle.down_rel_error)
         w.write_tensor_data(bundle.rows.view(np.int8))
+        del bundle  # not alive while the next layer's bundle is built
         w.write_tensor_data(order)
         w.write_tensor_data(freq)
         for dst_t in (C.TENSOR_UP_BIAS, C.TENSOR_GATE_BIAS, C.TENSOR_DOWN_BIAS):
             if (bid, dst_t) in biases:
                 w.write_tensor_data(biases[(bid, dst_t)])
+        source.release(*(tensors.get(template.format(bid=bid))
+                         for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
     w.close()
     patch_key(path, C.KEY_DOWN_REQUANT_ERROR, GGUFValueType.FLOAT32, np.float32(down_err).tobytes())
     return path.stat().st_size, down_err
