@@ -10,10 +10,10 @@ import llama_cpp
 import numpy as np
 import pytest
 from hf_factory import export_llama_gguf
+from quality import compare_with_stock
 
 from flashgguf import Llama
 from flashgguf.convert.cli import main as convert_main
-from flashgguf.evaluate import evaluation_tokens, perplexity, teacher_forced_logits, top1_agreement
 from flashgguf.format import open_flash_file
 from flashgguf.gguf_stream import open_gguf
 
@@ -53,18 +53,11 @@ def test_tokenizer_and_metadata_round_trip(smollm2_gguf, smollm2_hf_flash, evalu
 
 
 def test_perplexity_matches_stock(smollm2_gguf, smollm2_hf_flash, evaluation_text):
-    stock = llama_cpp.Llama(str(smollm2_gguf), **KW)
-    tokens = evaluation_tokens(stock, evaluation_text, N_EVAL_TOKENS)
-    assert len(tokens) == N_EVAL_TOKENS
-    want = teacher_forced_logits(stock, tokens)
-    stock.close()
-    flash = Llama(str(smollm2_hf_flash), flash_offload=True, **KW)
-    got = teacher_forced_logits(flash, tokens)
-    flash.close()
-    ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
-    agree = top1_agreement(got, want)
+    c = compare_with_stock(smollm2_gguf, smollm2_hf_flash, evaluation_text, N_EVAL_TOKENS, **KW)
+    assert len(c.tokens) == N_EVAL_TOKENS
+    assert c.flash_tokens == c.tokens
     print(f"\nSmolLM2 via safetensors (BF16 -> q8_0 trunk), first {N_EVAL_TOKENS} tokens of "
-          f"evaluation.txt: perplexity stock {ppl_stock:.3f}, flash {ppl_flash:.3f} (ratio "
-          f"{ppl_flash / ppl_stock:.4f}); top-1 agreement {agree:.4f}")
-    assert abs(ppl_flash / ppl_stock - 1.0) <= 0.02
-    assert agree >= 0.9
+          f"evaluation.txt: perplexity stock {c.ppl_stock:.3f}, flash {c.ppl_flash:.3f} (ratio "
+          f"{c.ratio:.4f}); top-1 agreement {c.agreement:.4f}")
+    assert abs(c.ratio - 1.0) <= 0.02
+    assert c.agreement >= 0.9
