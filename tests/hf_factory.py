@@ -142,7 +142,8 @@ def export_llama_gguf(gguf_path: Path, folder: Path, dtype: str = "BF16") -> dic
     folder.mkdir(parents=True, exist_ok=True)
     stream, buf = open_gguf(gguf_path)
     f = stream.fields
-    n_head, n_head_kv = int(f["llama.attention.head_count"]), int(f["llama.attention.head_count_kv"])
+    n_head = int(f["llama.attention.head_count"])
+    n_head_kv = int(f["llama.attention.head_count_kv"])
     tensors: dict[str, np.ndarray] = {}
     for t in stream.tensors.values():
         raw = tensor_array(buf, t)
@@ -184,7 +185,8 @@ def export_llama_gguf(gguf_path: Path, folder: Path, dtype: str = "BF16") -> dic
 
 @dataclass(frozen=True)
 class TinyHF:
-    kind: str  # "llama" (silu), "relullama", "prosparse", "turbosparse", "qwen2", "opt"
+    # "llama", "mistral" (silu), "relullama", "prosparse", "turbosparse", "qwen2", "opt"
+    kind: str
     n_layer: int = 2
     n_embd: int = 64
     n_ff: int = 128
@@ -211,6 +213,7 @@ def tiny_config(spec: TinyHF, n_vocab: int) -> dict[str, Any]:
                 "pad_token_id": 1}
     arch, act = {
         "llama": ("LlamaForCausalLM", "silu"),
+        "mistral": ("MistralForCausalLM", "silu"),
         "relullama": ("LlamaForCausalLM", "relu"),
         "prosparse": ("LlamaForCausalLM", "fatrelu"),
         "turbosparse": ("BambooForCausalLM", "relu"),
@@ -225,6 +228,8 @@ def tiny_config(spec: TinyHF, n_vocab: int) -> dict[str, Any]:
               "rope_scaling": None}
     if spec.kind == "prosparse":
         config["hidden_act_param"] = spec.threshold
+    if spec.kind == "mistral":
+        config["sliding_window"] = 4096  # wider than any test prompt
     return config
 
 
@@ -325,7 +330,7 @@ def _rope_half(x: np.ndarray, theta: float) -> np.ndarray:
 
 
 def ffn_activation(kind: str, gate: np.ndarray, up: np.ndarray, threshold: float) -> np.ndarray:
-    if kind in ("llama", "qwen2"):  # SwiGLU
+    if kind in ("llama", "mistral", "qwen2"):  # SwiGLU
         return gate / (1.0 + np.exp(-gate)) * up
     if kind == "relullama":
         return np.maximum(gate, 0) * up

@@ -53,7 +53,7 @@ def tiny_hf(tmp_path_factory, smollm2_gguf):
 @pytest.mark.native
 @pytest.mark.parametrize("kind,activation", [
     ("relullama", "relu"), ("prosparse", "fatrelu"), ("turbosparse", "drelu"),
-    ("qwen2", "silu"), ("opt", "relu"),
+    ("qwen2", "silu"), ("opt", "relu"), ("mistral", "silu"),
 ])
 def test_tiny_checkpoint_matches_reference(tiny_hf, tmp_path, kind, activation):
     spec = TinyHF(kind=kind)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import constants as C
-from ..errors import FlashGGUFError
+from ..errors import ConvertError, FlashGGUFError
 from .gguf_source import ConvertOptions, convert_gguf
 from .hf_source import OUTTYPES, convert_hf
 from .safetensors import is_checkpoint
@@ -24,12 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "and tokenizer files beside it)")
     p.add_argument("-o", "--output", help="output path (default: <model>.flash.gguf)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
+    p.add_argument("--outtype", choices=list(OUTTYPES),
                    help="safetensors input: type of the trunk's matrices (norms and biases stay "
-                   "F32; default %(default)s)")
+                   "F32; default f16); a GGUF's trunk is copied as it is")
     p.add_argument("--bundle-type", default="auto",
                    choices=["auto", *C.BUNDLE_TYPES],
-                   help="type of the gate/up rows (auto: the source's where supported, else q8_0)")
+                   help="type of the gate/up rows (auto: for a GGUF the source's where supported, "
+                   "else q8_0; for safetensors --outtype)")
     p.add_argument("--down-type", default=C.DEFAULT_DOWN_TYPE, choices=list(C.BUNDLE_TYPES),
                    help="type the down columns are re-quantized to (default %(default)s)")
     p.add_argument("--bundle-align", type=int, default=C.DEFAULT_BUNDLE_ALIGN,
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if is_checkpoint(args.model):
-            convert_hf(args.model, args.output, opts, outtype=args.outtype)
+            convert_hf(args.model, args.output, opts, outtype=args.outtype or "f16")
+        elif args.outtype is not None:
+            raise ConvertError("--outtype is for safetensors input: a GGUF's trunk tensors are "
+                               "copied as they are")
         else:
             convert_gguf(args.model, args.output, opts)
     except FlashGGUFError as exc:
