@@ -14,6 +14,7 @@ the size of the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -103,7 +104,10 @@ class Checkpoint:
     def close(self) -> None:
         for shard in self._shards.values():
             if shard.mm is not None:
-                shard.mm.close()
+                # arrays still viewing the map (a traceback's frames) keep it: it is unmapped
+                # when the last of them goes
+                with contextlib.suppress(BufferError):
+                    shard.mm.close()
                 shard.mm = None
 
 
