@@ -217,3 +217,13 @@ def test_sharded_bf16_checkpoint_through_the_cli(tiny_hf, tmp_path):
     want = llama_forward(spec, bf16, tokens)
     assert rel_err(got, want) < 0.03, rel_err(got, want)
     assert top1_agreement(got, want) >= 0.9
+
+
+def test_index_naming_a_missing_shard_is_refused(tiny_hf, tmp_path):
+    folder = _copy_checkpoint(tiny_hf(TinyHF(kind="relullama"))[0], tmp_path / "ckpt")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.norm.weight": "model.safetensors",
+        "model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ConvertError, match="shard 'model-00002-of-00002.safetensors' is missing"):
+        convert_hf(folder, tmp_path / "out.flash.gguf", QUIET)
+    assert not (tmp_path / "out.flash.gguf").exists()
