@@ -2,8 +2,8 @@
 
 An architecture module reads config.json and the checkpoint's tensor index (names, shapes;
 no data) and returns an HFModel: the llama.cpp architecture, its hyper-parameter keys, and
-every output tensor with its llama.cpp name, shape and a loader that produces its float32
-data on demand. Shapes are checked here, before anything is written.
+every output tensor with its llama.cpp name, shape and a loader that produces its data on
+demand (as the checkpoint stores it). Shapes are checked here, before anything is written.
 """
 
 from __future__ import annotations
