@@ -192,7 +192,7 @@ class TinyHF:
     n_ff: int = 128
     n_head: int = 4
     n_head_kv: int = 2
-    n_ctx: int = 128
+    n_ctx: int = 256
     threshold: float = 0.25  # ProSparse's hidden_act_param
     seed: int = 0
 

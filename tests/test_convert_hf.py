@@ -227,3 +227,15 @@ def test_index_naming_a_missing_shard_is_refused(tiny_hf, tmp_path):
     with pytest.raises(ConvertError, match="shard 'model-00002-of-00002.safetensors' is missing"):
         convert_hf(folder, tmp_path / "out.flash.gguf", QUIET)
     assert not (tmp_path / "out.flash.gguf").exists()
+
+
+def test_fatrelu_payload_without_its_threshold_is_refused(tiny_hf, tmp_path, monkeypatch):
+    import flashgguf.constants as C
+
+    folder, _ = tiny_hf(TinyHF(kind="prosparse"))
+    out = tmp_path / "no-threshold.flash.gguf"
+    with monkeypatch.context() as m:  # a converter that forgets to write the threshold
+        m.setattr(C, "THRESHOLD_ACTIVATIONS", ())
+        convert_hf(folder, out, QUIET)
+    with pytest.raises(FormatError, match="activation_threshold"):
+        open_flash_file(out)
