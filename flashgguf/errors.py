@@ -33,3 +33,15 @@ class NativeError(FlashGGUFError, OSError):
 
 class VersionMismatchError(FlashGGUFError, ImportError):
     """The installed llama-cpp-python is not the version flashgguf is pinned to."""
+
+
+class OptionError(FlashGGUFError, ValueError):
+    """A flash_* option of flashgguf.Llama (or a RuntimeOptions field) has a bad value."""
+
+
+class BudgetError(OptionError):
+    """The DRAM budget cannot hold what the chosen mode must keep resident."""
+
+
+class MissingPredictorError(FlashGGUFError, ValueError):
+    """flash_mode="predicted" on a file whose payload stores no predictor."""
