@@ -13,8 +13,12 @@ from ._native import ffi, lib
 from .archs import ArchSpec
 from .errors import BudgetError, FlashGGUFError, MissingPredictorError, NativeError, OptionError
 from .format import FlashFile
-from .options import DEFAULT_COALESCE_GAP, DEFAULT_IO_DEPTH, DEFAULT_MAX_READ_BYTES
-from .options import DEFAULT_PINNED_SHARE
+from .options import (
+    DEFAULT_COALESCE_GAP,
+    DEFAULT_IO_DEPTH,
+    DEFAULT_MAX_READ_BYTES,
+    DEFAULT_PINNED_SHARE,
+)
 from .predictor import PREDICTOR_BLOCK, LayerPredictor
 from .quants import row_nbytes
 
@@ -215,11 +219,11 @@ class Runtime:
         check(lib.fg_runtime_layer_capacity(self.handle, layer, cap, pinned), f"layer {layer}")
         return int(cap[0]), int(pinned[0])
 
-    def _rows(self, x: np.ndarray) -> np.ndarray:
+    def _rows(self, x: np.ndarray, max_rows: int | None = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.flash.n_embd:
             raise ValueError(f"x must be [n_tokens, {self.flash.n_embd}], got {x.shape}")
-        if not 1 <= x.shape[0] <= self.max_tokens:
+        if not 1 <= x.shape[0] <= (max_rows or self.max_tokens):
             raise ValueError(f"x has {x.shape[0]} rows; the runtime takes 1..{self.max_tokens}")
         return x
 
@@ -242,7 +246,7 @@ class Runtime:
 
     def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
         """The C predictor's decisions, bool [n_tokens, n_ff] (streaming modes with one)."""
-        x = self._rows(x)
+        x = self._rows(x, max_rows=1 << 30)  # no per-token scratch: any number of rows
         out = np.zeros((x.shape[0], self.flash.n_ff), dtype=np.uint8)
         check(lib.fg_runtime_predict(self.handle, layer, ffi.cast("float *", ffi.from_buffer(x)),
                                      x.shape[0], ffi.from_buffer(out, require_writable=True)),

@@ -98,7 +98,9 @@ int32_t fg_cache_take(fg_cache *c, int32_t row, uint64_t round, int32_t window,
         /* the LRU list ends with this round's slots: if the head is one, all are */
         if (s < 0 || c->busy[s] == round) return -1;
         unlink_slot(c, s);
-        *in_window = window > 0 && c->last_used[s] + (uint64_t)window >= c->clock;
+        /* rows of this call read in an earlier round are done: not a window eviction */
+        *in_window = window > 0 && c->last_used[s] < c->clock &&
+                     c->last_used[s] + (uint64_t)window >= c->clock;
         c->slot_of[c->row_of[s]] = -1;
     }
     c->row_of[s] = row;

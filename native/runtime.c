@@ -197,9 +197,18 @@ static int64_t predictor_bytes(const fg_runtime *rt) {
     return total;
 }
 
+/* Slots one read round needs when pinned rows are resident. */
+static int32_t round_rows(const fg_config *c, int32_t pinned) {
+    return (c->n_ff - pinned + FG_MIN_ROUND_DIVISOR - 1) / FG_MIN_ROUND_DIVISOR;
+}
+
 static int32_t pinned_rows(const fg_config *c, int32_t capacity) {
     switch (c->mode) {
-    case FG_MODE_HYBRID: return c->n_ff / 2;
+    case FG_MODE_HYBRID: { /* half the layer, or as much of it as leaves one read round */
+        int32_t p = c->n_ff / 2 < capacity ? c->n_ff / 2 : capacity;
+        while (p > 0 && capacity - p < round_rows(c, p)) p--;
+        return p;
+    }
     case FG_MODE_PREDICTED: return (int32_t)((double)c->pinned_share * capacity);
     default: return 0;
     }
@@ -208,10 +217,7 @@ static int32_t pinned_rows(const fg_config *c, int32_t capacity) {
 /* A layer of capacity slots holds its pinned rows and one read round. */
 static int capacity_fits(const fg_config *c, int32_t capacity) {
     const int32_t pinned = pinned_rows(c, capacity);
-    if (pinned > capacity) return 0;
-    const int32_t unpinned = c->n_ff - pinned;
-    const int32_t round = (unpinned + FG_MIN_ROUND_DIVISOR - 1) / FG_MIN_ROUND_DIVISOR;
-    return capacity - pinned >= round;
+    return pinned <= capacity && capacity - pinned >= round_rows(c, pinned);
 }
 
 static int32_t layer_capacity(const fg_runtime *rt) {
@@ -540,6 +546,7 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
         /* plan_reads indexes copies from 0 for this batch */
         if (n_reads > 0) rc = fg_io_submit(&rt->io, rt->reads, n_reads, rt->copies, stride);
         if (rc != FG_OK) break;
+        const int first_round = first;
         if (first) {
             t = fg_now_seconds();
             ffn_accumulate(rt, L, rt->res_rows, rt->res_idx, n_res, n_tokens, 1);
@@ -559,7 +566,9 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
         ffn_accumulate(rt, L, rt->miss_rows + b0, rt->miss_idx + b0, n_batch, n_tokens, 0);
         rt->stats.time_ffn_s += fg_now_seconds() - t;
         round = ++rt->round;
-        if (n_batch == 0 && done < n_miss) { /* cannot happen with capacity >= pinned + 1 */
+        /* the first round may find every unpinned slot holding this call's hits; later
+         * rounds can always evict (capacity >= pinned + 1) */
+        if (n_batch == 0 && done < n_miss && !first_round) {
             rc = FG_ERR_STATE;
             break;
         }
