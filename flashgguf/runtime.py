@@ -281,7 +281,8 @@ class Runtime:
         cap = 1 << 20
         off = np.empty(cap, dtype=np.uint64)
         ln = np.empty(cap, dtype=np.uint64)
-        n = int(lib.fg_runtime_debug_reads(self.handle, ffi.cast("uint64_t *", ffi.from_buffer(off)),
+        n = int(lib.fg_runtime_debug_reads(self.handle,
+                                           ffi.cast("uint64_t *", ffi.from_buffer(off)),
                                            ffi.cast("uint64_t *", ffi.from_buffer(ln)), cap))
         kept = min(n, cap)
         return off[:kept].copy(), ln[:kept].copy(), n
