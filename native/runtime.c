@@ -466,8 +466,9 @@ static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
 }
 
 /* Coalesce rows (ascending) into reads: a row joins the previous read when at most
- * coalesce_gap rows lie between them and the read stays within one staging buffer.
- * Direct I/O reads whole aligned blocks around the rows. Returns the number of reads. */
+ * coalesce_gap rows lie between them, or when its aligned blocks touch the read's (then
+ * joining costs no extra bytes), and the read stays within one staging buffer. Direct I/O
+ * reads whole aligned blocks around the rows. Returns the number of reads. */
 static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows,
                           const uint8_t *const *dst, int32_t n) {
     const fg_config *c = &rt->cfg;
@@ -479,8 +480,10 @@ static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows
         const uint64_t start = L->bundle_offset + (uint64_t)rows[k] * stride;
         const uint64_t end = start + stride;
         const uint64_t end_aligned = (end + align - 1) / align * align;
-        if (n_reads > 0 && rows[k] - rows[k - 1] - 1 <= c->coalesce_gap &&
-            end_aligned - rt->reads[n_reads - 1].offset <= cap) {
+        const uint64_t first = start / align * align;
+        const fg_read *prev = n_reads > 0 ? &rt->reads[n_reads - 1] : NULL;
+        if (prev != NULL && end_aligned - prev->offset <= cap &&
+            (rows[k] - rows[k - 1] - 1 <= c->coalesce_gap || first <= prev->offset + prev->len)) {
             fg_read *rd = &rt->reads[n_reads - 1];
             rd->len = end_aligned - rd->offset;
             rd->need = end - rd->offset;
@@ -488,7 +491,6 @@ static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows
             rd->n_copy++;
             continue;
         }
-        const uint64_t first = start / align * align;
         rt->reads[n_reads++] = (fg_read){first, end_aligned - first, end - first, k, 1};
         rt->copies[k] = (fg_copy){start - first, (uint8_t *)dst[k]};
     }
