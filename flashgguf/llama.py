@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import llama_cpp
@@ -21,6 +21,7 @@ from .archs import get_arch
 from .errors import NotFlashGGUFError, VersionMismatchError
 from .format import is_flash_gguf, open_flash_file
 from .options import DEFAULT_COALESCE_GAP, DEFAULT_PINNED_SHARE, flash_options
+from .predictor import LayerPredictor
 from .runtime import Runtime, RuntimeOptions
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -81,6 +82,8 @@ class Llama(llama_cpp.Llama):
     go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
     flash_coalesce_gap: misses at most this many rows apart are read in one read.
     flash_io: "auto", "threads" (pread workers) or "io_uring".
+    flash_predictors: one LayerPredictor (or None) per layer instead of the file's own
+    (experiments, benchmarks, tests).
 
     flash_offload=False on a flash GGUF: the same engine, every bundle resident, read
     through the page cache. A plain GGUF with flash_offload=False is run by llama.cpp.
@@ -90,6 +93,7 @@ class Llama(llama_cpp.Llama):
                  flash_dram_budget: int | float | str | None = None, flash_window: int = 4,
                  flash_mode: str = "predicted", flash_pinned_share: float = DEFAULT_PINNED_SHARE,
                  flash_coalesce_gap: int = DEFAULT_COALESCE_GAP, flash_io: str = "auto",
+                 flash_predictors: Sequence[LayerPredictor | None] | None = None,
                  **kwargs: Any) -> None:
         self._flash_runtime: Runtime | None = None
         path = os.fspath(model_path)
@@ -124,7 +128,7 @@ class Llama(llama_cpp.Llama):
             window=opts.window,
             coalesce_gap=opts.coalesce_gap,
             io=opts.io,
-        ))
+        ), predictors=flash_predictors)
         self._flash_runtime = runtime
         try:
             with _installed_context_class(_flash_context_class(runtime)):

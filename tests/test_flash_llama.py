@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 from flash_helpers import convert, exact_relu_predictor, svd_predictor
 from gguf import GGMLQuantizationType
 from model_factory import TinyModel
 
-import flashgguf.llama as flash_llama
 from flashgguf import Llama
 from flashgguf.errors import BudgetError, MissingPredictorError, OptionError
 from flashgguf.evaluate import teacher_forced_logits
@@ -69,23 +66,15 @@ def relu_model(tiny_models, tmp_path_factory):
     return flash, [exact_relu_predictor(flash, i) for i in range(flash.n_layer)]
 
 
-def with_predictors(monkeypatch, preds):
-    """Until files store predictors: hand these to the Runtime flashgguf.Llama builds."""
-    monkeypatch.setattr(flash_llama, "Runtime",
-                        functools.partial(flash_llama.Runtime, predictors=preds))
-
-
 @pytest.mark.native
-def test_relu_model_with_a_full_recall_predictor_gives_the_dense_outputs(relu_model,
-                                                                         monkeypatch):
+def test_relu_model_with_a_full_recall_predictor_gives_the_dense_outputs(relu_model):
     flash, preds = relu_model
     dense = Llama(str(flash.path), flash_offload=False, **KW)
     tokens = dense.tokenize(TEXT.encode())
     want = teacher_forced_logits(dense, tokens)
-    with_predictors(monkeypatch, preds)
     for mode in ("predicted", "naive", "hybrid"):
         llm = Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.6,
-                    flash_mode=mode, **KW)
+                    flash_mode=mode, flash_predictors=preds, **KW)
         got = teacher_forced_logits(llm, tokens)
         # relu: rows outside the prediction are exactly zero; only the order of the float
         # sums differs (a random model amplifies that: dense on 1 vs 2 threads differ ~1e-5)
@@ -106,10 +95,10 @@ def test_relu_model_with_a_full_recall_predictor_gives_the_dense_outputs(relu_mo
 
 
 @pytest.mark.native
-def test_stats_keys_and_reset(relu_model, monkeypatch):
+def test_stats_keys_and_reset(relu_model):
     flash, preds = relu_model
-    with_predictors(monkeypatch, preds)
-    llm = Llama(str(flash.path), flash_offload=True, flash_dram_budget="150KiB", **KW)
+    llm = Llama(str(flash.path), flash_offload=True, flash_dram_budget="150KiB",
+                flash_predictors=preds, **KW)
     llm("Once upon a time", max_tokens=4, temperature=0.0)
     s = llm.flash_stats(reset=True)
     for key in ("tokens", "bytes_read", "reads", "cache_hits", "cache_misses",
@@ -134,11 +123,7 @@ def test_llama_errors(relu_model, tiny_models, tmp_path):
     # SiLU model, SVD predictor: runs, approximate by design
     silu = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
     preds = [svd_predictor(silu, i, 32, 0.7) for i in range(silu.n_layer)]
-    rt_cls = flash_llama.Runtime
-    flash_llama.Runtime = functools.partial(rt_cls, predictors=preds)
-    try:
-        llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7, **KW)
-        assert llm("Hello", max_tokens=3)["usage"]["completion_tokens"] >= 1
-        llm.close()
-    finally:
-        flash_llama.Runtime = rt_cls
+    llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7,
+                flash_predictors=preds, **KW)
+    assert llm("Hello", max_tokens=3)["usage"]["completion_tokens"] >= 1
+    llm.close()
