@@ -497,6 +497,11 @@ static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows
     return n_reads;
 }
 
+/* The reads meant to fill these rows' slots failed: the slots do not hold the rows. */
+static void forget_batch(fg_cache *C, const int32_t *rows, int32_t n) {
+    for (int32_t k = 0; k < n; k++) fg_cache_forget(C, C->slot_of[rows[k]]);
+}
+
 static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y,
                          int32_t n_tokens, const uint8_t *mask) {
     const fg_config *c = &rt->cfg;
@@ -547,7 +552,10 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
         const int32_t n_reads = plan_reads(rt, L, rt->miss_idx + b0, rt->miss_rows + b0, n_batch);
         /* plan_reads indexes copies from 0 for this batch */
         if (n_reads > 0) rc = fg_io_submit(&rt->io, rt->reads, n_reads, rt->copies, stride);
-        if (rc != FG_OK) break;
+        if (rc != FG_OK) {
+            forget_batch(C, rt->miss_idx + b0, n_batch);
+            break;
+        }
         const int first_round = first;
         if (first) {
             t = fg_now_seconds();
@@ -560,7 +568,7 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
             rc = fg_io_wait(&rt->io);
             rt->stats.time_io_wait_s += fg_now_seconds() - t;
             if (rc != FG_OK) {
-                for (int32_t k = b0; k < done; k++) fg_cache_forget(C, C->slot_of[rt->miss_idx[k]]);
+                forget_batch(C, rt->miss_idx + b0, n_batch);
                 break;
             }
         }

@@ -159,17 +159,44 @@ static int submit_more(fg_uring *r, fg_io *io) {
     return FG_OK;
 }
 
-int fg_uring_start(fg_uring *r, fg_io *io) { return submit_more(r, io); }
+/* After a failed submission: wait for what is in flight so that no late completion lands
+ * in a staging buffer (or is reaped) during a later job. */
+static void drain(fg_uring *r) {
+    while (r->in_flight > 0) {
+        unsigned head = *r->cq_head;
+        while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
+            const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
+            r->free_buf[r->n_free++] = (int)(cqe->user_data & 0xffffffffu);
+            r->in_flight--;
+            head++;
+        }
+        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+        if (r->in_flight > 0 && sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 &&
+            errno != EINTR) {
+            return; /* the ring is unusable; fg_uring_destroy closes it */
+        }
+    }
+}
+
+int fg_uring_start(fg_uring *r, fg_io *io) {
+    const int rc = submit_more(r, io);
+    if (rc != FG_OK) drain(r);
+    return rc;
+}
 
 int fg_uring_finish(fg_uring *r, fg_io *io) {
     while (io->done < io->n_reads) {
         int rc = submit_more(r, io);
-        if (rc != FG_OK) return rc;
+        if (rc != FG_OK) {
+            drain(r);
+            return rc;
+        }
         if (r->in_flight == 0) continue; /* everything left failed by injection */
         unsigned head = *r->cq_head;
         if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
             if (sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
                 io->reader->last_errno = errno;
+                drain(r);
                 return FG_ERR_IO;
             }
             continue;

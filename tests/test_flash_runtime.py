@@ -257,9 +257,10 @@ def test_coalescing_issues_fewer_larger_reads(silu):
     assert counts[8] < counts[0] / 4
 
 
-def test_read_errors_surface_and_leave_the_cache_consistent(silu):
+@pytest.mark.parametrize("io", ["threads", "io_uring"])
+def test_read_errors_surface_and_leave_the_cache_consistent(silu, io):
     flash, preds = silu
-    rt = streaming(flash, preds, share=0.4)
+    rt = streaming(flash, preds, share=0.4, io=io)
     x = np.random.default_rng(15).standard_normal((1, flash.n_embd)).astype(np.float32)
     rt.fail_reads(errno.EIO, after=0)
     with pytest.raises(NativeError, match="I/O error"):
@@ -272,6 +273,12 @@ def test_read_errors_surface_and_leave_the_cache_consistent(silu):
     dense = runtime(flash)
     np.testing.assert_allclose(rt.ffn(0, x), dense.ffn(0, x, _with_pinned(rt, 0, x)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_auto_io_is_threads(silu):
+    flash, preds = silu
+    assert streaming(flash, preds).io_backend == "threads"  # measured default (bench_io.py)
+    assert runtime(flash).io_backend == "none"  # dense: no read engine
 
 
 def _with_pinned(rt, layer, x):
