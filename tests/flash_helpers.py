@@ -40,9 +40,10 @@ def part_weights(flash: FlashFile, layer: int, part: str) -> np.ndarray:
 
 
 def svd_predictor(flash: FlashFile, layer: int, rank: int, keep: float,
-                  with_up: bool = True, seed: int = 0) -> LayerPredictor:
+                  with_up: bool = True, seed: int = 0,
+                  input_scale: np.ndarray | None = None) -> LayerPredictor:
     """A weight-only low-rank predictor whose threshold keeps about `keep` of the rows on
-    random inputs."""
+    random inputs (standard normal, times input_scale per dimension when given)."""
     decide = "gate" if flash.gated else "up"
     w = part_weights(flash, layer, decide).astype(np.float64)
     _, _, vt = np.linalg.svd(w, full_matrices=False)
@@ -57,6 +58,8 @@ def svd_predictor(flash: FlashFile, layer: int, rank: int, keep: float,
     scale = np.linalg.norm(down, axis=1).astype(np.float32)
     pred = LayerPredictor(rank, a, b, b_up, scale, 0.0)
     x = np.random.default_rng(seed).standard_normal((64, flash.n_embd)).astype(np.float32)
+    if input_scale is not None:
+        x *= input_scale.astype(np.float32)
     threshold = float(np.quantile(predictor_scores(pred, flash.activation, x), 1.0 - keep))
     return LayerPredictor(rank, a, b, b_up, scale, threshold)
 
