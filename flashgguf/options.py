@@ -10,9 +10,11 @@ from .errors import OptionError
 
 MODES = ("naive", "hybrid", "predicted")
 IO_BACKENDS = ("auto", "threads", "io_uring")
-# Measured on this machine with tools/bench_io.py and tools/bench_flash.py (BENCHMARKS.md).
+# Measured on this machine (tools/bench_modes.py, SmolLM2 at a 50% budget, decode tok/s):
+# coalescing gap 2 / 8 / 32 rows -> 10-13 / 17 / 19 tok/s (fewer, larger reads win even
+# though more bytes are read); pinned share 0.25 and 0.5 tied at gap 32.
 DEFAULT_PINNED_SHARE = 0.5
-DEFAULT_COALESCE_GAP = 2
+DEFAULT_COALESCE_GAP = 32
 DEFAULT_IO_DEPTH = 16
 DEFAULT_MAX_READ_BYTES = 256 << 10
 # No budget given: the payload stays all resident when it fits in this share of the RAM

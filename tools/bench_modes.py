@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--shares", default="0.25,0.5,0.75")
     ap.add_argument("--modes", default="naive,hybrid", help="baselines to run too")
-    ap.add_argument("--gaps", default="2", help="coalescing gaps (rows) for predicted mode")
+    ap.add_argument("--gaps", default="32", help="coalescing gaps (rows) for predicted mode")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--eval-tokens", type=int, default=256)
