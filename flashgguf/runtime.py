@@ -141,7 +141,7 @@ class Runtime:
             biases = [self._floats(b) for b in (layer.up_bias, layer.gate_bias, layer.down_bias)]
             check(lib.fg_runtime_set_layer(self._rt, layer.index, layer.bundle.offset, *biases),
                   f"layer {layer.index}")
-        if opts.mode != "dense":
+        if opts.mode == "predicted":  # the baselines use none: their DRAM stays with the cache
             for i, pred in enumerate(predictors):
                 if pred is not None:
                     self._set_predictor(i, pred)

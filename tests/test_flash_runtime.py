@@ -31,8 +31,9 @@ def silu(tiny_models, folder):
 
 def streaming(flash, preds, mode="predicted", share=0.5, **kw):
     """A runtime whose cache holds `share` of each layer's rows (predictors on top)."""
-    pred_bytes = sum(p.a.nbytes + p.b.nbytes + p.scale.nbytes +
-                     (0 if p.b_up is None else p.b_up.nbytes) for p in preds if p is not None)
+    pred_bytes = 0 if mode != "predicted" else sum(
+        p.a.nbytes + p.b.nbytes + p.scale.nbytes + (0 if p.b_up is None else p.b_up.nbytes)
+        for p in preds if p is not None)
     budget = pred_bytes + int(share * flash.payload_nbytes)
     return runtime(flash, preds, mode=mode, dram_budget=budget, read_log=1 << 16, **kw)
 
@@ -99,6 +100,17 @@ def test_budget_too_small_names_the_minimum(silu, mode):
     assert cap - pinned >= 1
     with pytest.raises(BudgetError):
         runtime(flash, preds, mode=mode, dram_budget=minimum - flash.n_layer * flash.layout.stride)
+
+
+def test_predictors_count_in_the_budget_of_predicted_mode_only(silu):
+    flash, preds = silu
+    budget = int(0.8 * flash.payload_nbytes)
+    stride, n_layer = flash.layout.stride, flash.n_layer
+    pred_bytes = sum(p.a.nbytes + p.b.nbytes + p.b_up.nbytes + p.scale.nbytes for p in preds)
+    predicted = runtime(flash, preds, mode="predicted", dram_budget=budget)
+    naive = runtime(flash, preds, mode="naive", dram_budget=budget)
+    assert predicted.capacity(0)[0] == (budget - pred_bytes) // n_layer // stride
+    assert naive.capacity(0)[0] == budget // n_layer // stride
 
 
 def test_budget_split_and_pinning(silu):
