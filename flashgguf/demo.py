@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                     verbose=False)
         load = llm.flash_stats(reset=True)
         print(f"loaded: {load['bytes_read'] / 2**20:.1f} MiB of FFN bundles read in "
-              f"{load['reads']} reads ({load['time_io_s']:.2f} s), "
+              f"{load['reads']} reads ({load['time_io_wait_s']:.2f} s), "
               f"direct I/O: {llm.flash_runtime.direct_io}")
         print(f"\n{args.prompt}", end="", flush=True)
         n_out, t_first, t0 = 0, None, time.perf_counter()

@@ -37,3 +37,15 @@ class VersionMismatchError(FlashGGUFError, ImportError):
 
 class CalibrationError(FlashGGUFError, ValueError):
     """Calibration could not be done (empty, too short or unreadable text, ...)."""
+
+
+class OptionError(FlashGGUFError, ValueError):
+    """A flash_* option of flashgguf.Llama (or a RuntimeOptions field) has a bad value."""
+
+
+class BudgetError(OptionError):
+    """The DRAM budget cannot hold what the chosen mode must keep resident."""
+
+
+class MissingPredictorError(FlashGGUFError, ValueError):
+    """flash_mode="predicted" on a file whose payload stores no predictor."""

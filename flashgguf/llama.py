@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import llama_cpp
@@ -20,6 +20,8 @@ from llama_cpp import _internals
 from .archs import get_arch
 from .errors import NotFlashGGUFError, VersionMismatchError
 from .format import is_flash_gguf, open_flash_file
+from .options import DEFAULT_COALESCE_GAP, DEFAULT_PINNED_SHARE, flash_options
+from .predictor import LayerPredictor
 from .runtime import Runtime, RuntimeOptions
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -76,12 +78,30 @@ def installed_context_class(cls: type[_internals.LlamaContext]) -> Iterator[None
 class Llama(llama_cpp.Llama):
     """llama_cpp.Llama that runs flash GGUFs (made by flashgguf-convert).
 
-    flash_offload=True: the FFN payload is read with direct I/O by flashgguf's runtime.
-    flash_offload=False on a flash GGUF: the same engine with the payload read through the
-    page cache. A plain GGUF with flash_offload=False is run by llama.cpp as usual.
+    flash_offload=True: the FFN payload is read with direct I/O by flashgguf's runtime and
+    kept under flash_dram_budget: bytes, a "48MiB"/"1.5GiB" string, or a float fraction in
+    (0, 1] of the FFN payload. Without a budget the whole payload stays resident when it fits
+    in half the RAM available at load, else half that RAM is the budget. A budget that
+    holds the whole payload keeps every bundle resident (read once at load).
+    flash_mode: "predicted" (default: predictor + window cache + pinned hot rows; the file
+    must store a predictor), "naive" (each layer's whole FFN read every token) or "hybrid"
+    (half of each layer pinned, the other half read every token): the paper's baselines.
+    flash_window: tokens a loaded row is kept without being used before it is the first to
+    go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
+    flash_coalesce_gap: misses at most this many rows apart are read in one read.
+    flash_io: "auto", "threads" (pread workers) or "io_uring".
+    flash_predictors: one LayerPredictor (or None) per layer instead of the file's own
+    (experiments, benchmarks, tests).
+
+    flash_offload=False on a flash GGUF: the same engine, every bundle resident, read
+    through the page cache. A plain GGUF with flash_offload=False is run by llama.cpp.
     """
 
     def __init__(self, model_path: str, *args: Any, flash_offload: bool = False,
+                 flash_dram_budget: int | float | str | None = None, flash_window: int = 4,
+                 flash_mode: str = "predicted", flash_pinned_share: float = DEFAULT_PINNED_SHARE,
+                 flash_coalesce_gap: int = DEFAULT_COALESCE_GAP, flash_io: str = "auto",
+                 flash_predictors: Sequence[LayerPredictor | None] | None = None,
                  **kwargs: Any) -> None:
         self._flash_runtime: Runtime | None = None
         path = os.fspath(model_path)
@@ -102,12 +122,21 @@ class Llama(llama_cpp.Llama):
         n_ubatch = int(kwargs.get("n_ubatch", 512))
         n_threads = kwargs.get("n_threads") or max(multiprocessing.cpu_count() // 2, 1)
         n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
+        opts = flash_options(flash.payload_nbytes, flash_dram_budget, flash_mode, flash_window,
+                             flash_pinned_share, flash_coalesce_gap, flash_io)
+        streaming = flash_offload and opts.budget is not None
         runtime = Runtime(flash, spec, RuntimeOptions(
             max_tokens=max(1, min(n_batch, n_ubatch)),
             n_threads=n_threads,
             n_threads_batch=n_threads_batch,
             direct_io=flash_offload,
-        ))
+            mode=opts.mode if streaming else "dense",
+            dram_budget=opts.budget if streaming else 0,
+            pinned_share=opts.pinned_share,
+            window=opts.window,
+            coalesce_gap=opts.coalesce_gap,
+            io=opts.io,
+        ), predictors=flash_predictors)
         self._flash_runtime = runtime
         try:
             with installed_context_class(_flash_context_class(runtime)):

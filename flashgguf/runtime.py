@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,8 +11,16 @@ import numpy as np
 from . import constants as C
 from ._native import ffi, lib
 from .archs import ArchSpec
-from .errors import FlashGGUFError, NativeError
+from .errors import BudgetError, FlashGGUFError, MissingPredictorError, NativeError, OptionError
 from .format import FlashFile
+from .options import (
+    DEFAULT_COALESCE_GAP,
+    DEFAULT_IO_DEPTH,
+    DEFAULT_MAX_READ_BYTES,
+    DEFAULT_PINNED_SHARE,
+)
+from .predictor import PREDICTOR_BLOCK, LayerPredictor
+from .quants import row_nbytes
 
 _ACTIVATIONS = {
     "silu": lib.FG_ACT_SILU,
@@ -22,6 +31,13 @@ _ACTIVATIONS = {
     "drelu": lib.FG_ACT_DRELU,
 }
 _PARTS = {C.PART_GATE: lib.FG_PART_GATE, C.PART_UP: lib.FG_PART_UP, C.PART_DOWN: lib.FG_PART_DOWN}
+_MODES = {"dense": lib.FG_MODE_DENSE, "naive": lib.FG_MODE_NAIVE,
+          "hybrid": lib.FG_MODE_HYBRID, "predicted": lib.FG_MODE_PREDICTED}
+_IO = {"auto": lib.FG_IO_AUTO, "threads": lib.FG_IO_THREADS, "io_uring": lib.FG_IO_URING}
+_IO_NAMES = {lib.FG_IO_THREADS: "threads", lib.FG_IO_URING: "io_uring", 0: "none"}
+_STATS = ("tokens", "bytes_read", "reads", "cache_hits", "cache_misses", "neurons_computed",
+          "pinned_neurons", "window_evictions", "time_predict_s", "time_io_wait_s",
+          "time_ffn_s", "time_total_s")
 
 
 def strerror(code: int) -> str:
@@ -43,47 +59,104 @@ class RuntimeOptions:
     n_threads: int = 1
     n_threads_batch: int = 1
     direct_io: bool = True
+    # "dense": every bundle resident (read once at load); else streamed under dram_budget
+    mode: str = "dense"
+    dram_budget: int = 0  # bytes for cache slots + predictors (streaming modes)
+    pinned_share: float = DEFAULT_PINNED_SHARE
+    window: int = 4
+    coalesce_gap: int = DEFAULT_COALESCE_GAP
+    io: str = "auto"
+    io_depth: int = DEFAULT_IO_DEPTH
+    max_read_bytes: int = DEFAULT_MAX_READ_BYTES
+    read_log: int = 0  # tests: keep (offset, length) of the first N reads
+
+
+def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
+    if opts.mode not in _MODES:
+        raise OptionError(f"mode must be one of {', '.join(_MODES)}, got {opts.mode!r}")
+    if opts.io not in _IO:
+        raise OptionError(f"io must be one of {', '.join(_IO)}, got {opts.io!r}")
+    cfg = ffi.new("fg_config *")
+    cfg.n_layer = flash.n_layer
+    cfg.n_embd = flash.n_embd
+    cfg.n_ff = flash.n_ff
+    cfg.gated = int(flash.gated)
+    cfg.activation = _ACTIVATIONS[flash.activation]
+    cfg.activation_threshold = flash.activation_threshold
+    for part, ggml_type, offset in zip(flash.layout.parts, flash.layout.types,
+                                       flash.layout.offsets, strict=True):
+        cfg.part_type[_PARTS[part]] = int(ggml_type)
+        cfg.part_offset[_PARTS[part]] = offset
+    cfg.bundle_stride = flash.layout.stride
+    cfg.max_tokens = max(1, opts.max_tokens)
+    cfg.n_threads = max(1, opts.n_threads)
+    cfg.n_threads_batch = max(1, opts.n_threads_batch)
+    cfg.use_direct_io = int(opts.direct_io)
+    cfg.input_node = spec.ffn_input_node.encode()
+    cfg.output_node = spec.ffn_output_node.encode()
+    cfg.mode = _MODES[opts.mode]
+    cfg.dram_budget = opts.dram_budget
+    cfg.pinned_share = opts.pinned_share
+    cfg.window_tokens = opts.window
+    cfg.coalesce_gap = opts.coalesce_gap
+    cfg.io_backend = _IO[opts.io]
+    cfg.io_depth = opts.io_depth
+    cfg.max_read_bytes = opts.max_read_bytes
+    cfg.read_log_cap = opts.read_log
+    return cfg
 
 
 class Runtime:
-    """The native FFN engine for one flash GGUF, with every bundle loaded in DRAM."""
+    """The native FFN engine for one flash GGUF: all bundles in DRAM (mode "dense"), or
+    streamed from the payload under a DRAM budget ("naive", "hybrid", "predicted").
 
-    def __init__(self, flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions) -> None:
+    predictors: one LayerPredictor (or None) per layer; default: what the file stores
+    (LayerInfo.predictor). Mode "predicted" needs one for every layer."""
+
+    def __init__(self, flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions,
+                 predictors: Sequence[LayerPredictor | None] | None = None) -> None:
         self.flash = flash
         self.spec = spec
-        cfg = ffi.new("fg_config *")
-        cfg.n_layer = flash.n_layer
-        cfg.n_embd = flash.n_embd
-        cfg.n_ff = flash.n_ff
-        cfg.gated = int(flash.gated)
-        cfg.activation = _ACTIVATIONS[flash.activation]
-        cfg.activation_threshold = flash.activation_threshold
-        for part, ggml_type, offset in zip(flash.layout.parts, flash.layout.types,
-                                           flash.layout.offsets, strict=True):
-            cfg.part_type[_PARTS[part]] = int(ggml_type)
-            cfg.part_offset[_PARTS[part]] = offset
-        cfg.bundle_stride = flash.layout.stride
-        cfg.max_tokens = max(1, opts.max_tokens)
-        cfg.n_threads = max(1, opts.n_threads)
-        cfg.n_threads_batch = max(1, opts.n_threads_batch)
-        cfg.use_direct_io = int(opts.direct_io)
-        cfg.input_node = spec.ffn_input_node.encode()
-        cfg.output_node = spec.ffn_output_node.encode()
+        self.mode = opts.mode
+        if predictors is None:
+            predictors = [getattr(layer, "predictor", None) for layer in flash.layers]
+        if len(predictors) != flash.n_layer:
+            raise OptionError(f"{len(predictors)} predictors for {flash.n_layer} layers")
+        missing = [i for i, p in enumerate(predictors) if p is None]
+        if opts.mode == "predicted" and missing:
+            raise MissingPredictorError(
+                f"{flash.path}: flash_mode='predicted' needs a predictor per layer, and layer "
+                f"{missing[0]} has none: convert the model again with this flashgguf, or use "
+                "flash_mode='naive' or 'hybrid', or a budget that holds the whole FFN payload")
+        cfg = _config(flash, spec, opts)
         self.max_tokens = cfg.max_tokens
-
+        self._rt = None
         out = ffi.new("fg_runtime **")
         code = lib.fg_runtime_create(cfg, str(flash.path).encode(), out)
         if code == lib.FG_ERR_IO:
             raise NativeError(f"cannot open {flash.path} for reading: {strerror(code)}")
+        if code == lib.FG_ERR_ARG and opts.mode != "dense":
+            raise OptionError(f"runtime options out of range: {opts}")
         check(code, "creating the flash runtime")
         self._rt = ffi.gc(out[0], lib.fg_runtime_destroy)
-        self._keep = []  # bias buffers stay alive until C has copied them
+        self._keep: list[np.ndarray] = []  # buffers stay alive until C has copied them
         for layer in flash.layers:
             biases = [self._floats(b) for b in (layer.up_bias, layer.gate_bias, layer.down_bias)]
             check(lib.fg_runtime_set_layer(self._rt, layer.index, layer.bundle.offset, *biases),
                   f"layer {layer.index}")
+        if opts.mode == "predicted":  # the baselines use none: their DRAM stays with the cache
+            for i, pred in enumerate(predictors):
+                if pred is not None:
+                    self._set_predictor(i, pred)
         self._keep.clear()
-        check(lib.fg_runtime_load_all(self._rt), f"reading the FFN bundles of {flash.path}")
+        code = lib.fg_runtime_load(self._rt)
+        if code == lib.FG_ERR_BUDGET:
+            need = int(lib.fg_runtime_min_budget(self._rt))
+            raise BudgetError(
+                f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
+                f"flash_mode={opts.mode!r}: the minimum is {need:,} bytes (pinned rows + one "
+                f"read round of 1/8 of the unpinned rows per layer, + predictors)")
+        check(code, f"reading the FFN bundles of {flash.path}")
         self.direct_io = bool(lib.fg_runtime_direct_io(self._rt))
         if opts.direct_io and not self.direct_io:
             warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the payload "
@@ -96,6 +169,33 @@ class Runtime:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         self._keep.append(arr)
         return ffi.cast("float *", ffi.from_buffer(arr))
+
+    def _bytes(self, arr: np.ndarray | None, rows: int, row_bytes: int, what: str):
+        if arr is None:
+            return ffi.NULL
+        arr = np.ascontiguousarray(arr, dtype=np.uint8)
+        if arr.shape != (rows, row_bytes):
+            raise OptionError(f"{what} must be uint8 [{rows}, {row_bytes}], got {arr.shape}")
+        self._keep.append(arr)
+        return ffi.from_buffer(arr)
+
+    def _set_predictor(self, layer: int, pred: LayerPredictor) -> None:
+        from gguf import GGMLQuantizationType
+
+        q8 = GGMLQuantizationType.Q8_0
+        n_ff, n_embd = self.flash.n_ff, self.flash.n_embd
+        if pred.rank <= 0 or pred.rank % PREDICTOR_BLOCK:
+            raise OptionError(f"layer {layer}: predictor rank {pred.rank} is not a positive "
+                              f"multiple of {PREDICTOR_BLOCK}")
+        a = self._bytes(pred.a, pred.rank, row_nbytes(q8, n_embd), f"layer {layer} pred_a")
+        b = self._bytes(pred.b, n_ff, row_nbytes(q8, pred.rank), f"layer {layer} pred_b")
+        b_up = self._bytes(pred.b_up, n_ff, row_nbytes(q8, pred.rank), f"layer {layer} pred_b_up")
+        scale = np.ascontiguousarray(pred.scale, dtype=np.float32)
+        if scale.shape != (n_ff,):
+            raise OptionError(f"layer {layer}: pred_scale must be [{n_ff}], got {scale.shape}")
+        check(lib.fg_runtime_set_predictor(self._rt, layer, pred.rank, a, b, b_up,
+                                           self._floats(scale), float(pred.threshold)),
+              f"layer {layer}: setting the predictor")
 
     @property
     def handle(self):
@@ -111,19 +211,90 @@ class Runtime:
     def handle_address(self) -> int:
         return int(ffi.cast("uintptr_t", self.handle))
 
-    def ffn(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """The FFN of one layer on rows of x ([n_tokens, n_embd] float32)."""
+    @property
+    def io_backend(self) -> str:
+        """The read engine in use: "threads", "io_uring", or "none" (dense mode)."""
+        return _IO_NAMES[int(lib.fg_runtime_io_backend(self.handle))]
+
+    def capacity(self, layer: int) -> tuple[int, int]:
+        """(slots, pinned rows) of a layer; (n_ff, n_ff) in dense mode."""
+        cap, pinned = ffi.new("int32_t *"), ffi.new("int32_t *")
+        check(lib.fg_runtime_layer_capacity(self.handle, layer, cap, pinned), f"layer {layer}")
+        return int(cap[0]), int(pinned[0])
+
+    def _rows(self, x: np.ndarray, max_rows: int | None = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.flash.n_embd:
             raise ValueError(f"x must be [n_tokens, {self.flash.n_embd}], got {x.shape}")
-        if not 1 <= x.shape[0] <= self.max_tokens:
+        if not 1 <= x.shape[0] <= (max_rows or self.max_tokens):
             raise ValueError(f"x has {x.shape[0]} rows; the runtime takes 1..{self.max_tokens}")
+        return x
+
+    def ffn(self, layer: int, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """The FFN of one layer on rows of x ([n_tokens, n_embd] float32); with mask (bool
+        [n_ff], row order), over exactly those rows instead of the mode's choice."""
+        x = self._rows(x)
         y = np.empty_like(x)
-        check(lib.fg_runtime_ffn(self.handle, layer,
-                                 ffi.cast("float *", ffi.from_buffer(x)),
-                                 ffi.cast("float *", ffi.from_buffer(y, require_writable=True)),
-                                 x.shape[0]), f"FFN of layer {layer}")
+        m = ffi.NULL
+        if mask is not None:
+            mask = np.ascontiguousarray(mask, dtype=np.uint8)
+            if mask.shape != (self.flash.n_ff,):
+                raise ValueError(f"mask must be [{self.flash.n_ff}], got {mask.shape}")
+            m = ffi.from_buffer(mask)
+        check(lib.fg_runtime_ffn_masked(
+            self.handle, layer, ffi.cast("float *", ffi.from_buffer(x)),
+            ffi.cast("float *", ffi.from_buffer(y, require_writable=True)), x.shape[0], m),
+            f"FFN of layer {layer}")
         return y
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The C predictor's decisions, bool [n_tokens, n_ff] (streaming modes with one)."""
+        x = self._rows(x, max_rows=1 << 30)  # no per-token scratch: any number of rows
+        out = np.zeros((x.shape[0], self.flash.n_ff), dtype=np.uint8)
+        check(lib.fg_runtime_predict(self.handle, layer, ffi.cast("float *", ffi.from_buffer(x)),
+                                     x.shape[0], ffi.from_buffer(out, require_writable=True)),
+              f"predictor of layer {layer}")
+        return out.astype(bool)
+
+    # ---- inspection (tests) --------------------------------------------------------
+
+    def slots(self, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(row held by each slot or -1, last-use token stamp of each slot, layer clock)."""
+        cap, _ = self.capacity(layer)
+        rows = np.empty(cap, dtype=np.int32)
+        used = np.empty(cap, dtype=np.uint64)
+        clock = ffi.new("uint64_t *")
+        check(lib.fg_runtime_debug_slots(self.handle, layer,
+                                         ffi.cast("int32_t *", ffi.from_buffer(rows)),
+                                         ffi.cast("uint64_t *", ffi.from_buffer(used)), clock),
+              f"slots of layer {layer}")
+        return rows, used, int(clock[0])
+
+    def resident_row(self, layer: int, row: int) -> bytes | None:
+        """The bytes the runtime holds for a row, None when it is not resident."""
+        out = ffi.new("uint8_t[]", self.flash.layout.stride)
+        code = lib.fg_runtime_debug_row(self.handle, layer, row, out)
+        if code == lib.FG_ERR_ARG:
+            return None
+        check(code, f"row {row} of layer {layer}")
+        return bytes(ffi.buffer(out))
+
+    def read_log(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(offsets, lengths) of the logged reads and how many reads were issued."""
+        cap = 1 << 20
+        off = np.empty(cap, dtype=np.uint64)
+        ln = np.empty(cap, dtype=np.uint64)
+        n = int(lib.fg_runtime_debug_reads(self.handle,
+                                           ffi.cast("uint64_t *", ffi.from_buffer(off)),
+                                           ffi.cast("uint64_t *", ffi.from_buffer(ln)), cap))
+        kept = min(n, cap)
+        return off[:kept].copy(), ln[:kept].copy(), n
+
+    def fail_reads(self, errno_value: int, after: int = 0) -> None:
+        """Every read fails with errno_value once `after` more reads went through (0: off)."""
+        lib.fg_runtime_debug_fail_reads(self.handle, errno_value, after)
+
+    # ---- errors and stats ----------------------------------------------------------
 
     def raise_pending_error(self) -> None:
         """Raise what went wrong inside the eval callback during the last decode, if anything."""
@@ -136,14 +307,9 @@ class Runtime:
     def stats(self, reset: bool = False) -> dict[str, float]:
         s = ffi.new("fg_stats *")
         lib.fg_runtime_get_stats(self.handle, s)
-        out = {
-            "tokens": int(s.tokens),
-            "bytes_read": int(s.bytes_read),
-            "reads": int(s.reads),
-            "neurons_computed": int(s.neurons_computed),
-            "time_io_s": float(s.time_io_s),
-            "time_ffn_s": float(s.time_ffn_s),
-        }
+        out: dict[str, float] = {name: getattr(s, name) for name in _STATS}
+        for name in _STATS:
+            out[name] = float(out[name]) if name.startswith("time_") else int(out[name])
         if reset:
             lib.fg_runtime_reset_stats(self.handle)
         return out

@@ -26,8 +26,8 @@ from pathlib import Path
 import cffi
 
 NATIVE_DIR = Path(__file__).resolve().parent
-C_SOURCES = ["kernels_ref.c", "kernels_simd.c", "io.c", "runtime.c", "hook.c", "capture.c",
-             "error.c"]
+C_SOURCES = ["kernels_ref.c", "kernels_simd.c", "io.c", "iopool.c", "uring.c", "cache.c",
+             "predictor.c", "runtime.c", "hook.c", "capture.c", "error.c"]
 STRICT_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wstrict-prototypes"]
 
 
@@ -45,8 +45,8 @@ def _compiles_with(flags: list[str]) -> bool:
 
 def native_flags() -> tuple[list[str], list[str]]:
     """Compile and link flags shared by our objects and the wrapper."""
-    cflags: list[str] = ["-fPIC", "-D_GNU_SOURCE"]
-    ldflags: list[str] = []
+    cflags: list[str] = ["-fPIC", "-D_GNU_SOURCE", "-pthread"]
+    ldflags: list[str] = ["-pthread"]
     if os.environ.get("FLASHGGUF_SANITIZE") == "1":
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                "-fno-sanitize-recover=all"]

@@ -11,6 +11,7 @@ const char *fg_strerror(int code) {
     case FG_ERR_SHAPE: return "unexpected tensor shape or type in the llama.cpp graph";
     case FG_ERR_STATE: return "call out of order";
     case FG_ERR_THREADS: return "worker threads could not be started";
+    case FG_ERR_BUDGET: return "the DRAM budget is too small for the pinned rows and one read round";
     default: return "unknown error";
     }
 }

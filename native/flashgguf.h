@@ -25,6 +25,7 @@ extern "C" {
 #define FG_ERR_SHAPE       -6  /* a tensor seen in the graph has an unexpected shape/type */
 #define FG_ERR_STATE       -7  /* call out of order (e.g. compute before load) */
 #define FG_ERR_THREADS     -8  /* worker threads could not be started */
+#define FG_ERR_BUDGET      -9  /* the DRAM budget cannot hold the pinned rows + one round */
 
 const char *fg_strerror(int code);
 /* How this core was built: "openmp=1 sanitize=none" (SIMD: fg_simd_name). */
@@ -83,6 +84,17 @@ typedef struct fg_runtime fg_runtime;
 #define FG_PART_UP   1
 #define FG_PART_DOWN 2
 
+/* What is resident and what is read per token (fg_config.mode). */
+#define FG_MODE_DENSE     0  /* every bundle in DRAM, read once at load */
+#define FG_MODE_NAIVE     1  /* the whole FFN of a layer read every token, no cache */
+#define FG_MODE_HYBRID    2  /* half of each layer pinned, the other half read every token */
+#define FG_MODE_PREDICTED 3  /* predictor + window cache + pinned hot rows */
+
+/* Read engine (fg_config.io_backend). */
+#define FG_IO_AUTO     0  /* the measured default (threads) */
+#define FG_IO_THREADS  1  /* pthread workers issuing pread */
+#define FG_IO_URING    2  /* io_uring via raw syscalls; threads when the kernel refuses */
+
 typedef struct fg_config {
     int32_t n_layer;
     int32_t n_embd;
@@ -99,15 +111,31 @@ typedef struct fg_config {
     int32_t use_direct_io;         /* 1: try O_DIRECT, fall back to buffered reads */
     char input_node[32];           /* graph node holding the FFN input, without "-L" */
     char output_node[32];          /* graph node holding the FFN output, without "-L" */
+    /* streaming modes (ignored by FG_MODE_DENSE) */
+    int32_t mode;                  /* FG_MODE_* */
+    int64_t dram_budget;           /* bytes for cache slots + predictors, split evenly by layer */
+    float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first */
+    int32_t window_tokens;         /* a row used within this many tokens is evicted last */
+    int32_t coalesce_gap;          /* misses at most this many rows apart share one read */
+    int32_t io_backend;            /* FG_IO_* */
+    int32_t io_depth;              /* reads in flight */
+    int32_t max_read_bytes;        /* largest single read (also the staging buffer size) */
+    int32_t read_log_cap;          /* tests: keep (offset, length) of the first N reads */
 } fg_config;
 
 typedef struct fg_stats {
     uint64_t tokens;               /* FFN input rows seen by layer 0 */
-    uint64_t bytes_read;
-    uint64_t reads;
-    uint64_t neurons_computed;
-    double time_io_s;
-    double time_ffn_s;
+    uint64_t bytes_read;           /* bytes transferred (whole aligned ranges for direct I/O) */
+    uint64_t reads;                /* reads issued */
+    uint64_t cache_hits;           /* unpinned needed rows found in the cache (per layer call) */
+    uint64_t cache_misses;         /* unpinned needed rows read from the payload */
+    uint64_t neurons_computed;     /* rows computed x tokens they were computed for */
+    uint64_t pinned_neurons;       /* rows pinned over all layers (not reset) */
+    uint64_t window_evictions;     /* evictions of a row used within the window (too small) */
+    double time_predict_s;
+    double time_io_wait_s;         /* time blocked on reads (load included) */
+    double time_ffn_s;             /* FFN arithmetic */
+    double time_total_s;           /* whole FFN calls */
 } fg_stats;
 
 /* Open the payload file and allocate every buffer. */
@@ -117,12 +145,47 @@ void fg_runtime_destroy(fg_runtime *rt);
  * down; NULL when absent; copied). */
 int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
                          const float *up_bias, const float *gate_bias, const float *down_bias);
-/* Read every layer's bundles into DRAM (all neurons resident). */
-int fg_runtime_load_all(fg_runtime *rt);
+/* Layer's low-rank predictor (flashgguf/predictor.py): a = rank Q8_0 rows of n_embd, b and
+ * b_up (NULL if absent) = n_ff Q8_0 rows of rank, scale = n_ff floats; all copied. Call
+ * before fg_runtime_load; counted in the DRAM budget. */
+int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const void *a,
+                             const void *b, const void *b_up, const float *scale,
+                             float threshold);
+/* Allocate every buffer and read what stays resident: every bundle (dense mode) or the
+ * pinned rows. FG_ERR_BUDGET when the budget is too small (fg_runtime_min_budget). */
+int fg_runtime_load(fg_runtime *rt);
+/* Smallest dram_budget the streaming modes accept with this config (bytes). */
+int64_t fg_runtime_min_budget(const fg_runtime *rt);
+/* Slots and pinned rows of a layer after load. */
+int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
+                              int32_t *pinned);
+/* Which read engine runs (FG_IO_THREADS or FG_IO_URING; 0 in dense mode). */
+int fg_runtime_io_backend(const fg_runtime *rt);
 /* 1 when the payload is read with direct I/O, 0 when buffered (refused by the fs). */
 int fg_runtime_direct_io(const fg_runtime *rt);
 /* Compute one layer's FFN: x and y are n_tokens rows of n_embd floats. */
 int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens);
+/* The same over exactly the rows where mask[i] != 0 (n_ff bytes, row order) instead of the
+ * mode's choice, through the cache and reads of streaming modes (oracle tests, no-op for
+ * dense weights already resident). */
+int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *y,
+                          int32_t n_tokens, const uint8_t *mask);
+/* The predictor's decisions for n_tokens rows of x: out is n_tokens x n_ff bytes (0/1). */
+int fg_runtime_predict(fg_runtime *rt, int32_t layer, const float *x, int32_t n_tokens,
+                       uint8_t *out);
+
+/* ---- inspection and fault injection (tests) --------------------------------------- */
+/* Row held by each slot (-1 free) and its last-use token stamp; slots [0, pinned) hold
+ * rows [0, pinned). Arrays of capacity entries. *clock receives the layer's token stamp. */
+int fg_runtime_debug_slots(const fg_runtime *rt, int32_t layer, int32_t *row_of_slot,
+                           uint64_t *last_used, uint64_t *clock);
+/* Copy the resident bytes of row (bundle_stride bytes); FG_ERR_ARG if not resident. */
+int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void *out);
+/* Reads logged since creation (cfg.read_log_cap): copies up to cap, returns the count. */
+int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t *len,
+                               int64_t cap);
+/* Every read fails with errno_value once `after` more reads have succeeded (0 disables). */
+void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after);
 /* First error raised inside the eval callback since the last call (then cleared);
  * FG_OK if none. msg receives a description (may be NULL). */
 int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);

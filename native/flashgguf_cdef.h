@@ -8,6 +8,7 @@
 #define FG_ERR_SHAPE ...
 #define FG_ERR_STATE ...
 #define FG_ERR_THREADS ...
+#define FG_ERR_BUDGET ...
 #define FG_TYPE_F32 ...
 #define FG_TYPE_F16 ...
 #define FG_TYPE_Q4_0 ...
@@ -23,6 +24,13 @@
 #define FG_PART_GATE ...
 #define FG_PART_UP ...
 #define FG_PART_DOWN ...
+#define FG_MODE_DENSE ...
+#define FG_MODE_NAIVE ...
+#define FG_MODE_HYBRID ...
+#define FG_MODE_PREDICTED ...
+#define FG_IO_AUTO ...
+#define FG_IO_THREADS ...
+#define FG_IO_URING ...
 
 const char *fg_strerror(int code);
 const char *fg_build_info(void);
@@ -58,24 +66,56 @@ typedef struct fg_config {
     int32_t use_direct_io;
     char input_node[32];
     char output_node[32];
+    int32_t mode;
+    int64_t dram_budget;
+    float pinned_share;
+    int32_t window_tokens;
+    int32_t coalesce_gap;
+    int32_t io_backend;
+    int32_t io_depth;
+    int32_t max_read_bytes;
+    int32_t read_log_cap;
 } fg_config;
 
 typedef struct fg_stats {
     uint64_t tokens;
     uint64_t bytes_read;
     uint64_t reads;
+    uint64_t cache_hits;
+    uint64_t cache_misses;
     uint64_t neurons_computed;
-    double time_io_s;
+    uint64_t pinned_neurons;
+    uint64_t window_evictions;
+    double time_predict_s;
+    double time_io_wait_s;
     double time_ffn_s;
+    double time_total_s;
 } fg_stats;
 
 int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out);
 void fg_runtime_destroy(fg_runtime *rt);
 int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
                          const float *up_bias, const float *gate_bias, const float *down_bias);
-int fg_runtime_load_all(fg_runtime *rt);
+int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const void *a,
+                             const void *b, const void *b_up, const float *scale,
+                             float threshold);
+int fg_runtime_load(fg_runtime *rt);
+int64_t fg_runtime_min_budget(const fg_runtime *rt);
+int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
+                              int32_t *pinned);
+int fg_runtime_io_backend(const fg_runtime *rt);
 int fg_runtime_direct_io(const fg_runtime *rt);
 int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens);
+int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *y,
+                          int32_t n_tokens, const uint8_t *mask);
+int fg_runtime_predict(fg_runtime *rt, int32_t layer, const float *x, int32_t n_tokens,
+                       uint8_t *out);
+int fg_runtime_debug_slots(const fg_runtime *rt, int32_t layer, int32_t *row_of_slot,
+                           uint64_t *last_used, uint64_t *clock);
+int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void *out);
+int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t *len,
+                               int64_t cap);
+void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after);
 int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);
 void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out);
 void fg_runtime_reset_stats(fg_runtime *rt);

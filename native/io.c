@@ -11,6 +11,7 @@
 int fg_reader_open(fg_reader *r, const char *path, int want_direct, size_t bounce_cap) {
     memset(r, 0, sizeof *r);
     r->fd = -1;
+    r->inject_after = -1;
     int fd = -1;
     int direct = 0;
 #if defined(O_DIRECT)
@@ -53,8 +54,12 @@ int fg_reader_open(fg_reader *r, const char *path, int want_direct, size_t bounc
 void fg_reader_close(fg_reader *r) {
     if (r->fd >= 0) close(r->fd);
     free(r->bounce);
+    free(r->log.offset);
+    free(r->log.len);
     r->fd = -1;
     r->bounce = NULL;
+    r->log.offset = NULL;
+    r->log.len = NULL;
 }
 
 /* The file system accepted O_DIRECT at open but refuses this read: drop to buffered. */
@@ -67,32 +72,51 @@ static int drop_direct(fg_reader *r) {
     return 0;
 }
 
-/* pread until len bytes or end of file; returns bytes read or -1 (errno set). */
-static ssize_t pread_full(int fd, void *dst, size_t len, uint64_t offset) {
+int fg_reader_injected(fg_reader *r) {
+    const int e = __atomic_load_n(&r->inject_errno, __ATOMIC_RELAXED);
+    if (e == 0) return 0;
+    if (__atomic_fetch_sub(&r->inject_after, 1, __ATOMIC_RELAXED) > 0) return 0;
+    __atomic_store_n(&r->inject_after, 0, __ATOMIC_RELAXED);
+    return e;
+}
+
+int64_t fg_reader_pread(fg_reader *r, void *dst, size_t len, uint64_t offset) {
+    const int injected = fg_reader_injected(r);
+    if (injected != 0) return -(int64_t)injected;
     size_t done = 0;
     while (done < len) {
-        const ssize_t got = pread(fd, (uint8_t *)dst + done, len - done, (off_t)(offset + done));
+        const ssize_t got = pread(r->fd, (uint8_t *)dst + done, len - done, (off_t)(offset + done));
         if (got < 0) {
             if (errno == EINTR) continue;
-            return -1;
+            return -(int64_t)errno;
         }
         if (got == 0) break;
         done += (size_t)got;
     }
-    return (ssize_t)done;
+    return (int64_t)done;
+}
+
+void fg_reader_account(fg_reader *r, uint64_t offset, uint64_t len) {
+    r->reads++;
+    r->bytes_read += len;
+    fg_read_log *log = &r->log;
+    if (log->n < log->cap) {
+        log->offset[log->n] = offset;
+        log->len[log->n] = len;
+    }
+    if (log->cap > 0) log->n++;
 }
 
 int fg_reader_read(fg_reader *r, uint64_t offset, size_t len, void *dst) {
     uint8_t *out = dst;
     while (len > 0) {
         if (!r->direct) {
-            const ssize_t got = pread_full(r->fd, out, len, offset);
+            const int64_t got = fg_reader_pread(r, out, len, offset);
             if (got < 0) {
-                r->last_errno = errno;
+                r->last_errno = (int)-got;
                 return FG_ERR_IO;
             }
-            r->reads++;
-            r->bytes_read += (uint64_t)got;
+            fg_reader_account(r, offset, (uint64_t)got);
             if ((size_t)got < len) return FG_ERR_SHORT_READ;
             return FG_OK;
         }
@@ -103,14 +127,13 @@ int fg_reader_read(fg_reader *r, uint64_t offset, size_t len, void *dst) {
         size_t chunk = len;
         if (lead + chunk > r->bounce_cap) chunk = r->bounce_cap - lead;
         const size_t span = (lead + chunk + FG_IO_ALIGN - 1) / FG_IO_ALIGN * FG_IO_ALIGN;
-        const ssize_t got = pread_full(r->fd, r->bounce, span, start);
+        const int64_t got = fg_reader_pread(r, r->bounce, span, start);
         if (got < 0) {
-            if (errno == EINVAL && drop_direct(r) == 0) continue;
-            r->last_errno = errno;
+            if (got == -EINVAL && drop_direct(r) == 0) continue;
+            r->last_errno = (int)-got;
             return FG_ERR_IO;
         }
-        r->reads++;
-        r->bytes_read += (uint64_t)got;
+        fg_reader_account(r, start, (uint64_t)got);
         if ((size_t)got < lead + chunk) return FG_ERR_SHORT_READ;
         memcpy(out, r->bounce + lead, chunk);
         out += chunk;

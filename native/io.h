@@ -1,13 +1,22 @@
-/* Payload reads: direct I/O (O_DIRECT / F_NOCACHE) with a buffered fallback. */
+/* Payload reads: direct I/O (O_DIRECT / F_NOCACHE) with a buffered fallback, and an engine
+ * that keeps many coalesced reads in flight (a pthread pool issuing pread, or io_uring). */
 #ifndef FLASHGGUF_IO_H
 #define FLASHGGUF_IO_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
 /* Direct I/O needs offsets, lengths and buffers aligned to the logical block size;
  * 4096 covers every device we target (512-byte and 4K sectors). */
 #define FG_IO_ALIGN 4096
+
+/* Every read issued (offset, length), kept when the runtime is asked to log them (tests). */
+typedef struct fg_read_log {
+    uint64_t *offset;
+    uint64_t *len;
+    size_t cap, n;        /* entries past cap are counted in n but not stored */
+} fg_read_log;
 
 typedef struct fg_reader {
     int fd;
@@ -17,6 +26,9 @@ typedef struct fg_reader {
     uint64_t bytes_read;  /* bytes transferred from the device (aligned sizes) */
     uint64_t reads;       /* pread calls that returned data */
     int last_errno;
+    int inject_errno;     /* test hook: reads fail with this errno once inject_after ... */
+    int64_t inject_after; /* ... more reads have succeeded (-1: never) */
+    fg_read_log log;
 } fg_reader;
 
 /* Open path read-only; want_direct=1 tries direct I/O and falls back to buffered reads
@@ -26,5 +38,76 @@ void fg_reader_close(fg_reader *r);
 /* Read exactly len bytes at offset into dst (any alignment). FG_ERR_SHORT_READ if the file
  * ends first, FG_ERR_IO on a read error (errno in last_errno). */
 int fg_reader_read(fg_reader *r, uint64_t offset, size_t len, void *dst);
+/* pread of [offset, offset + len) into dst, retried until done or end of file, through the
+ * error-injection hook; returns bytes read or -errno. */
+int64_t fg_reader_pread(fg_reader *r, void *dst, size_t len, uint64_t offset);
+/* The test hook's errno when this read must fail, else 0 (thread-safe). */
+int fg_reader_injected(fg_reader *r);
+/* Count (and log) one read; the caller holds whatever lock guards r's counters. */
+void fg_reader_account(fg_reader *r, uint64_t offset, uint64_t len);
+
+/* ---- the read engine -------------------------------------------------------------- */
+
+#define FG_IO_AUTO     0
+#define FG_IO_THREADS  1
+#define FG_IO_URING    2
+
+/* One read of whole rows [row0, row0 + n_rows) of a layer (one coalesced run of misses,
+ * possibly with gap rows read through). */
+typedef struct fg_read {
+    uint64_t offset;      /* file offset of the read (aligned for direct I/O) */
+    uint64_t len;         /* bytes to read (aligned for direct I/O) */
+    uint64_t need;        /* bytes that must arrive: up to the end of the last row */
+    int32_t copy0;        /* its rows in the job's copy table: [copy0, copy0 + n_copy) */
+    int32_t n_copy;
+} fg_read;
+
+/* Where a row of a read goes: bytes [src, src + row_bytes) of the read land at dst. */
+typedef struct fg_copy {
+    uint64_t src;
+    uint8_t *dst;
+} fg_copy;
+
+typedef struct fg_uring fg_uring;
+
+typedef struct fg_io {
+    fg_reader *reader;
+    int backend;               /* FG_IO_THREADS or FG_IO_URING after init */
+    int depth;                 /* reads in flight at most */
+    size_t staging_cap;        /* bytes of one staging buffer (largest read) */
+    uint8_t *staging;          /* depth buffers of staging_cap bytes, FG_IO_ALIGN-aligned */
+
+    /* the current job */
+    const fg_read *reads;
+    const fg_copy *copies;
+    size_t row_bytes;
+    int32_t n_reads, next, done;
+    int err;                   /* first error of the job (FG_OK if none) */
+
+    /* threads backend */
+    pthread_t *threads;
+    int n_threads;
+    int stop;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_done;
+    int sync_ready;
+
+    /* io_uring backend */
+    fg_uring *ring;
+} fg_io;
+
+/* Start the engine: backend FG_IO_AUTO picks the default (threads; see BENCHMARKS.md),
+ * FG_IO_URING falls back to threads when the kernel refuses io_uring (EPERM/ENOSYS in
+ * containers). depth reads in flight, each at most staging_cap bytes. */
+int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t staging_cap);
+void fg_io_destroy(fg_io *io);
+/* Start reading; returns at once. reads must stay valid until fg_io_wait. */
+int fg_io_submit(fg_io *io, const fg_read *reads, int32_t n_reads, const fg_copy *copies,
+                 size_t row_bytes);
+/* Wait until every read of the job has landed and its rows are copied; FG_OK or the first
+ * error (FG_ERR_IO with errno in reader->last_errno, FG_ERR_SHORT_READ). */
+int fg_io_wait(fg_io *io);
+/* Check a landed read (got bytes or -errno), copy its rows to their slots and count it. */
+int fg_io_finish_read(fg_io *io, const fg_read *rd, const uint8_t *buf, int64_t got);
 
 #endif

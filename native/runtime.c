@@ -10,8 +10,12 @@
 
 #include "runtime_internal.h"
 
-/* Large sequential reads for the dense load; also the bounce buffer size. */
+/* Large sequential reads for the dense and pinned loads; also the bounce buffer size. */
 #define FG_LOAD_CHUNK (8u << 20)
+/* A streaming layer must hold its pinned rows plus one read round: this share of its
+ * unpinned rows (at least one). Calls that need more rows than fit stream them through
+ * the slots in several rounds, so any budget above the minimum gives exact results. */
+#define FG_MIN_ROUND_DIVISOR 8
 
 double fg_now_seconds(void) {
     struct timespec ts;
@@ -32,9 +36,23 @@ static void *alloc_zeroed(size_t n) {
     return p;
 }
 
+static int check_streaming_config(const fg_config *c) {
+    if (c->mode == FG_MODE_DENSE) return FG_OK;
+    if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_PREDICTED) return FG_ERR_ARG;
+    if (c->dram_budget <= 0 || !(c->pinned_share >= 0.0f && c->pinned_share <= 1.0f) ||
+        c->window_tokens < 0 || c->coalesce_gap < 0 || c->io_depth < 1 || c->io_depth > 1024 ||
+        c->io_backend < FG_IO_AUTO || c->io_backend > FG_IO_URING) {
+        return FG_ERR_ARG;
+    }
+    /* one row, unaligned at both ends, must fit a read */
+    if ((int64_t)c->max_read_bytes < c->bundle_stride + 2 * FG_IO_ALIGN) return FG_ERR_ARG;
+    return FG_OK;
+}
+
 static int check_config(const fg_config *c) {
     if (c->n_layer <= 0 || c->n_embd <= 0 || c->n_ff <= 0 || c->max_tokens <= 0 ||
-        c->n_threads <= 0 || c->n_threads_batch <= 0 || c->bundle_stride <= 0) {
+        c->n_threads <= 0 || c->n_threads_batch <= 0 || c->bundle_stride <= 0 ||
+        c->read_log_cap < 0) {
         return FG_ERR_ARG;
     }
     if (c->activation < FG_ACT_SILU || c->activation > FG_ACT_DRELU) return FG_ERR_ARG;
@@ -53,7 +71,7 @@ static int check_config(const fg_config *c) {
         c->output_node[0] == 0) {
         return FG_ERR_ARG;
     }
-    return FG_OK;
+    return check_streaming_config(c);
 }
 
 int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) {
@@ -75,8 +93,10 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
     const int up_vt = fg_vec_dot_type(c->part_type[FG_PART_UP]);
     rt->dot_gate = c->gated ? fg_vec_dot_fast_fn(c->part_type[FG_PART_GATE]) : NULL;
     rt->dot_up = fg_vec_dot_fast_fn(c->part_type[FG_PART_UP]);
+    rt->dot_q8 = fg_vec_dot_fast_fn(FG_TYPE_Q8_0);
     rt->quant_gate = fg_quantize_fast_fn(gate_vt);
     rt->quant_up = fg_quantize_fast_fn(up_vt);
+    rt->quant_q8 = fg_quantize_fast_fn(FG_TYPE_Q8_0);
     rt->axpy_down = fg_axpy_fast_fn(c->part_type[FG_PART_DOWN]);
     rt->xq_gate_row = fg_row_size(gate_vt, c->n_embd);
     rt->xq_up_row = fg_row_size(up_vt, c->n_embd);
@@ -92,8 +112,19 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
     rt->partial = alloc_zeroed(max_threads * rows * embd * sizeof(float));
     rt->hidden = alloc_zeroed(max_threads * 2 * rows * sizeof(float));
     rt->ffn_out = alloc_zeroed(rows * embd * sizeof(float));
-    if (!rt->layers || !rt->pending_rows || !rt->xq_gate || !rt->xq_up || !rt->partial ||
-        !rt->hidden || !rt->ffn_out) {
+    int ok = rt->layers && rt->pending_rows && rt->xq_gate && rt->xq_up && rt->partial &&
+             rt->hidden && rt->ffn_out;
+    if (ok && c->n_embd % QK8_0 == 0) {
+        rt->pred_xq = alloc_zeroed(fg_row_size(FG_TYPE_Q8_0, c->n_embd));
+        ok = rt->pred_xq != NULL;
+    }
+    if (ok && c->read_log_cap > 0) {
+        rt->reader.log.offset = calloc((size_t)c->read_log_cap, sizeof(uint64_t));
+        rt->reader.log.len = calloc((size_t)c->read_log_cap, sizeof(uint64_t));
+        rt->reader.log.cap = (size_t)c->read_log_cap;
+        ok = rt->reader.log.offset && rt->reader.log.len;
+    }
+    if (!ok) {
         fg_runtime_destroy(rt);
         return FG_ERR_NOMEM;
     }
@@ -103,12 +134,16 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
 
 void fg_runtime_destroy(fg_runtime *rt) {
     if (rt == NULL) return;
+    fg_io_destroy(&rt->io); /* first: its workers may touch the reader */
     if (rt->layers != NULL) {
         for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
-            free(rt->layers[l].bundles);
-            free(rt->layers[l].up_bias);
-            free(rt->layers[l].gate_bias);
-            free(rt->layers[l].down_bias);
+            fg_layer *L = &rt->layers[l];
+            free(L->bundles);
+            free(L->up_bias);
+            free(L->gate_bias);
+            free(L->down_bias);
+            fg_predictor_release(&L->pred);
+            fg_cache_free(&L->cache);
         }
     }
     free(rt->layers);
@@ -118,6 +153,17 @@ void fg_runtime_destroy(fg_runtime *rt) {
     free(rt->partial);
     free(rt->hidden);
     free(rt->ffn_out);
+    free(rt->need_mask);
+    free(rt->need);
+    free(rt->res_rows);
+    free(rt->res_idx);
+    free(rt->miss_rows);
+    free(rt->miss_idx);
+    free(rt->reads);
+    free(rt->copies);
+    free(rt->pred_xq);
+    free(rt->pred_z);
+    free(rt->pred_zq);
     fg_reader_close(&rt->reader);
     free(rt);
 }
@@ -146,12 +192,56 @@ int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
     return FG_OK;
 }
 
-int fg_runtime_load_all(fg_runtime *rt) {
-    const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)rt->cfg.bundle_stride;
-    const double t0 = fg_now_seconds();
-    for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
-        if (!rt->layers[l].has_offset) return FG_ERR_STATE;
+/* ---- budget plan ------------------------------------------------------------------ */
+
+static int64_t predictor_bytes(const fg_runtime *rt) {
+    int64_t total = 0;
+    for (int32_t l = 0; l < rt->cfg.n_layer; l++) total += (int64_t)rt->layers[l].pred.nbytes;
+    return total;
+}
+
+/* Slots one read round needs when pinned rows are resident. */
+static int32_t round_rows(const fg_config *c, int32_t pinned) {
+    return (c->n_ff - pinned + FG_MIN_ROUND_DIVISOR - 1) / FG_MIN_ROUND_DIVISOR;
+}
+
+static int32_t pinned_rows(const fg_config *c, int32_t capacity) {
+    switch (c->mode) {
+    case FG_MODE_HYBRID: { /* half the layer, or as much of it as leaves one read round */
+        int32_t p = c->n_ff / 2 < capacity ? c->n_ff / 2 : capacity;
+        while (p > 0 && capacity - p < round_rows(c, p)) p--;
+        return p;
     }
+    case FG_MODE_PREDICTED: return (int32_t)((double)c->pinned_share * capacity);
+    default: return 0;
+    }
+}
+
+/* A layer of capacity slots holds its pinned rows and one read round. */
+static int capacity_fits(const fg_config *c, int32_t capacity) {
+    const int32_t pinned = pinned_rows(c, capacity);
+    return pinned <= capacity && capacity - pinned >= round_rows(c, pinned);
+}
+
+static int32_t layer_capacity(const fg_runtime *rt) {
+    const fg_config *c = &rt->cfg;
+    const int64_t avail = c->dram_budget - predictor_bytes(rt);
+    if (avail <= 0) return 0;
+    const int64_t cap = avail / c->n_layer / c->bundle_stride;
+    return cap > c->n_ff ? c->n_ff : (int32_t)cap;
+}
+
+int64_t fg_runtime_min_budget(const fg_runtime *rt) {
+    const fg_config *c = &rt->cfg;
+    int32_t cap = 1;
+    while (cap < c->n_ff && !capacity_fits(c, cap)) cap++;
+    return predictor_bytes(rt) + (int64_t)c->n_layer * cap * c->bundle_stride;
+}
+
+/* ---- load ------------------------------------------------------------------------- */
+
+static int load_dense(fg_runtime *rt) {
+    const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)rt->cfg.bundle_stride;
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
         fg_layer *L = &rt->layers[l];
         if (L->bundles == NULL) {
@@ -162,22 +252,92 @@ int fg_runtime_load_all(fg_runtime *rt) {
         const int rc = fg_reader_read(&rt->reader, L->bundle_offset, bytes, L->bundles);
         if (rc != FG_OK) return rc;
     }
-    rt->loaded = 1;
-    rt->stats.bytes_read = rt->reader.bytes_read;
-    rt->stats.reads = rt->reader.reads;
-    rt->stats.time_io_s += fg_now_seconds() - t0;
     return FG_OK;
 }
 
+static int alloc_streaming_scratch(fg_runtime *rt) {
+    const size_t n_ff = (size_t)rt->cfg.n_ff;
+    rt->need_mask = calloc(n_ff, 1);
+    rt->need = malloc(n_ff * sizeof *rt->need);
+    rt->res_rows = malloc(n_ff * sizeof *rt->res_rows);
+    rt->res_idx = malloc(n_ff * sizeof *rt->res_idx);
+    rt->miss_rows = malloc(n_ff * sizeof *rt->miss_rows);
+    rt->miss_idx = malloc(n_ff * sizeof *rt->miss_idx);
+    rt->reads = malloc(n_ff * sizeof *rt->reads);
+    rt->copies = malloc(n_ff * sizeof *rt->copies);
+    if (!rt->need_mask || !rt->need || !rt->res_rows || !rt->res_idx || !rt->miss_rows ||
+        !rt->miss_idx || !rt->reads || !rt->copies) {
+        return FG_ERR_NOMEM;
+    }
+    return FG_OK;
+}
+
+static int load_streaming(fg_runtime *rt) {
+    const fg_config *c = &rt->cfg;
+    for (int32_t l = 0; l < c->n_layer; l++) {
+        if (c->mode == FG_MODE_PREDICTED && rt->layers[l].pred.rank == 0) return FG_ERR_STATE;
+    }
+    const int32_t capacity = layer_capacity(rt);
+    if (capacity < 1 || !capacity_fits(c, capacity)) return FG_ERR_BUDGET;
+    const int32_t pinned = pinned_rows(c, capacity);
+    int rc = alloc_streaming_scratch(rt);
+    for (int32_t l = 0; rc == FG_OK && l < c->n_layer; l++) {
+        fg_layer *L = &rt->layers[l];
+        rc = fg_cache_alloc(&L->cache, c->n_ff, capacity, pinned, (size_t)c->bundle_stride);
+        if (rc == FG_OK && pinned > 0) {
+            rc = fg_reader_read(&rt->reader, L->bundle_offset,
+                                (size_t)pinned * (size_t)c->bundle_stride, L->cache.slots);
+        }
+    }
+    if (rc == FG_OK) {
+        rc = fg_io_init(&rt->io, &rt->reader, c->io_backend, c->io_depth,
+                        (size_t)c->max_read_bytes);
+    }
+    rt->stats.pinned_neurons = (uint64_t)pinned * (uint64_t)c->n_layer;
+    return rc;
+}
+
+int fg_runtime_load(fg_runtime *rt) {
+    if (rt->loaded) return FG_ERR_STATE;
+    for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
+        if (!rt->layers[l].has_offset) return FG_ERR_STATE;
+    }
+    const double t0 = fg_now_seconds();
+    const int rc = rt->cfg.mode == FG_MODE_DENSE ? load_dense(rt) : load_streaming(rt);
+    rt->stats.time_io_wait_s += fg_now_seconds() - t0;
+    rt->stats.bytes_read = rt->reader.bytes_read;
+    rt->stats.reads = rt->reader.reads;
+    if (rc == FG_OK) rt->loaded = 1;
+    return rc;
+}
+
+int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
+                              int32_t *pinned) {
+    if (layer < 0 || layer >= rt->cfg.n_layer) return FG_ERR_ARG;
+    if (!rt->loaded) return FG_ERR_STATE;
+    const fg_cache *C = &rt->layers[layer].cache;
+    const int dense = rt->cfg.mode == FG_MODE_DENSE;
+    *capacity = dense ? rt->cfg.n_ff : C->capacity;
+    *pinned = dense ? rt->cfg.n_ff : C->n_pinned;
+    return FG_OK;
+}
+
+int fg_runtime_io_backend(const fg_runtime *rt) { return rt->loaded ? rt->io.backend : 0; }
+
 int fg_runtime_direct_io(const fg_runtime *rt) { return rt->reader.direct; }
 
-/* One thread's share of the FFN: neurons [i0, i1) for every token, summed into acc. */
-static void ffn_neurons(const fg_runtime *rt, const fg_layer *L, int64_t i0, int64_t i1,
-                        int32_t n_tokens, float *acc, float *gate_vals, float *up_vals) {
+/* ---- FFN arithmetic --------------------------------------------------------------- */
+
+/* Rows [k0, k1) of a list for every token, summed into acc: row k is rows[k] (neuron
+ * idx[k]), or with rows == NULL the dense bundle row k. */
+static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
+                     const int32_t *idx, int64_t k0, int64_t k1, int32_t n_tokens, float *acc,
+                     float *gate_vals, float *up_vals) {
     const fg_config *c = &rt->cfg;
     const int64_t embd = c->n_embd;
-    for (int64_t i = i0; i < i1; i++) {
-        const uint8_t *row = L->bundles + i * c->bundle_stride;
+    for (int64_t k = k0; k < k1; k++) {
+        const int64_t i = idx != NULL ? idx[k] : k;
+        const uint8_t *row = rows != NULL ? rows[k] : L->bundles + i * c->bundle_stride;
         const uint8_t *up_w = row + c->part_offset[FG_PART_UP];
         const uint8_t *down_w = row + c->part_offset[FG_PART_DOWN];
         for (int32_t t = 0; t < n_tokens; t++) {
@@ -211,25 +371,19 @@ static void ffn_neurons(const fg_runtime *rt, const fg_layer *L, int64_t i0, int
     }
 }
 
-int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens) {
+static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
+    return n_tokens > 1 ? rt->cfg.n_threads_batch : rt->cfg.n_threads;
+}
+
+/* Add n rows of a list to the per-thread partial sums; first: start them from zero. */
+static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
+                           const int32_t *idx, int64_t n, int32_t n_tokens, int first) {
     const fg_config *c = &rt->cfg;
-    if (layer < 0 || layer >= c->n_layer || n_tokens <= 0 || n_tokens > c->max_tokens) {
-        return FG_ERR_ARG;
-    }
-    if (!rt->loaded) return FG_ERR_STATE;
-    const double t0 = fg_now_seconds();
-    const fg_layer *L = &rt->layers[layer];
     const size_t embd = (size_t)c->n_embd;
-    for (int32_t t = 0; t < n_tokens; t++) {
-        rt->quant_up(x + t * embd, rt->xq_up + (size_t)t * rt->xq_up_row, c->n_embd);
-        if (c->gated) {
-            rt->quant_gate(x + t * embd, rt->xq_gate + (size_t)t * rt->xq_gate_row, c->n_embd);
-        }
-    }
     const size_t n_out = (size_t)n_tokens * embd;
+    const int want = first ? ffn_threads(rt, n_tokens) : rt->partial_threads;
 #ifdef _OPENMP
-    const int n_threads = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(want)
 #endif
     {
 #ifdef _OPENMP
@@ -242,28 +396,260 @@ int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int3
         float *acc = rt->partial + (size_t)tid * (size_t)c->max_tokens * embd;
         float *gate_vals = rt->hidden + (size_t)tid * 2 * (size_t)c->max_tokens;
         float *up_vals = gate_vals + c->max_tokens;
-        memset(acc, 0, n_out * sizeof(float));
-        const int64_t i0 = (int64_t)c->n_ff * tid / nth;
-        const int64_t i1 = (int64_t)c->n_ff * (tid + 1) / nth;
-        ffn_neurons(rt, L, i0, i1, n_tokens, acc, gate_vals, up_vals);
+        if (first) {
+            memset(acc, 0, n_out * sizeof(float));
+            if (tid == 0) rt->partial_threads = nth;
+        }
+        ffn_rows(rt, L, rows, idx, n * tid / nth, n * (tid + 1) / nth, n_tokens, acc,
+                 gate_vals, up_vals);
+    }
+}
+
+/* y = sum of the partial sums (+ down bias); each thread owns a slice of the output. */
+static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_tokens) {
+    const fg_config *c = &rt->cfg;
+    const size_t embd = (size_t)c->n_embd;
+    const size_t n_out = (size_t)n_tokens * embd;
+    const int parts = rt->partial_threads;
 #ifdef _OPENMP
-#pragma omp barrier
+#pragma omp parallel num_threads(parts)
 #endif
-        /* Sum the per-thread partials; each thread owns a slice of the output. */
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num();
+        const int nth = omp_get_num_threads();
+#else
+        const int tid = 0;
+        const int nth = 1;
+#endif
         const size_t e0 = n_out * (size_t)tid / (size_t)nth;
         const size_t e1 = n_out * (size_t)(tid + 1) / (size_t)nth;
         for (size_t e = e0; e < e1; e++) {
             float s = rt->partial[e];
-            for (int k = 1; k < nth; k++) s += rt->partial[(size_t)k * c->max_tokens * embd + e];
+            for (int k = 1; k < parts; k++) s += rt->partial[(size_t)k * c->max_tokens * embd + e];
             if (L->down_bias != NULL) s += L->down_bias[e % embd];
             y[e] = s;
         }
     }
-    if (layer == 0) rt->stats.tokens += (uint64_t)n_tokens;
-    rt->stats.neurons_computed += (uint64_t)c->n_ff * (uint64_t)n_tokens;
+}
+
+static void quantize_inputs(fg_runtime *rt, const float *x, int32_t n_tokens) {
+    const fg_config *c = &rt->cfg;
+    const size_t embd = (size_t)c->n_embd;
+    for (int32_t t = 0; t < n_tokens; t++) {
+        rt->quant_up(x + t * embd, rt->xq_up + (size_t)t * rt->xq_up_row, c->n_embd);
+        if (c->gated) {
+            rt->quant_gate(x + t * embd, rt->xq_gate + (size_t)t * rt->xq_gate_row, c->n_embd);
+        }
+    }
+}
+
+/* ---- streaming: decide, look up, read, compute ------------------------------------ */
+
+/* Rows needed by this call, ascending, into rt->need; returns how many. */
+static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
+                           int32_t n_tokens, const uint8_t *mask) {
+    const fg_config *c = &rt->cfg;
+    int32_t n = 0;
+    if (mask != NULL) {
+        for (int32_t i = 0; i < c->n_ff; i++) {
+            if (mask[i]) rt->need[n++] = i;
+        }
+        return n;
+    }
+    if (c->mode != FG_MODE_PREDICTED) { /* naive and hybrid read the whole layer */
+        for (int32_t i = 0; i < c->n_ff; i++) rt->need[n++] = i;
+        return n;
+    }
+    const int32_t pinned = L->cache.n_pinned;
+    memset(rt->need_mask + pinned, 0, (size_t)(c->n_ff - pinned));
+    fg_predict_rows(rt, L, x, n_tokens, pinned, rt->need_mask, 0);
+    for (int32_t i = 0; i < pinned; i++) rt->need[n++] = i;
+    for (int32_t i = pinned; i < c->n_ff; i++) {
+        if (rt->need_mask[i]) rt->need[n++] = i;
+    }
+    return n;
+}
+
+/* Coalesce rows (ascending) into reads: a row joins the previous read when at most
+ * coalesce_gap rows lie between them, or when its aligned blocks touch the read's (then
+ * joining costs no extra bytes), and the read stays within one staging buffer. Direct I/O
+ * reads whole aligned blocks around the rows. Returns the number of reads. */
+static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows,
+                          const uint8_t *const *dst, int32_t n) {
+    const fg_config *c = &rt->cfg;
+    const uint64_t align = rt->reader.direct ? FG_IO_ALIGN : 1;
+    const uint64_t stride = (uint64_t)c->bundle_stride;
+    const uint64_t cap = rt->io.staging_cap;
+    int32_t n_reads = 0;
+    for (int32_t k = 0; k < n; k++) {
+        const uint64_t start = L->bundle_offset + (uint64_t)rows[k] * stride;
+        const uint64_t end = start + stride;
+        const uint64_t end_aligned = (end + align - 1) / align * align;
+        const uint64_t first = start / align * align;
+        const fg_read *prev = n_reads > 0 ? &rt->reads[n_reads - 1] : NULL;
+        if (prev != NULL && end_aligned - prev->offset <= cap &&
+            (rows[k] - rows[k - 1] - 1 <= c->coalesce_gap || first <= prev->offset + prev->len)) {
+            fg_read *rd = &rt->reads[n_reads - 1];
+            rd->len = end_aligned - rd->offset;
+            rd->need = end - rd->offset;
+            rt->copies[k] = (fg_copy){start - rd->offset, (uint8_t *)dst[k]};
+            rd->n_copy++;
+            continue;
+        }
+        rt->reads[n_reads++] = (fg_read){first, end_aligned - first, end - first, k, 1};
+        rt->copies[k] = (fg_copy){start - first, (uint8_t *)dst[k]};
+    }
+    return n_reads;
+}
+
+/* The reads meant to fill these rows' slots failed: the slots do not hold the rows. */
+static void forget_batch(fg_cache *C, const int32_t *rows, int32_t n) {
+    for (int32_t k = 0; k < n; k++) fg_cache_forget(C, C->slot_of[rows[k]]);
+}
+
+static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y,
+                         int32_t n_tokens, const uint8_t *mask) {
+    const fg_config *c = &rt->cfg;
+    fg_layer *L = &rt->layers[layer];
+    fg_cache *C = &L->cache;
+    const size_t stride = (size_t)c->bundle_stride;
+    C->clock += (uint64_t)n_tokens;
+
+    double t = fg_now_seconds();
+    const int32_t n_need = needed_rows(rt, L, x, n_tokens, mask);
+    rt->stats.time_predict_s += fg_now_seconds() - t;
+    if (c->mode != FG_MODE_PREDICTED) fg_cache_release_all(C); /* no cache between calls */
+
+    /* split into resident rows (pinned, cache hits) and misses */
+    uint64_t round = ++rt->round;
+    int32_t n_res = 0, n_miss = 0, n_pinned = 0;
+    for (int32_t k = 0; k < n_need; k++) {
+        const int32_t i = rt->need[k];
+        const int32_t s = C->slot_of[i];
+        if (s >= 0) {
+            fg_cache_touch(C, s, round);
+            rt->res_rows[n_res] = C->slots + (size_t)s * stride;
+            rt->res_idx[n_res++] = i;
+            n_pinned += s < C->n_pinned;
+        } else {
+            rt->miss_idx[n_miss++] = i;
+        }
+    }
+    rt->stats.cache_hits += (uint64_t)(n_res - n_pinned);
+    rt->stats.cache_misses += (uint64_t)n_miss;
+
+    /* rounds: give as many misses as possible a slot, read them while the resident rows
+     * are computed (first round), then compute them */
+    int32_t done = 0;
+    int first = 1;
+    int rc = FG_OK;
+    do {
+        const int32_t b0 = done;
+        while (done < n_miss) {
+            int in_window = 0;
+            const int32_t s = fg_cache_take(C, rt->miss_idx[done], round, c->window_tokens,
+                                            &in_window);
+            if (s < 0) break;
+            rt->stats.window_evictions += (uint64_t)in_window;
+            rt->miss_rows[done++] = C->slots + (size_t)s * stride;
+        }
+        const int32_t n_batch = done - b0;
+        const int32_t n_reads = plan_reads(rt, L, rt->miss_idx + b0, rt->miss_rows + b0, n_batch);
+        /* plan_reads indexes copies from 0 for this batch */
+        if (n_reads > 0) rc = fg_io_submit(&rt->io, rt->reads, n_reads, rt->copies, stride);
+        if (rc != FG_OK) {
+            forget_batch(C, rt->miss_idx + b0, n_batch);
+            break;
+        }
+        const int first_round = first;
+        if (first) {
+            t = fg_now_seconds();
+            ffn_accumulate(rt, L, rt->res_rows, rt->res_idx, n_res, n_tokens, 1);
+            rt->stats.time_ffn_s += fg_now_seconds() - t;
+            first = 0;
+        }
+        if (n_reads > 0) {
+            t = fg_now_seconds();
+            rc = fg_io_wait(&rt->io);
+            rt->stats.time_io_wait_s += fg_now_seconds() - t;
+            if (rc != FG_OK) {
+                forget_batch(C, rt->miss_idx + b0, n_batch);
+                break;
+            }
+        }
+        t = fg_now_seconds();
+        ffn_accumulate(rt, L, rt->miss_rows + b0, rt->miss_idx + b0, n_batch, n_tokens, 0);
+        rt->stats.time_ffn_s += fg_now_seconds() - t;
+        round = ++rt->round;
+        /* the first round may find every unpinned slot holding this call's hits; later
+         * rounds can always evict (capacity >= pinned + 1) */
+        if (n_batch == 0 && done < n_miss && !first_round) {
+            rc = FG_ERR_STATE;
+            break;
+        }
+    } while (done < n_miss);
+    rt->stats.bytes_read = rt->reader.bytes_read;
+    rt->stats.reads = rt->reader.reads;
+    if (rc != FG_OK) return rc;
+    t = fg_now_seconds();
+    ffn_reduce(rt, L, y, n_tokens);
+    rt->stats.time_ffn_s += fg_now_seconds() - t;
+    rt->stats.neurons_computed += (uint64_t)n_need * (uint64_t)n_tokens;
+    return FG_OK;
+}
+
+static int ffn_dense(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens,
+                     const uint8_t *mask) {
+    const fg_config *c = &rt->cfg;
+    const fg_layer *L = &rt->layers[layer];
+    const double t0 = fg_now_seconds();
+    quantize_inputs(rt, x, n_tokens);
+    int64_t n = c->n_ff;
+    const int32_t *idx = NULL;
+    if (mask != NULL) {
+        n = 0;
+        for (int32_t i = 0; i < c->n_ff; i++) {
+            if (mask[i]) rt->miss_idx[n++] = i;
+        }
+        idx = rt->miss_idx;
+    }
+    ffn_accumulate(rt, L, NULL, idx, n, n_tokens, 1);
+    ffn_reduce(rt, L, y, n_tokens);
+    rt->stats.neurons_computed += (uint64_t)n * (uint64_t)n_tokens;
     rt->stats.time_ffn_s += fg_now_seconds() - t0;
     return FG_OK;
 }
+
+int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *y,
+                          int32_t n_tokens, const uint8_t *mask) {
+    const fg_config *c = &rt->cfg;
+    if (layer < 0 || layer >= c->n_layer || n_tokens <= 0 || n_tokens > c->max_tokens) {
+        return FG_ERR_ARG;
+    }
+    if (!rt->loaded) return FG_ERR_STATE;
+    if (mask != NULL && c->mode == FG_MODE_DENSE && rt->miss_idx == NULL) {
+        rt->miss_idx = malloc((size_t)c->n_ff * sizeof *rt->miss_idx); /* first masked call */
+        if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
+    }
+    const double t0 = fg_now_seconds();
+    int rc;
+    if (c->mode == FG_MODE_DENSE) {
+        rc = ffn_dense(rt, layer, x, y, n_tokens, mask);
+    } else {
+        quantize_inputs(rt, x, n_tokens);
+        rc = ffn_streaming(rt, layer, x, y, n_tokens, mask);
+    }
+    if (rc == FG_OK && layer == 0) rt->stats.tokens += (uint64_t)n_tokens;
+    rt->stats.time_total_s += fg_now_seconds() - t0;
+    return rc;
+}
+
+int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens) {
+    return fg_runtime_ffn_masked(rt, layer, x, y, n_tokens, NULL);
+}
+
+/* ---- errors, stats, inspection ---------------------------------------------------- */
 
 int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap) {
     const int code = rt->err_code;
@@ -273,6 +659,59 @@ int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap) {
     return code;
 }
 
-void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out) { *out = rt->stats; }
+void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out) {
+    *out = rt->stats;
+    out->bytes_read = rt->reader.bytes_read;
+    out->reads = rt->reader.reads;
+}
 
-void fg_runtime_reset_stats(fg_runtime *rt) { memset(&rt->stats, 0, sizeof rt->stats); }
+void fg_runtime_reset_stats(fg_runtime *rt) {
+    const uint64_t pinned = rt->stats.pinned_neurons;
+    memset(&rt->stats, 0, sizeof rt->stats);
+    rt->stats.pinned_neurons = pinned;
+    rt->reader.bytes_read = 0;
+    rt->reader.reads = 0;
+}
+
+int fg_runtime_debug_slots(const fg_runtime *rt, int32_t layer, int32_t *row_of_slot,
+                           uint64_t *last_used, uint64_t *clock) {
+    if (layer < 0 || layer >= rt->cfg.n_layer) return FG_ERR_ARG;
+    if (!rt->loaded || rt->cfg.mode == FG_MODE_DENSE) return FG_ERR_STATE;
+    const fg_cache *C = &rt->layers[layer].cache;
+    memcpy(row_of_slot, C->row_of, (size_t)C->capacity * sizeof *row_of_slot);
+    memcpy(last_used, C->last_used, (size_t)C->capacity * sizeof *last_used);
+    *clock = C->clock;
+    return FG_OK;
+}
+
+int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void *out) {
+    const fg_config *c = &rt->cfg;
+    if (layer < 0 || layer >= c->n_layer || row < 0 || row >= c->n_ff) return FG_ERR_ARG;
+    if (!rt->loaded) return FG_ERR_STATE;
+    const fg_layer *L = &rt->layers[layer];
+    const uint8_t *src;
+    if (c->mode == FG_MODE_DENSE) {
+        src = L->bundles + (size_t)row * (size_t)c->bundle_stride;
+    } else {
+        const int32_t s = L->cache.slot_of[row];
+        if (s < 0) return FG_ERR_ARG;
+        src = L->cache.slots + (size_t)s * (size_t)c->bundle_stride;
+    }
+    memcpy(out, src, (size_t)c->bundle_stride);
+    return FG_OK;
+}
+
+int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t *len,
+                               int64_t cap) {
+    const fg_read_log *log = &rt->reader.log;
+    const size_t stored = log->n < log->cap ? log->n : log->cap;
+    const size_t n = (size_t)cap < stored ? (size_t)cap : stored;
+    memcpy(offset, log->offset, n * sizeof *offset);
+    memcpy(len, log->len, n * sizeof *len);
+    return (int64_t)log->n;
+}
+
+void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after) {
+    __atomic_store_n(&rt->reader.inject_after, after, __ATOMIC_RELAXED);
+    __atomic_store_n(&rt->reader.inject_errno, errno_value, __ATOMIC_RELAXED);
+}

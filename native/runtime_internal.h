@@ -1,4 +1,5 @@
-/* The runtime handle, shared by runtime.c (buffers, FFN) and hook.c (eval callback). */
+/* The runtime handle, shared by runtime.c (buffers, FFN), cache.c (slots), predictor.c
+ * and hook.c (eval callback). */
 #ifndef FLASHGGUF_RUNTIME_INTERNAL_H
 #define FLASHGGUF_RUNTIME_INTERNAL_H
 
@@ -6,24 +7,55 @@
 #include "io.h"
 #include "kernels.h"
 
+/* The low-rank predictor of one layer (rows follow the bundle's hot-first order). */
+typedef struct fg_predictor {
+    int32_t rank;             /* 0: none */
+    uint8_t *a;               /* rank Q8_0 rows of n_embd */
+    uint8_t *b;               /* n_ff Q8_0 rows of rank */
+    uint8_t *b_up;            /* same, or NULL */
+    float *scale;             /* n_ff */
+    float threshold;
+    size_t nbytes;            /* DRAM taken by the above */
+} fg_predictor;
+
+/* Slot buffer of a streaming layer: slots [0, n_pinned) hold rows [0, n_pinned) for good;
+ * the others are a cache with a row -> slot map, an LRU list and a free list. */
+typedef struct fg_cache {
+    uint8_t *slots;           /* capacity rows of bundle_stride bytes, allocated at load */
+    int32_t capacity;
+    int32_t n_pinned;
+    int32_t *slot_of;         /* n_ff: slot holding row i, -1 when not resident */
+    int32_t *row_of;          /* capacity: row held by slot s, -1 when free */
+    uint64_t *last_used;      /* capacity: token stamp of the slot's last use */
+    uint64_t *busy;           /* capacity: round that still needs the slot this call */
+    int32_t *prev, *next;     /* LRU list of occupied unpinned slots, least recent at head */
+    int32_t head, tail;
+    int32_t *free_list;       /* unpinned free slots */
+    int32_t n_free;
+    uint64_t clock;           /* token stamp: tokens this layer has seen */
+} fg_cache;
+
 typedef struct fg_layer {
     uint64_t bundle_offset;   /* absolute file offset of blk.N.ffn_bundle */
     int has_offset;
-    uint8_t *bundles;         /* n_ff rows of bundle_stride bytes, allocated once */
+    uint8_t *bundles;         /* dense mode: n_ff rows of bundle_stride bytes */
     float *up_bias;           /* n_ff or NULL */
     float *gate_bias;         /* n_ff or NULL */
     float *down_bias;         /* n_embd or NULL */
+    fg_predictor pred;
+    fg_cache cache;
 } fg_layer;
 
 struct fg_runtime {
     fg_config cfg;
     fg_reader reader;
+    fg_io io;
     fg_layer *layers;
     int loaded;
 
     /* kernels picked once for the file's part types */
-    fg_vec_dot_fn dot_gate, dot_up;
-    fg_quantize_fn quant_gate, quant_up;
+    fg_vec_dot_fn dot_gate, dot_up, dot_q8;
+    fg_quantize_fn quant_gate, quant_up, quant_q8;
     fg_axpy_fn axpy_down;
     size_t xq_gate_row, xq_up_row;   /* bytes of one quantized activation row */
 
@@ -33,6 +65,24 @@ struct fg_runtime {
     float *hidden;                   /* n_threads x 2 x max_tokens: gate/up values of one neuron */
     float *ffn_out;                  /* max_tokens x n_embd: result waiting for the output node */
     int32_t *pending_rows;           /* per layer: rows in ffn_out waiting, 0 if none */
+    int partial_threads;             /* threads whose partial sums hold this call's values */
+
+    /* streaming scratch (allocated at load, n_ff entries each) */
+    uint8_t *need_mask;              /* rows needed by the current call */
+    int32_t *need;                   /* the same as an ascending list */
+    const uint8_t **res_rows;        /* resident rows to compute and their indices */
+    int32_t *res_idx;
+    const uint8_t **miss_rows;       /* rows read this round and their indices */
+    int32_t *miss_idx;
+    fg_read *reads;
+    fg_copy *copies;
+    uint64_t round;                  /* read round counter (fg_cache.busy stamps) */
+
+    /* predictor scratch, sized for the largest rank */
+    int32_t max_rank;
+    uint8_t *pred_xq;                /* one Q8_0 row of n_embd */
+    float *pred_z;                   /* max_rank */
+    uint8_t *pred_zq;                /* one Q8_0 row of max_rank */
 
     int err_code;                    /* first error inside the callback, FG_OK if none */
     char err_msg[256];
@@ -41,5 +91,29 @@ struct fg_runtime {
 
 void fg_runtime_set_error(fg_runtime *rt, int code, const char *msg);
 double fg_now_seconds(void);
+
+/* cache.c */
+int fg_cache_alloc(fg_cache *c, int32_t n_ff, int32_t capacity, int32_t n_pinned,
+                   size_t stride);
+void fg_cache_free(fg_cache *c);
+/* Release every unpinned slot (modes without a cache, between calls). */
+void fg_cache_release_all(fg_cache *c);
+/* Mark a resident unpinned slot used now by round; moves it to the LRU tail. */
+void fg_cache_touch(fg_cache *c, int32_t slot, uint64_t round);
+/* A slot for row (free, else the LRU slot not busy in round); -1 when none is left.
+ * *in_window is set when the evicted row was used within window tokens. */
+int32_t fg_cache_take(fg_cache *c, int32_t row, uint64_t round, int32_t window,
+                      int *in_window);
+
+/* Drop a slot whose read failed: its bytes are not the row's. */
+void fg_cache_forget(fg_cache *c, int32_t slot);
+
+/* predictor.c */
+void fg_predictor_release(fg_predictor *p);
+/* Set mask[i] for rows >= from that the predictor marks active for any of the n_tokens
+ * rows of x; token t's decisions go to mask + t * mask_stride (stride 0: their union).
+ * mask is OR-ed into, not cleared. */
+void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens,
+                     int32_t from, uint8_t *mask, int32_t mask_stride);
 
 #endif

@@ -1,0 +1,102 @@
+"""The flash_* options of flashgguf.Llama: parsing and checking, one error per bad value."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import OptionError
+
+MODES = ("naive", "hybrid", "predicted")
+IO_BACKENDS = ("auto", "threads", "io_uring")
+# Measured on this machine (tools/bench_modes.py, SmolLM2 at a 50% budget, decode tok/s):
+# coalescing gap 2 / 8 / 32 rows -> 10-13 / 17 / 19 tok/s (fewer, larger reads win even
+# though more bytes are read); pinned share 0.25 and 0.5 tied at gap 32.
+DEFAULT_PINNED_SHARE = 0.5
+DEFAULT_COALESCE_GAP = 32
+DEFAULT_IO_DEPTH = 16
+DEFAULT_MAX_READ_BYTES = 256 << 10
+# No budget given: the payload stays all resident when it fits in this share of the RAM
+# available at load; else the budget is this share of the available RAM.
+DEFAULT_RAM_SHARE = 0.5
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_budget(value: int | float | str, payload_nbytes: int) -> int:
+    """flash_dram_budget -> bytes: an int of bytes, a "48MiB"/"1.5GiB" string, or a float
+    fraction in (0, 1] of the FFN payload."""
+    what = "flash_dram_budget"
+    if isinstance(value, bool):
+        raise OptionError(f"{what} must be bytes, a size string or a fraction, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise OptionError(f"{what} must be positive, got {value}")
+        return value
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise OptionError(
+                f"{what} as a float is a fraction of the FFN payload in (0, 1], got {value}")
+        return max(1, int(value * payload_nbytes))
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _UNITS:
+            raise OptionError(f"{what}: cannot read {value!r} as a size (e.g. '48MiB', '1.5GiB')")
+        nbytes = int(float(m.group(1)) * _UNITS[unit])
+        if nbytes <= 0:
+            raise OptionError(f"{what} must be positive, got {value!r}")
+        return nbytes
+    raise OptionError(f"{what} must be bytes, a size string or a fraction, got {value!r}")
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations (Linux MemAvailable, else physical RAM)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    """Checked flash_* options; budget None = everything resident."""
+
+    budget: int | None
+    mode: str
+    window: int
+    pinned_share: float
+    coalesce_gap: int
+    io: str
+
+
+def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
+                  mode: str = "predicted", window: int = 4,
+                  pinned_share: float = DEFAULT_PINNED_SHARE,
+                  coalesce_gap: int = DEFAULT_COALESCE_GAP, io: str = "auto") -> FlashOptions:
+    if mode not in MODES:
+        raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise OptionError(f"flash_window must be an int >= 1 (tokens), got {window!r}")
+    if isinstance(pinned_share, bool) or not isinstance(pinned_share, (int, float)) \
+            or not 0.0 <= pinned_share <= 1.0:
+        raise OptionError(f"flash_pinned_share must be in [0, 1], got {pinned_share!r}")
+    if isinstance(coalesce_gap, bool) or not isinstance(coalesce_gap, int) or coalesce_gap < 0:
+        raise OptionError(f"flash_coalesce_gap must be an int >= 0 (rows), got {coalesce_gap!r}")
+    if io not in IO_BACKENDS:
+        raise OptionError(f"flash_io must be one of {', '.join(IO_BACKENDS)}, got {io!r}")
+    if budget is None:
+        ram = available_ram()
+        nbytes = None if payload_nbytes <= DEFAULT_RAM_SHARE * ram else int(DEFAULT_RAM_SHARE * ram)
+    else:
+        nbytes = parse_budget(budget, payload_nbytes)
+    if nbytes is not None and nbytes >= payload_nbytes and mode == "predicted":
+        nbytes = None  # the whole payload fits: nothing to predict or stream
+    return FlashOptions(nbytes, mode, window, float(pinned_share), coalesce_gap, io)

@@ -1,0 +1,129 @@
+"""flashgguf.Llama with the payload streamed under a DRAM budget, and its flash_* options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flash_helpers import convert, exact_relu_predictor, svd_predictor
+from gguf import GGMLQuantizationType
+from model_factory import TinyModel
+
+from flashgguf import Llama
+from flashgguf.errors import BudgetError, MissingPredictorError, OptionError
+from flashgguf.evaluate import teacher_forced_logits
+from flashgguf.options import flash_options, parse_budget
+
+Q = GGMLQuantizationType
+TEXT = ("The old man looked at the sea and thought about the long day ahead of him, "
+        "the boat, the line and the fish that would come.")
+KW = dict(n_ctx=256, n_batch=64, n_ubatch=64, logits_all=True, verbose=False, n_threads=1,
+          n_threads_batch=1)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---- options (no native code) ------------------------------------------------------
+
+@pytest.mark.parametrize("value, want", [
+    (1000, 1000), ("48MiB", 48 << 20), ("1.5GiB", int(1.5 * (1 << 30))), ("2 mb", 2_000_000),
+    ("4096", 4096), (0.5, 500), (1.0, 1000),
+])
+def test_budget_values(value, want):
+    assert parse_budget(value, payload_nbytes=1000) == want
+
+
+@pytest.mark.parametrize("value", [0, -5, 0.0, 1.5, "lots", "12 parsecs", "-3MiB", True, [1]])
+def test_bad_budgets_name_the_parameter(value):
+    with pytest.raises(OptionError, match="flash_dram_budget"):
+        parse_budget(value, payload_nbytes=1000)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(mode="smart"), "flash_mode"), (dict(window=0), "flash_window"),
+    (dict(window=2.5), "flash_window"), (dict(pinned_share=1.5), "flash_pinned_share"),
+    (dict(coalesce_gap=-1), "flash_coalesce_gap"), (dict(io="aio"), "flash_io"),
+])
+def test_bad_options_name_the_parameter(kw, name):
+    with pytest.raises(OptionError, match=name):
+        flash_options(1000, budget=500, **kw)
+
+
+def test_budget_that_holds_the_payload_keeps_it_resident():
+    assert flash_options(1000, budget=1.0).budget is None
+    assert flash_options(1000, budget=2000).budget is None
+    assert flash_options(1000, budget=0.5).budget == 500
+    assert flash_options(1000, budget=2000, mode="naive").budget == 2000  # baselines stream
+
+
+# ---- end to end --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def relu_model(tiny_models, tmp_path_factory):
+    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q8_0, n_ff=320)),
+                    tmp_path_factory.mktemp("relu"), activation="relu")
+    return flash, [exact_relu_predictor(flash, i) for i in range(flash.n_layer)]
+
+
+@pytest.mark.native
+def test_relu_model_with_a_full_recall_predictor_gives_the_dense_outputs(relu_model):
+    flash, preds = relu_model
+    dense = Llama(str(flash.path), flash_offload=False, **KW)
+    tokens = dense.tokenize(TEXT.encode())
+    want = teacher_forced_logits(dense, tokens)
+    for mode in ("predicted", "naive", "hybrid"):
+        llm = Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.6,
+                    flash_mode=mode, flash_predictors=preds, **KW)
+        got = teacher_forced_logits(llm, tokens)
+        # relu: rows outside the prediction are exactly zero; only the order of the float
+        # sums differs (a random model amplifies that: dense on 1 vs 2 threads differ ~1e-5)
+        assert rel_err(got, want) < 1e-4, mode
+        assert llm.flash_stats(reset=True)["tokens"] == len(tokens)
+        llm.reset()
+        for i, tok in enumerate(tokens[:10]):  # decode: one row at a time, through the cache
+            llm.eval([tok])
+            assert rel_err(llm.scores[i], want[i]) < 1e-4, (mode, i)
+        s = llm.flash_stats()
+        assert s["tokens"] == 10
+        if mode == "predicted":
+            # sparse: fewer rows computed than the dense FFN, and the cache served some
+            assert s["neurons_computed"] < 0.8 * 10 * flash.n_ff * flash.n_layer
+            assert s["cache_hits"] > 0
+        llm.close()
+    dense.close()
+
+
+@pytest.mark.native
+def test_stats_keys_and_reset(relu_model):
+    flash, preds = relu_model
+    llm = Llama(str(flash.path), flash_offload=True, flash_dram_budget="150KiB",
+                flash_predictors=preds, **KW)
+    llm("Once upon a time", max_tokens=4, temperature=0.0)
+    s = llm.flash_stats(reset=True)
+    for key in ("tokens", "bytes_read", "reads", "cache_hits", "cache_misses",
+                "neurons_computed", "pinned_neurons", "time_predict_s", "time_io_wait_s",
+                "time_ffn_s", "time_total_s"):
+        assert key in s
+    assert s["tokens"] > 0 and s["bytes_read"] > 0 and s["time_total_s"] > 0
+    assert llm.flash_stats()["tokens"] == 0
+    llm.close()
+
+
+@pytest.mark.native
+def test_llama_errors(relu_model, tiny_models, tmp_path):
+    flash, _ = relu_model
+    with pytest.raises(MissingPredictorError, match="convert the model again"):
+        Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.5, **KW)
+    with pytest.raises(BudgetError, match="minimum is"):
+        Llama(str(flash.path), flash_offload=True, flash_dram_budget=1024, flash_mode="naive",
+              **KW)
+    with pytest.raises(OptionError, match="flash_mode"):
+        Llama(str(flash.path), flash_offload=True, flash_mode="fast", **KW)
+    # SiLU model, SVD predictor: runs, approximate by design
+    silu = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
+    preds = [svd_predictor(silu, i, 32, 0.7) for i in range(silu.n_layer)]
+    llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7,
+                flash_predictors=preds, **KW)
+    assert llm("Hello", max_tokens=3)["usage"]["completion_tokens"] >= 1
+    llm.close()

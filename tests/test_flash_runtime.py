@@ -1,0 +1,323 @@
+"""The streaming runtime: C predictor, budget, window cache, reads, modes, stats."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from flash_helpers import bundle_rows, convert, runtime, svd_predictor
+from gguf import GGMLQuantizationType
+from model_factory import TinyModel
+
+from flashgguf.errors import BudgetError, MissingPredictorError, NativeError, OptionError
+from flashgguf.predictor import predicted_active
+
+Q = GGMLQuantizationType
+pytestmark = pytest.mark.native
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("flash")
+
+
+@pytest.fixture(scope="module")
+def silu(tiny_models, folder):
+    """A gated SiLU model with SVD predictors keeping about half the rows."""
+    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1, n_ff=320)), folder)
+    return flash, [svd_predictor(flash, i, 32, 0.5) for i in range(flash.n_layer)]
+
+
+def streaming(flash, preds, mode="predicted", share=0.5, **kw):
+    """A runtime whose cache holds `share` of each layer's rows (predictors on top)."""
+    pred_bytes = 0 if mode != "predicted" else sum(
+        p.a.nbytes + p.b.nbytes + p.scale.nbytes + (0 if p.b_up is None else p.b_up.nbytes)
+        for p in preds if p is not None)
+    budget = pred_bytes + int(share * flash.payload_nbytes)
+    return runtime(flash, preds, mode=mode, dram_budget=budget, read_log=1 << 16, **kw)
+
+
+def tokens(n: int, n_embd: int, seed: int = 0, repeat: float = 0.3) -> np.ndarray:
+    """Random FFN inputs where some tokens repeat recent ones (so the cache gets hits)."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal(n_embd).astype(np.float32)]
+    for _ in range(n - 1):
+        if rng.random() < repeat:
+            xs.append(xs[-int(rng.integers(1, min(len(xs), 3) + 1))] * 1.01)
+        else:
+            xs.append(rng.standard_normal(n_embd).astype(np.float32))
+    return np.stack(xs)
+
+
+# ---- predictor ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_up", [True, False])
+def test_c_predictor_matches_the_reference(silu, with_up):
+    flash, _ = silu
+    preds = [svd_predictor(flash, i, 32, 0.4, with_up=with_up) for i in range(flash.n_layer)]
+    rt = streaming(flash, preds)
+    x = np.random.default_rng(7).standard_normal((200, flash.n_embd)).astype(np.float32)
+    for layer in range(flash.n_layer):
+        got = rt.predict(layer, x)
+        want = predicted_active(preds[layer], flash.activation, x)
+        assert 0.2 < want.mean() < 0.6  # the threshold really selects
+        assert (got == want).mean() >= 0.995
+
+
+def test_relu_predictor_matches_the_reference(tiny_models, folder):
+    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q8_0)), folder, activation="relu")
+    preds = [svd_predictor(flash, i, 32, 0.3, with_up=False) for i in range(flash.n_layer)]
+    rt = streaming(flash, preds)
+    x = np.random.default_rng(8).standard_normal((200, flash.n_embd)).astype(np.float32)
+    assert (rt.predict(1, x) == predicted_active(preds[1], "relu", x)).mean() >= 0.995
+
+
+def test_predicted_mode_without_predictor_is_refused(silu):
+    flash, preds = silu
+    with pytest.raises(MissingPredictorError, match="layer 1 has none.*convert the model again"):
+        streaming(flash, [preds[0], None])
+    streaming(flash, [None, None], mode="naive")  # baselines need none
+
+
+def test_bad_predictor_shape_is_refused(silu):
+    flash, preds = silu
+    bad = preds[0].__class__(32, preds[0].a[:-1], preds[0].b, None, preds[0].scale, 0.0)
+    with pytest.raises(OptionError, match="pred_a must be uint8"):
+        streaming(flash, [bad, preds[1]])
+
+
+# ---- budget ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["naive", "hybrid", "predicted"])
+def test_budget_too_small_names_the_minimum(silu, mode):
+    flash, preds = silu
+    with pytest.raises(BudgetError, match=r"the minimum is ([\d,]+) bytes") as exc:
+        runtime(flash, preds, mode=mode, dram_budget=1000)
+    minimum = int(exc.value.args[0].split("the minimum is ")[1].split(" ")[0].replace(",", ""))
+    rt = runtime(flash, preds, mode=mode, dram_budget=minimum)  # the minimum itself loads
+    cap, pinned = rt.capacity(0)
+    assert cap - pinned >= 1
+    with pytest.raises(BudgetError):
+        runtime(flash, preds, mode=mode, dram_budget=minimum - flash.n_layer * flash.layout.stride)
+
+
+def test_predictors_count_in_the_budget_of_predicted_mode_only(silu):
+    flash, preds = silu
+    budget = int(0.8 * flash.payload_nbytes)
+    stride, n_layer = flash.layout.stride, flash.n_layer
+    pred_bytes = sum(p.a.nbytes + p.b.nbytes + p.b_up.nbytes + p.scale.nbytes for p in preds)
+    predicted = runtime(flash, preds, mode="predicted", dram_budget=budget)
+    naive = runtime(flash, preds, mode="naive", dram_budget=budget)
+    assert predicted.capacity(0)[0] == (budget - pred_bytes) // n_layer // stride
+    assert naive.capacity(0)[0] == budget // n_layer // stride
+
+
+def test_budget_split_and_pinning(silu):
+    flash, preds = silu
+    rt = streaming(flash, preds, share=0.5, pinned_share=0.25)
+    cap, pinned = rt.capacity(0)
+    assert cap == int(0.5 * flash.payload_nbytes) // flash.n_layer // flash.layout.stride
+    assert pinned == int(0.25 * cap)
+    assert rt.stats()["pinned_neurons"] == pinned * flash.n_layer
+    rows, _, _ = rt.slots(0)
+    assert list(rows[:pinned]) == list(range(pinned))  # hottest rows = the row prefix
+    hybrid = streaming(flash, preds, mode="hybrid", share=0.75)
+    assert hybrid.capacity(1)[1] == flash.n_ff // 2
+
+
+# ---- the window cache --------------------------------------------------------------
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_cache_invariants_under_a_random_token_stream(silu, window):
+    flash, preds = silu
+    rt = streaming(flash, preds, share=0.4, window=window)
+    file_rows = [bundle_rows(flash, i) for i in range(flash.n_layer)]
+    cap, pinned = rt.capacity(0)
+    history: list[set[int]] = []
+    evictions = 0
+    prev_held: set[int] = set()
+    for x in tokens(60, flash.n_embd):
+        layer = 0
+        need = set(np.flatnonzero(rt.predict(layer, x[None])[0]).tolist()) | set(range(pinned))
+        rt.ffn(layer, x[None])
+        rows, used, clock = rt.slots(layer)
+        held = rows[rows >= 0]
+        assert len(rows) == cap and len(set(held.tolist())) == len(held)  # capacity, no dups
+        assert list(rows[:pinned]) == list(range(pinned))  # pinned rows never move
+        assert set(held.tolist()) <= set(range(flash.n_ff))
+        for slot in np.flatnonzero(rows >= 0):  # resident bytes are the file's
+            assert rt.resident_row(layer, int(rows[slot])) == file_rows[layer][rows[slot]].tobytes()
+        if len(need) <= cap:  # everything this token used stays resident
+            assert need <= set(held.tolist())
+            assert all(used[np.flatnonzero(rows == r)[0]] == clock for r in need)
+        # a row used within the window is only evicted when every slot holds such rows
+        # (then counted); this call's own rows streamed in rounds are not evictions
+        recent = set().union(*history[-window:]) if history else set()
+        evicted_in_window = (prev_held - set(held.tolist())) & recent - need
+        s = rt.stats()
+        assert len(evicted_in_window) <= s["window_evictions"] - evictions
+        evictions = s["window_evictions"]
+        history.append(need)
+        prev_held = set(held.tolist())
+    s = rt.stats()
+    assert s["cache_hits"] > 0 and s["cache_misses"] > 0
+    assert s["tokens"] == 60
+
+
+def test_hits_plus_misses_count_the_unpinned_rows_needed(silu):
+    flash, preds = silu
+    rt = streaming(flash, preds, share=0.6)
+    _, pinned = rt.capacity(1)
+    total = 0
+    for x in tokens(20, flash.n_embd, seed=3):
+        total += int(rt.predict(1, x[None])[0][pinned:].sum())
+        rt.ffn(1, x[None])
+    s = rt.stats()
+    assert s["cache_hits"] + s["cache_misses"] == total
+    assert s["neurons_computed"] == total + 20 * pinned
+
+
+# ---- sparse FFN against the dense one ----------------------------------------------
+
+@pytest.mark.parametrize("mode", ["naive", "hybrid", "predicted"])
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_oracle_mask_equals_dense_restricted(silu, mode, n_tokens):
+    flash, preds = silu
+    dense = runtime(flash)
+    rt = streaming(flash, preds, mode=mode, share=0.6)
+    rng = np.random.default_rng(11)
+    for step in range(12):
+        x = rng.standard_normal((n_tokens, flash.n_embd)).astype(np.float32)
+        mask = rng.random(flash.n_ff) < (0.9 if step % 4 == 3 else 0.3)  # some exceed the cache
+        layer = step % 2
+        np.testing.assert_allclose(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask),
+                                   rtol=1e-5, atol=1e-6)
+    full = np.ones(flash.n_ff, dtype=bool)  # the whole mask is the dense FFN itself
+    np.testing.assert_allclose(dense.ffn(0, x, full), dense.ffn(0, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["naive", "hybrid"])
+def test_baselines_compute_the_whole_layer(silu, mode):
+    flash, preds = silu
+    dense = runtime(flash)
+    rt = streaming(flash, preds, mode=mode, share=0.6)
+    x = np.random.default_rng(12).standard_normal((3, flash.n_embd)).astype(np.float32)
+    for _ in range(3):
+        np.testing.assert_allclose(rt.ffn(1, x), dense.ffn(1, x), rtol=1e-5, atol=1e-6)
+    s = rt.stats()
+    _, pinned = rt.capacity(1)
+    assert s["cache_hits"] == 0 and s["cache_misses"] == 3 * (flash.n_ff - pinned)
+
+
+def test_predicted_mode_computes_pinned_and_predicted_rows(silu):
+    flash, preds = silu
+    dense = runtime(flash)
+    rt = streaming(flash, preds, share=0.5)
+    _, pinned = rt.capacity(0)
+    x = np.random.default_rng(13).standard_normal((1, flash.n_embd)).astype(np.float32)
+    mask = rt.predict(0, x)[0]
+    mask[:pinned] = True
+    np.testing.assert_allclose(rt.ffn(0, x), dense.ffn(0, x, mask), rtol=1e-5, atol=1e-6)
+
+
+# ---- reads -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direct_io", [True, False])
+@pytest.mark.parametrize("gap", [0, 3])
+@pytest.mark.parametrize("io", ["threads", "io_uring"])
+def test_reader_paths_load_the_files_bytes(silu, direct_io, gap, io):
+    flash, preds = silu
+    dense = runtime(flash)
+    rt = streaming(flash, preds, mode="predicted", share=0.5, direct_io=direct_io,
+                   coalesce_gap=gap, io=io)
+    assert rt.io_backend in ("threads", "io_uring")
+    rt.stats(reset=True)
+    rng = np.random.default_rng(14)
+    for step in range(10):
+        x = rng.standard_normal((2, flash.n_embd)).astype(np.float32)
+        mask = rng.random(flash.n_ff) < 0.25
+        np.testing.assert_allclose(rt.ffn(step % 2, x, mask), dense.ffn(step % 2, x, mask),
+                                   rtol=1e-5, atol=1e-6)
+    off, length, n = rt.read_log()
+    s = rt.stats()
+    load_reads = n - s["reads"]
+    off, length = off[load_reads:], length[load_reads:]
+    assert s["reads"] == len(length) > 0
+    assert s["bytes_read"] == int(length.sum())  # stats equal the sum of read sizes
+    if direct_io:
+        assert (off % 4096 == 0).all() and (length % 4096 == 0).all()
+    else:
+        assert (length % flash.layout.stride == 0).all()  # exact rows, nothing more
+    for layer in range(flash.n_layer):
+        rows, _, _ = rt.slots(layer)
+        file_rows = bundle_rows(flash, layer)
+        for r in rows[rows >= 0]:
+            assert rt.resident_row(layer, int(r)) == file_rows[r].tobytes()
+
+
+def test_coalescing_issues_fewer_larger_reads(silu):
+    flash, preds = silu
+    counts = {}
+    for gap in (0, 8):
+        rt = streaming(flash, preds, mode="naive", share=0.4, coalesce_gap=gap, direct_io=False)
+        rt.stats(reset=True)
+        mask = np.zeros(flash.n_ff, dtype=bool)
+        mask[::3] = True  # every third row: gaps of two rows
+        rt.ffn(0, np.ones((1, flash.n_embd), np.float32), mask)
+        counts[gap] = rt.stats()["reads"]
+    assert counts[8] < counts[0] / 4
+
+
+@pytest.mark.parametrize("io", ["threads", "io_uring"])
+def test_read_errors_surface_and_leave_the_cache_consistent(silu, io):
+    flash, preds = silu
+    rt = streaming(flash, preds, share=0.4, io=io)
+    x = np.random.default_rng(15).standard_normal((1, flash.n_embd)).astype(np.float32)
+    rt.fail_reads(errno.EIO, after=0)
+    with pytest.raises(NativeError, match="I/O error"):
+        rt.ffn(0, x, np.ones(flash.n_ff, dtype=bool))
+    rt.fail_reads(0)
+    rows, _, _ = rt.slots(0)
+    file_rows = bundle_rows(flash, 0)
+    for r in rows[rows >= 0]:  # rows whose read failed were dropped, not kept as garbage
+        assert rt.resident_row(0, int(r)) == file_rows[r].tobytes()
+    dense = runtime(flash)
+    np.testing.assert_allclose(rt.ffn(0, x), dense.ffn(0, x, _with_pinned(rt, 0, x)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_auto_io_is_threads(silu):
+    flash, preds = silu
+    assert streaming(flash, preds).io_backend == "threads"  # measured default (bench_io.py)
+    assert runtime(flash).io_backend == "none"  # dense: no read engine
+
+
+def _with_pinned(rt, layer, x):
+    mask = rt.predict(layer, x)[0]
+    mask[: rt.capacity(layer)[1]] = True
+    return mask
+
+
+@pytest.mark.parametrize("io", ["threads", "io_uring"])
+def test_file_truncated_under_the_runtime_is_a_short_read(tiny_models, folder, io):
+    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1, n_ff=320)), folder)
+    rt = runtime(flash, mode="naive", dram_budget=flash.payload_nbytes // 2, io=io)
+    with open(flash.path, "r+b") as f:
+        f.truncate(flash.layers[-1].bundle.offset + 100)
+    with pytest.raises(NativeError, match="ended before"):
+        rt.ffn(flash.n_layer - 1, np.ones((1, flash.n_embd), np.float32))
+
+
+def test_stats_reset_and_consistency(silu):
+    flash, preds = silu
+    rt = streaming(flash, preds)
+    for x in tokens(8, flash.n_embd, seed=4):
+        for layer in range(flash.n_layer):
+            rt.ffn(layer, x[None])
+    s = rt.stats(reset=True)
+    assert s["tokens"] == 8
+    assert s["time_total_s"] >= s["time_ffn_s"] > 0 and s["time_predict_s"] > 0
+    after = rt.stats()
+    assert all(after[k] == 0 for k in after if k != "pinned_neurons")
+    assert after["pinned_neurons"] == s["pinned_neurons"] > 0
