@@ -39,6 +39,9 @@ ARCHS: dict[str, ArchSpec] = {
     for spec in (
         ArchSpec("llama", activation="silu"),  # Llama 2/3, Mistral, SmolLM
         ArchSpec("qwen2", activation="silu"),
+        # Gemma 3 text: GeGLU (ggml_geglu, tanh GELU); its post-FFN norm (ffn_post_norm-L)
+        # follows ffn_out-L in the graph, so llama.cpp applies it to our result.
+        ArchSpec("gemma3", activation="gelu"),
     )
 }
 
