@@ -3,6 +3,7 @@
 perplexity and teacher-forced top-1 agreement on the first tokens of the evaluation text.
 
     python tools/quality.py [--model model.gguf] [--tokens 1000] [--text evaluation.txt]
+                            [--bundle-type auto|f16|q8_0|q4_0|q4_1]
 
 The model is converted into a temporary file; the last line is the result.
 """
@@ -39,6 +40,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--text", type=Path, default=None,
                    help="text to score (default: the shared evaluation.txt, else its excerpt)")
+    p.add_argument("--bundle-type", default="auto", help="flashgguf-convert --bundle-type")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     src = Path(args.model or smollm2_gguf())
@@ -54,7 +56,7 @@ def main() -> int:
     # beside a model given by path (it may be big); the packaged SmolLM2 in the system's tmp
     with tempfile.TemporaryDirectory(dir=src.parent if args.model else None) as tmp:
         flash_path = Path(tmp) / "quality.flash.gguf"
-        convert_gguf(src, flash_path, ConvertOptions(progress=False))
+        convert_gguf(src, flash_path, ConvertOptions(bundle_type=args.bundle_type, progress=False))
         flash = Llama(str(flash_path), flash_offload=True, **kw)
         if evaluation_tokens(flash, text, args.tokens) != tokens:
             print("error: the flash GGUF tokenizes the text differently", file=sys.stderr)
