@@ -74,3 +74,8 @@ def predictor_scores(pred: LayerPredictor, activation: str, x: np.ndarray) -> np
 def predicted_active(pred: LayerPredictor, activation: str, x: np.ndarray) -> np.ndarray:
     """bool [n_tokens, n_ff]: the neurons the predictor loads."""
     return predictor_scores(pred, activation, x) > pred.threshold
+
+
+def act(activation: str, v: np.ndarray) -> np.ndarray:
+    """The FFN activation by name, as the predictor applies it (for fitting code)."""
+    return _act(activation, v)
