@@ -8,6 +8,7 @@ import sys
 from .. import constants as C
 from ..errors import FlashGGUFError
 from .gguf_source import ConvertOptions, convert_gguf
+from .predictor_fit import PredictorOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad each neuron's bundle row to a multiple of this many bytes")
     p.add_argument("--activation", choices=list(C.ACTIVATIONS),
                    help="FFN activation to run instead of the architecture's (ReLU-fied models)")
+    p.add_argument("--no-predictor", action="store_true",
+                   help="store no activity predictor (the runtime then cannot use "
+                   "flash_mode='predicted')")
+    p.add_argument("--predictor-keep", type=float, default=C.DEFAULT_PREDICTOR_KEEP,
+                   help="SiLU/GELU gates: the share of each token's neurons, by contribution, "
+                   "the predictor must find (default %(default)s)")
+    p.add_argument("--predictor-recall", type=float, default=C.DEFAULT_PREDICTOR_RECALL,
+                   help="share of those needed neurons the threshold lets through on random "
+                   "inputs (default %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -39,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         down_type=args.down_type,
         bundle_align=args.bundle_align,
         activation=args.activation,
+        predictor=None if args.no_predictor else PredictorOptions(
+            keep=args.predictor_keep, recall=args.predictor_recall),
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,
