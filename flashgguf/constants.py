@@ -76,3 +76,4 @@ DEFAULT_PREDICTOR_KEEP = 0.7
 DEFAULT_PREDICTOR_RECALL = 0.95
 # Largest predictor, as a share of its layer's bundle bytes (it stays in DRAM).
 DEFAULT_PREDICTOR_MAX_SHARE = 0.25
+PREDICTOR_TENSOR_SUFFIXES = (".pred_a", ".pred_b", ".pred_b_up", ".pred_scale")
