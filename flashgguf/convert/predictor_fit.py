@@ -119,19 +119,26 @@ class _Layer:
         self.down_norm = down_norm.astype(np.float64)
 
     @property
-    def decider(self) -> np.ndarray:
+    def decider(self) -> np.ndarray:  # the projection that decides activity
         return self.up if self.gate is None else self.gate
 
     def needed(self, x: np.ndarray, keep: float) -> np.ndarray:
-        """bool [n, n_ff]: the neurons a token needs (see the module docstring)."""
-        g = act(self.activation, x @ self.decider.T)
-        if self.activation in RELU_FAMILY:
-            return g > 0
-        contrib = np.abs(g) * self.down_norm
-        if self.gate is not None:
-            contrib = contrib * np.abs(x @ self.up.T)
-        kth = np.quantile(contrib, 1.0 - keep, axis=1, keepdims=True)
-        return contrib >= kth
+        return needed_neurons(self.activation, self.gate, self.up, self.down_norm, x, keep)
+
+
+def needed_neurons(activation: str, gate: np.ndarray | None, up: np.ndarray,
+                   down_norm: np.ndarray, x: np.ndarray, keep: float) -> np.ndarray:
+    """bool [n, n_ff] in the original neuron order: the neurons each token needs. ReLU
+    family: the active ones; SiLU/GELU: the top `keep` share by true contribution."""
+    x = np.asarray(x, dtype=np.float64)
+    g = act(activation, x @ (up if gate is None else gate).T)
+    if activation in RELU_FAMILY:
+        return g > 0
+    contrib = np.abs(g) * down_norm
+    if gate is not None:
+        contrib = contrib * np.abs(x @ up.T)
+    kth = np.quantile(contrib, 1.0 - keep, axis=1, keepdims=True)
+    return contrib >= kth
 
 
 def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
