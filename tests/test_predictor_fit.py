@@ -82,10 +82,17 @@ def test_planted_low_rank_gate_is_found():
     assert fitted.density < 0.56, fitted.density
 
 
-def test_harder_layer_gets_a_larger_rank():
-    easy, _, _ = _fit(planted_rank=32)
-    hard, _, _ = _fit(planted_rank=64)
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_harder_layer_gets_a_larger_rank(activation):
+    easy, _, _ = _fit(activation, planted_rank=32)
+    hard, _, _ = _fit(activation, planted_rank=64)
     assert (easy.predictor.rank, hard.predictor.rank) == (32, 64)
+
+
+def test_degenerate_layer_pads_the_rank():
+    # a gate of rank 8 has 8 singular values: the predictor is padded to one Q8_0 block
+    fitted, _, _ = _fit("relu", planted_rank=8)
+    assert fitted.predictor.rank == 32 and fitted.recall > 0.97
 
 
 def test_rank_is_capped_by_the_predictor_share():

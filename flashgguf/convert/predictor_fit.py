@@ -18,8 +18,9 @@ best spent on the gate, which decides the sign and most of the magnitude.
 Rank: candidates are multiples of 32 up to the largest whose stored predictor fits in
 `max_share` of the layer's bundle bytes (it stays in DRAM, so it must cost much less than
 the FFN it saves reading); the rank is the smallest candidate whose predicted density (the
-share of neurons loaded at the target recall) is within `rank_tolerance` of the largest
-candidate's: a layer whose density keeps falling with rank (a harder layer) gets more.
+share of neurons loaded at the target recall; for the ReLU family, whose threshold is fixed,
+the share of needed neurons missed) is within `rank_tolerance` of the largest candidate's:
+a layer whose density keeps falling with rank (a harder layer) gets more.
 
 Threshold: the stored (quantized) predictor's scores on random inputs, set so that the
 target share of the "needed" neurons score above it. Needed: for SiLU/GELU gates, the
@@ -167,6 +168,9 @@ def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
                      norm_weight: np.ndarray) -> FloatPredictor:
     a = (u[:, :rank].T @ layer.decider) / s[:rank, None]
     b = u[:, :rank] * s[:rank]
+    if a.shape[0] < rank:  # fewer non-zero singular values than a Q8_0 block: pad with zeros
+        a = np.vstack([a, np.zeros((rank - a.shape[0], a.shape[1]))])
+        b = np.hstack([b, np.zeros((b.shape[0], rank - b.shape[1]))])
     b_up = None
     if layer.gate is not None:
         b_up = (layer.up * norm_weight.astype(np.float64) ** 2) @ a.T
@@ -215,17 +219,20 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     ranks = _rank_candidates(n_embd, n_ff, s.size, bundle_nbytes, gate is not None,
                              opts.max_share)
 
-    def density(fp: FloatPredictor) -> float:
+    def cost(fp: FloatPredictor) -> float:
+        """What a rank buys, lower is better: the share of neurons loaded at the target
+        recall; for the ReLU family (threshold fixed at 0) the share of needed ones missed."""
         scores = fp.scores(activation, fit_x)
-        tau = 0.0 if activation in RELU_FAMILY else _threshold(scores, fit_need, opts.recall)
-        return float((scores > tau).mean())
+        if activation in RELU_FAMILY:
+            return 1.0 - float((scores > 0.0)[fit_need].mean()) if fit_need.any() else 0.0
+        return float((scores > _threshold(scores, fit_need, opts.recall)).mean())
 
-    # density falls (roughly) monotonically with rank: bisect for the smallest good one
-    best = density(_float_predictor(layer, u, s, ranks[-1], norm_weight))
+    # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
+    best = cost(_float_predictor(layer, u, s, ranks[-1], norm_weight))
     lo, hi = 0, len(ranks) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if density(_float_predictor(layer, u, s, ranks[mid], norm_weight)) <= best + \
+        if cost(_float_predictor(layer, u, s, ranks[mid], norm_weight)) <= best + \
                 opts.rank_tolerance:
             hi = mid
         else:
