@@ -15,6 +15,7 @@ from test_predictor_fit import MIN_AGREEMENT
 from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import needed_neurons
+from flashgguf.evaluate import perplexity, teacher_forced_logits, top1_agreement
 from flashgguf.format import open_flash_file
 from flashgguf.gguf_stream import open_gguf, tensor_array
 from flashgguf.predictor import predicted_active
@@ -30,6 +31,19 @@ def real_text(evaluation_text) -> str:
     # fine here: this measures the predictor, nothing is fitted on it
     path = SHARED_BROWN / "calibration.txt"
     return path.read_text(encoding="utf-8") if path.exists() else evaluation_text
+
+
+def test_numpy_forward_matches_stock_llama_cpp(smollm2_gguf, real_text):
+    # the real FFN inputs below come from this forward pass: check it against llama.cpp
+    stock = llama_cpp.Llama(str(smollm2_gguf), n_ctx=256, n_batch=256, logits_all=True,
+                            verbose=False, n_threads=2)
+    tokens = stock.tokenize(real_text.encode("utf-8"), add_bos=True, special=False)[:192]
+    want = teacher_forced_logits(stock, tokens)
+    stock.close()
+    got = llama_forward(smollm2_gguf, tokens).logits
+    ratio = perplexity(got, tokens) / perplexity(want, tokens)
+    assert abs(ratio - 1.0) < 0.02, ratio
+    assert top1_agreement(got, want) >= 0.93
 
 
 def test_predictor_recall_on_real_ffn_inputs(smollm2_gguf, real_text, tmp_path):
