@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from bench_dense import decode_tokens_per_s  # noqa: E402
 
 EVALUATION = REPO.parent / "shared" / "data" / "brown" / "evaluation.txt"
+EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"  # its first 20 KB
 CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
@@ -204,6 +205,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128, help="greedy decode tokens timed")
     p.add_argument("--ppl-tokens", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--evaluation", type=Path,
+                   default=EVALUATION if EVALUATION.exists() else EVALUATION_HEAD,
+                   help="perplexity text (default: %(default)s)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the converted model goes (default: the temp folder)")
     p.add_argument("--keep-files", action="store_true", help="keep the scratch folder")
@@ -239,7 +243,7 @@ def main() -> int:
               f"predictor ranks {min(ranks)}-{max(ranks)}", flush=True)
 
         vocab = llama_cpp.Llama(str(src), vocab_only=True, verbose=False)
-        tokens = evaluation_tokens(vocab, EVALUATION.read_text(encoding="utf-8"),
+        tokens = evaluation_tokens(vocab, args.evaluation.read_text(encoding="utf-8"),
                                    args.ppl_tokens)
         eval_file = work / "eval_tokens.json"
         eval_file.write_text(json.dumps(tokens))
@@ -289,8 +293,9 @@ def main() -> int:
 def _print_table(rows: list[tuple[str, float | None, dict]], stock: dict, overhead: int,
                  args: argparse.Namespace) -> None:
     print(f"\nSmolLM2-135M Q4_1, {args.tokens} greedy tokens, {args.threads} threads; "
-          f"perplexity on the first {args.ppl_tokens} tokens of evaluation.txt. DRAM: flash = "
-          f"trunk + measured anonymous memory; capped stock = its cgroup cap (stock's own "
+          f"perplexity on the first {args.ppl_tokens} tokens of {args.evaluation.name}. "
+          f"DRAM: flash = trunk + measured anonymous memory; capped stock = its cgroup cap "
+          f"(stock's own "
           f"anonymous memory: {overhead / MiB:.0f} MiB)")
     head = (f"{'run':34s} {'DRAM MiB':>8s} {'tok/s':>7s} {'KiB read/tok':>12s} "
             f"{'mean read KiB':>13s} {'read MB/s':>9s} {'ppl':>7s} {'ppl/stock':>9s}")
