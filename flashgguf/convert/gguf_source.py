@@ -19,6 +19,7 @@ from ..archs import ArchSpec, get_arch
 from ..errors import ConvertError, FormatError, UnsupportedError
 from ..format import BundleLayout
 from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, tensor_array
+from .blas import single_threaded_blas
 from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
@@ -350,8 +351,9 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
             raise FormatError(f"source tensor {name!r} is missing: the weight-only predictor "
                               "needs the FFN norm weight (or convert with --no-predictor)")
         norm = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
-        fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, order,
-                                          bundle_nbytes, popts, popts.seed + bid))
+        with single_threaded_blas():
+            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, order,
+                                              bundle_nbytes, popts, popts.seed + bid))
     ranks = [f.predictor.rank for f in fitted]
     recalls = [f.recall for f in fitted]
     dens = [f.density for f in fitted]

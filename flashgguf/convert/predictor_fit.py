@@ -131,13 +131,14 @@ def needed_neurons(activation: str, gate: np.ndarray | None, up: np.ndarray,
                    down_norm: np.ndarray, x: np.ndarray, keep: float) -> np.ndarray:
     """bool [n, n_ff] in the original neuron order: the neurons each token needs. ReLU
     family: the active ones; SiLU/GELU: the top `keep` share by true contribution."""
-    x = np.asarray(x, dtype=np.float64)
-    g = act(activation, x @ (up if gate is None else gate).T)
+    # float32 is plenty to rank contributions and twice as fast as float64
+    x = np.asarray(x, dtype=np.float32)
+    g = act(activation, x @ (up if gate is None else gate).astype(np.float32).T)
     if activation in RELU_FAMILY:
         return g > 0
-    contrib = np.abs(g) * down_norm
+    contrib = np.abs(g) * down_norm.astype(np.float32)
     if gate is not None:
-        contrib = contrib * np.abs(x @ up.T)
+        contrib = contrib * np.abs(x @ up.astype(np.float32).T)
     kth = np.quantile(contrib, 1.0 - keep, axis=1, keepdims=True)
     return contrib >= kth
 
