@@ -7,7 +7,7 @@ import pytest
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
-from flashgguf.calibrate.collect import collect_ffn_inputs
+from flashgguf.calibrate.collect import CalibrationOptions, collect_ffn_inputs
 from flashgguf.calibrate.targets import LayerWeights, Target, layer_targets, relative_error
 from flashgguf.calibrate.text import read_calibration_text
 from flashgguf.calibrate.train import TrainOptions, train_predictor
@@ -47,8 +47,9 @@ def test_capture_records_each_layers_ffn_input(tiny_models, tmp_path):
     spec = TinyModel(n_layer=2)
     src = tiny_models(spec)
     inputs = collect_ffn_inputs(src, get_arch("llama"), spec.n_layer, spec.n_embd,
-                                read_calibration_text(), tmp_path / "cap", max_tokens=300,
-                                window_tokens=128, min_tokens=100, n_threads=1)
+                                read_calibration_text(), tmp_path / "cap",
+                                CalibrationOptions(tokens=300, window_tokens=128, min_tokens=100,
+                                                   n_threads=1))
     assert inputs.n_tokens == 300
     stream, buf = open_gguf(src)
     for layer in range(spec.n_layer):
@@ -68,8 +69,9 @@ def test_too_short_calibration_text_is_refused(tiny_models, tmp_path):
     spec = TinyModel(n_layer=2)
     with pytest.raises(CalibrationError, match="tokens; at least 1000"):
         collect_ffn_inputs(tiny_models(spec), get_arch("llama"), spec.n_layer, spec.n_embd,
-                           "Only a few words here.", tmp_path / "cap", max_tokens=1000,
-                           window_tokens=128, min_tokens=1000, n_threads=1)
+                           "Only a few words here.", tmp_path / "cap",
+                           CalibrationOptions(tokens=1000, window_tokens=128, min_tokens=1000,
+                                              n_threads=1))
 
 
 @pytest.mark.native
@@ -78,8 +80,9 @@ def test_capture_shape_mismatch_is_an_error(tiny_models, tmp_path):
     with pytest.raises(NativeError, match="expected contiguous F32"):
         # n_embd given wrong on purpose: the capture refuses the node instead of misreading it
         collect_ffn_inputs(tiny_models(spec), get_arch("llama"), spec.n_layer, spec.n_embd * 2,
-                           read_calibration_text(), tmp_path / "cap", max_tokens=200,
-                           window_tokens=128, min_tokens=100, n_threads=1)
+                           read_calibration_text(), tmp_path / "cap",
+                           CalibrationOptions(tokens=200, window_tokens=128, min_tokens=100,
+                                              n_threads=1))
 
 
 # ---- targets ------------------------------------------------------------------------------------
@@ -172,3 +175,57 @@ def test_training_refuses_labels_with_nothing_to_learn():
         train_predictor(x, np.zeros_like(labels), decider, TrainOptions(rank=8))
     with pytest.raises(CalibrationError, match="do not match"):
         train_predictor(x, labels[:, :10], decider, TrainOptions(rank=8))
+
+
+# ---- the calibrated conversion ------------------------------------------------------------------
+
+
+@pytest.mark.native
+def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from flashgguf import constants as C
+    from flashgguf.convert import ConvertOptions, convert_gguf
+    from flashgguf.format import open_flash_file
+    from flashgguf.predictor import predicted_active
+
+    spec = TinyModel(n_layer=2, ffn_type=Q.Q8_0)
+    src, out = tiny_models(spec), tmp_path / "cal.flash.gguf"
+    logs: list[str] = []
+    calibration = CalibrationOptions(tokens=640, min_tokens=500, window_tokens=128, n_threads=1)
+    convert_gguf(src, out, ConvertOptions(progress=False, log=logs.append,
+                                          calibration=calibration))
+    assert any(line.startswith("layer  rank") for line in logs)  # the per-layer report
+    ff = open_flash_file(out)
+    assert ff.predictor_kind == C.PREDICTOR_CALIBRATED_SVD
+    assert ff.payload.get(C.KEY_CALIBRATION_TOKENS) == 640
+    stream, buf = open_gguf(src)
+    for layer in ff.layers:
+        assert sorted(layer.order.tolist()) == list(range(spec.n_ff))
+        assert (layer.order != np.arange(spec.n_ff)).any()  # really re-ordered
+        assert (np.diff(layer.freq) <= 0).all() and layer.freq[0] > 0  # hottest first
+        # rows hold the neurons order names: the gate rows, byte for byte
+        raw = np.fromfile(out, dtype=np.uint8)[layer.bundle.offset:
+                                               layer.bundle.offset + layer.bundle.nbytes]
+        rows = raw.reshape(ff.n_ff, ff.layout.stride)
+        _, off = ff.layout.part("gate")
+        gate = tensor_array(buf, stream.tensors[f"blk.{layer.index}.ffn_gate.weight"])
+        np.testing.assert_array_equal(rows[:, off:off + gate.shape[1]], gate[layer.order])
+        # the stored predictor decides on real-looking inputs, and lets most needed through
+        assert 0.0 < layer.predictor_recall <= 1.0
+        x = np.random.default_rng(0).standard_normal((8, spec.n_embd)).astype(np.float32)
+        active = predicted_active(layer.predictor, ff.activation, x)
+        assert active.shape == (8, spec.n_ff)
+
+
+@pytest.mark.native
+def test_calibration_with_bad_text_leaves_no_output(tiny_models, tmp_path):
+    from flashgguf.convert import ConvertOptions, convert_gguf
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"na\xefve " * 1000)
+    out = tmp_path / "never.flash.gguf"
+    with pytest.raises(CalibrationError, match="not UTF-8"):
+        convert_gguf(tiny_models(TinyModel(n_layer=2)), out, ConvertOptions(
+            progress=False, log=lambda _m: None, calibration=CalibrationOptions(text=text)))
+    assert list(tmp_path.iterdir()) == [text]
