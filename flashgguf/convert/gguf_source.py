@@ -404,6 +404,9 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
                                               bundle_nbytes, popts, popts.seed + bid,
                                               inputs.split(bid, opts.calibration.held_out),
                                               act_threshold=opts.activation_threshold))
+        # the fit pass reads every layer too: keep its footprint at one layer
+        source.release(*(source.stream.tensors.get(template.format(bid=bid))
+                         for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
     if inputs is not None:
         _log_report(fitted, opts.log)
     ranks = [f.predictor.rank for f in fitted]
