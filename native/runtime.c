@@ -239,6 +239,9 @@ int64_t fg_runtime_min_budget(const fg_runtime *rt) {
 
 static int load_dense(fg_runtime *rt) {
     const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)rt->cfg.bundle_stride;
+    /* the row list of masked calls (fg_runtime_ffn_masked) */
+    rt->miss_idx = malloc((size_t)rt->cfg.n_ff * sizeof *rt->miss_idx);
+    if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
         fg_layer *L = &rt->layers[l];
         if (L->bundles == NULL) {
@@ -304,7 +307,10 @@ int fg_runtime_load(fg_runtime *rt) {
     rt->stats.time_io_wait_s += fg_now_seconds() - t0;
     rt->stats.bytes_read = rt->reader.bytes_read;
     rt->stats.reads = rt->reader.reads;
-    if (rc == FG_OK) rt->loaded = 1;
+    if (rc == FG_OK) {
+        rt->loaded = 1;
+        fg_reader_drop_bounce(&rt->reader); /* 8 MiB that only the loads needed */
+    }
     return rc;
 }
 
@@ -622,10 +628,6 @@ int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *
         return FG_ERR_ARG;
     }
     if (!rt->loaded) return FG_ERR_STATE;
-    if (mask != NULL && c->mode == FG_MODE_DENSE && rt->miss_idx == NULL) {
-        rt->miss_idx = malloc((size_t)c->n_ff * sizeof *rt->miss_idx); /* first masked call */
-        if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
-    }
     const double t0 = fg_now_seconds();
     int rc;
     if (c->mode == FG_MODE_DENSE) {
