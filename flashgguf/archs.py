@@ -39,6 +39,9 @@ ARCHS: dict[str, ArchSpec] = {
     for spec in (
         ArchSpec("llama", activation="silu"),  # Llama 2/3, Mistral, SmolLM
         ArchSpec("qwen2", activation="silu"),
+        # GPT-2 (and OPT written as gpt2 by the safetensors converter): one LayerNorm'd FFN,
+        # up -> act -> down with biases; build_ffn's nodes between ffn_norm and ffn_out.
+        ArchSpec("gpt2", activation="gelu", gated=False),
     )
 }
 

@@ -24,6 +24,7 @@ KEY_BLOCK_COUNT = "flashgguf.block_count"
 KEY_EMBEDDING_LENGTH = "flashgguf.embedding_length"
 KEY_FEED_FORWARD_LENGTH = "flashgguf.feed_forward_length"
 KEY_ACTIVATION = "flashgguf.ffn.activation"
+KEY_ACTIVATION_THRESHOLD = "flashgguf.ffn.activation_threshold"  # fatrelu's (float32)
 KEY_GATED = "flashgguf.ffn.gated"
 KEY_BUNDLE_PARTS = "flashgguf.bundle.parts"
 KEY_BUNDLE_TYPES = "flashgguf.bundle.types"
@@ -55,4 +56,7 @@ DEFAULT_DOWN_TYPE = "q8_0"
 # Bundle rows are padded to this many bytes (measured choice, see BENCHMARKS.md).
 DEFAULT_BUNDLE_ALIGN = 64
 
-ACTIVATIONS = ("silu", "gelu", "relu", "relu2")
+# fatrelu: x if x > threshold else 0 (ProSparse); drelu: relu on the gate and on up
+# (TurboSparse, Bamboo).
+ACTIVATIONS = ("silu", "gelu", "relu", "relu2", "fatrelu", "drelu")
+THRESHOLD_ACTIVATIONS = ("fatrelu",)

@@ -45,3 +45,7 @@ class BudgetError(OptionError):
 
 class MissingPredictorError(FlashGGUFError, ValueError):
     """flash_mode="predicted" on a file whose payload stores no predictor."""
+
+
+class CalibrationError(FlashGGUFError, ValueError):
+    """Calibration could not be done (empty, too short or unreadable text, ...)."""

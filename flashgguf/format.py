@@ -57,6 +57,7 @@ class FlashFile:
     gated: bool
     layout: BundleLayout
     layers: tuple[LayerInfo, ...]
+    activation_threshold: float = 0.0  # fatrelu's threshold (0 for the other activations)
 
     @property
     def payload_nbytes(self) -> int:
@@ -145,12 +146,20 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
     if activation not in C.ACTIVATIONS:
         raise FormatError(f"{pwhat}: unknown activation {activation!r}")
     gated = bool(payload.require(C.KEY_GATED, pwhat))
+    threshold = 0.0
+    if activation in C.THRESHOLD_ACTIVATIONS:
+        threshold = payload.require(C.KEY_ACTIVATION_THRESHOLD, pwhat)
+        if not isinstance(threshold, float) or not np.isfinite(threshold):
+            raise FormatError(
+                f"{pwhat}: {activation} threshold {threshold!r} is not a finite float")
+    if activation == "drelu" and not gated:
+        raise FormatError(f"{pwhat}: activation drelu needs a gated FFN")
     layout = _read_layout(payload, pwhat, n_embd, gated)
 
     layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layout, gated)
                    for bid in range(n_layer))
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
-                     gated, layout, layers)
+                     gated, layout, layers, threshold)
 
 
 def _read_layout(payload: GGUFStream, what: str, n_embd: int, gated: bool) -> BundleLayout:

@@ -259,3 +259,13 @@ def open_gguf(path: Path) -> tuple[GGUFStream, memoryview]:
     mm = map_file(path)
     buf = memoryview(mm)
     return read_gguf(buf, 0, len(mm), path.name), buf
+
+
+def release_pages(mm: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop [offset, offset + nbytes) of a read-only map from this process's resident memory
+    (the pages stay in the page cache): a converter that has finished with a tensor calls it,
+    so that its resident size follows the tensor it works on, not the file it has read."""
+    if not hasattr(mmap, "MADV_DONTNEED") or nbytes <= 0:
+        return
+    start = offset - offset % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, start, min(offset + nbytes, len(mm)) - start)

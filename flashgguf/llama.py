@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import llama_cpp
@@ -39,25 +39,33 @@ if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
 _context_swap_lock = threading.Lock()
 
 
-def _flash_context_class(runtime: Runtime) -> type[_internals.LlamaContext]:
-    callback = llama_cpp.ggml_backend_sched_eval_callback(runtime.callback_address)
+def callback_context_class(callback_address: int, user_data_address: int,
+                           after_decode: Callable[[], None]) -> type[_internals.LlamaContext]:
+    """A LlamaContext whose graph runs the C eval callback at callback_address with
+    user_data_address; after_decode runs after each decode (to raise the callback's errors)."""
+    callback = llama_cpp.ggml_backend_sched_eval_callback(callback_address)
 
-    class FlashContext(_internals.LlamaContext):
+    class CallbackContext(_internals.LlamaContext):
         def __init__(self, *, model, params, verbose: bool = True) -> None:
             params.cb_eval = callback
-            params.cb_eval_user_data = runtime.handle_address
-            self._flash_callback = callback  # the ctypes pointer lives as long as the context
+            params.cb_eval_user_data = user_data_address
+            self._eval_callback = callback  # the ctypes pointer lives as long as the context
             super().__init__(model=model, params=params, verbose=verbose)
 
         def decode(self, batch) -> None:
             super().decode(batch)
-            runtime.raise_pending_error()
+            after_decode()
 
-    return FlashContext
+    return CallbackContext
+
+
+def _flash_context_class(runtime: Runtime) -> type[_internals.LlamaContext]:
+    return callback_context_class(runtime.callback_address, runtime.handle_address,
+                                  runtime.raise_pending_error)
 
 
 @contextlib.contextmanager
-def _installed_context_class(cls: type[_internals.LlamaContext]) -> Iterator[None]:
+def installed_context_class(cls: type[_internals.LlamaContext]) -> Iterator[None]:
     with _context_swap_lock:
         original = _internals.LlamaContext
         _internals.LlamaContext = cls
@@ -131,7 +139,7 @@ class Llama(llama_cpp.Llama):
         ), predictors=flash_predictors)
         self._flash_runtime = runtime
         try:
-            with _installed_context_class(_flash_context_class(runtime)):
+            with installed_context_class(_flash_context_class(runtime)):
                 super().__init__(path, *args, kv_overrides=overrides, **kwargs)
         except BaseException:
             runtime.close()

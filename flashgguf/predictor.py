@@ -40,7 +40,7 @@ class LayerPredictor:
     threshold: float
 
 
-def _act(activation: str, v: np.ndarray) -> np.ndarray:
+def activate(activation: str, v: np.ndarray) -> np.ndarray:
     if activation == "silu":
         return v / (1.0 + np.exp(-v))
     if activation == "gelu":
@@ -65,7 +65,7 @@ def predictor_scores(pred: LayerPredictor, activation: str, x: np.ndarray) -> np
     z = _q8_roundtrip(x).astype(np.float64) @ a.T.astype(np.float64)
     zq = _q8_roundtrip(z.astype(np.float32)).astype(np.float64)
     g_hat = zq @ dequantize_rows(pred.b, Q8_0, pred.rank).T.astype(np.float64)
-    score = np.abs(_act(activation, g_hat))
+    score = np.abs(activate(activation, g_hat))
     if pred.b_up is not None:
         score = score * np.abs(zq @ dequantize_rows(pred.b_up, Q8_0, pred.rank).T)
     return (score * pred.scale.astype(np.float64)).astype(np.float32)

@@ -27,6 +27,8 @@ _ACTIVATIONS = {
     "gelu": lib.FG_ACT_GELU,
     "relu": lib.FG_ACT_RELU,
     "relu2": lib.FG_ACT_RELU2,
+    "fatrelu": lib.FG_ACT_FATRELU,
+    "drelu": lib.FG_ACT_DRELU,
 }
 _PARTS = {C.PART_GATE: lib.FG_PART_GATE, C.PART_UP: lib.FG_PART_UP, C.PART_DOWN: lib.FG_PART_DOWN}
 _MODES = {"dense": lib.FG_MODE_DENSE, "naive": lib.FG_MODE_NAIVE,
@@ -80,6 +82,7 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     cfg.n_ff = flash.n_ff
     cfg.gated = int(flash.gated)
     cfg.activation = _ACTIVATIONS[flash.activation]
+    cfg.activation_threshold = flash.activation_threshold
     for part, ggml_type, offset in zip(flash.layout.parts, flash.layout.types,
                                        flash.layout.offsets, strict=True):
         cfg.part_type[_PARTS[part]] = int(ggml_type)

@@ -44,6 +44,8 @@ const char *fg_build_info(void);
 #define FG_ACT_GELU   1  /* tanh approximation, as ggml_gelu */
 #define FG_ACT_RELU   2
 #define FG_ACT_RELU2  3  /* relu(x)^2 */
+#define FG_ACT_FATRELU 4 /* x if x > threshold else 0 (ProSparse) */
+#define FG_ACT_DRELU  5  /* dReLU (TurboSparse, Bamboo): relu on the gate and on up */
 
 /* ---- kernels (kernels_ref.c: scalar reference; kernels_simd.c: dispatch) ----------- */
 
@@ -68,8 +70,9 @@ int fg_vec_dot_ref(int weight_type, const void *w, const void *xq, int64_t n, fl
 /* y[0..n) += a * dequant(col) where col is n values of type. */
 int fg_axpy(int type, const void *col, float a, float *y, int64_t n);
 int fg_axpy_ref(int type, const void *col, float a, float *y, int64_t n);
-/* Apply an activation in place. */
-int fg_activate(int activation, float *x, int64_t n);
+/* Apply an activation in place; threshold is FG_ACT_FATRELU's (the others ignore it).
+ * FG_ACT_DRELU applies relu: the FFN applies it to the gate and to up. */
+int fg_activate(int activation, float threshold, float *x, int64_t n);
 /* Name of the SIMD path compiled in ("avx512", "avx2", "neon" or "scalar"). */
 const char *fg_simd_name(void);
 
@@ -98,6 +101,7 @@ typedef struct fg_config {
     int32_t n_ff;
     int32_t gated;                 /* 1: gate part present, h = act(gate) * up */
     int32_t activation;            /* FG_ACT_* */
+    float activation_threshold;    /* FG_ACT_FATRELU: values <= this become 0 */
     int32_t part_type[3];          /* ggml type of gate/up/down parts (gate ignored if !gated) */
     int64_t part_offset[3];        /* byte offset of each part inside a bundle row */
     int64_t bundle_stride;         /* bytes per bundle row (one neuron) */
@@ -190,6 +194,24 @@ void fg_runtime_reset_stats(fg_runtime *rt);
 
 /* ggml_backend_sched_eval_callback; user_data is the fg_runtime. */
 bool fg_eval_callback(void *tensor, bool ask, void *user_data);
+
+/* ---- calibration capture (capture.c) ------------------------------------------------ */
+
+typedef struct fg_capture fg_capture;
+
+/* Record the rows of graph nodes "<node>-L" (F32 [n_embd x rows]), up to max_rows per layer
+ * between two takes. */
+int fg_capture_create(int32_t n_layer, int32_t n_embd, const char *node, int32_t max_rows,
+                      fg_capture **out);
+void fg_capture_destroy(fg_capture *c);
+/* ggml_backend_sched_eval_callback; user_data is the fg_capture. */
+bool fg_capture_callback(void *tensor, bool ask, void *user_data);
+/* Rows of layer recorded since its last take. */
+int32_t fg_capture_rows(const fg_capture *c, int32_t layer);
+/* Copy layer's rows into out (room for out_rows rows) and forget them; a pending capture
+ * error (wrong node shape, overflow) is returned instead, see fg_capture_take_error. */
+int fg_capture_take(fg_capture *c, int32_t layer, float *out, int32_t out_rows);
+int fg_capture_take_error(fg_capture *c, char *msg, size_t msg_cap);
 
 #ifdef __cplusplus
 }

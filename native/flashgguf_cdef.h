@@ -19,6 +19,8 @@
 #define FG_ACT_GELU ...
 #define FG_ACT_RELU ...
 #define FG_ACT_RELU2 ...
+#define FG_ACT_FATRELU ...
+#define FG_ACT_DRELU ...
 #define FG_PART_GATE ...
 #define FG_PART_UP ...
 #define FG_PART_DOWN ...
@@ -43,7 +45,7 @@ int fg_vec_dot(int weight_type, const void *w, const void *xq, int64_t n, float 
 int fg_vec_dot_ref(int weight_type, const void *w, const void *xq, int64_t n, float *out);
 int fg_axpy(int type, const void *col, float a, float *y, int64_t n);
 int fg_axpy_ref(int type, const void *col, float a, float *y, int64_t n);
-int fg_activate(int activation, float *x, int64_t n);
+int fg_activate(int activation, float threshold, float *x, int64_t n);
 const char *fg_simd_name(void);
 
 typedef struct fg_runtime fg_runtime;
@@ -54,6 +56,7 @@ typedef struct fg_config {
     int32_t n_ff;
     int32_t gated;
     int32_t activation;
+    float activation_threshold;
     int32_t part_type[3];
     int64_t part_offset[3];
     int64_t bundle_stride;
@@ -117,3 +120,12 @@ int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);
 void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out);
 void fg_runtime_reset_stats(fg_runtime *rt);
 bool fg_eval_callback(void *tensor, bool ask, void *user_data);
+
+typedef struct fg_capture fg_capture;
+int fg_capture_create(int32_t n_layer, int32_t n_embd, const char *node, int32_t max_rows,
+                      fg_capture **out);
+void fg_capture_destroy(fg_capture *c);
+bool fg_capture_callback(void *tensor, bool ask, void *user_data);
+int32_t fg_capture_rows(const fg_capture *c, int32_t layer);
+int fg_capture_take(fg_capture *c, int32_t layer, float *out, int32_t out_rows);
+int fg_capture_take_error(fg_capture *c, char *msg, size_t msg_cap);

@@ -10,49 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ggml_abi.h"
 #include "runtime_internal.h"
-
-/*
- * Leading fields of struct ggml_tensor (ggml.h) for the llama.cpp that llama-cpp-python
- * 0.3.36 ships: the Python side refuses any other version, and every tensor we touch is
- * checked (type, strides, name) before its data is used.
- */
-#define FG_GGML_MAX_DIMS 4
-#define FG_GGML_MAX_OP_PARAMS 64
-#define FG_GGML_MAX_SRC 10
-#define FG_GGML_MAX_NAME 64
-#define FG_GGML_TYPE_F32 0
-
-typedef struct fg_ggml_tensor_abi {
-    int32_t type;                            /* enum ggml_type */
-    void *buffer;
-    int64_t ne[FG_GGML_MAX_DIMS];            /* elements per dimension */
-    size_t nb[FG_GGML_MAX_DIMS];             /* strides in bytes */
-    int32_t op;                              /* enum ggml_op */
-    int32_t op_params[FG_GGML_MAX_OP_PARAMS / sizeof(int32_t)];
-    int32_t flags;
-    void *src[FG_GGML_MAX_SRC];
-    void *view_src;
-    size_t view_offs;
-    void *data;
-    char name[FG_GGML_MAX_NAME];
-    void *extra;
-    char padding[8];
-} fg_ggml_tensor_abi;
-
-/* "<prefix>-<layer>" -> layer, or -1 if the name is not of that form. */
-static int32_t node_layer(const char *name, const char *prefix) {
-    const size_t n = strlen(prefix);
-    if (strncmp(name, prefix, n) != 0 || name[n] != '-') return -1;
-    const char *p = name + n + 1;
-    if (*p < '0' || *p > '9') return -1;
-    int32_t layer = 0;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        layer = layer * 10 + (*p - '0');
-        if (layer > 1000000) return -1;
-    }
-    return *p == 0 ? layer : -1;
-}
 
 /* A contiguous F32 tensor of n_embd x rows (rows <= max_tokens); rows or -1. */
 static int32_t checked_rows(fg_runtime *rt, const fg_ggml_tensor_abi *t) {
@@ -111,12 +70,12 @@ bool fg_eval_callback(void *tensor, bool ask, void *user_data) {
     fg_runtime *rt = user_data;
     fg_ggml_tensor_abi *t = tensor;
     if (rt == NULL || t == NULL) return true;
-    const int32_t in_layer = node_layer(t->name, rt->cfg.input_node);
+    const int32_t in_layer = fg_node_layer(t->name, rt->cfg.input_node);
     if (in_layer >= 0 && in_layer < rt->cfg.n_layer) {
         if (!ask) on_ffn_input(rt, t, in_layer);
         return true;
     }
-    const int32_t out_layer = node_layer(t->name, rt->cfg.output_node);
+    const int32_t out_layer = fg_node_layer(t->name, rt->cfg.output_node);
     if (out_layer >= 0 && out_layer < rt->cfg.n_layer) {
         /* Some graphs give the name to more than one node (llama: the FFN result, then the
          * residual sum): only the first one after the input has a result waiting. */

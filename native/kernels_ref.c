@@ -389,7 +389,7 @@ int fg_dequantize_row(int type, const void *src, float *out, int64_t n) {
     return FG_OK;
 }
 
-int fg_activate(int activation, float *x, int64_t n) {
+int fg_activate(int activation, float threshold, float *x, int64_t n) {
     switch (activation) {
     case FG_ACT_SILU:
         for (int64_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
@@ -403,10 +403,14 @@ int fg_activate(int activation, float *x, int64_t n) {
         return FG_OK;
     }
     case FG_ACT_RELU:
+    case FG_ACT_DRELU:
         for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
         return FG_OK;
     case FG_ACT_RELU2:
         for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] * x[i] : 0.0f;
+        return FG_OK;
+    case FG_ACT_FATRELU:
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] > threshold ? x[i] : 0.0f;
         return FG_OK;
     default:
         return FG_ERR_ARG;

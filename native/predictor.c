@@ -96,7 +96,7 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
         for (int32_t i = from; i < c->n_ff; i++) {
             float g, u = 1.0f;
             rt->dot_q8(p->b + (size_t)i * b_row, zq, p->rank, &g);
-            fg_activate(c->activation, &g, 1);
+            fg_activate(c->activation, c->activation_threshold, &g, 1);
             if (p->b_up != NULL) rt->dot_q8(p->b_up + (size_t)i * b_row, zq, p->rank, &u);
             if (fabsf(g) * fabsf(u) * p->scale[i] > p->threshold) m[i] = 1;
         }

@@ -1,3 +1,4 @@
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,7 +55,9 @@ static int check_config(const fg_config *c) {
         c->read_log_cap < 0) {
         return FG_ERR_ARG;
     }
-    if (c->activation < FG_ACT_SILU || c->activation > FG_ACT_RELU2) return FG_ERR_ARG;
+    if (c->activation < FG_ACT_SILU || c->activation > FG_ACT_DRELU) return FG_ERR_ARG;
+    if (c->activation == FG_ACT_DRELU && !c->gated) return FG_ERR_ARG;
+    if (!isfinite(c->activation_threshold)) return FG_ERR_ARG;
     for (int p = c->gated ? FG_PART_GATE : FG_PART_UP; p <= FG_PART_DOWN; p++) {
         if (fg_vec_dot_ref_fn(c->part_type[p]) == NULL) return FG_ERR_TYPE;
         const size_t bytes = fg_row_size(c->part_type[p], c->n_embd);
@@ -358,10 +361,13 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
             if (L->gate_bias != NULL) {
                 for (int32_t t = 0; t < n_tokens; t++) gate_vals[t] += L->gate_bias[i];
             }
-            fg_activate(c->activation, gate_vals, n_tokens);
+            fg_activate(c->activation, c->activation_threshold, gate_vals, n_tokens);
+            if (c->activation == FG_ACT_DRELU) {
+                fg_activate(FG_ACT_RELU, 0.0f, up_vals, n_tokens);
+            }
             for (int32_t t = 0; t < n_tokens; t++) up_vals[t] *= gate_vals[t];
         } else {
-            fg_activate(c->activation, up_vals, n_tokens);
+            fg_activate(c->activation, c->activation_threshold, up_vals, n_tokens);
         }
         for (int32_t t = 0; t < n_tokens; t++) {
             if (up_vals[t] != 0.0f) { /* exact zeros (ReLU family) cost nothing */

@@ -352,7 +352,7 @@ def test_activate_smooth(act, fn):
     x = np.concatenate([rng.standard_normal(1000) * 4, [-200, -50, -1e-6, 0, 1e-6, 50, 200]])
     x = x.astype(np.float32)
     got = x.copy()
-    assert lib.fg_activate(act, fptr(got), got.size) == lib.FG_OK
+    assert lib.fg_activate(act, 0.0, fptr(got), got.size) == lib.FG_OK
     with np.errstate(over="ignore"):
         expected = fn(x.astype(np.float64))
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
@@ -360,11 +360,15 @@ def test_activate_smooth(act, fn):
 
 def test_activate_relu():
     x = np.random.default_rng([SEED, 7]).standard_normal(1001).astype(np.float32)
-    r, r2 = x.copy(), x.copy()
-    assert lib.fg_activate(lib.FG_ACT_RELU, fptr(r), r.size) == lib.FG_OK
-    assert lib.fg_activate(lib.FG_ACT_RELU2, fptr(r2), r2.size) == lib.FG_OK
+    r, r2, fat, d = x.copy(), x.copy(), x.copy(), x.copy()
+    assert lib.fg_activate(lib.FG_ACT_RELU, 0.5, fptr(r), r.size) == lib.FG_OK  # no threshold
+    assert lib.fg_activate(lib.FG_ACT_RELU2, 0.0, fptr(r2), r2.size) == lib.FG_OK
+    assert lib.fg_activate(lib.FG_ACT_FATRELU, 0.25, fptr(fat), fat.size) == lib.FG_OK
+    assert lib.fg_activate(lib.FG_ACT_DRELU, 0.0, fptr(d), d.size) == lib.FG_OK
     np.testing.assert_array_equal(r, np.maximum(x, 0))
     np.testing.assert_array_equal(r2, np.where(x > 0, x * x, np.float32(0)))
+    np.testing.assert_array_equal(fat, np.where(x > np.float32(0.25), x, np.float32(0)))
+    np.testing.assert_array_equal(d, np.maximum(x, 0))  # the FFN applies it to gate and up
 
 
 # ---- argument checks ---------------------------------------------------------------------------
@@ -401,7 +405,7 @@ def test_unsupported_type_and_bad_n():
             assert lib.fg_dequantize_row(t, vptr(buf), fptr(x), n) == lib.FG_ERR_ARG
     assert lib.fg_quantize_row(lib.FG_TYPE_Q8_1, fptr(x), vptr(buf), 40) == lib.FG_ERR_ARG
     assert lib.fg_quantize_row(lib.FG_TYPE_F16, fptr(x), vptr(buf), -1) == lib.FG_ERR_ARG
-    assert lib.fg_activate(99, fptr(x), 4) == lib.FG_ERR_ARG
+    assert lib.fg_activate(99, 0.0, fptr(x), 4) == lib.FG_ERR_ARG
     # n = 0 is a valid empty row
     assert lib.fg_vec_dot(lib.FG_TYPE_Q4_1, vptr(buf), vptr(buf), 0, out) == lib.FG_OK
     assert out[0] == 0.0

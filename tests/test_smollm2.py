@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import llama_cpp
 import pytest
+from quality import compare_with_stock
 
 from flashgguf import Llama
 from flashgguf.convert import ConvertOptions, convert_gguf
-from flashgguf.evaluate import evaluation_tokens, perplexity, teacher_forced_logits, top1_agreement
 
 pytestmark = [pytest.mark.model, pytest.mark.native]
 N_EVAL_TOKENS = 1000
@@ -25,22 +24,14 @@ def smollm2_flash(smollm2_gguf, tmp_path_factory) -> Path:
 
 
 def test_quality_matches_stock(smollm2_gguf, smollm2_flash, evaluation_text):
-    stock = llama_cpp.Llama(str(smollm2_gguf), **KW)
-    tokens = evaluation_tokens(stock, evaluation_text, N_EVAL_TOKENS)
-    assert len(tokens) == N_EVAL_TOKENS
-    want = teacher_forced_logits(stock, tokens)
-    stock.close()
-    flash = Llama(str(smollm2_flash), flash_offload=True, **KW)
-    assert evaluation_tokens(flash, evaluation_text, N_EVAL_TOKENS) == tokens
-    got = teacher_forced_logits(flash, tokens)
-    flash.close()
-    ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
-    agree = top1_agreement(got, want)
+    c = compare_with_stock(smollm2_gguf, smollm2_flash, evaluation_text, N_EVAL_TOKENS, **KW)
+    assert len(c.tokens) == N_EVAL_TOKENS
+    assert c.flash_tokens == c.tokens
     print(f"\nSmolLM2 first {N_EVAL_TOKENS} tokens of evaluation.txt: perplexity stock "
-          f"{ppl_stock:.3f}, flash {ppl_flash:.3f} (ratio {ppl_flash / ppl_stock:.4f}); "
-          f"top-1 agreement {agree:.4f}")
-    assert abs(ppl_flash / ppl_stock - 1.0) <= 0.01
-    assert agree >= 0.95
+          f"{c.ppl_stock:.3f}, flash {c.ppl_flash:.3f} (ratio {c.ratio:.4f}); "
+          f"top-1 agreement {c.agreement:.4f}")
+    assert abs(c.ratio - 1.0) <= 0.01
+    assert c.agreement >= 0.95
 
 
 def test_chat_and_streaming_produce_text(smollm2_flash):

@@ -11,6 +11,9 @@ from .. import constants as C
 from ..format import BundleLayout
 from ..quants import dequantize_rows, quantize_rows, raw_rows, row_nbytes
 
+# neurons (or matrix rows) converted per step: bounds the quantizer's temporaries
+_CHUNK_ROWS = 1024
+
 
 def make_layout(n_embd: int, gated: bool, types: dict[str, GGMLQuantizationType],
                 align: int) -> BundleLayout:
@@ -31,14 +34,21 @@ class SourceMatrix:
     ggml_type: GGMLQuantizationType
     row_len: int
 
-    def rows_as(self, ggml_type: GGMLQuantizationType) -> np.ndarray:
-        """Its rows in ggml_type bytes: copied verbatim when the type already matches."""
+    def rows_as(self, ggml_type: GGMLQuantizationType, index: np.ndarray) -> np.ndarray:
+        """Rows `index` in ggml_type bytes: copied verbatim when the type already matches."""
+        rows = raw_rows(self.raw, self.ggml_type, self.row_len)[index]
         if ggml_type == self.ggml_type:
-            return raw_rows(self.raw, ggml_type, self.row_len)
-        return quantize_rows(self.dense(), ggml_type)
+            return rows
+        return quantize_rows(dequantize_rows(rows, self.ggml_type, self.row_len), ggml_type)
 
     def dense(self) -> np.ndarray:
-        return dequantize_rows(self.raw, self.ggml_type, self.row_len)
+        """All rows as float32, dequantized a block of rows at a time."""
+        rows = raw_rows(self.raw, self.ggml_type, self.row_len)
+        out = np.empty((rows.shape[0], self.row_len), dtype=np.float32)
+        for r in range(0, rows.shape[0], _CHUNK_ROWS):
+            out[r:r + _CHUNK_ROWS] = dequantize_rows(rows[r:r + _CHUNK_ROWS], self.ggml_type,
+                                                     self.row_len)
+        return out
 
 
 @dataclass(frozen=True)
@@ -49,22 +59,31 @@ class LayerBundle:
 
 def build_layer_bundle(layout: BundleLayout, gate: SourceMatrix | None, up: SourceMatrix,
                        down: SourceMatrix, order: np.ndarray) -> LayerBundle:
-    """Bundle rows for neurons in `order` (row k holds original neuron order[k])."""
-    n_ff = up.raw.shape[0] if up.raw.ndim == 2 else up.dense().shape[0]
+    """Bundle rows for neurons in `order` (row k holds original neuron order[k]).
+
+    Works through the neurons a block at a time: besides the bundle rows, only the dense
+    down matrix is held whole (its columns are the neurons), so a conversion's memory stays
+    near the size of one layer."""
+    n_ff = len(order)
     rows = np.zeros((n_ff, layout.stride), dtype=np.uint8)
-    for part, source in ((C.PART_GATE, gate), (C.PART_UP, up)):
-        if part not in layout.parts:
-            continue
-        assert source is not None
-        ptype, off = layout.part(part)
-        data = source.rows_as(ptype)
-        rows[:, off:off + data.shape[1]] = data[order]
     # down is [n_embd rows of n_ff]: neuron i's column becomes a row of n_embd values
     down_dense = down.dense()
-    columns = np.ascontiguousarray(down_dense.T[order])
-    dtype, off = layout.part(C.PART_DOWN)
-    qcols = quantize_rows(columns, dtype)
-    rows[:, off:off + qcols.shape[1]] = qcols
-    back = dequantize_rows(qcols, dtype, columns.shape[1])
-    err = float(np.linalg.norm(back - columns) / max(np.linalg.norm(columns), 1e-30))
+    dtype, down_off = layout.part(C.PART_DOWN)
+    err_sq = norm_sq = 0.0
+    for k in range(0, n_ff, _CHUNK_ROWS):
+        index = order[k:k + _CHUNK_ROWS]
+        for part, source in ((C.PART_GATE, gate), (C.PART_UP, up)):
+            if part not in layout.parts:
+                continue
+            assert source is not None
+            ptype, off = layout.part(part)
+            data = source.rows_as(ptype, index)
+            rows[k:k + len(index), off:off + data.shape[1]] = data
+        columns = np.ascontiguousarray(down_dense[:, index].T)
+        qcols = quantize_rows(columns, dtype)
+        rows[k:k + len(index), down_off:down_off + qcols.shape[1]] = qcols
+        back = dequantize_rows(qcols, dtype, columns.shape[1])
+        err_sq += float(np.sum((back - columns) ** 2, dtype=np.float64))
+        norm_sq += float(np.sum(columns.astype(np.float64) ** 2))
+    err = float(np.sqrt(err_sq) / max(np.sqrt(norm_sq), 1e-30))
     return LayerBundle(rows, err)

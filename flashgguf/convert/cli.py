@@ -1,4 +1,4 @@
-"""Command line: flashgguf-convert model.gguf [-o out.flash.gguf]."""
+"""Command line: flashgguf-convert model.gguf|model.safetensors|model-dir/ [-o out.flash.gguf]."""
 
 from __future__ import annotations
 
@@ -6,28 +6,40 @@ import argparse
 import sys
 
 from .. import constants as C
-from ..errors import FlashGGUFError
+from ..errors import ConvertError, FlashGGUFError
 from .gguf_source import ConvertOptions, convert_gguf
+from .hf_source import OUTTYPES, convert_hf
+from .safetensors import is_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashgguf-convert",
-        description="Convert a GGUF model to a flash GGUF: the trunk stays a llama.cpp model, "
-        "the FFN neurons are bundled for reading from flash.",
+        description="Convert a GGUF model or a Hugging Face safetensors checkpoint to a flash "
+        "GGUF: the trunk stays a llama.cpp model, the FFN neurons are bundled for reading "
+        "from flash.",
     )
-    p.add_argument("model", help="source model (.gguf)")
+    p.add_argument("model", help="source model: a .gguf, a .safetensors file, a sharded "
+                   "model.safetensors.index.json, or a folder holding a checkpoint (config.json "
+                   "and tokenizer files beside it)")
     p.add_argument("-o", "--output", help="output path (default: <model>.flash.gguf)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--outtype", choices=list(OUTTYPES),
+                   help="safetensors input: type of the trunk's matrices (norms and biases stay "
+                   "F32; default f16); a GGUF's trunk is copied as it is")
     p.add_argument("--bundle-type", default="auto",
                    choices=["auto", *C.BUNDLE_TYPES],
-                   help="type of the gate/up rows (auto: the source's where supported, else q8_0)")
+                   help="type of the gate/up rows (auto: for a GGUF the source's where supported, "
+                   "else q8_0; for safetensors --outtype)")
     p.add_argument("--down-type", default=C.DEFAULT_DOWN_TYPE, choices=list(C.BUNDLE_TYPES),
                    help="type the down columns are re-quantized to (default %(default)s)")
     p.add_argument("--bundle-align", type=int, default=C.DEFAULT_BUNDLE_ALIGN,
                    help="pad each neuron's bundle row to a multiple of this many bytes")
     p.add_argument("--activation", choices=list(C.ACTIVATIONS),
-                   help="FFN activation to run instead of the architecture's (ReLU-fied models)")
+                   help="FFN activation to run instead of the architecture's (ReLU-fied models; "
+                   "safetensors input: instead of the one config.json names)")
+    p.add_argument("--activation-threshold", type=float, default=0.0,
+                   help="threshold of --activation fatrelu (values at or below it become 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -39,12 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         down_type=args.down_type,
         bundle_align=args.bundle_align,
         activation=args.activation,
+        activation_threshold=args.activation_threshold,
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,
     )
     try:
-        convert_gguf(args.model, args.output, opts)
+        if is_checkpoint(args.model):
+            convert_hf(args.model, args.output, opts, outtype=args.outtype or "f16")
+        elif args.outtype is not None:
+            raise ConvertError("--outtype is for safetensors input: a GGUF's trunk tensors are "
+                               "copied as they are")
+        else:
+            convert_gguf(args.model, args.output, opts)
     except FlashGGUFError as exc:
         print(f"flashgguf-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from .. import constants as C
 from ..archs import ArchSpec, get_arch
 from ..errors import ConvertError, FormatError, UnsupportedError
 from ..format import BundleLayout
-from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, tensor_array
+from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
 from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 
@@ -33,6 +33,8 @@ class ConvertOptions:
     # The FFN activation to store instead of the architecture's (a checkpoint fine-tuned with
     # ReLU in a SiLU architecture: llama.cpp's graph would apply SiLU, flashgguf applies this).
     activation: str | None = None
+    activation_threshold: float = 0.0  # fatrelu's threshold
+    source_name: str | None = None  # recorded as the payload's source (default: the file name)
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
@@ -68,6 +70,13 @@ class _Source:
     def data(self, t: TensorInfo) -> np.ndarray:
         return tensor_array(self.buf, t)
 
+    def release(self, *tensors: TensorInfo | None) -> None:
+        """Done with these tensors: drop their mapped pages from resident memory, so that a
+        conversion's footprint follows the layer it works on, not the file it has read."""
+        for t in tensors:
+            if t is not None:
+                release_pages(self.buf.obj, t.offset, t.nbytes)
+
 
 def _open_source(src: Path) -> _Source:
     try:
@@ -76,8 +85,7 @@ def _open_source(src: Path) -> _Source:
     except OSError as exc:
         raise ConvertError(f"cannot read {src}: {exc.strerror}") from exc
     if magic != b"GGUF":
-        hint = " (safetensors input is not supported yet)" if src.suffix == ".safetensors" else ""
-        raise ConvertError(f"{src} is not a GGUF file (magic {magic!r}){hint}")
+        raise ConvertError(f"{src} is not a GGUF file (magic {magic!r})")
     return _Source(*open_gguf(src))
 
 
@@ -149,7 +157,11 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     if opts.activation is not None:
         if opts.activation not in C.ACTIVATIONS:
             raise UnsupportedError(f"activation {opts.activation!r} is not one of {C.ACTIVATIONS}")
+        if opts.activation == "drelu" and not spec.gated:
+            raise UnsupportedError(f"activation drelu needs a gated FFN; {spec.name}'s is not")
         spec = dataclasses.replace(spec, activation=opts.activation)
+    if not np.isfinite(opts.activation_threshold):
+        raise ConvertError(f"activation threshold {opts.activation_threshold} is not finite")
     n_layer = _scalar_int(stream, f"{spec.name}.block_count")
     n_embd = _scalar_int(stream, f"{spec.name}.embedding_length")
     n_ff = _scalar_int(stream, f"{spec.name}.feed_forward_length")
@@ -157,8 +169,8 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_names(bid)}
     types = _part_types(tensors, spec, opts)
     layout = make_layout(n_embd, spec.gated, types, opts.bundle_align)
-    opts.log(f"flashgguf-convert: {src.name}: {spec.name}, {n_layer} layers, n_embd {n_embd}, "
-             f"n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
+    opts.log(f"flashgguf-convert: {opts.source_name or src.name}: {spec.name}, {n_layer} layers, "
+             f"n_embd {n_embd}, n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
              f"stride {layout.stride} bytes")
 
     with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp:
@@ -199,7 +211,7 @@ def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str
         w.add_key_value(key, value, stream.value_types[key], stream.array_types.get(key))
 
     dummy = C.DUMMY_FFN_WIDTH
-    sources: list[np.ndarray] = []
+    sources: list[tuple[TensorInfo | None, np.ndarray]] = []
     for t in stream.tensors.values():
         if t.name in ffn_names:
             # llama.cpp's own FFN: zero weights of the dummy width (computes nothing of value)
@@ -209,12 +221,13 @@ def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str
         else:
             data = source.data(t)
             w.add_tensor_info(t.name, data.shape, data.dtype, t.nbytes, raw_dtype=t.ggml_type)
-        sources.append(data)
+        sources.append((None if t.name in ffn_names else t, data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for data in sources:
+    for t, data in sources:
         w.write_tensor_data(data)
+        source.release(t)
     w.close()
     return path.stat().st_size
 
@@ -241,6 +254,8 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     w.add_uint32(C.KEY_EMBEDDING_LENGTH, n_embd)
     w.add_uint32(C.KEY_FEED_FORWARD_LENGTH, n_ff)
     w.add_string(C.KEY_ACTIVATION, spec.activation)
+    if spec.activation in C.THRESHOLD_ACTIVATIONS:
+        w.add_float32(C.KEY_ACTIVATION_THRESHOLD, opts.activation_threshold)
     w.add_bool(C.KEY_GATED, spec.gated)
     w.add_array(C.KEY_BUNDLE_PARTS, list(layout.parts))
     w.add_key_value(C.KEY_BUNDLE_TYPES, [int(t) for t in layout.types], GGUFValueType.ARRAY,
@@ -248,7 +263,7 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     w.add_key_value(C.KEY_BUNDLE_OFFSETS, list(layout.offsets), GGUFValueType.ARRAY,
                     GGUFValueType.UINT32)
     w.add_uint32(C.KEY_BUNDLE_STRIDE, layout.stride)
-    w.add_string(C.KEY_SOURCE_NAME, src.name)
+    w.add_string(C.KEY_SOURCE_NAME, opts.source_name or src.name)
     w.add_string(C.KEY_SOURCE_SHA256, _sha256(src))
     # placeholder, patched below (a float32 needs no re-layout)
     w.add_float32(C.KEY_DOWN_REQUANT_ERROR, 0.0)
@@ -291,11 +306,14 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
         bundle: LayerBundle = build_layer_bundle(layout, gate, up, down, order)
         down_err = max(down_err, bundle.down_rel_error)
         w.write_tensor_data(bundle.rows.view(np.int8))
+        del bundle  # not alive while the next layer's bundle is built
         w.write_tensor_data(order)
         w.write_tensor_data(freq)
         for dst_t in (C.TENSOR_UP_BIAS, C.TENSOR_GATE_BIAS, C.TENSOR_DOWN_BIAS):
             if (bid, dst_t) in biases:
                 w.write_tensor_data(biases[(bid, dst_t)])
+        source.release(*(tensors.get(template.format(bid=bid))
+                         for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
     w.close()
     patch_key(path, C.KEY_DOWN_REQUANT_ERROR, GGUFValueType.FLOAT32, np.float32(down_err).tobytes())
     return path.stat().st_size, down_err

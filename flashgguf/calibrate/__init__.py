@@ -1,0 +1,1 @@
+"""Calibration: FFN inputs collected from llama.cpp, activity targets, trained predictors."""

@@ -1,0 +1,132 @@
+"""Collect each layer's FFN input from stock llama.cpp running the source GGUF.
+
+The C capture callback (native/capture.c) records the rows of the architecture's FFN input
+node while llama.cpp evaluates windows of the calibration text; after each window the rows
+are appended to one float16 file per layer on disk. Memory stays bounded by the capture
+buffer (n_layer x window x n_embd floats) whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._native import ffi, lib
+from ..archs import ArchSpec
+from ..errors import CalibrationError, NativeError
+from ..runtime import strerror
+
+
+@dataclass(frozen=True)
+class FFNInputs:
+    """FFN inputs of n_tokens calibration tokens: one [n_tokens, n_embd] float16 file per layer."""
+
+    folder: Path
+    n_layer: int
+    n_embd: int
+    n_tokens: int
+
+    def path(self, layer: int) -> Path:
+        return self.folder / f"ffn_input.{layer}.f16"
+
+    def layer(self, layer: int) -> np.ndarray:
+        """Layer's inputs as float32 [n_tokens, n_embd] (one layer in memory at a time)."""
+        data = np.fromfile(self.path(layer), dtype=np.float16)
+        return data.reshape(self.n_tokens, self.n_embd).astype(np.float32)
+
+
+class _Capture:
+    def __init__(self, n_layer: int, n_embd: int, node: str, max_rows: int) -> None:
+        out = ffi.new("fg_capture **")
+        code = lib.fg_capture_create(n_layer, n_embd, node.encode(), max_rows, out)
+        if code != lib.FG_OK:
+            raise NativeError(f"creating the calibration capture: {strerror(code)}")
+        self.handle = ffi.gc(out[0], lib.fg_capture_destroy)
+        self.n_embd = n_embd
+        self.max_rows = max_rows
+
+    @property
+    def callback_address(self) -> int:
+        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "fg_capture_callback")))
+
+    @property
+    def handle_address(self) -> int:
+        return int(ffi.cast("uintptr_t", self.handle))
+
+    def take(self, layer: int) -> np.ndarray:
+        out = np.empty((self.max_rows, self.n_embd), dtype=np.float32)
+        rows = lib.fg_capture_rows(self.handle, layer)
+        code = lib.fg_capture_take(self.handle, layer,
+                                   ffi.cast("float *", ffi.from_buffer(out)), self.max_rows)
+        if code != lib.FG_OK:
+            msg = ffi.new("char[200]")
+            lib.fg_capture_take_error(self.handle, msg, 200)
+            raise NativeError(f"calibration capture: {ffi.string(msg).decode(errors='replace')} "
+                              f"({strerror(code)})")
+        return out[:rows]
+
+    def close(self) -> None:
+        ffi.release(self.handle)
+
+
+def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_layer: int,
+                       n_embd: int, text: str, folder: Path, max_tokens: int,
+                       window_tokens: int = 512, min_tokens: int = 1024,
+                       n_threads: int | None = None) -> FFNInputs:
+    """Run the source model on text in windows of window_tokens (each from an empty context,
+    so every position is seen) and store up to max_tokens FFN inputs per layer in folder."""
+    import llama_cpp
+
+    from ..llama import callback_context_class, installed_context_class
+
+    capture = _Capture(n_layer, n_embd, spec.ffn_input_node, window_tokens)
+    context_class = callback_context_class(capture.callback_address, capture.handle_address,
+                                           lambda: None)
+    threads = n_threads or max(os.cpu_count() or 1, 1)
+    with installed_context_class(context_class):
+        llm = llama_cpp.Llama(os.fspath(source_gguf), n_ctx=window_tokens, n_batch=window_tokens,
+                              n_ubatch=window_tokens, n_threads=threads,
+                              n_threads_batch=threads, verbose=False,
+                              # every position's logits, so that the last layer keeps every
+                              # row (llama.cpp drops rows without an output before its FFN)
+                              logits_all=True)
+    try:
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if len(tokens) < min_tokens:
+            raise CalibrationError(f"the calibration text has {len(tokens)} tokens; at least "
+                                   f"{min_tokens} are needed")
+        bos = llm.token_bos()
+        step = window_tokens - 1 if bos >= 0 else window_tokens
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [open(folder / f"ffn_input.{layer}.f16", "wb") for layer in range(n_layer)]
+        n_done = 0
+        try:
+            for start in range(0, len(tokens), step):
+                if n_done >= max_tokens:
+                    break
+                window = tokens[start:start + step]
+                if bos >= 0:
+                    window = [bos, *window]
+                llm.reset()
+                llm.eval(window)
+                keep = min(len(window), max_tokens - n_done)
+                for layer, f in enumerate(files):
+                    rows = capture.take(layer)
+                    if rows.shape[0] != len(window):
+                        raise NativeError(f"layer {layer}: captured {rows.shape[0]} FFN inputs "
+                                          f"for a window of {len(window)} tokens")
+                    if not np.all(np.abs(rows[:keep]) < 65000.0):
+                        raise CalibrationError(f"layer {layer}: FFN inputs beyond float16 range "
+                                               "(or not finite) cannot be stored")
+                    rows[:keep].astype(np.float16).tofile(f)
+                n_done += keep
+        finally:
+            for f in files:
+                f.close()
+    finally:
+        llm.close()
+        capture.close()
+    return FFNInputs(folder, n_layer, n_embd, n_done)
