@@ -94,6 +94,7 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
 #pragma omp parallel for schedule(static) num_threads(n_tokens > 1 ? c->n_threads_batch : c->n_threads)
 #endif
         for (int32_t i = from; i < c->n_ff; i++) {
+            if (mask_stride == 0 && m[i]) continue; /* union: an earlier token chose it */
             float g, u = 1.0f;
             rt->dot_q8(p->b + (size_t)i * b_row, zq, p->rank, &g);
             fg_activate(c->activation, c->activation_threshold, &g, 1);
