@@ -42,6 +42,9 @@ ARCHS: dict[str, ArchSpec] = {
         # GPT-2 (and OPT written as gpt2 by the safetensors converter): one LayerNorm'd FFN,
         # up -> act -> down with biases; build_ffn's nodes between ffn_norm and ffn_out.
         ArchSpec("gpt2", activation="gelu", gated=False),
+        # Gemma 3 text: GeGLU (ggml_geglu, tanh GELU); its post-FFN norm (ffn_post_norm-L)
+        # follows ffn_out-L in the graph, so llama.cpp applies it to our result.
+        ArchSpec("gemma3", activation="gelu"),
     )
 }
 

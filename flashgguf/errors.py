@@ -35,6 +35,10 @@ class VersionMismatchError(FlashGGUFError, ImportError):
     """The installed llama-cpp-python is not the version flashgguf is pinned to."""
 
 
+class CalibrationError(FlashGGUFError, ValueError):
+    """Calibration could not be done (empty, too short or unreadable text, ...)."""
+
+
 class OptionError(FlashGGUFError, ValueError):
     """A flash_* option of flashgguf.Llama (or a RuntimeOptions field) has a bad value."""
 
@@ -45,7 +49,3 @@ class BudgetError(OptionError):
 
 class MissingPredictorError(FlashGGUFError, ValueError):
     """flash_mode="predicted" on a file whose payload stores no predictor."""
-
-
-class CalibrationError(FlashGGUFError, ValueError):
-    """Calibration could not be done (empty, too short or unreadable text, ...)."""

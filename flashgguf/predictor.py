@@ -40,13 +40,16 @@ class LayerPredictor:
     threshold: float
 
 
-def activate(activation: str, v: np.ndarray) -> np.ndarray:
+def activate(activation: str, v: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """The FFN activation as the C core applies it (threshold: fatrelu's)."""
     if activation == "silu":
         return v / (1.0 + np.exp(-v))
     if activation == "gelu":
         return 0.5 * v * (1.0 + np.tanh(0.7978845608028654 * (v + 0.044715 * v**3)))
-    if activation == "relu":
+    if activation in ("relu", "drelu"):
         return np.maximum(v, 0.0)
+    if activation == "fatrelu":
+        return np.where(v > threshold, v, 0.0)
     if activation == "relu2":
         return np.maximum(v, 0.0) ** 2
     raise ValueError(f"unknown activation {activation!r}")
@@ -58,19 +61,23 @@ def _q8_roundtrip(v: np.ndarray) -> np.ndarray:
     return dequantize_rows(quantize_rows(v, Q8_0), Q8_0, v.shape[-1])
 
 
-def predictor_scores(pred: LayerPredictor, activation: str, x: np.ndarray) -> np.ndarray:
-    """Scores [n_tokens, n_ff] for FFN inputs x [n_tokens, n_embd] (reference for the C code)."""
+def predictor_scores(pred: LayerPredictor, activation: str, x: np.ndarray,
+                     activation_threshold: float = 0.0) -> np.ndarray:
+    """Scores [n_tokens, n_ff] for FFN inputs x [n_tokens, n_embd] (reference for the C code).
+    dReLU applies relu to u_hat as well."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     a = dequantize_rows(pred.a, Q8_0, x.shape[1])
     z = _q8_roundtrip(x).astype(np.float64) @ a.T.astype(np.float64)
     zq = _q8_roundtrip(z.astype(np.float32)).astype(np.float64)
     g_hat = zq @ dequantize_rows(pred.b, Q8_0, pred.rank).T.astype(np.float64)
-    score = np.abs(activate(activation, g_hat))
+    score = np.abs(activate(activation, g_hat, activation_threshold))
     if pred.b_up is not None:
-        score = score * np.abs(zq @ dequantize_rows(pred.b_up, Q8_0, pred.rank).T)
+        u_hat = zq @ dequantize_rows(pred.b_up, Q8_0, pred.rank).T
+        score = score * np.abs(np.maximum(u_hat, 0.0) if activation == "drelu" else u_hat)
     return (score * pred.scale.astype(np.float64)).astype(np.float32)
 
 
-def predicted_active(pred: LayerPredictor, activation: str, x: np.ndarray) -> np.ndarray:
+def predicted_active(pred: LayerPredictor, activation: str, x: np.ndarray,
+                     activation_threshold: float = 0.0) -> np.ndarray:
     """bool [n_tokens, n_ff]: the neurons the predictor loads."""
-    return predictor_scores(pred, activation, x) > pred.threshold
+    return predictor_scores(pred, activation, x, activation_threshold) > pred.threshold

@@ -98,7 +98,10 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
             float g, u = 1.0f;
             rt->dot_q8(p->b + (size_t)i * b_row, zq, p->rank, &g);
             fg_activate(c->activation, c->activation_threshold, &g, 1);
-            if (p->b_up != NULL) rt->dot_q8(p->b_up + (size_t)i * b_row, zq, p->rank, &u);
+            if (p->b_up != NULL) {
+                rt->dot_q8(p->b_up + (size_t)i * b_row, zq, p->rank, &u);
+                if (c->activation == FG_ACT_DRELU && u < 0.0f) u = 0.0f; /* relu on up too */
+            }
             if (fabsf(g) * fabsf(u) * p->scale[i] > p->threshold) m[i] = 1;
         }
     }

@@ -23,6 +23,7 @@ class TinyModel:
     n_ff: int = 160
     n_head: int = 4
     n_head_kv: int = 2
+    head_dim: int | None = None  # None: n_embd // n_head (then no key_length/value_length keys)
     ffn_type: GGMLQuantizationType = Q.Q8_0
     attn_type: GGMLQuantizationType = Q.F16
     ffn_biases: bool = False
@@ -51,7 +52,7 @@ def write_tiny_model(path: Path, spec: TinyModel, tokenizer_gguf: Path) -> Path:
     rng = np.random.default_rng(spec.seed)
     w = GGUFWriter(path, spec.arch)
     a = spec.arch
-    head_dim = spec.n_embd // spec.n_head
+    head_dim = spec.head_dim or spec.n_embd // spec.n_head
     w.add_uint32(f"{a}.context_length", 2048)
     w.add_uint32(f"{a}.embedding_length", spec.n_embd)
     w.add_uint32(f"{a}.block_count", spec.n_layer)
@@ -60,6 +61,13 @@ def write_tiny_model(path: Path, spec: TinyModel, tokenizer_gguf: Path) -> Path:
     w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{a}.rope.freq_base", 10000.0)
+    if spec.head_dim is not None:
+        w.add_uint32(f"{a}.attention.key_length", head_dim)
+        w.add_uint32(f"{a}.attention.value_length", head_dim)
+    if a == "gemma3":
+        # as Gemma 3's converter writes it: local layers see the last 16 tokens (shorter than
+        # the test text), every 6th layer is global (llama.cpp's default pattern for gemma3)
+        w.add_uint32(f"{a}.attention.sliding_window", 16)
     w.add_uint32("general.file_type", 1)
     n_vocab = _copy_tokenizer(w, tokenizer_gguf)
 
@@ -67,23 +75,36 @@ def write_tiny_model(path: Path, spec: TinyModel, tokenizer_gguf: Path) -> Path:
         data, t = _quantized(rng, shape, qtype, scale)
         w.add_tensor(name, data, raw_dtype=None if t in (Q.F32,) else t)
 
-    add("token_embd.weight", (n_vocab, spec.n_embd), Q.F16, 1.0)
+    # Gemma multiplies the embeddings by sqrt(n_embd): keep its residual stream at the scale
+    # of the others (else the post-normed FFN would hardly move the logits)
+    embd_scale = 1.0 / np.sqrt(spec.n_embd) if a == "gemma3" else 1.0
+    add("token_embd.weight", (n_vocab, spec.n_embd), Q.F16, embd_scale)
     w.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    q_dim = spec.n_head * head_dim
     kv_dim = spec.n_head_kv * head_dim
     s_attn = 1.0 / np.sqrt(spec.n_embd)
+
+    def norm(name: str, n: int) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
     for i in range(spec.n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight",
-                     (1.0 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32))
-        add(f"blk.{i}.attn_q.weight", (spec.n_embd, spec.n_embd), spec.attn_type, s_attn)
+        norm(f"blk.{i}.attn_norm.weight", spec.n_embd)
+        add(f"blk.{i}.attn_q.weight", (q_dim, spec.n_embd), spec.attn_type, s_attn)
         add(f"blk.{i}.attn_k.weight", (kv_dim, spec.n_embd), spec.attn_type, s_attn)
         add(f"blk.{i}.attn_v.weight", (kv_dim, spec.n_embd), spec.attn_type, s_attn)
-        add(f"blk.{i}.attn_output.weight", (spec.n_embd, spec.n_embd), spec.attn_type, s_attn)
+        add(f"blk.{i}.attn_output.weight", (spec.n_embd, q_dim), spec.attn_type,
+            1.0 / np.sqrt(q_dim))
+        if spec.arch == "gemma3":
+            # per-head QK norms, and norms after attention and after the FFN
+            norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+            norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+            norm(f"blk.{i}.post_attention_norm.weight", spec.n_embd)
+            norm(f"blk.{i}.post_ffw_norm.weight", spec.n_embd)
         if spec.arch == "qwen2":
-            for name, n in (("attn_q", spec.n_embd), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+            for name, n in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
                 w.add_tensor(f"blk.{i}.{name}.bias",
                              (0.1 * rng.standard_normal(n)).astype(np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight",
-                     (1.0 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32))
+        norm(f"blk.{i}.ffn_norm.weight", spec.n_embd)
         add(f"blk.{i}.ffn_gate.weight", (spec.n_ff, spec.n_embd), spec.ffn_type, s_attn)
         add(f"blk.{i}.ffn_up.weight", (spec.n_ff, spec.n_embd), spec.ffn_type, s_attn)
         add(f"blk.{i}.ffn_down.weight", (spec.n_embd, spec.n_ff), spec.ffn_type,

@@ -12,6 +12,7 @@ from gguf import quants as gq
 from model_factory import TinyModel
 
 from flashgguf import constants as C
+from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.output import patch_key, patch_u64_key
 from flashgguf.errors import (
@@ -42,12 +43,24 @@ def tiny_flash(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     return src, convert(src, out)
 
 
-def test_round_trip_bundles_match_source(tiny_flash):
-    src, out = tiny_flash
+# One model of each architecture for the round trip (the validation tests use tiny_flash).
+ARCH_SPECS = [TinyModel(ffn_type=Q.Q4_1),
+              TinyModel(arch="gemma3", ffn_type=Q.Q4_1, head_dim=32)]
+ARCH_IDS = ["llama", "gemma3"]
+
+
+@pytest.fixture(scope="module", params=ARCH_SPECS, ids=ARCH_IDS)
+def arch_flash(request, tiny_models, tmp_path_factory) -> tuple[TinyModel, Path, Path]:
+    spec = request.param
+    src = tiny_models(spec)
+    return spec, src, convert(src, tmp_path_factory.mktemp("flash") / "arch.flash.gguf")
+
+
+def test_round_trip_bundles_match_source(arch_flash):
+    spec, src, out = arch_flash
     ff = open_flash_file(out)
-    spec = TinyModel()
-    assert (ff.arch, ff.n_layer, ff.n_embd, ff.n_ff) == ("llama", 2, spec.n_embd, spec.n_ff)
-    assert ff.activation == "silu" and ff.gated
+    assert (ff.arch, ff.n_layer, ff.n_embd, ff.n_ff) == (spec.arch, 2, spec.n_embd, spec.n_ff)
+    assert ff.activation == get_arch(spec.arch).activation and ff.gated
     assert ff.layout.parts == ("gate", "up", "down")
     assert ff.layout.types == (Q.Q4_1, Q.Q4_1, Q.Q8_0)
     assert ff.layout.stride % C.DEFAULT_BUNDLE_ALIGN == 0
@@ -84,17 +97,18 @@ def test_round_trip_bundles_match_source(tiny_flash):
             np.testing.assert_array_equal(tensor_array(memoryview(raw), t), data)
 
 
-def test_trunk_keeps_keys_and_renames_architecture(tiny_flash):
-    src, out = tiny_flash
+def test_trunk_keeps_keys_and_renames_architecture(arch_flash):
+    spec, src, out = arch_flash
+    a = spec.arch
     s = open_gguf(src)[0].fields
     t = open_flash_file(out).trunk.fields
     assert t["general.architecture"] == C.TRUNK_ARCH
-    assert t[C.KEY_ARCH] == "llama"
+    assert t[C.KEY_ARCH] == a
     assert t[C.KEY_VERSION] == C.FORMAT_VERSION
-    assert t["llama.feed_forward_length"] == C.DUMMY_FFN_WIDTH
+    assert t[f"{a}.feed_forward_length"] == C.DUMMY_FFN_WIDTH
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
-                "tokenizer.ggml.token_type", "llama.embedding_length",
-                "llama.attention.head_count_kv"):
+                "tokenizer.ggml.token_type", f"{a}.embedding_length",
+                f"{a}.attention.head_count_kv"):
         if isinstance(s[key], np.ndarray):
             assert np.array_equal(t[key], s[key])
         else:

@@ -43,7 +43,10 @@ def folder(tmp_path_factory) -> Path:
     TinyModel(arch="llama", ffn_type=Q.Q4_1),
     TinyModel(arch="llama", ffn_type=Q.Q8_0, n_layer=3),
     TinyModel(arch="qwen2", ffn_type=Q.Q4_0),
-], ids=["llama-q4_1", "llama-q8_0", "qwen2-q4_0"])
+    # six layers: five sliding-window layers and one global one, as Gemma 3 alternates them;
+    # head_dim * n_head != n_embd, as in the real models
+    TinyModel(arch="gemma3", ffn_type=Q.Q4_0, n_layer=6, head_dim=32),
+], ids=["llama-q4_1", "llama-q8_0", "qwen2-q4_0", "gemma3-q4_0"])
 def test_flash_matches_stock(tiny_models, folder, spec):
     src = tiny_models(spec)
     stock = llama_cpp.Llama(str(src), **KW)

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CalibrationError
 from ..predictor import activate
 
-RELU_FAMILY = ("relu", "relu2")
+RELU_FAMILY = ("relu", "relu2", "fatrelu", "drelu")
 
 
 @dataclass(frozen=True)
@@ -34,17 +34,20 @@ class LayerWeights:
         """The projection whose sign or size decides activity."""
         return self.gate if self.gate is not None else self.up
 
-    def hidden(self, x: np.ndarray, activation: str) -> np.ndarray:
-        """h = act(gate x) * (up x), or act(up x) without a gate: [n_tokens, n_ff]."""
+    def hidden(self, x: np.ndarray, activation: str, threshold: float = 0.0) -> np.ndarray:
+        """h = act(gate x) * (up x) (dReLU: relu on up too), or act(up x) without a gate:
+        [n_tokens, n_ff]; threshold is fatrelu's."""
         u = x @ self.up.T
         if self.up_bias is not None:
             u += self.up_bias
         if self.gate is None:
-            return activate(activation, u)
+            return activate(activation, u, threshold)
         g = x @ self.gate.T
         if self.gate_bias is not None:
             g += self.gate_bias
-        return activate(activation, g) * u
+        if activation == "drelu":
+            u = np.maximum(u, 0.0)
+        return activate(activation, g, threshold) * u
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,9 @@ class LayerTargets:
     error: float  # mean relative output error of the labelled set, measured
 
 
-def layer_targets(x: np.ndarray, weights: LayerWeights, activation: str,
-                  target: Target) -> LayerTargets:
-    h = weights.hidden(x, activation)
+def layer_targets(x: np.ndarray, weights: LayerWeights, activation: str, target: Target,
+                  activation_threshold: float = 0.0) -> LayerTargets:
+    h = weights.hidden(x, activation, activation_threshold)
     if activation in RELU_FAMILY:
         labels = h != 0.0
         return LayerTargets(labels, 0.0, relative_error(h[:512], weights.down, labels[:512]))

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Quality of flashgguf (flash_offload=True, dense) against stock llama.cpp on any GGUF:
+perplexity and teacher-forced top-1 agreement on the first tokens of the evaluation text.
+
+    python tools/quality.py [--model model.gguf] [--tokens 1000] [--text evaluation.txt]
+                            [--bundle-type auto|f16|q8_0|q4_0|q4_1]
+
+The model is converted into a temporary file; the last line is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import llama_cpp  # noqa: E402
+
+from flashgguf import Llama  # noqa: E402
+from flashgguf.convert import ConvertOptions, convert_gguf  # noqa: E402
+from flashgguf.evaluate import (  # noqa: E402
+    evaluation_tokens,
+    perplexity,
+    teacher_forced_logits,
+    top1_agreement,
+)
+from flashgguf.models import smollm2_gguf  # noqa: E402
+
+SHARED_EVALUATION = REPO.parent / "shared" / "data" / "brown" / "evaluation.txt"
+EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="source GGUF (default: SmolLM2)")
+    p.add_argument("--tokens", type=int, default=1000)
+    p.add_argument("--text", type=Path, default=None,
+                   help="text to score (default: the shared evaluation.txt, else its excerpt)")
+    p.add_argument("--bundle-type", default="auto", help="flashgguf-convert --bundle-type")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    src = Path(args.model or smollm2_gguf())
+    text_path = args.text or (SHARED_EVALUATION if SHARED_EVALUATION.exists() else EVALUATION_HEAD)
+    text = text_path.read_text(encoding="utf-8")
+    kw = dict(n_ctx=args.tokens, n_batch=512, logits_all=True, verbose=False,
+              n_threads=args.threads, n_threads_batch=args.threads)
+
+    stock = llama_cpp.Llama(str(src), **kw)
+    tokens = evaluation_tokens(stock, text, args.tokens)
+    want = teacher_forced_logits(stock, tokens)
+    stock.close()
+    # beside a model given by path (it may be big); the packaged SmolLM2 in the system's tmp
+    with tempfile.TemporaryDirectory(dir=src.parent if args.model else None) as tmp:
+        flash_path = Path(tmp) / "quality.flash.gguf"
+        convert_gguf(src, flash_path, ConvertOptions(bundle_type=args.bundle_type, progress=False))
+        flash = Llama(str(flash_path), flash_offload=True, **kw)
+        if evaluation_tokens(flash, text, args.tokens) != tokens:
+            print("error: the flash GGUF tokenizes the text differently", file=sys.stderr)
+            return 1
+        got = teacher_forced_logits(flash, tokens)
+        flash.close()
+    ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
+    print(f"model {src.name}, first {len(tokens)} tokens of {text_path.name}")
+    print(f"perplexity stock {ppl_stock:.3f}, flash {ppl_flash:.3f} "
+          f"(ratio {ppl_flash / ppl_stock:.4f}); top-1 agreement {top1_agreement(got, want):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
