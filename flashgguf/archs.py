@@ -26,6 +26,9 @@ class ArchSpec:
     ffn_gate_bias: str = "blk.{bid}.ffn_gate.bias"
     ffn_up_bias: str = "blk.{bid}.ffn_up.bias"
     ffn_down_bias: str = "blk.{bid}.ffn_down.bias"
+    # RMSNorm weight applied to the FFN input: the weight-only predictor models the input
+    # as this weight times a unit-RMS vector.
+    ffn_norm: str = "blk.{bid}.ffn_norm.weight"
 
     def ffn_tensor_names(self, bid: int) -> tuple[str, ...]:
         names = (self.ffn_up, self.ffn_down, self.ffn_up_bias, self.ffn_down_bias)

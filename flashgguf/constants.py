@@ -60,3 +60,24 @@ DEFAULT_BUNDLE_ALIGN = 64
 # (TurboSparse, Bamboo).
 ACTIVATIONS = ("silu", "gelu", "relu", "relu2", "fatrelu", "drelu")
 THRESHOLD_ACTIVATIONS = ("fatrelu",)
+
+# Activity predictor (flashgguf/predictor.py is its reference scoring).
+KEY_PREDICTOR_KIND = "flashgguf.predictor.kind"
+KEY_PREDICTOR_RANK = "flashgguf.predictor.rank"  # u32 per layer
+KEY_PREDICTOR_THRESHOLD = "flashgguf.predictor.threshold"  # f32 per layer
+KEY_PREDICTOR_RECALL = "flashgguf.predictor.recall"  # f32 per layer, held-out estimate
+KEY_PREDICTOR_DENSITY = "flashgguf.predictor.density"  # f32 per layer: share predicted active
+KEY_PREDICTOR_KEEP = "flashgguf.predictor.keep"  # f32: top share of contributions recalled
+PREDICTOR_WEIGHT_SVD = "weight-svd"
+PREDICTOR_KINDS = (PREDICTOR_WEIGHT_SVD,)
+TENSOR_PRED_A = "blk.{bid}.pred_a"
+TENSOR_PRED_B = "blk.{bid}.pred_b"
+TENSOR_PRED_B_UP = "blk.{bid}.pred_b_up"
+TENSOR_PRED_SCALE = "blk.{bid}.pred_scale"
+# Defaults: keep 0.7 because an oracle keeping each token's top 70% of SmolLM2's neurons by
+# contribution measured 1.00x perplexity (issue 3); recall 0.95 as the paper's predictors.
+DEFAULT_PREDICTOR_KEEP = 0.7
+DEFAULT_PREDICTOR_RECALL = 0.95
+# Largest predictor, as a share of its layer's bundle bytes (it stays in DRAM).
+DEFAULT_PREDICTOR_MAX_SHARE = 0.25
+PREDICTOR_TENSOR_SUFFIXES = (".pred_a", ".pred_b", ".pred_b_up", ".pred_scale")

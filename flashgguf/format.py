@@ -6,16 +6,18 @@ allocates anything; a failed check raises a FormatError that names it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import constants as C
 from .errors import FormatError, NotFlashGGUFError, VersionError
 from .gguf_stream import GGUFStream, TensorInfo, map_file, read_gguf, tensor_array, tensor_nbytes
+from .predictor import PREDICTOR_BLOCK, LayerPredictor
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class LayerInfo:
     up_bias: np.ndarray | None
     gate_bias: np.ndarray | None
     down_bias: np.ndarray | None
+    predictor: LayerPredictor | None = None
+    # the converter's estimates for this predictor (on its calibration inputs)
+    predictor_recall: float | None = None
+    predictor_density: float | None = None  # share of neurons predicted active
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class FlashFile:
     layout: BundleLayout
     layers: tuple[LayerInfo, ...]
     activation_threshold: float = 0.0  # fatrelu's threshold (0 for the other activations)
+    predictor_kind: str | None = None  # flashgguf.predictor.kind, None without a predictor
+    predictor_keep: float | None = None
 
     @property
     def payload_nbytes(self) -> int:
@@ -158,8 +166,21 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
 
     layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layout, gated)
                    for bid in range(n_layer))
+    keys = _read_predictor_keys(payload, pwhat, n_layer, n_embd)
+    if keys is None:
+        return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
+                         gated, layout, layers, activation_threshold=threshold)
+    layers = tuple(
+        dataclasses.replace(
+            layer, predictor=_read_predictor(buf, payload, pwhat, layer.index, n_embd, n_ff,
+                                             gated, int(keys.rank[layer.index]),
+                                             float(keys.threshold[layer.index])),
+            predictor_recall=float(keys.recall[layer.index]),
+            predictor_density=None if keys.density is None else float(keys.density[layer.index]))
+        for layer in layers)
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
-                     gated, layout, layers, threshold)
+                     gated, layout, layers, activation_threshold=threshold,
+                     predictor_kind=keys.kind, predictor_keep=keys.keep)
 
 
 def _read_layout(payload: GGUFStream, what: str, n_embd: int, gated: bool) -> BundleLayout:
@@ -234,3 +255,102 @@ def _read_layer(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_emb
         raise FormatError(f"{what}: layer {bid} has a gate bias but the FFN is not gated")
     return LayerInfo(bid, bundle, order, freq, bias(C.TENSOR_UP_BIAS, n_ff), gate_bias,
                      bias(C.TENSOR_DOWN_BIAS, n_embd))
+
+
+# ---- the activity predictor (flashgguf/predictor.py) ---------------------------------
+
+@dataclass(frozen=True)
+class _PredictorKeys:
+    kind: str
+    keep: float
+    rank: np.ndarray
+    threshold: np.ndarray
+    recall: np.ndarray
+    density: np.ndarray | None
+
+
+def _per_layer(payload: GGUFStream, key: str, what: str, n_layer: int, kind: str,
+               required: bool = True) -> np.ndarray | None:
+    value = payload.get(key)
+    if value is None:
+        if required:
+            raise FormatError(f"{what}: required key {key!r} is missing")
+        return None
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != kind:
+        want = "integers" if kind == "u" else "floats"
+        raise FormatError(f"{what}: key {key!r} must be an array of {want}")
+    if value.size != n_layer:
+        raise FormatError(f"{what}: key {key!r} has {value.size} values, expected one per "
+                          f"layer ({n_layer})")
+    if kind == "f" and not np.all(np.isfinite(value)):
+        raise FormatError(f"{what}: key {key!r} has a non-finite value at layer "
+                          f"{int(np.flatnonzero(~np.isfinite(value))[0])}")
+    return value
+
+
+def _read_predictor_keys(payload: GGUFStream, what: str, n_layer: int,
+                         n_embd: int) -> _PredictorKeys | None:
+    kind = payload.get(C.KEY_PREDICTOR_KIND)
+    if kind is None:
+        stray = [n for n in payload.tensors if n.endswith(C.PREDICTOR_TENSOR_SUFFIXES)]
+        if stray:
+            raise FormatError(f"{what}: tensor {stray[0]!r} but no key "
+                              f"{C.KEY_PREDICTOR_KIND!r}")
+        return None
+    if kind not in C.PREDICTOR_KINDS:
+        raise FormatError(f"{what}: unknown predictor kind {kind!r} "
+                          f"(this flashgguf reads {', '.join(C.PREDICTOR_KINDS)})")
+    if n_embd % PREDICTOR_BLOCK:
+        raise FormatError(f"{what}: a predictor needs n_embd ({n_embd}) to be a multiple of "
+                          f"{PREDICTOR_BLOCK}")
+    keep = payload.require(C.KEY_PREDICTOR_KEEP, what)
+    if not isinstance(keep, float) or not 0.0 < keep <= 1.0:
+        raise FormatError(f"{what}: key {C.KEY_PREDICTOR_KEEP!r} is {keep!r}, not in (0, 1]")
+    rank = _per_layer(payload, C.KEY_PREDICTOR_RANK, what, n_layer, "u")
+    threshold = _per_layer(payload, C.KEY_PREDICTOR_THRESHOLD, what, n_layer, "f")
+    recall = _per_layer(payload, C.KEY_PREDICTOR_RECALL, what, n_layer, "f")
+    density = _per_layer(payload, C.KEY_PREDICTOR_DENSITY, what, n_layer, "f", required=False)
+    assert rank is not None and threshold is not None and recall is not None
+    for key, values in ((C.KEY_PREDICTOR_RECALL, recall), (C.KEY_PREDICTOR_DENSITY, density)):
+        if values is not None and not np.all((values >= 0.0) & (values <= 1.0)):
+            raise FormatError(f"{what}: key {key!r} has a value outside [0, 1]")
+    for bid, r in enumerate(rank):
+        if r <= 0 or r % PREDICTOR_BLOCK:
+            raise FormatError(f"{what}: predictor rank {int(r)} of layer {bid} is not a positive "
+                              f"multiple of {PREDICTOR_BLOCK}")
+    return _PredictorKeys(kind, keep, rank, threshold, recall, density)
+
+
+def _q8_0_rows(buf: memoryview, t: TensorInfo, name: str, what: str) -> np.ndarray:
+    """The tensor's rows as raw Q8_0 bytes, after checking every block's scale is finite."""
+    rows = tensor_array(buf, t)
+    # a Q8_0 block: f16 scale d, then 32 int8 quants
+    _, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    d = rows.reshape(-1, block_bytes)[:, :2].copy().view(np.float16)
+    if not np.all(np.isfinite(d)):
+        raise FormatError(f"{what}: tensor {name!r} has a non-finite Q8_0 block scale")
+    return rows
+
+
+def _read_predictor(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_embd: int,
+                    n_ff: int, gated: bool, rank: int, threshold: float) -> LayerPredictor:
+    Q8_0 = GGMLQuantizationType.Q8_0
+    found = {}
+    for template, shape, required in ((C.TENSOR_PRED_A, (n_embd, rank), True),
+                                      (C.TENSOR_PRED_B, (rank, n_ff), True),
+                                      (C.TENSOR_PRED_B_UP, (rank, n_ff), False)):
+        name = template.format(bid=bid)
+        t = payload.tensors.get(name)
+        if t is None and not required:
+            continue
+        found[template] = _q8_0_rows(buf, _expect(t, name, what, shape, Q8_0), name, what)
+    if C.TENSOR_PRED_B_UP in found and not gated:
+        raise FormatError(f"{what}: layer {bid} has {C.TENSOR_PRED_B_UP.format(bid=bid)!r} but "
+                          "the FFN is not gated")
+    name = C.TENSOR_PRED_SCALE.format(bid=bid)
+    scale = tensor_array(buf, _expect(payload.tensors.get(name), name, what, (n_ff,),
+                                      GGMLQuantizationType.F32))
+    if not np.all(np.isfinite(scale) & (scale >= 0)):
+        raise FormatError(f"{what}: tensor {name!r} has a negative or non-finite value")
+    return LayerPredictor(rank, found[C.TENSOR_PRED_A], found[C.TENSOR_PRED_B],
+                          found.get(C.TENSOR_PRED_B_UP), scale, threshold)

@@ -62,7 +62,8 @@ def test_budget_that_holds_the_payload_keeps_it_resident():
 @pytest.fixture(scope="module")
 def relu_model(tiny_models, tmp_path_factory):
     flash = convert(tiny_models(TinyModel(ffn_type=Q.Q8_0, n_ff=320)),
-                    tmp_path_factory.mktemp("relu"), activation="relu")
+                    tmp_path_factory.mktemp("relu"), activation="relu",
+                    predictor=None)  # the tests give their own predictors
     return flash, [exact_relu_predictor(flash, i) for i in range(flash.n_layer)]
 
 

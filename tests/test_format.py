@@ -274,3 +274,100 @@ def test_cli_reports_errors(tmp_path, capsys):
 
     assert main([str(tmp_path / "missing.gguf"), "-q"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# ---- the activity predictor ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pred_flash(tiny_models, tmp_path_factory):
+    src = tiny_models(TinyModel(ffn_type=Q.Q4_1))
+    out = tmp_path_factory.mktemp("pred") / "tiny.flash.gguf"
+    report = convert_gguf(src, out, QUIET)
+    return out, report
+
+
+def test_predictor_round_trip(pred_flash):
+    out, report = pred_flash
+    ff = open_flash_file(out)
+    assert ff.predictor_kind == C.PREDICTOR_WEIGHT_SVD
+    assert ff.predictor_keep == pytest.approx(C.DEFAULT_PREDICTOR_KEEP)
+    spec = TinyModel()
+    for layer, fitted in zip(ff.layers, report.predictor, strict=True):
+        got, want = layer.predictor, fitted.predictor
+        assert got is not None and got.rank == want.rank and got.rank % 32 == 0
+        assert got.a.shape == (got.rank, spec.n_embd // 32 * 34)
+        assert got.b.shape == got.b_up.shape == (spec.n_ff, got.rank // 32 * 34)
+        for name in ("a", "b", "b_up", "scale"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+        assert got.threshold == np.float32(want.threshold)
+        assert layer.predictor_recall == pytest.approx(fitted.recall, abs=1e-6)
+        assert layer.predictor_density == pytest.approx(fitted.density, abs=1e-6)
+
+
+def test_no_predictor(tiny_models, tmp_path):
+    ff = open_flash_file(convert(tiny_models(TinyModel()), tmp_path / "x.flash.gguf",
+                                 predictor=None))
+    assert ff.predictor_kind is None
+    assert all(layer.predictor is None for layer in ff.layers)
+
+
+def _value_offset(path: Path, key: str, item_type: GGUFValueType | None = None) -> int:
+    """Offset of a payload key's value (of an array's first item when item_type is given)."""
+    data = path.read_bytes()
+    vtype = GGUFValueType.ARRAY if item_type is not None else GGUFValueType.FLOAT32
+    pattern = struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype)
+    if item_type is not None:
+        pattern += struct.pack("<I", item_type)
+    pos = data.find(pattern)
+    assert pos > 0 and data.find(pattern, pos + 1) < 0
+    return pos + len(pattern) + (8 if item_type is not None else 0)  # skip an array's count
+
+
+def _poke(path: Path, offset: int, raw: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(raw)
+
+
+def _tensor_offset(path: Path, name: str) -> int:
+    return open_flash_file(path).payload.tensors[name].offset
+
+
+@pytest.mark.parametrize("case, match", [
+    ("kind", "unknown predictor kind 'weight-xyz'"),
+    ("keep", "'flashgguf.predictor.keep' is 1.5, not in"),
+    ("rank_odd", "predictor rank 48 of layer 0 is not a positive multiple of 32"),
+    ("rank_shape", r"'blk.0.pred_a' is Q8_0 \[64, 32\], expected Q8_0 \[64, 64\]"),
+    ("threshold_nan", "'flashgguf.predictor.threshold' has a non-finite value at layer 1"),
+    ("recall_range", "'flashgguf.predictor.recall' has a value outside"),
+    ("missing_b", "'blk.1.pred_b' is missing"),
+    ("stray", "tensor 'blk.0.pred_a' but no key 'flashgguf.predictor.kind'"),
+    ("scale_nan", "'blk.1.pred_scale' has a negative or non-finite value"),
+    ("q8_scale_inf", "'blk.0.pred_a' has a non-finite Q8_0 block scale"),
+])
+def test_malformed_predictor(pred_flash, tmp_path, case, match):
+    bad = _copy(pred_flash[0], tmp_path)
+    if case == "kind":
+        _rename_in_payload(bad, b"weight-svd", b"weight-xyz")
+    elif case == "keep":
+        _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_KEEP), struct.pack("<f", 1.5))
+    elif case in ("rank_odd", "rank_shape"):
+        _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_RANK, GGUFValueType.UINT32),
+              struct.pack("<I", 48 if case == "rank_odd" else 64))
+    elif case == "threshold_nan":
+        off = _value_offset(bad, C.KEY_PREDICTOR_THRESHOLD, GGUFValueType.FLOAT32)
+        _poke(bad, off + 4, struct.pack("<f", float("nan")))
+    elif case == "recall_range":
+        off = _value_offset(bad, C.KEY_PREDICTOR_RECALL, GGUFValueType.FLOAT32)
+        _poke(bad, off, struct.pack("<f", 1.25))
+    elif case == "missing_b":
+        n = struct.pack("<Q", 12)  # the name's length prefix tells pred_b from pred_b_up
+        _rename_in_payload(bad, n + b"blk.1.pred_b", n + b"blk.1.pred_X")
+    elif case == "stray":
+        _rename_in_payload(bad, C.KEY_PREDICTOR_KIND.encode(), b"flashgguf.predictor.kinX")
+    elif case == "scale_nan":
+        _poke(bad, _tensor_offset(bad, "blk.1.pred_scale") + 8, struct.pack("<f", float("nan")))
+    elif case == "q8_scale_inf":
+        _poke(bad, _tensor_offset(bad, "blk.0.pred_a") + 34, np.float16(np.inf).tobytes())
+    with pytest.raises(FormatError, match=match):
+        open_flash_file(bad)

@@ -9,6 +9,7 @@ from .. import constants as C
 from ..errors import ConvertError, FlashGGUFError
 from .gguf_source import ConvertOptions, convert_gguf
 from .hf_source import OUTTYPES, convert_hf
+from .predictor_fit import PredictorOptions
 from .safetensors import is_checkpoint
 
 
@@ -40,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "safetensors input: instead of the one config.json names)")
     p.add_argument("--activation-threshold", type=float, default=0.0,
                    help="threshold of --activation fatrelu (values at or below it become 0)")
+    p.add_argument("--no-predictor", action="store_true",
+                   help="store no activity predictor (the runtime then cannot use "
+                   "flash_mode='predicted')")
+    p.add_argument("--predictor-keep", type=float, default=C.DEFAULT_PREDICTOR_KEEP,
+                   help="SiLU/GELU gates: the share of each token's neurons, by contribution, "
+                   "the predictor must find (default %(default)s)")
+    p.add_argument("--predictor-recall", type=float, default=C.DEFAULT_PREDICTOR_RECALL,
+                   help="share of those needed neurons the threshold lets through on random "
+                   "inputs (default %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -52,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle_align=args.bundle_align,
         activation=args.activation,
         activation_threshold=args.activation_threshold,
+        predictor=None if args.no_predictor else PredictorOptions(
+            keep=args.predictor_keep, recall=args.predictor_recall),
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,

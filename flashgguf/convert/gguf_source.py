@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,12 @@ from ..archs import ArchSpec, get_arch
 from ..errors import ConvertError, FormatError, UnsupportedError
 from ..format import BundleLayout
 from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
+from .blas import single_threaded_blas
 from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
+from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
+
+Q8_0 = GGMLQuantizationType.Q8_0
 
 # Keys the trunk does not copy from the source: the writer adds its own.
 _SKIPPED_KEYS = ("GGUF.", C.KEY_ARCHITECTURE, C.KEY_ALIGNMENT)
@@ -35,6 +40,8 @@ class ConvertOptions:
     activation: str | None = None
     activation_threshold: float = 0.0  # fatrelu's threshold
     source_name: str | None = None  # recorded as the payload's source (default: the file name)
+    # The weight-only activity predictor (predictor_fit.py); None stores no predictor.
+    predictor: PredictorOptions | None = field(default_factory=PredictorOptions)
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
@@ -51,6 +58,8 @@ class ConvertReport:
     trunk_nbytes: int
     payload_nbytes: int
     down_rel_error_max: float
+    predictor: tuple[FittedLayer, ...] | None = None
+    seconds: float = 0.0
 
 
 def _bundle_type(name: str) -> GGMLQuantizationType:
@@ -147,6 +156,9 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         raise ConvertError(f"{out} exists; pass --force to overwrite it")
     if out.resolve() == src.resolve():
         raise ConvertError("the output would overwrite the input")
+    if opts.predictor is not None:
+        opts.predictor.check()
+    t_start = time.perf_counter()
 
     source = _open_source(src)
     stream = source.stream
@@ -174,8 +186,8 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
              f"stride {layout.stride} bytes")
 
     with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp:
-        payload_nbytes, down_err = _write_payload(payload_tmp, source, spec, layout,
-                                                  n_layer, n_embd, n_ff, opts, src)
+        payload_nbytes, down_err, fitted = _write_payload(payload_tmp, source, spec, layout,
+                                                          n_layer, n_embd, n_ff, opts, src)
         trunk_nbytes = _write_trunk(final_tmp, source, spec, ffn_names, n_embd)
         offset = -(-trunk_nbytes // C.PAYLOAD_ALIGNMENT) * C.PAYLOAD_ALIGNMENT
         with open(final_tmp, "r+b") as fout, open(payload_tmp, "rb") as fin:
@@ -186,8 +198,10 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     opts.log(f"flashgguf-convert: wrote {out} (trunk {trunk_nbytes / 2**20:.1f} MiB, payload "
              f"{payload_nbytes / 2**20:.1f} MiB); down columns re-quantized to "
              f"{types[C.PART_DOWN].name}: max relative error {down_err:.4f}")
+    seconds = time.perf_counter() - t_start
+    opts.log(f"flashgguf-convert: done in {seconds:.1f} s")
     return ConvertReport(out, spec.name, n_layer, n_embd, n_ff, layout, trunk_nbytes,
-                         payload_nbytes, down_err)
+                         payload_nbytes, down_err, fitted, seconds)
 
 
 def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str],
@@ -244,8 +258,16 @@ def _dummy_shape(spec: ArchSpec, name: str, n_embd: int, dummy: int) -> tuple[in
 
 def _write_payload(path: Path, source: _Source, spec: ArchSpec,
                    layout: BundleLayout, n_layer: int, n_embd: int, n_ff: int,
-                   opts: ConvertOptions, src: Path) -> tuple[int, float]:
+                   opts: ConvertOptions, src: Path
+                   ) -> tuple[int, float, tuple[FittedLayer, ...] | None]:
     tensors = source.stream.tensors
+    # No calibration yet: neurons keep their original order and have no measured frequency.
+    order = np.arange(n_ff, dtype=np.int32)
+    freq = np.zeros(n_ff, dtype=np.float32)
+    fitted = None
+    if opts.predictor is not None:
+        fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff, n_ff * layout.stride,
+                                 order, opts.predictor, opts)
     w = GGUFFileWriter(path, C.PAYLOAD_ARCH)
     w.add_custom_alignment(C.PAYLOAD_ALIGNMENT)
     w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
@@ -267,6 +289,9 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     w.add_string(C.KEY_SOURCE_SHA256, _sha256(src))
     # placeholder, patched below (a float32 needs no re-layout)
     w.add_float32(C.KEY_DOWN_REQUANT_ERROR, 0.0)
+    if fitted is not None:
+        assert opts.predictor is not None
+        _add_predictor_keys(w, fitted, opts.predictor)
 
     biases = {}
     for bid in range(n_layer):
@@ -285,13 +310,14 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
                 raise FormatError(f"bias {t.name!r} has {data.size} values, expected {n}")
             biases[(bid, dst_t)] = data
             w.add_tensor_info(dst_t.format(bid=bid), (n,), np.dtype(np.float32), n * 4)
+        if fitted is not None:
+            for name, data in _predictor_tensors(bid, fitted[bid]):
+                w.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
+                                  raw_dtype=None if data.dtype == np.float32 else Q8_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
 
-    # No calibration yet: neurons keep their original order and have no measured frequency.
-    order = np.arange(n_ff, dtype=np.int32)
-    freq = np.zeros(n_ff, dtype=np.float32)
     down_err = 0.0
     layers = range(n_layer)
     if opts.progress:
@@ -314,7 +340,67 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
                 w.write_tensor_data(biases[(bid, dst_t)])
         source.release(*(tensors.get(template.format(bid=bid))
                          for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+        if fitted is not None:
+            for _name, data in _predictor_tensors(bid, fitted[bid]):
+                w.write_tensor_data(data)
     w.close()
     patch_key(path, C.KEY_DOWN_REQUANT_ERROR, GGUFValueType.FLOAT32, np.float32(down_err).tobytes())
-    return path.stat().st_size, down_err
+    return path.stat().st_size, down_err, fitted
+
+
+def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
+                    bundle_nbytes: int, order: np.ndarray, popts: PredictorOptions,
+                    opts: ConvertOptions) -> tuple[FittedLayer, ...]:
+    t0 = time.perf_counter()
+    layers = range(n_layer)
+    if opts.progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="fitting predictors", unit="layer")
+    fitted = []
+    for bid in layers:
+        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False) \
+            .dense() if spec.gated else None
+        up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False).dense()
+        down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True).dense()
+        name = spec.ffn_norm.format(bid=bid)
+        t = source.stream.tensors.get(name)
+        if t is None:
+            raise FormatError(f"source tensor {name!r} is missing: the weight-only predictor "
+                              "needs the FFN norm weight (or convert with --no-predictor)")
+        norm = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
+        with single_threaded_blas():
+            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, order,
+                                              bundle_nbytes, popts, popts.seed + bid))
+    ranks = [f.predictor.rank for f in fitted]
+    recalls = [f.recall for f in fitted]
+    dens = [f.density for f in fitted]
+    opts.log(f"flashgguf-convert: weight-only predictor in {time.perf_counter() - t0:.1f} s: "
+             f"rank {min(ranks)}-{max(ranks)}; on held-out random inputs recall "
+             f"{min(recalls):.3f}-{max(recalls):.3f} of the top {popts.keep:.0%} contributions, "
+             f"{min(dens):.1%}-{max(dens):.1%} of neurons predicted active")
+    return tuple(fitted)
+
+
+def _add_predictor_keys(w: GGUFFileWriter, fitted: tuple[FittedLayer, ...],
+                        popts: PredictorOptions) -> None:
+    w.add_string(C.KEY_PREDICTOR_KIND, C.PREDICTOR_WEIGHT_SVD)
+    w.add_float32(C.KEY_PREDICTOR_KEEP, popts.keep)
+    w.add_key_value(C.KEY_PREDICTOR_RANK, [f.predictor.rank for f in fitted],
+                    GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    for key, values in ((C.KEY_PREDICTOR_THRESHOLD, [f.predictor.threshold for f in fitted]),
+                        (C.KEY_PREDICTOR_RECALL, [f.recall for f in fitted]),
+                        (C.KEY_PREDICTOR_DENSITY, [f.density for f in fitted])):
+        w.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY,
+                        GGUFValueType.FLOAT32)
+
+
+def _predictor_tensors(bid: int, fitted: FittedLayer) -> list[tuple[str, np.ndarray]]:
+    """(name, data) of a layer's predictor tensors, in the order they are written."""
+    p = fitted.predictor
+    out = [(C.TENSOR_PRED_A.format(bid=bid), p.a), (C.TENSOR_PRED_B.format(bid=bid), p.b)]
+    if p.b_up is not None:
+        out.append((C.TENSOR_PRED_B_UP.format(bid=bid), p.b_up))
+    out.append((C.TENSOR_PRED_SCALE.format(bid=bid), p.scale))
+    return out
 
