@@ -112,6 +112,7 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
     rt->partial = alloc_zeroed(max_threads * rows * embd * sizeof(float));
     rt->hidden = alloc_zeroed(max_threads * 2 * rows * sizeof(float));
     rt->ffn_out = alloc_zeroed(rows * embd * sizeof(float));
+    for (int32_t l = 0; rt->layers != NULL && l < c->n_layer; l++) rt->layers[l].weight = 1.0;
     int ok = rt->layers && rt->pending_rows && rt->xq_gate && rt->xq_up && rt->partial &&
              rt->hidden && rt->ffn_out;
     if (ok && c->n_embd % QK8_0 == 0) {
@@ -223,19 +224,55 @@ static int capacity_fits(const fg_config *c, int32_t capacity) {
     return pinned <= capacity && capacity - pinned >= round_rows(c, pinned);
 }
 
-static int32_t layer_capacity(const fg_runtime *rt) {
-    const fg_config *c = &rt->cfg;
-    const int64_t avail = c->dram_budget - predictor_bytes(rt);
-    if (avail <= 0) return 0;
-    const int64_t cap = avail / c->n_layer / c->bundle_stride;
-    return cap > c->n_ff ? c->n_ff : (int32_t)cap;
+/* Smallest capacity a layer accepts: its pinned rows plus one read round. */
+static int32_t min_capacity(const fg_config *c) {
+    int32_t cap = 1;
+    while (cap < c->n_ff && !capacity_fits(c, cap)) cap++;
+    return cap;
 }
 
 int64_t fg_runtime_min_budget(const fg_runtime *rt) {
     const fg_config *c = &rt->cfg;
-    int32_t cap = 1;
-    while (cap < c->n_ff && !capacity_fits(c, cap)) cap++;
-    return predictor_bytes(rt) + (int64_t)c->n_layer * cap * c->bundle_stride;
+    return predictor_bytes(rt) + (int64_t)c->n_layer * min_capacity(c) * c->bundle_stride;
+}
+
+/* Split the budget into per-layer capacities: every layer gets the minimum, the rest goes
+ * by layer weight (expected active rows), a layer never past n_ff, what a full layer
+ * cannot take going to the others. FG_ERR_BUDGET when the minimum does not fit. */
+static int split_budget(fg_runtime *rt, int32_t *capacity) {
+    const fg_config *c = &rt->cfg;
+    const int64_t avail = c->dram_budget - predictor_bytes(rt);
+    const int32_t cmin = min_capacity(c);
+    int64_t remaining = avail / c->bundle_stride - (int64_t)c->n_layer * cmin;
+    if (avail <= 0 || remaining < 0) return FG_ERR_BUDGET;
+    for (int32_t l = 0; l < c->n_layer; l++) capacity[l] = cmin;
+    for (int32_t pass = 0; pass < c->n_layer && remaining > 0; pass++) {
+        double open_weight = 0.0;
+        for (int32_t l = 0; l < c->n_layer; l++) {
+            if (capacity[l] < c->n_ff) open_weight += rt->layers[l].weight;
+        }
+        if (open_weight <= 0.0) break;
+        int64_t given = 0;
+        for (int32_t l = 0; l < c->n_layer; l++) {
+            if (capacity[l] >= c->n_ff) continue;
+            int64_t add = (int64_t)((double)remaining * rt->layers[l].weight / open_weight);
+            if (add > c->n_ff - capacity[l]) add = c->n_ff - capacity[l];
+            capacity[l] += (int32_t)add;
+            given += add;
+        }
+        remaining -= given;
+        if (given == 0) break;
+    }
+    return FG_OK;
+}
+
+int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight) {
+    if (layer < 0 || layer >= rt->cfg.n_layer || !(weight > 0.0) || !isfinite(weight)) {
+        return FG_ERR_ARG;
+    }
+    if (rt->loaded) return FG_ERR_STATE;
+    rt->layers[layer].weight = weight;
+    return FG_OK;
 }
 
 /* ---- load ------------------------------------------------------------------------- */
@@ -280,23 +317,27 @@ static int load_streaming(fg_runtime *rt) {
     for (int32_t l = 0; l < c->n_layer; l++) {
         if (c->mode == FG_MODE_PREDICTED && rt->layers[l].pred.rank == 0) return FG_ERR_STATE;
     }
-    const int32_t capacity = layer_capacity(rt);
-    if (capacity < 1 || !capacity_fits(c, capacity)) return FG_ERR_BUDGET;
-    const int32_t pinned = pinned_rows(c, capacity);
-    int rc = alloc_streaming_scratch(rt);
+    int32_t *capacities = malloc((size_t)c->n_layer * sizeof *capacities);
+    if (capacities == NULL) return FG_ERR_NOMEM;
+    int rc = split_budget(rt, capacities);
+    if (rc == FG_OK) rc = alloc_streaming_scratch(rt);
+    rt->stats.pinned_neurons = 0;
     for (int32_t l = 0; rc == FG_OK && l < c->n_layer; l++) {
         fg_layer *L = &rt->layers[l];
+        const int32_t capacity = capacities[l];
+        const int32_t pinned = pinned_rows(c, capacity);
         rc = fg_cache_alloc(&L->cache, c->n_ff, capacity, pinned, (size_t)c->bundle_stride);
         if (rc == FG_OK && pinned > 0) {
             rc = fg_reader_read(&rt->reader, L->bundle_offset,
                                 (size_t)pinned * (size_t)c->bundle_stride, L->cache.slots);
         }
+        rt->stats.pinned_neurons += (uint64_t)pinned;
     }
+    free(capacities);
     if (rc == FG_OK) {
         rc = fg_io_init(&rt->io, &rt->reader, c->io_backend, c->io_depth,
                         (size_t)c->max_read_bytes);
     }
-    rt->stats.pinned_neurons = (uint64_t)pinned * (uint64_t)c->n_layer;
     return rc;
 }
 
