@@ -16,6 +16,10 @@
  * unpinned rows (at least one). Calls that need more rows than fit stream them through
  * the slots in several rounds, so any budget above the minimum gives exact results. */
 #define FG_MIN_ROUND_DIVISOR 8
+/* Fewer rows x tokens than this are computed on one thread, fewer output values than
+ * FG_MIN_PARALLEL_OUT summed on one (see ffn_accumulate). */
+#define FG_MIN_PARALLEL_ROWS 128
+#define FG_MIN_PARALLEL_OUT 8192
 
 double fg_now_seconds(void) {
     struct timespec ts;
@@ -422,15 +426,24 @@ static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
     return n_tokens > 1 ? rt->cfg.n_threads_batch : rt->cfg.n_threads;
 }
 
-/* Add n rows of a list to the per-thread partial sums; first: start them from zero. */
+/* Add n rows of a list to the per-thread partial sums; first: start them from zero.
+ * Small lists run on the calling thread: a parallel region costs more than it saves there,
+ * and on a loaded machine one descheduled thread stalls the others at its barrier. */
 static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
                            const int32_t *idx, int64_t n, int32_t n_tokens, int first) {
     const fg_config *c = &rt->cfg;
     const size_t embd = (size_t)c->n_embd;
     const size_t n_out = (size_t)n_tokens * embd;
-    const int want = first ? ffn_threads(rt, n_tokens) : rt->partial_threads;
+    if (first) { /* every thread that may add to the partial sums during this call */
+        rt->partial_threads = ffn_threads(rt, n_tokens);
+        for (int k = 0; k < rt->partial_threads; k++) {
+            memset(rt->partial + (size_t)k * (size_t)c->max_tokens * embd, 0,
+                   n_out * sizeof(float));
+        }
+    }
+    if (n == 0) return;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(want)
+#pragma omp parallel if (n * n_tokens >= FG_MIN_PARALLEL_ROWS) num_threads(rt->partial_threads)
 #endif
     {
 #ifdef _OPENMP
@@ -443,10 +456,6 @@ static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *con
         float *acc = rt->partial + (size_t)tid * (size_t)c->max_tokens * embd;
         float *gate_vals = rt->hidden + (size_t)tid * 2 * (size_t)c->max_tokens;
         float *up_vals = gate_vals + c->max_tokens;
-        if (first) {
-            memset(acc, 0, n_out * sizeof(float));
-            if (tid == 0) rt->partial_threads = nth;
-        }
         ffn_rows(rt, L, rows, idx, n * tid / nth, n * (tid + 1) / nth, n_tokens, acc,
                  gate_vals, up_vals);
     }
@@ -459,7 +468,7 @@ static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_to
     const size_t n_out = (size_t)n_tokens * embd;
     const int parts = rt->partial_threads;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(parts)
+#pragma omp parallel if (n_out >= FG_MIN_PARALLEL_OUT) num_threads(parts)
 #endif
     {
 #ifdef _OPENMP
