@@ -69,7 +69,12 @@ KEY_PREDICTOR_RECALL = "flashgguf.predictor.recall"  # f32 per layer, held-out e
 KEY_PREDICTOR_DENSITY = "flashgguf.predictor.density"  # f32 per layer: share predicted active
 KEY_PREDICTOR_KEEP = "flashgguf.predictor.keep"  # f32: top share of contributions recalled
 PREDICTOR_WEIGHT_SVD = "weight-svd"
-PREDICTOR_KINDS = (PREDICTOR_WEIGHT_SVD,)
+# the same predictor fitted on FFN inputs collected from llama.cpp on calibration text
+PREDICTOR_CALIBRATED_SVD = "calibrated-svd"
+PREDICTOR_KINDS = (PREDICTOR_WEIGHT_SVD, PREDICTOR_CALIBRATED_SVD)
+KEY_PREDICTOR_PRECISION = "flashgguf.predictor.precision"  # f32 per layer (calibrated)
+KEY_CALIBRATION_TOKENS = "flashgguf.calibration.tokens"
+KEY_CALIBRATION_TEXT_SHA256 = "flashgguf.calibration.text_sha256"
 TENSOR_PRED_A = "blk.{bid}.pred_a"
 TENSOR_PRED_B = "blk.{bid}.pred_b"
 TENSOR_PRED_B_UP = "blk.{bid}.pred_b_up"

@@ -1,1 +1,2 @@
-"""Calibration: FFN inputs collected from llama.cpp, activity targets, trained predictors."""
+"""Calibration: FFN inputs collected from llama.cpp on calibration text, for fitting the
+activity predictor (flashgguf/convert/predictor_fit.py)."""

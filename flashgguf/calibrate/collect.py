@@ -8,6 +8,7 @@ buffer (n_layer x window x n_embd floats) whatever the number of tokens.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,25 @@ from ..runtime import strerror
 
 
 @dataclass(frozen=True)
+class CalibrationOptions:
+    text: Path | None = None  # None: the calibration text shipped with flashgguf
+    tokens: int = 8192  # FFN inputs collected per layer (the most tokens used)
+    min_tokens: int = 2048  # fewer in the text is an error: too little to fit on
+    window_tokens: int = 512  # context of each window of text
+    held_out: float = 0.25  # share of the tokens kept to set thresholds and measure
+    n_threads: int | None = None
+
+    def check(self) -> None:
+        if self.tokens < self.min_tokens:
+            raise CalibrationError(f"--calibration-tokens {self.tokens} is below the minimum "
+                                   f"{self.min_tokens}")
+        if self.window_tokens < 16:
+            raise CalibrationError(f"calibration window of {self.window_tokens} tokens < 16")
+        if not 0.05 <= self.held_out <= 0.5:
+            raise CalibrationError(f"held-out share {self.held_out} is not in [0.05, 0.5]")
+
+
+@dataclass(frozen=True)
 class FFNInputs:
     """FFN inputs of n_tokens calibration tokens: one [n_tokens, n_embd] float16 file per layer."""
 
@@ -28,6 +48,7 @@ class FFNInputs:
     n_layer: int
     n_embd: int
     n_tokens: int
+    text_sha256: str = ""
 
     def path(self, layer: int) -> Path:
         return self.folder / f"ffn_input.{layer}.f16"
@@ -36,6 +57,13 @@ class FFNInputs:
         """Layer's inputs as float32 [n_tokens, n_embd] (one layer in memory at a time)."""
         data = np.fromfile(self.path(layer), dtype=np.float16)
         return data.reshape(self.n_tokens, self.n_embd).astype(np.float32)
+
+    def split(self, layer: int, held_out: float) -> tuple[np.ndarray, np.ndarray]:
+        """(fit, held out) rows of a layer: the held-out ones are the last windows of text,
+        so that neighbouring tokens do not sit on both sides."""
+        x = self.layer(layer)
+        n_held = max(1, int(round(self.n_tokens * held_out)))
+        return x[:-n_held], x[-n_held:]
 
 
 class _Capture:
@@ -73,11 +101,12 @@ class _Capture:
 
 
 def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_layer: int,
-                       n_embd: int, text: str, folder: Path, max_tokens: int,
-                       window_tokens: int = 512, min_tokens: int = 1024,
-                       n_threads: int | None = None) -> FFNInputs:
-    """Run the source model on text in windows of window_tokens (each from an empty context,
-    so every position is seen) and store up to max_tokens FFN inputs per layer in folder."""
+                       n_embd: int, text: str, folder: Path,
+                       opts: CalibrationOptions) -> FFNInputs:
+    """Run the source model on text in windows of opts.window_tokens (each from an empty
+    context, so every position is seen) and store up to opts.tokens FFN inputs per layer."""
+    max_tokens, window_tokens = opts.tokens, opts.window_tokens
+    min_tokens, n_threads = opts.min_tokens, opts.n_threads
     import llama_cpp
 
     from ..llama import callback_context_class, installed_context_class
@@ -129,4 +158,5 @@ def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_la
     finally:
         llm.close()
         capture.close()
-    return FFNInputs(folder, n_layer, n_embd, n_done)
+    text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return FFNInputs(folder, n_layer, n_embd, n_done, text_sha256)

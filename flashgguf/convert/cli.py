@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import constants as C
+from ..calibrate.collect import CalibrationOptions
 from ..errors import ConvertError, FlashGGUFError
 from .gguf_source import ConvertOptions, convert_gguf
 from .hf_source import OUTTYPES, convert_hf
@@ -47,7 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-keep", type=float, default=C.DEFAULT_PREDICTOR_KEEP,
                    help="SiLU/GELU gates: the share of each token's neurons, by contribution, "
                    "the predictor must find (default %(default)s)")
-    p.add_argument("--predictor-recall", type=float, default=C.DEFAULT_PREDICTOR_RECALL,
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the predictor on FFN inputs collected by running the model in "
+                   "llama.cpp on calibration text (the text shipped with flashgguf unless "
+                   "--calibration-text), and order each layer's neurons hottest first")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="UTF-8 text to calibrate on (implies --calibrate)")
+    p.add_argument("--calibration-tokens", type=int, default=CalibrationOptions.tokens,
+                   help="calibration tokens collected per layer (default %(default)s)")
+    p.add_argument("--predictor-recall", "--target-recall", type=float,
+                   default=C.DEFAULT_PREDICTOR_RECALL,
                    help="share of those needed neurons the threshold lets through on random "
                    "inputs (default %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -64,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         activation_threshold=args.activation_threshold,
         predictor=None if args.no_predictor else PredictorOptions(
             keep=args.predictor_keep, recall=args.predictor_recall),
+        calibration=CalibrationOptions(
+            text=None if args.calibration_text is None else Path(args.calibration_text),
+            tokens=args.calibration_tokens)
+        if args.calibrate or args.calibration_text else None,
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from .. import constants as C
 from ..archs import ArchSpec, get_arch
+from ..calibrate.collect import CalibrationOptions, FFNInputs, collect_ffn_inputs
+from ..calibrate.text import read_calibration_text
 from ..errors import ConvertError, FormatError, UnsupportedError
 from ..format import BundleLayout
 from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
@@ -42,6 +45,9 @@ class ConvertOptions:
     source_name: str | None = None  # recorded as the payload's source (default: the file name)
     # The weight-only activity predictor (predictor_fit.py); None stores no predictor.
     predictor: PredictorOptions | None = field(default_factory=PredictorOptions)
+    # Calibrate the predictor on real FFN inputs collected by running the source model in
+    # llama.cpp (and order neurons hot-first); None: weight-only.
+    calibration: CalibrationOptions | None = None
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
@@ -158,6 +164,11 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         raise ConvertError("the output would overwrite the input")
     if opts.predictor is not None:
         opts.predictor.check()
+    if opts.calibration is not None:
+        if opts.predictor is None:
+            raise ConvertError("calibration fits the predictor: it cannot go with --no-predictor")
+        opts.calibration.check()
+        calibration_text = read_calibration_text(opts.calibration.text)
     t_start = time.perf_counter()
 
     source = _open_source(src)
@@ -185,9 +196,18 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
              f"n_embd {n_embd}, n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
              f"stride {layout.stride} bytes")
 
-    with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp:
+    with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp, \
+            tempfile.TemporaryDirectory(dir=out.parent, prefix=".flashgguf-calib-") as calib_dir:
+        inputs = None
+        if opts.calibration is not None:
+            t0 = time.perf_counter()
+            inputs = collect_ffn_inputs(src, spec, n_layer, n_embd, calibration_text,
+                                        Path(calib_dir), opts.calibration)
+            opts.log(f"flashgguf-convert: calibration: FFN inputs of {inputs.n_tokens} tokens "
+                     f"collected from llama.cpp in {time.perf_counter() - t0:.1f} s")
         payload_nbytes, down_err, fitted = _write_payload(payload_tmp, source, spec, layout,
-                                                          n_layer, n_embd, n_ff, opts, src)
+                                                          n_layer, n_embd, n_ff, opts, src,
+                                                          inputs)
         trunk_nbytes = _write_trunk(final_tmp, source, spec, ffn_names, n_embd)
         offset = -(-trunk_nbytes // C.PAYLOAD_ALIGNMENT) * C.PAYLOAD_ALIGNMENT
         with open(final_tmp, "r+b") as fout, open(payload_tmp, "rb") as fin:
@@ -258,16 +278,17 @@ def _dummy_shape(spec: ArchSpec, name: str, n_embd: int, dummy: int) -> tuple[in
 
 def _write_payload(path: Path, source: _Source, spec: ArchSpec,
                    layout: BundleLayout, n_layer: int, n_embd: int, n_ff: int,
-                   opts: ConvertOptions, src: Path
+                   opts: ConvertOptions, src: Path, inputs: FFNInputs | None
                    ) -> tuple[int, float, tuple[FittedLayer, ...] | None]:
     tensors = source.stream.tensors
-    # No calibration yet: neurons keep their original order and have no measured frequency.
+    # Without calibration neurons keep their original order and have no measured frequency;
+    # with it, each layer's rows go hottest first (its fitted order and frequencies).
     order = np.arange(n_ff, dtype=np.int32)
     freq = np.zeros(n_ff, dtype=np.float32)
     fitted = None
     if opts.predictor is not None:
         fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff, n_ff * layout.stride,
-                                 order, opts.predictor, opts)
+                                 order, opts.predictor, opts, inputs)
     w = GGUFFileWriter(path, C.PAYLOAD_ARCH)
     w.add_custom_alignment(C.PAYLOAD_ALIGNMENT)
     w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
@@ -291,7 +312,7 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     w.add_float32(C.KEY_DOWN_REQUANT_ERROR, 0.0)
     if fitted is not None:
         assert opts.predictor is not None
-        _add_predictor_keys(w, fitted, opts.predictor)
+        _add_predictor_keys(w, fitted, opts.predictor, inputs, opts.calibration)
 
     biases = {}
     for bid in range(n_layer):
@@ -329,6 +350,9 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
             if spec.gated else None
         up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False)
         down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True)
+        if inputs is not None:
+            assert fitted is not None
+            order, freq = fitted[bid].order, fitted[bid].freq
         bundle: LayerBundle = build_layer_bundle(layout, gate, up, down, order)
         down_err = max(down_err, bundle.down_rel_error)
         w.write_tensor_data(bundle.rows.view(np.int8))
@@ -350,7 +374,7 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
 
 def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
                     bundle_nbytes: int, order: np.ndarray, popts: PredictorOptions,
-                    opts: ConvertOptions) -> tuple[FittedLayer, ...]:
+                    opts: ConvertOptions, inputs: FFNInputs | None) -> tuple[FittedLayer, ...]:
     t0 = time.perf_counter()
     layers = range(n_layer)
     if opts.progress:
@@ -369,22 +393,51 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
             raise FormatError(f"source tensor {name!r} is missing: the weight-only predictor "
                               "needs the FFN norm weight (or convert with --no-predictor)")
         norm = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
-        with single_threaded_blas():
-            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, order,
-                                              bundle_nbytes, popts, popts.seed + bid))
+        if inputs is None:
+            with single_threaded_blas():
+                fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, order,
+                                                  bundle_nbytes, popts, popts.seed + bid))
+        else:
+            assert opts.calibration is not None
+            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, None,
+                                              bundle_nbytes, popts, popts.seed + bid,
+                                              inputs.split(bid, opts.calibration.held_out)))
+    if inputs is not None:
+        _log_report(fitted, opts.log)
     ranks = [f.predictor.rank for f in fitted]
     recalls = [f.recall for f in fitted]
     dens = [f.density for f in fitted]
-    opts.log(f"flashgguf-convert: weight-only predictor in {time.perf_counter() - t0:.1f} s: "
-             f"rank {min(ranks)}-{max(ranks)}; on held-out random inputs recall "
-             f"{min(recalls):.3f}-{max(recalls):.3f} of the top {popts.keep:.0%} contributions, "
-             f"{min(dens):.1%}-{max(dens):.1%} of neurons predicted active")
+    what = "random" if inputs is None else "calibration"
+    opts.log(f"flashgguf-convert: {'weight-only' if inputs is None else 'calibrated'} predictor "
+             f"in {time.perf_counter() - t0:.1f} s: rank {min(ranks)}-{max(ranks)}; on held-out "
+             f"{what} inputs recall {min(recalls):.3f}-{max(recalls):.3f} of the top "
+             f"{popts.keep:.0%} contributions, {min(dens):.1%}-{max(dens):.1%} of neurons "
+             "predicted active")
     return tuple(fitted)
 
 
+def _log_report(fitted: list[FittedLayer], log: Callable[[str], None]) -> None:
+    """The per-layer calibration report (also stored in the payload's keys)."""
+    log("layer  rank  needed  predicted  recall  precision  predictor KiB")
+    for bid, f in enumerate(fitted):
+        p = f.predictor
+        nbytes = p.a.nbytes + p.b.nbytes + (0 if p.b_up is None else p.b_up.nbytes) \
+            + p.scale.nbytes
+        log(f"{bid:>5}  {p.rank:>4}  {float(f.freq.mean()):>6.1%}  {f.density:>9.1%}  "
+            f"{f.recall:>6.3f}  {f.precision:>9.3f}  {nbytes / 1024:>13.1f}")
+
+
 def _add_predictor_keys(w: GGUFFileWriter, fitted: tuple[FittedLayer, ...],
-                        popts: PredictorOptions) -> None:
-    w.add_string(C.KEY_PREDICTOR_KIND, C.PREDICTOR_WEIGHT_SVD)
+                        popts: PredictorOptions, inputs: FFNInputs | None,
+                        calibration: CalibrationOptions | None) -> None:
+    if inputs is not None and calibration is not None:
+        w.add_string(C.KEY_PREDICTOR_KIND, C.PREDICTOR_CALIBRATED_SVD)
+        w.add_uint32(C.KEY_CALIBRATION_TOKENS, inputs.n_tokens)
+        w.add_string(C.KEY_CALIBRATION_TEXT_SHA256, inputs.text_sha256)
+        w.add_key_value(C.KEY_PREDICTOR_PRECISION, [float(f.precision) for f in fitted],
+                        GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+    else:
+        w.add_string(C.KEY_PREDICTOR_KIND, C.PREDICTOR_WEIGHT_SVD)
     w.add_float32(C.KEY_PREDICTOR_KEEP, popts.keep)
     w.add_key_value(C.KEY_PREDICTOR_RANK, [f.predictor.rank for f in fitted],
                     GGUFValueType.ARRAY, GGUFValueType.UINT32)

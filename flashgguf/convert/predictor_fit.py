@@ -100,8 +100,11 @@ class FloatPredictor:
 class FittedLayer:
     predictor: LayerPredictor  # stored form, rows in bundle order
     float_predictor: FloatPredictor
-    recall: float  # on held-out random inputs
-    density: float  # share of neurons predicted active on held-out random inputs
+    recall: float  # on held-out inputs (random, or calibration tokens)
+    density: float  # share of neurons predicted active on the held-out inputs
+    order: np.ndarray  # int32 [n_ff]: the bundle's row order (row k holds neuron order[k])
+    freq: np.ndarray  # float32 [n_ff], row order: share of calibration tokens needing it
+    precision: float = 0.0  # predicted neurons that were needed, on the held-out inputs
 
 
 def predictor_nbytes(n_embd: int, n_ff: int, rank: int, with_up: bool) -> int:
@@ -160,9 +163,10 @@ def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
     return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
 
 
-def _svd_basis(decider: np.ndarray, norm_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Left singular vectors and values of decider diag(w), from the small Gram matrix."""
-    m = decider * norm_weight
+def _svd_basis(decider: np.ndarray, root_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors and values of decider L (L L^T: the inputs' second moment),
+    from the small Gram matrix."""
+    m = decider @ root_cov
     evals, v = np.linalg.eigh(m.T @ m)  # ascending
     evals, v = evals[::-1], v[:, ::-1]
     s = np.sqrt(np.clip(evals, 0.0, None))
@@ -172,7 +176,7 @@ def _svd_basis(decider: np.ndarray, norm_weight: np.ndarray) -> tuple[np.ndarray
 
 
 def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
-                     norm_weight: np.ndarray) -> FloatPredictor:
+                     cov: np.ndarray) -> FloatPredictor:
     a = (u[:, :rank].T @ layer.decider) / s[:rank, None]
     b = u[:, :rank] * s[:rank]
     if a.shape[0] < rank:  # fewer non-zero singular values than a Q8_0 block: pad with zeros
@@ -180,7 +184,7 @@ def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
         b = np.hstack([b, np.zeros((b.shape[0], rank - b.shape[1]))])
     b_up = None
     if layer.gate is not None:
-        b_up = (layer.up * norm_weight.astype(np.float64) ** 2) @ a.T
+        b_up = (layer.up @ cov) @ a.T
     return FloatPredictor(a, b, b_up, layer.down_norm)
 
 
@@ -203,11 +207,18 @@ def _rank_candidates(n_embd: int, n_ff: int, n_basis: int, bundle_nbytes: int,
 
 
 def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray,
-                        down: np.ndarray, norm_weight: np.ndarray, order: np.ndarray,
+                        down: np.ndarray, norm_weight: np.ndarray, order: np.ndarray | None,
                         bundle_nbytes: int, opts: PredictorOptions,
-                        seed: int) -> FittedLayer:
+                        seed: int, inputs: tuple[np.ndarray, np.ndarray] | None = None
+                        ) -> FittedLayer:
     """Fit one layer. gate/up: dense [n_ff, n_embd]; down: dense [n_embd, n_ff]; norm_weight:
-    [n_embd]; order: the bundle's row order (row k holds neuron order[k])."""
+    [n_embd]; order: the bundle's row order (row k holds neuron order[k]), or None for
+    hot-first from the inputs' needed-neuron frequencies.
+
+    inputs: real FFN inputs (fit, held out) from calibration; without them, RMSNorm-like
+    random inputs. The same fit serves both: the basis is the SVD of W L with L L^T the
+    inputs' second moment (diag(w^2) for the random model), so with data it follows the
+    directions real inputs use."""
     n_ff, n_embd = up.shape
     if n_embd % PREDICTOR_BLOCK:
         raise ConvertError(f"n_embd {n_embd} is not a multiple of {PREDICTOR_BLOCK}: "
@@ -217,10 +228,17 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         raise ConvertError(f"the FFN norm weight has {norm_weight.size} values (need {n_embd}, "
                            "all finite)")
     layer = _Layer(activation, gate, up, np.linalg.norm(down.astype(np.float64), axis=0))
-    fit_x = random_inputs(norm_weight, opts.n_samples, seed)
-    held_x = random_inputs(norm_weight, opts.n_samples, seed + 1_000_003)
+    if inputs is None:
+        fit_x = random_inputs(norm_weight, opts.n_samples, seed)
+        held_x = random_inputs(norm_weight, opts.n_samples, seed + 1_000_003)
+        cov, root_cov = np.diag(norm_weight**2), np.diag(norm_weight)
+    else:
+        fit_x, held_x = (np.asarray(x, dtype=np.float64) for x in inputs)
+        cov, root_cov = _second_moment(fit_x)
     fit_need, held_need = layer.needed(fit_x, opts.keep), layer.needed(held_x, opts.keep)
-    u, s = _svd_basis(layer.decider, norm_weight)
+    if order is None:
+        order = np.argsort(-fit_need.mean(axis=0), kind="stable").astype(np.int32)
+    u, s = _svd_basis(layer.decider, root_cov)
     if s.size == 0:
         raise ConvertError("the FFN's deciding projection is all zeros: nothing to predict")
     ranks = _rank_candidates(n_embd, n_ff, s.size, bundle_nbytes, gate is not None,
@@ -235,16 +253,16 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         return float((scores > _threshold(scores, fit_need, opts.recall)).mean())
 
     # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
-    best = cost(_float_predictor(layer, u, s, ranks[-1], norm_weight))
+    best = cost(_float_predictor(layer, u, s, ranks[-1], cov))
     lo, hi = 0, len(ranks) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(_float_predictor(layer, u, s, ranks[mid], norm_weight)) <= best + \
+        if cost(_float_predictor(layer, u, s, ranks[mid], cov)) <= best + \
                 opts.rank_tolerance:
             hi = mid
         else:
             lo = mid + 1
-    fp = _float_predictor(layer, u, s, ranks[lo], norm_weight)
+    fp = _float_predictor(layer, u, s, ranks[lo], cov)
 
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
@@ -254,4 +272,14 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         pred = dataclasses.replace(pred, threshold=tau)
     active = predicted_active(pred, activation, held_x)
     recall = float(active[held_need_rows].mean()) if held_need_rows.any() else 1.0
-    return FittedLayer(pred, fp, recall, float(active.mean()))
+    precision = float(held_need_rows[active].mean()) if active.any() else 1.0
+    freq = fit_need.mean(axis=0)[order].astype(np.float32) if inputs is not None \
+        else np.zeros(order.size, np.float32)
+    return FittedLayer(pred, fp, recall, float(active.mean()), order, freq, precision)
+
+
+def _second_moment(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """E[x x^T] of the rows of x and its symmetric square root (PSD, clipped at 0)."""
+    cov = x.T @ x / x.shape[0]
+    evals, v = np.linalg.eigh(cov)
+    return cov, (v * np.sqrt(np.clip(evals, 0.0, None))) @ v.T
