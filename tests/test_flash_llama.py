@@ -128,3 +128,17 @@ def test_llama_errors(relu_model, tiny_models, tmp_path):
                 flash_predictors=preds, **KW)
     assert llm("Hello", max_tokens=3)["usage"]["completion_tokens"] >= 1
     llm.close()
+
+
+@pytest.mark.native
+def test_the_stored_weight_only_predictor_runs_predicted_mode(tiny_models, tmp_path):
+    # the converter's predictor is what predicted mode uses when none is passed in
+    silu = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
+    assert all(layer.predictor is not None for layer in silu.layers)
+    llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7, **KW)
+    llm.flash_stats(reset=True)
+    assert llm("Hello", max_tokens=4)["usage"]["completion_tokens"] >= 1
+    stats = llm.flash_stats()
+    assert 0 < stats["neurons_computed"] < stats["tokens"] * silu.n_layer * silu.n_ff
+    assert stats["time_predict_s"] > 0
+    llm.close()

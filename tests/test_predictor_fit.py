@@ -10,6 +10,7 @@ from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
     fit_layer_predictor,
+    needed_neurons,
     predictor_nbytes,
     random_inputs,
 )
@@ -40,11 +41,13 @@ def _layer(planted_rank: int | None, seed: int = 0, gated: bool = True):
     return (gate / np.sqrt(N_EMBD) if gated else None), up / np.sqrt(N_EMBD), down, norm
 
 
-def _fit(activation="silu", planted_rank=None, order=None, gated=True, **kw):
+def _fit(activation="silu", planted_rank=None, order=None, gated=True, act_threshold=0.0,
+         **kw):
     gate, up, down, norm = _layer(planted_rank, gated=gated)
     order = np.arange(N_FF) if order is None else order
     opts = PredictorOptions(**{"max_share": 1.0, **kw})
-    fitted = fit_layer_predictor(activation, gate, up, down, norm, order, 10**9, opts, seed=7)
+    fitted = fit_layer_predictor(activation, gate, up, down, norm, order, 10**9, opts, seed=7,
+                                 act_threshold=act_threshold)
     return fitted, norm, order
 
 
@@ -112,6 +115,22 @@ def test_relu_threshold_is_zero_and_recall_is_measured():
     truly = activate("relu", x @ gate.T) > 0
     got = predicted_active(fitted.predictor, "relu", x)
     assert float((got == truly).mean()) > 0.97
+
+
+@pytest.mark.parametrize("activation, act_threshold", [("drelu", 0.0), ("fatrelu", 0.1)])
+def test_relu_variants_predict_their_non_zero_neurons(activation, act_threshold):
+    fitted, norm, _ = _fit(activation, planted_rank=32, act_threshold=act_threshold)
+    assert fitted.predictor.threshold == 0.0 and fitted.recall > 0.95
+    gate, up, down, _ = _layer(32)
+    x = random_inputs(norm, 64, seed=5)
+    needed = needed_neurons(activation, gate, up, np.linalg.norm(down, axis=0), x, 1.0,
+                            act_threshold)
+    if activation == "drelu":  # on only where both gate and up are positive
+        np.testing.assert_array_equal(needed, (x @ gate.T > 0) & (x @ up.T > 0))
+    else:
+        np.testing.assert_array_equal(needed, x @ gate.T > act_threshold)
+    got = predicted_active(fitted.predictor, activation, x, act_threshold)
+    assert float((got == needed).mean()) > 0.97
 
 
 def test_ungated_ffn_predicts_from_up():

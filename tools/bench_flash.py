@@ -15,9 +15,9 @@
    the first `--ppl-tokens` tokens of ../shared/data/brown/evaluation.txt.
 4. Per budget: stock llama.cpp with mmap in a memory cgroup (v2 memory.max or v1
    memory.limit_in_bytes; the cap covers the page cache) of the flash runs' DRAM: trunk +
-   the largest anonymous memory of the flash runs at that budget (where they could not
-   run: trunk + budget + the anonymous memory measured in 2). Its reads come from
-   /proc/self/io.
+   the largest anonymous memory of the flash runs at that budget; with --stock-cap weights
+   (or where no flash run ran) trunk + budget + the anonymous memory measured in 2, i.e.
+   the same bytes for weights. Its reads come from /proc/self/io.
 
 Every measurement runs in its own child process (fresh page cache accounting, one model
 per process). Prints a table, then the ratios.
@@ -205,6 +205,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128, help="greedy decode tokens timed")
     p.add_argument("--ppl-tokens", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stock-cap", choices=["total", "weights"], default="total",
+                   help="capped stock's DRAM: the flash runs' measured total (trunk + their "
+                   "anonymous memory), or trunk + budget + stock's own anonymous memory")
     p.add_argument("--evaluation", type=Path,
                    default=EVALUATION if EVALUATION.exists() else EVALUATION_HEAD,
                    help="perplexity text (default: %(default)s)")
@@ -236,6 +239,7 @@ def main() -> int:
         report = convert_gguf(src, flash_path, ConvertOptions(progress=False, log=lambda _m: None))
         convert_s = time.perf_counter() - t0
         flash = open_flash_file(flash_path)
+        args.n_neurons = flash.n_layer * flash.n_ff
         payload = flash.payload_nbytes
         ranks = [layer.predictor.rank for layer in flash.layers if layer.predictor]
         print(f"converted {smollm2_gguf().name} in {convert_s:.1f} s: trunk "
@@ -267,9 +271,13 @@ def main() -> int:
                 rows.append((f"flash {mode} @{share:.0%}",
                              report.trunk_nbytes + r.get("rss_anon", budget + overhead), r))
                 print(f"flash {mode} @{share:.0%}: {r}", flush=True)
-            # the cap: what the flash runs used at this budget where they ran, else what
-            # they are allowed (trunk + budget + stock's own anonymous memory)
-            cap = report.trunk_nbytes + (max(flash_anon) if flash_anon else budget + overhead)
+            # --stock-cap total: what the flash runs used at this budget (where they ran);
+            # weights (or no flash run): the same bytes for weights, trunk + budget, plus
+            # stock's own anonymous memory
+            if args.stock_cap == "total" and flash_anon:
+                cap = report.trunk_nbytes + max(flash_anon)
+            else:
+                cap = report.trunk_nbytes + budget + overhead
             drop_file_cache(src)
             try:
                 with memory_cgroup(cap) as procs:
@@ -295,10 +303,11 @@ def _print_table(rows: list[tuple[str, float | None, dict]], stock: dict, overhe
     print(f"\nSmolLM2-135M Q4_1, {args.tokens} greedy tokens, {args.threads} threads; "
           f"perplexity on the first {args.ppl_tokens} tokens of {args.evaluation.name}. "
           f"DRAM: flash = trunk + measured anonymous memory; capped stock = its cgroup cap "
-          f"(stock's own "
-          f"anonymous memory: {overhead / MiB:.0f} MiB)")
+          f"(stock's own anonymous memory: {overhead / MiB:.0f} MiB). Flash per token: "
+          f"share of neurons computed, ms predicting / waiting for I/O / in the FFN")
     head = (f"{'run':34s} {'DRAM MiB':>8s} {'tok/s':>7s} {'KiB read/tok':>12s} "
-            f"{'mean read KiB':>13s} {'read MB/s':>9s} {'ppl':>7s} {'ppl/stock':>9s}")
+            f"{'mean read KiB':>13s} {'read MB/s':>9s} {'ppl':>7s} {'ppl/stock':>9s} "
+            f"{'computed':>8s} {'pred/io/ffn ms':>16s}")
     print(head)
     print("-" * len(head))
     ref = stock.get("ppl")
@@ -311,7 +320,17 @@ def _print_table(rows: list[tuple[str, float | None, dict]], stock: dict, overhe
               f"{_fmt(r['bytes_per_token'] / 1024, '12.1f')} "
               f"{_fmt(r['mean_read'] / 1024, '13.1f')} "
               f"{_fmt(r['read_mb_s'], '9.0f')} {_fmt(ppl, '7.3f')} "
-              f"{_fmt(ppl / ref if ppl and ref else None, '9.4f')}")
+              f"{_fmt(ppl / ref if ppl and ref else None, '9.4f')} {_per_token(r, args)}")
+
+
+def _per_token(r: dict, args: argparse.Namespace) -> str:
+    stats = r.get("stats")
+    if not stats or not stats.get("tokens"):
+        return ""
+    n = stats["tokens"]
+    computed = stats["neurons_computed"] / n / args.n_neurons
+    ms = [1e3 * stats[k] / n for k in ("time_predict_s", "time_io_wait_s", "time_ffn_s")]
+    return f"{computed:8.1%} {'/'.join(f'{v:.1f}' for v in ms):>16s}"
 
 
 def _print_ratios(rows: list[tuple[str, float | None, dict]], stock: dict,

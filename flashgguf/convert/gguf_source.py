@@ -395,13 +395,18 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
         norm = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
         if inputs is None:
             with single_threaded_blas():
-                fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, order,
-                                                  bundle_nbytes, popts, popts.seed + bid))
+                fitted.append(fit_layer_predictor(
+                    spec.activation, gate, up, down, norm, order, bundle_nbytes, popts,
+                    popts.seed + bid, act_threshold=opts.activation_threshold))
         else:
             assert opts.calibration is not None
             fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, None,
                                               bundle_nbytes, popts, popts.seed + bid,
-                                              inputs.split(bid, opts.calibration.held_out)))
+                                              inputs.split(bid, opts.calibration.held_out),
+                                              act_threshold=opts.activation_threshold))
+        # the fit pass reads every layer too: keep its footprint at one layer
+        source.release(*(source.stream.tensors.get(template.format(bid=bid))
+                         for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
     if inputs is not None:
         _log_report(fitted, opts.log)
     ranks = [f.predictor.rank for f in fitted]

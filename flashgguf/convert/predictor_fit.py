@@ -25,10 +25,11 @@ a layer whose density keeps falling with rank (a harder layer) gets more.
 Threshold: the stored (quantized) predictor's scores on random inputs, set so that the
 target share of the "needed" neurons score above it. Needed: for SiLU/GELU gates, the
 neurons whose true contribution |act(g) u| ||down_i|| is in the token's top `keep`
-share; for the ReLU family, the active ones (activation > 0). For the ReLU family the
-contract's score is |relu(g_hat)| * ...: it is zero exactly where g_hat <= 0, so the
-threshold is 0 and the recall is whatever the rank gives (the score has no bias that
-could buy a margin below 0). Recall and density are measured on held-out random inputs.
+share; for the ReLU family (relu, relu2, fatrelu, drelu), the ones whose output is not
+zero. For that family the contract's score, e.g. |relu(g_hat)| * ..., is zero exactly
+where the predicted neuron is off, so the threshold is 0 and the recall is whatever the
+rank gives (the score has no bias that could buy a margin). Recall and density are
+measured on held-out random inputs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ..predictor import (
 from ..quants import quantize_rows, row_nbytes
 
 Q8_0 = GGMLQuantizationType.Q8_0
-RELU_FAMILY = ("relu", "relu2")
+RELU_FAMILY = ("relu", "relu2", "fatrelu", "drelu")  # exactly sparse: needed = non-zero
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,13 @@ class FloatPredictor:
     def rank(self) -> int:
         return self.a.shape[0]
 
-    def scores(self, activation: str, x: np.ndarray) -> np.ndarray:
+    def scores(self, activation: str, x: np.ndarray, act_threshold: float = 0.0) -> np.ndarray:
         """The contract's score in float64, without quantization."""
         z = np.asarray(x, dtype=np.float64) @ self.a.T
-        score = np.abs(activate(activation, z @ self.b.T))
+        score = np.abs(activate(activation, z @ self.b.T, act_threshold))
         if self.b_up is not None:
-            score = score * np.abs(z @ self.b_up.T)
+            u_hat = z @ self.b_up.T
+            score = score * np.abs(np.maximum(u_hat, 0.0) if activation == "drelu" else u_hat)
         return score * self.scale
 
 
@@ -121,9 +123,10 @@ def random_inputs(norm_weight: np.ndarray, n: int, seed: int) -> np.ndarray:
 class _Layer:
     """One layer's weights and its true activity on a set of inputs."""
 
-    def __init__(self, activation: str, gate: np.ndarray | None, up: np.ndarray,
-                 down_norm: np.ndarray) -> None:
+    def __init__(self, activation: str, act_threshold: float, gate: np.ndarray | None,
+                 up: np.ndarray, down_norm: np.ndarray) -> None:
         self.activation = activation
+        self.act_threshold = act_threshold
         self.gate = None if gate is None else gate.astype(np.float64)
         self.up = up.astype(np.float64)
         self.down_norm = down_norm.astype(np.float64)
@@ -133,21 +136,26 @@ class _Layer:
         return self.up if self.gate is None else self.gate
 
     def needed(self, x: np.ndarray, keep: float) -> np.ndarray:
-        return needed_neurons(self.activation, self.gate, self.up, self.down_norm, x, keep)
+        return needed_neurons(self.activation, self.gate, self.up, self.down_norm, x, keep,
+                              self.act_threshold)
 
 
 def needed_neurons(activation: str, gate: np.ndarray | None, up: np.ndarray,
-                   down_norm: np.ndarray, x: np.ndarray, keep: float) -> np.ndarray:
+                   down_norm: np.ndarray, x: np.ndarray, keep: float,
+                   act_threshold: float = 0.0) -> np.ndarray:
     """bool [n, n_ff] in the original neuron order: the neurons each token needs. ReLU
-    family: the active ones; SiLU/GELU: the top `keep` share by true contribution."""
+    family (relu, relu2, fatrelu above act_threshold, drelu): the non-zero ones; SiLU/GELU:
+    the top `keep` share by true contribution."""
     # float32 is plenty to rank contributions and twice as fast as float64
     x = np.asarray(x, dtype=np.float32)
-    g = activate(activation, x @ (up if gate is None else gate).astype(np.float32).T)
-    if activation in RELU_FAMILY:
-        return g > 0
-    contrib = np.abs(g) * down_norm.astype(np.float32)
+    h = activate(activation, x @ (up if gate is None else gate).astype(np.float32).T,
+                 act_threshold)
     if gate is not None:
-        contrib = contrib * np.abs(x @ up.astype(np.float32).T)
+        u = x @ up.astype(np.float32).T
+        h = h * (np.maximum(u, 0.0) if activation == "drelu" else u)  # drelu: relu on up too
+    if activation in RELU_FAMILY:
+        return h != 0
+    contrib = np.abs(h) * down_norm.astype(np.float32)
     kth = np.quantile(contrib, 1.0 - keep, axis=1, keepdims=True)
     return contrib >= kth
 
@@ -209,8 +217,8 @@ def _rank_candidates(n_embd: int, n_ff: int, n_basis: int, bundle_nbytes: int,
 def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray,
                         down: np.ndarray, norm_weight: np.ndarray, order: np.ndarray | None,
                         bundle_nbytes: int, opts: PredictorOptions,
-                        seed: int, inputs: tuple[np.ndarray, np.ndarray] | None = None
-                        ) -> FittedLayer:
+                        seed: int, inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                        act_threshold: float = 0.0) -> FittedLayer:
     """Fit one layer. gate/up: dense [n_ff, n_embd]; down: dense [n_embd, n_ff]; norm_weight:
     [n_embd]; order: the bundle's row order (row k holds neuron order[k]), or None for
     hot-first from the inputs' needed-neuron frequencies.
@@ -218,7 +226,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     inputs: real FFN inputs (fit, held out) from calibration; without them, RMSNorm-like
     random inputs. The same fit serves both: the basis is the SVD of W L with L L^T the
     inputs' second moment (diag(w^2) for the random model), so with data it follows the
-    directions real inputs use."""
+    directions real inputs use. act_threshold: fatrelu's."""
     n_ff, n_embd = up.shape
     if n_embd % PREDICTOR_BLOCK:
         raise ConvertError(f"n_embd {n_embd} is not a multiple of {PREDICTOR_BLOCK}: "
@@ -227,7 +235,8 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     if norm_weight.size != n_embd or not np.all(np.isfinite(norm_weight)):
         raise ConvertError(f"the FFN norm weight has {norm_weight.size} values (need {n_embd}, "
                            "all finite)")
-    layer = _Layer(activation, gate, up, np.linalg.norm(down.astype(np.float64), axis=0))
+    layer = _Layer(activation, act_threshold, gate, up,
+                   np.linalg.norm(down.astype(np.float64), axis=0))
     if inputs is None:
         fit_x = random_inputs(norm_weight, opts.n_samples, seed)
         held_x = random_inputs(norm_weight, opts.n_samples, seed + 1_000_003)
@@ -247,7 +256,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     def cost(fp: FloatPredictor) -> float:
         """What a rank buys, lower is better: the share of neurons loaded at the target
         recall; for the ReLU family (threshold fixed at 0) the share of needed ones missed."""
-        scores = fp.scores(activation, fit_x)
+        scores = fp.scores(activation, fit_x, act_threshold)
         if activation in RELU_FAMILY:
             return 1.0 - float((scores > 0.0)[fit_need].mean()) if fit_need.any() else 0.0
         return float((scores > _threshold(scores, fit_need, opts.recall)).mean())
@@ -268,9 +277,10 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     pred = _quantized(fp, order, 0.0)
     fit_need_rows, held_need_rows = fit_need[:, order], held_need[:, order]
     if activation not in RELU_FAMILY:
-        tau = _threshold(predictor_scores(pred, activation, fit_x), fit_need_rows, opts.recall)
+        tau = _threshold(predictor_scores(pred, activation, fit_x, act_threshold),
+                         fit_need_rows, opts.recall)
         pred = dataclasses.replace(pred, threshold=tau)
-    active = predicted_active(pred, activation, held_x)
+    active = predicted_active(pred, activation, held_x, act_threshold)
     recall = float(active[held_need_rows].mean()) if held_need_rows.any() else 1.0
     precision = float(held_need_rows[active].mean()) if active.any() else 1.0
     freq = fit_need.mean(axis=0)[order].astype(np.float32) if inputs is not None \
