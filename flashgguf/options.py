@@ -10,10 +10,11 @@ from .errors import OptionError
 
 MODES = ("naive", "hybrid", "predicted")
 IO_BACKENDS = ("auto", "threads", "io_uring")
-# Measured on this machine (tools/bench_modes.py, SmolLM2 at a 50% budget, decode tok/s):
+# Measured on this machine (tools/bench_modes.py, SmolLM2, decode tok/s): at a 50% budget,
 # coalescing gap 2 / 8 / 32 rows -> 10-13 / 17 / 19 tok/s (fewer, larger reads win even
-# though more bytes are read); pinned share 0.25 and 0.5 tied at gap 32.
-DEFAULT_PINNED_SHARE = 0.5
+# though more bytes are read); pinned share 0.25 vs 0.5: tied at 50%, 27.7 vs 21.9 tok/s at
+# 75%, and only 0.25 fits at 25% (with rank-32 predictors).
+DEFAULT_PINNED_SHARE = 0.25
 DEFAULT_COALESCE_GAP = 32
 DEFAULT_IO_DEPTH = 16
 DEFAULT_MAX_READ_BYTES = 256 << 10

@@ -106,15 +106,28 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     return cfg
 
 
+def _expected_active(flash: FlashFile) -> list[float] | None:
+    """Per-layer budget weights: the share of rows the file's predictor expects active
+    (predictor_density), when every layer has one; None (an even split) otherwise."""
+    dens = [getattr(layer, "predictor_density", None) for layer in flash.layers]
+    if any(d is None or not d > 0 for d in dens):
+        return None
+    return [float(d) for d in dens]
+
+
 class Runtime:
     """The native FFN engine for one flash GGUF: all bundles in DRAM (mode "dense"), or
     streamed from the payload under a DRAM budget ("naive", "hybrid", "predicted").
 
     predictors: one LayerPredictor (or None) per layer; default: what the file stores
-    (LayerInfo.predictor). Mode "predicted" needs one for every layer."""
+    (LayerInfo.predictor). Mode "predicted" needs one for every layer.
+    layer_weights: how the budget beyond every layer's minimum is shared; default: the
+    predictor's expected active share per layer when the file stores it (predicted mode),
+    else an even split."""
 
     def __init__(self, flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions,
-                 predictors: Sequence[LayerPredictor | None] | None = None) -> None:
+                 predictors: Sequence[LayerPredictor | None] | None = None,
+                 layer_weights: Sequence[float] | None = None) -> None:
         self.flash = flash
         self.spec = spec
         self.mode = opts.mode
@@ -148,6 +161,15 @@ class Runtime:
             for i, pred in enumerate(predictors):
                 if pred is not None:
                     self._set_predictor(i, pred)
+            if layer_weights is None:
+                layer_weights = _expected_active(flash)
+        if layer_weights is not None and opts.mode != "dense":
+            if len(layer_weights) != flash.n_layer:
+                raise OptionError(f"{len(layer_weights)} layer weights for {flash.n_layer} layers")
+            for i, w in enumerate(layer_weights):
+                if not (w > 0 and np.isfinite(w)):
+                    raise OptionError(f"layer {i}: weight {w!r} is not a positive number")
+                check(lib.fg_runtime_set_layer_weight(self._rt, i, float(w)), f"layer {i}")
         self._keep.clear()
         code = lib.fg_runtime_load(self._rt)
         if code == lib.FG_ERR_BUDGET:

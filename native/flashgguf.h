@@ -113,7 +113,7 @@ typedef struct fg_config {
     char output_node[32];          /* graph node holding the FFN output, without "-L" */
     /* streaming modes (ignored by FG_MODE_DENSE) */
     int32_t mode;                  /* FG_MODE_* */
-    int64_t dram_budget;           /* bytes for cache slots + predictors, split evenly by layer */
+    int64_t dram_budget;           /* bytes for cache slots + predictors, split across layers */
     float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first */
     int32_t window_tokens;         /* a row used within this many tokens is evicted last */
     int32_t coalesce_gap;          /* misses at most this many rows apart share one read */
@@ -151,6 +151,9 @@ int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
 int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const void *a,
                              const void *b, const void *b_up, const float *scale,
                              float threshold);
+/* How much of the budget beyond every layer's minimum goes to layer (> 0; default 1 for
+ * all: an even split). Expected active rows per layer are a good weight. Before load. */
+int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 /* Allocate every buffer and read what stays resident: every bundle (dense mode) or the
  * pinned rows. FG_ERR_BUDGET when the budget is too small (fg_runtime_min_budget). */
 int fg_runtime_load(fg_runtime *rt);

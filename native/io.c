@@ -107,8 +107,15 @@ void fg_reader_account(fg_reader *r, uint64_t offset, uint64_t len) {
     if (log->cap > 0) log->n++;
 }
 
+void fg_reader_drop_bounce(fg_reader *r) {
+    free(r->bounce);
+    r->bounce = NULL;
+    r->bounce_cap = 0;
+}
+
 int fg_reader_read(fg_reader *r, uint64_t offset, size_t len, void *dst) {
     uint8_t *out = dst;
+    if (r->direct && r->bounce == NULL) return FG_ERR_STATE;
     while (len > 0) {
         if (!r->direct) {
             const int64_t got = fg_reader_pread(r, out, len, offset);

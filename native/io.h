@@ -38,6 +38,9 @@ void fg_reader_close(fg_reader *r);
 /* Read exactly len bytes at offset into dst (any alignment). FG_ERR_SHORT_READ if the file
  * ends first, FG_ERR_IO on a read error (errno in last_errno). */
 int fg_reader_read(fg_reader *r, uint64_t offset, size_t len, void *dst);
+/* Free the bounce buffer once the loads are done (fg_reader_read then refuses direct reads
+ * with FG_ERR_STATE): it is as large as the load chunk and not needed afterwards. */
+void fg_reader_drop_bounce(fg_reader *r);
 /* pread of [offset, offset + len) into dst, retried until done or end of file, through the
  * error-injection hook; returns bytes read or -errno. */
 int64_t fg_reader_pread(fg_reader *r, void *dst, size_t len, uint64_t offset);

@@ -15,6 +15,10 @@
 
 #include "runtime_internal.h"
 
+/* Scoring fewer (rows x rank) than this runs on the calling thread (a region's wake-up
+ * costs more; SmolLM2 at rank 32 is 49K). */
+#define FG_MIN_PARALLEL_PREDICT 65536
+
 static void free_predictor(fg_predictor *p) {
     free(p->a);
     free(p->b);
@@ -91,9 +95,12 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
         uint8_t *m = mask + (size_t)t * (size_t)mask_stride;
         const uint8_t *zq = rt->pred_zq;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(n_tokens > 1 ? c->n_threads_batch : c->n_threads)
+#pragma omp parallel for schedule(static) if ((int64_t)(c->n_ff - from) * p->rank >= \
+                                              FG_MIN_PARALLEL_PREDICT) \
+    num_threads(n_tokens > 1 ? c->n_threads_batch : c->n_threads)
 #endif
         for (int32_t i = from; i < c->n_ff; i++) {
+            if (mask_stride == 0 && m[i]) continue; /* union: an earlier token chose it */
             float g, u = 1.0f;
             rt->dot_q8(p->b + (size_t)i * b_row, zq, p->rank, &g);
             fg_activate(c->activation, c->activation_threshold, &g, 1);

@@ -16,6 +16,10 @@
  * unpinned rows (at least one). Calls that need more rows than fit stream them through
  * the slots in several rounds, so any budget above the minimum gives exact results. */
 #define FG_MIN_ROUND_DIVISOR 8
+/* Fewer rows x tokens than this are computed on one thread, fewer output values than
+ * FG_MIN_PARALLEL_OUT summed on one (see ffn_accumulate). */
+#define FG_MIN_PARALLEL_ROWS 128
+#define FG_MIN_PARALLEL_OUT 8192
 
 double fg_now_seconds(void) {
     struct timespec ts;
@@ -112,6 +116,7 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
     rt->partial = alloc_zeroed(max_threads * rows * embd * sizeof(float));
     rt->hidden = alloc_zeroed(max_threads * 2 * rows * sizeof(float));
     rt->ffn_out = alloc_zeroed(rows * embd * sizeof(float));
+    for (int32_t l = 0; rt->layers != NULL && l < c->n_layer; l++) rt->layers[l].weight = 1.0;
     int ok = rt->layers && rt->pending_rows && rt->xq_gate && rt->xq_up && rt->partial &&
              rt->hidden && rt->ffn_out;
     if (ok && c->n_embd % QK8_0 == 0) {
@@ -223,25 +228,64 @@ static int capacity_fits(const fg_config *c, int32_t capacity) {
     return pinned <= capacity && capacity - pinned >= round_rows(c, pinned);
 }
 
-static int32_t layer_capacity(const fg_runtime *rt) {
-    const fg_config *c = &rt->cfg;
-    const int64_t avail = c->dram_budget - predictor_bytes(rt);
-    if (avail <= 0) return 0;
-    const int64_t cap = avail / c->n_layer / c->bundle_stride;
-    return cap > c->n_ff ? c->n_ff : (int32_t)cap;
+/* Smallest capacity a layer accepts: its pinned rows plus one read round. */
+static int32_t min_capacity(const fg_config *c) {
+    int32_t cap = 1;
+    while (cap < c->n_ff && !capacity_fits(c, cap)) cap++;
+    return cap;
 }
 
 int64_t fg_runtime_min_budget(const fg_runtime *rt) {
     const fg_config *c = &rt->cfg;
-    int32_t cap = 1;
-    while (cap < c->n_ff && !capacity_fits(c, cap)) cap++;
-    return predictor_bytes(rt) + (int64_t)c->n_layer * cap * c->bundle_stride;
+    return predictor_bytes(rt) + (int64_t)c->n_layer * min_capacity(c) * c->bundle_stride;
+}
+
+/* Split the budget into per-layer capacities: every layer gets the minimum, the rest goes
+ * by layer weight (expected active rows), a layer never past n_ff, what a full layer
+ * cannot take going to the others. FG_ERR_BUDGET when the minimum does not fit. */
+static int split_budget(fg_runtime *rt, int32_t *capacity) {
+    const fg_config *c = &rt->cfg;
+    const int64_t avail = c->dram_budget - predictor_bytes(rt);
+    const int32_t cmin = min_capacity(c);
+    int64_t remaining = avail / c->bundle_stride - (int64_t)c->n_layer * cmin;
+    if (avail <= 0 || remaining < 0) return FG_ERR_BUDGET;
+    for (int32_t l = 0; l < c->n_layer; l++) capacity[l] = cmin;
+    for (int32_t pass = 0; pass < c->n_layer && remaining > 0; pass++) {
+        double open_weight = 0.0;
+        for (int32_t l = 0; l < c->n_layer; l++) {
+            if (capacity[l] < c->n_ff) open_weight += rt->layers[l].weight;
+        }
+        if (open_weight <= 0.0) break;
+        int64_t given = 0;
+        for (int32_t l = 0; l < c->n_layer; l++) {
+            if (capacity[l] >= c->n_ff) continue;
+            int64_t add = (int64_t)((double)remaining * rt->layers[l].weight / open_weight);
+            if (add > c->n_ff - capacity[l]) add = c->n_ff - capacity[l];
+            capacity[l] += (int32_t)add;
+            given += add;
+        }
+        remaining -= given;
+        if (given == 0) break;
+    }
+    return FG_OK;
+}
+
+int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight) {
+    if (layer < 0 || layer >= rt->cfg.n_layer || !(weight > 0.0) || !isfinite(weight)) {
+        return FG_ERR_ARG;
+    }
+    if (rt->loaded) return FG_ERR_STATE;
+    rt->layers[layer].weight = weight;
+    return FG_OK;
 }
 
 /* ---- load ------------------------------------------------------------------------- */
 
 static int load_dense(fg_runtime *rt) {
     const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)rt->cfg.bundle_stride;
+    /* the row list of masked calls (fg_runtime_ffn_masked) */
+    rt->miss_idx = malloc((size_t)rt->cfg.n_ff * sizeof *rt->miss_idx);
+    if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
         fg_layer *L = &rt->layers[l];
         if (L->bundles == NULL) {
@@ -277,23 +321,27 @@ static int load_streaming(fg_runtime *rt) {
     for (int32_t l = 0; l < c->n_layer; l++) {
         if (c->mode == FG_MODE_PREDICTED && rt->layers[l].pred.rank == 0) return FG_ERR_STATE;
     }
-    const int32_t capacity = layer_capacity(rt);
-    if (capacity < 1 || !capacity_fits(c, capacity)) return FG_ERR_BUDGET;
-    const int32_t pinned = pinned_rows(c, capacity);
-    int rc = alloc_streaming_scratch(rt);
+    int32_t *capacities = malloc((size_t)c->n_layer * sizeof *capacities);
+    if (capacities == NULL) return FG_ERR_NOMEM;
+    int rc = split_budget(rt, capacities);
+    if (rc == FG_OK) rc = alloc_streaming_scratch(rt);
+    rt->stats.pinned_neurons = 0;
     for (int32_t l = 0; rc == FG_OK && l < c->n_layer; l++) {
         fg_layer *L = &rt->layers[l];
+        const int32_t capacity = capacities[l];
+        const int32_t pinned = pinned_rows(c, capacity);
         rc = fg_cache_alloc(&L->cache, c->n_ff, capacity, pinned, (size_t)c->bundle_stride);
         if (rc == FG_OK && pinned > 0) {
             rc = fg_reader_read(&rt->reader, L->bundle_offset,
                                 (size_t)pinned * (size_t)c->bundle_stride, L->cache.slots);
         }
+        rt->stats.pinned_neurons += (uint64_t)pinned;
     }
+    free(capacities);
     if (rc == FG_OK) {
         rc = fg_io_init(&rt->io, &rt->reader, c->io_backend, c->io_depth,
                         (size_t)c->max_read_bytes);
     }
-    rt->stats.pinned_neurons = (uint64_t)pinned * (uint64_t)c->n_layer;
     return rc;
 }
 
@@ -307,7 +355,10 @@ int fg_runtime_load(fg_runtime *rt) {
     rt->stats.time_io_wait_s += fg_now_seconds() - t0;
     rt->stats.bytes_read = rt->reader.bytes_read;
     rt->stats.reads = rt->reader.reads;
-    if (rc == FG_OK) rt->loaded = 1;
+    if (rc == FG_OK) {
+        rt->loaded = 1;
+        fg_reader_drop_bounce(&rt->reader); /* 8 MiB that only the loads needed */
+    }
     return rc;
 }
 
@@ -375,15 +426,24 @@ static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
     return n_tokens > 1 ? rt->cfg.n_threads_batch : rt->cfg.n_threads;
 }
 
-/* Add n rows of a list to the per-thread partial sums; first: start them from zero. */
+/* Add n rows of a list to the per-thread partial sums; first: start them from zero.
+ * Small lists run on the calling thread: a parallel region costs more than it saves there,
+ * and on a loaded machine one descheduled thread stalls the others at its barrier. */
 static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
                            const int32_t *idx, int64_t n, int32_t n_tokens, int first) {
     const fg_config *c = &rt->cfg;
     const size_t embd = (size_t)c->n_embd;
     const size_t n_out = (size_t)n_tokens * embd;
-    const int want = first ? ffn_threads(rt, n_tokens) : rt->partial_threads;
+    if (first) { /* every thread that may add to the partial sums during this call */
+        rt->partial_threads = ffn_threads(rt, n_tokens);
+        for (int k = 0; k < rt->partial_threads; k++) {
+            memset(rt->partial + (size_t)k * (size_t)c->max_tokens * embd, 0,
+                   n_out * sizeof(float));
+        }
+    }
+    if (n == 0) return;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(want)
+#pragma omp parallel if (n * n_tokens >= FG_MIN_PARALLEL_ROWS) num_threads(rt->partial_threads)
 #endif
     {
 #ifdef _OPENMP
@@ -396,10 +456,6 @@ static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *con
         float *acc = rt->partial + (size_t)tid * (size_t)c->max_tokens * embd;
         float *gate_vals = rt->hidden + (size_t)tid * 2 * (size_t)c->max_tokens;
         float *up_vals = gate_vals + c->max_tokens;
-        if (first) {
-            memset(acc, 0, n_out * sizeof(float));
-            if (tid == 0) rt->partial_threads = nth;
-        }
         ffn_rows(rt, L, rows, idx, n * tid / nth, n * (tid + 1) / nth, n_tokens, acc,
                  gate_vals, up_vals);
     }
@@ -412,7 +468,7 @@ static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_to
     const size_t n_out = (size_t)n_tokens * embd;
     const int parts = rt->partial_threads;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(parts)
+#pragma omp parallel if (n_out >= FG_MIN_PARALLEL_OUT) num_threads(parts)
 #endif
     {
 #ifdef _OPENMP
@@ -628,10 +684,6 @@ int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *
         return FG_ERR_ARG;
     }
     if (!rt->loaded) return FG_ERR_STATE;
-    if (mask != NULL && c->mode == FG_MODE_DENSE && rt->miss_idx == NULL) {
-        rt->miss_idx = malloc((size_t)c->n_ff * sizeof *rt->miss_idx); /* first masked call */
-        if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
-    }
     const double t0 = fg_now_seconds();
     int rc;
     if (c->mode == FG_MODE_DENSE) {

@@ -44,6 +44,7 @@ typedef struct fg_layer {
     float *down_bias;         /* n_embd or NULL */
     fg_predictor pred;
     fg_cache cache;
+    double weight;            /* share of the budget beyond the minimum (1 by default) */
 } fg_layer;
 
 struct fg_runtime {

@@ -74,7 +74,8 @@ def exact_relu_predictor(flash: FlashFile, layer: int) -> LayerPredictor:
     return LayerPredictor(flash.n_embd, a, b, None, np.ones(flash.n_ff, np.float32), 0.0)
 
 
-def runtime(flash: FlashFile, predictors=None, **opts) -> Runtime:
+def runtime(flash: FlashFile, predictors=None, layer_weights=None, **opts) -> Runtime:
     base = dict(max_tokens=64, n_threads=2, n_threads_batch=2, direct_io=True)
     base.update(opts)
-    return Runtime(flash, get_arch(flash.arch), RuntimeOptions(**base), predictors=predictors)
+    return Runtime(flash, get_arch(flash.arch), RuntimeOptions(**base), predictors=predictors,
+                   layer_weights=layer_weights)

@@ -113,9 +113,42 @@ def test_predictors_count_in_the_budget_of_predicted_mode_only(silu):
     assert naive.capacity(0)[0] == budget // n_layer // stride
 
 
+def test_budget_split_by_layer_weight(silu):
+    flash, preds = silu
+    stride, n_ff = flash.layout.stride, flash.n_ff
+    even = streaming(flash, preds, share=0.5, layer_weights=[1.0, 1.0])
+    uneven = streaming(flash, preds, share=0.5, layer_weights=[1.0, 3.0])
+    c0, c1 = uneven.capacity(0)[0], uneven.capacity(1)[0]
+    assert c0 < even.capacity(0)[0] < c1 <= n_ff
+    assert c0 + c1 <= 2 * even.capacity(0)[0] + 1  # the same rows, never past the budget
+    # a layer that would take more than all its rows gives the rest to the others
+    capped = streaming(flash, preds, share=0.8, layer_weights=[1.0, 1000.0])
+    assert capped.capacity(1)[0] == n_ff
+    assert capped.capacity(0)[0] * stride + n_ff * stride <= int(0.8 * flash.payload_nbytes)
+    assert capped.capacity(0)[0] > streaming(flash, preds, share=0.8,
+                                             layer_weights=[1.0, 1.0]).capacity(0)[0] // 2
+    with pytest.raises(OptionError, match="weight"):
+        streaming(flash, preds, layer_weights=[1.0, 0.0])
+
+
+def test_budget_follows_the_files_expected_activity(silu):
+    flash, _ = silu
+    dens = [layer.predictor_density for layer in flash.layers]
+    if any(d is None for d in dens):
+        pytest.skip("this converter stores no predictor density")
+    budget = int(0.9 * flash.payload_nbytes)
+
+    def caps(weights):
+        rt = runtime(flash, mode="predicted", dram_budget=budget, layer_weights=weights)
+        return [rt.capacity(i)[0] for i in range(flash.n_layer)]
+
+    assert caps(None) == caps(dens)  # the default split is by expected active rows
+    assert caps([dens[0], 4 * dens[1]])[1] > caps(dens)[1]
+
+
 def test_budget_split_and_pinning(silu):
     flash, preds = silu
-    rt = streaming(flash, preds, share=0.5, pinned_share=0.25)
+    rt = streaming(flash, preds, share=0.5, pinned_share=0.25, layer_weights=[1.0, 1.0])
     cap, pinned = rt.capacity(0)
     assert cap == int(0.5 * flash.payload_nbytes) // flash.n_layer // flash.layout.stride
     assert pinned == int(0.25 * cap)
@@ -210,13 +243,16 @@ def test_baselines_compute_the_whole_layer(silu, mode):
     assert s["cache_hits"] == 0 and s["cache_misses"] == 3 * (flash.n_ff - pinned)
 
 
-def test_predicted_mode_computes_pinned_and_predicted_rows(silu):
-    flash, preds = silu
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_predicted_mode_computes_pinned_and_predicted_rows(silu, n_tokens):
+    flash, _ = silu
+    preds = [svd_predictor(flash, i, 32, 0.15) for i in range(flash.n_layer)]
     dense = runtime(flash)
     rt = streaming(flash, preds, share=0.5)
     _, pinned = rt.capacity(0)
-    x = np.random.default_rng(13).standard_normal((1, flash.n_embd)).astype(np.float32)
-    mask = rt.predict(0, x)[0]
+    x = np.random.default_rng(13).standard_normal((n_tokens, flash.n_embd)).astype(np.float32)
+    mask = rt.predict(0, x).any(axis=0)  # a prompt loads the union of its rows' predictions
+    assert mask.mean() < 0.95
     mask[:pinned] = True
     np.testing.assert_allclose(rt.ffn(0, x), dense.ffn(0, x, mask), rtol=1e-5, atol=1e-6)
 
