@@ -214,6 +214,9 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the converted model goes (default: the temp folder)")
     p.add_argument("--keep-files", action="store_true", help="keep the scratch folder")
+    p.add_argument("--calibrate", type=int, default=0, metavar="TOKENS",
+                   help="convert with the predictor calibrated on this many tokens of the "
+                   "shipped calibration text (flashgguf-convert --calibrate), not weight-only")
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))), flush=True)
@@ -221,6 +224,7 @@ def main() -> int:
 
     import llama_cpp
 
+    from flashgguf.calibrate.collect import CalibrationOptions
     from flashgguf.convert import ConvertOptions, convert_gguf
     from flashgguf.evaluate import evaluation_tokens
     from flashgguf.format import open_flash_file
@@ -236,7 +240,9 @@ def main() -> int:
         shutil.copyfile(smollm2_gguf(), src)
         flash_path = work / "smollm2.flash.gguf"
         t0 = time.perf_counter()
-        report = convert_gguf(src, flash_path, ConvertOptions(progress=False, log=lambda _m: None))
+        calibration = CalibrationOptions(tokens=args.calibrate) if args.calibrate else None
+        report = convert_gguf(src, flash_path, ConvertOptions(
+            progress=False, log=lambda _m: None, calibration=calibration))
         convert_s = time.perf_counter() - t0
         flash = open_flash_file(flash_path)
         args.n_neurons = flash.n_layer * flash.n_ff
@@ -244,7 +250,7 @@ def main() -> int:
         ranks = [layer.predictor.rank for layer in flash.layers if layer.predictor]
         print(f"converted {smollm2_gguf().name} in {convert_s:.1f} s: trunk "
               f"{report.trunk_nbytes / MiB:.1f} MiB, FFN payload {payload / MiB:.1f} MiB, "
-              f"predictor ranks {min(ranks)}-{max(ranks)}", flush=True)
+              f"predictor ranks {min(ranks)}-{max(ranks)} ({flash.predictor_kind})", flush=True)
 
         vocab = llama_cpp.Llama(str(src), vocab_only=True, verbose=False)
         tokens = evaluation_tokens(vocab, args.evaluation.read_text(encoding="utf-8"),
