@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "error_slot.h"
 #include "flashgguf.h"
 #include "ggml_abi.h"
 
@@ -19,8 +20,7 @@ struct fg_capture {
     char node[32];
     float *rows;        /* n_layer x max_rows x n_embd */
     int32_t *n_rows;    /* per layer: rows recorded since the last take */
-    int err_code;
-    char err_msg[200];
+    fg_error_slot err;  /* first error inside the callback */
 };
 
 int fg_capture_create(int32_t n_layer, int32_t n_embd, const char *node, int32_t max_rows,
@@ -53,12 +53,6 @@ void fg_capture_destroy(fg_capture *c) {
     free(c);
 }
 
-static void set_error(fg_capture *c, int code, const char *msg) {
-    if (c->err_code != FG_OK) return;
-    c->err_code = code;
-    snprintf(c->err_msg, sizeof c->err_msg, "%s", msg);
-}
-
 static void record(fg_capture *c, const fg_ggml_tensor_abi *t, int32_t layer) {
     const int64_t embd = c->n_embd;
     char msg[200];
@@ -67,7 +61,7 @@ static void record(fg_capture *c, const fg_ggml_tensor_abi *t, int32_t layer) {
         t->data == NULL || t->ne[1] < 1) {
         snprintf(msg, sizeof msg, "node %.64s: expected contiguous F32 [%lld x rows]", t->name,
                  (long long)embd);
-        set_error(c, FG_ERR_SHAPE, msg);
+        fg_error_slot_set(&c->err, FG_ERR_SHAPE, msg);
         return;
     }
     const int64_t have = c->n_rows[layer];
@@ -75,7 +69,7 @@ static void record(fg_capture *c, const fg_ggml_tensor_abi *t, int32_t layer) {
         snprintf(msg, sizeof msg, "layer %d: %lld rows arrived with %lld of %d recorded; take "
                  "them after each decode", (int)layer, (long long)t->ne[1], (long long)have,
                  (int)c->max_rows);
-        set_error(c, FG_ERR_ARG, msg);
+        fg_error_slot_set(&c->err, FG_ERR_ARG, msg);
         return;
     }
     float *dst = c->rows + ((size_t)layer * (size_t)c->max_rows + (size_t)have) * (size_t)embd;
@@ -100,7 +94,7 @@ int32_t fg_capture_rows(const fg_capture *c, int32_t layer) {
 }
 
 int fg_capture_take(fg_capture *c, int32_t layer, float *out, int32_t out_rows) {
-    if (c->err_code != FG_OK) return c->err_code;
+    if (c->err.code != FG_OK) return c->err.code;
     if (layer < 0 || layer >= c->n_layer || out_rows < c->n_rows[layer]) return FG_ERR_ARG;
     const size_t n = (size_t)c->n_rows[layer] * (size_t)c->n_embd;
     memcpy(out, c->rows + (size_t)layer * (size_t)c->max_rows * (size_t)c->n_embd,
@@ -110,9 +104,5 @@ int fg_capture_take(fg_capture *c, int32_t layer, float *out, int32_t out_rows) 
 }
 
 int fg_capture_take_error(fg_capture *c, char *msg, size_t msg_cap) {
-    const int code = c->err_code;
-    if (msg != NULL && msg_cap > 0) snprintf(msg, msg_cap, "%s", c->err_msg);
-    c->err_code = FG_OK;
-    c->err_msg[0] = 0;
-    return code;
+    return fg_error_slot_take(&c->err, msg, msg_cap);
 }

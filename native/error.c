@@ -1,3 +1,6 @@
+#include <stdio.h>
+
+#include "error_slot.h"
 #include "flashgguf.h"
 
 const char *fg_strerror(int code) {
@@ -28,3 +31,17 @@ const char *fg_strerror(int code) {
 #endif
 
 const char *fg_build_info(void) { return "openmp=" FG_OPENMP " sanitize=" FG_SANITIZE; }
+
+void fg_error_slot_set(fg_error_slot *slot, int code, const char *msg) {
+    if (slot->code != FG_OK) return;
+    slot->code = code;
+    snprintf(slot->msg, sizeof slot->msg, "%s", msg);
+}
+
+int fg_error_slot_take(fg_error_slot *slot, char *msg, size_t msg_cap) {
+    const int code = slot->code;
+    if (msg != NULL && msg_cap > 0) snprintf(msg, msg_cap, "%s", slot->msg);
+    slot->code = FG_OK;
+    slot->msg[0] = 0;
+    return code;
+}

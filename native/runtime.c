@@ -28,9 +28,7 @@ double fg_now_seconds(void) {
 }
 
 void fg_runtime_set_error(fg_runtime *rt, int code, const char *msg) {
-    if (rt->err_code != FG_OK) return; /* keep the first: later ones are consequences */
-    rt->err_code = code;
-    snprintf(rt->err_msg, sizeof rt->err_msg, "%s", msg);
+    fg_error_slot_set(&rt->err, code, msg);
 }
 
 static void *alloc_zeroed(size_t n) {
@@ -704,11 +702,7 @@ int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int3
 /* ---- errors, stats, inspection ---------------------------------------------------- */
 
 int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap) {
-    const int code = rt->err_code;
-    if (msg != NULL && msg_cap > 0) snprintf(msg, msg_cap, "%s", rt->err_msg);
-    rt->err_code = FG_OK;
-    rt->err_msg[0] = 0;
-    return code;
+    return fg_error_slot_take(&rt->err, msg, msg_cap);
 }
 
 void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out) {

@@ -3,6 +3,7 @@
 #ifndef FLASHGGUF_RUNTIME_INTERNAL_H
 #define FLASHGGUF_RUNTIME_INTERNAL_H
 
+#include "error_slot.h"
 #include "flashgguf.h"
 #include "io.h"
 #include "kernels.h"
@@ -85,8 +86,7 @@ struct fg_runtime {
     float *pred_z;                   /* max_rank */
     uint8_t *pred_zq;                /* one Q8_0 row of max_rank */
 
-    int err_code;                    /* first error inside the callback, FG_OK if none */
-    char err_msg[256];
+    fg_error_slot err;               /* first error inside the callback */
     fg_stats stats;
 };
 
