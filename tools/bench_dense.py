@@ -30,12 +30,15 @@ from flashgguf.models import smollm2_gguf  # noqa: E402
 PROMPT = "The history of the city begins in the twelfth century, when"
 
 
-def decode_tokens_per_s(llm, n_tokens: int) -> float:
-    """Greedy decode of n_tokens one at a time after the prompt; only decode is timed."""
+def decode_tokens_per_s(llm, n_tokens: int, before_timing=None) -> float:
+    """Greedy decode of n_tokens one at a time after the prompt; only decode is timed.
+    before_timing: called between the prompt and the timed decode (e.g. to reset stats)."""
     llm.reset()
     prompt = llm.tokenize(PROMPT.encode())
     llm.eval(prompt)
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    if before_timing is not None:
+        before_timing()
     t0 = time.perf_counter()
     for _ in range(n_tokens):
         llm.eval([tok])

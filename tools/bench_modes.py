@@ -15,17 +15,16 @@ comparison with llama.cpp under a memory cap is tools/bench_flash.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_dense import decode_tokens_per_s  # noqa: E402
 from flash_helpers import svd_predictor  # noqa: E402
 
 from flashgguf import Llama  # noqa: E402
@@ -41,20 +40,7 @@ from flashgguf.format import open_flash_file  # noqa: E402
 from flashgguf.gguf_stream import map_file, tensor_array  # noqa: E402
 from flashgguf.models import smollm2_gguf  # noqa: E402
 
-PROMPT = "The history of the city begins in the twelfth century, when"
 EVALUATION = ROOT.parent / "shared" / "data" / "brown" / "evaluation.txt"
-
-
-def decode(llm, n_tokens: int) -> float:
-    llm.reset()
-    llm.eval(llm.tokenize(PROMPT.encode()))
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    llm.flash_stats(reset=True)
-    t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return n_tokens / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -103,7 +89,8 @@ def main() -> int:
                 print(f"{name:>26} does not fit: {exc}")
                 continue
             got = teacher_forced_logits(llm, tokens)
-            tps = decode(llm, args.tokens)
+            tps = decode_tokens_per_s(llm, args.tokens,
+                                      functools.partial(llm.flash_stats, reset=True))
             s = llm.flash_stats()
             n = max(s["tokens"], 1)
             looked = s["cache_hits"] + s["cache_misses"]
