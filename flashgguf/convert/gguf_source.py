@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -196,8 +197,11 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
              f"n_embd {n_embd}, n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
              f"stride {layout.stride} bytes")
 
+    # the calibration's FFN inputs live in a scratch folder beside the output, only when asked
+    calib_folder = contextlib.nullcontext(None) if opts.calibration is None else \
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=".flashgguf-calib-")
     with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp, \
-            tempfile.TemporaryDirectory(dir=out.parent, prefix=".flashgguf-calib-") as calib_dir:
+            calib_folder as calib_dir:
         inputs = None
         if opts.calibration is not None:
             t0 = time.perf_counter()
