@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from . import constants as C
 from .errors import FormatError, NotFlashGGUFError, VersionError
 from .gguf_stream import GGUFStream, TensorInfo, map_file, read_gguf, tensor_array, tensor_nbytes
-from .predictor import PREDICTOR_BLOCK, LayerPredictor
+from .predictor import PREDICTOR_BLOCK, LayerPredictor, ThresholdCurve
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class LayerInfo:
     # the converter's estimates for this predictor (on its calibration inputs)
     predictor_recall: float | None = None
     predictor_density: float | None = None  # share of neurons predicted active
+    predictor_curve: ThresholdCurve | None = None  # optional: thresholds per recall target
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
                                              gated, int(keys.rank[layer.index]),
                                              float(keys.threshold[layer.index])),
             predictor_recall=float(keys.recall[layer.index]),
-            predictor_density=None if keys.density is None else float(keys.density[layer.index]))
+            predictor_density=None if keys.density is None else float(keys.density[layer.index]),
+            predictor_curve=None if keys.curves is None else keys.curves[layer.index])
         for layer in layers)
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
                      gated, layout, layers, activation_threshold=threshold,
@@ -267,10 +269,11 @@ class _PredictorKeys:
     threshold: np.ndarray
     recall: np.ndarray
     density: np.ndarray | None
+    curves: tuple[ThresholdCurve, ...] | None
 
 
 def _per_layer(payload: GGUFStream, key: str, what: str, n_layer: int, kind: str,
-               required: bool = True) -> np.ndarray | None:
+               required: bool = True, count: str = "one per layer") -> np.ndarray | None:
     value = payload.get(key)
     if value is None:
         if required:
@@ -280,8 +283,8 @@ def _per_layer(payload: GGUFStream, key: str, what: str, n_layer: int, kind: str
         want = "integers" if kind == "u" else "floats"
         raise FormatError(f"{what}: key {key!r} must be an array of {want}")
     if value.size != n_layer:
-        raise FormatError(f"{what}: key {key!r} has {value.size} values, expected one per "
-                          f"layer ({n_layer})")
+        raise FormatError(f"{what}: key {key!r} has {value.size} values, expected {count} "
+                          f"({n_layer})")
     if kind == "f" and not np.all(np.isfinite(value)):
         raise FormatError(f"{what}: key {key!r} has a non-finite value at layer "
                           f"{int(np.flatnonzero(~np.isfinite(value))[0])}")
@@ -318,7 +321,41 @@ def _read_predictor_keys(payload: GGUFStream, what: str, n_layer: int,
         if r <= 0 or r % PREDICTOR_BLOCK:
             raise FormatError(f"{what}: predictor rank {int(r)} of layer {bid} is not a positive "
                               f"multiple of {PREDICTOR_BLOCK}")
-    return _PredictorKeys(kind, keep, rank, threshold, recall, density)
+    return _PredictorKeys(kind, keep, rank, threshold, recall, density,
+                          _read_curves(payload, what, n_layer))
+
+
+def _read_curves(payload: GGUFStream, what: str, n_layer: int) -> tuple[ThresholdCurve, ...] | None:
+    """The optional threshold curves: all four keys or none."""
+    keys = (C.KEY_PREDICTOR_CURVE_RECALL, C.KEY_PREDICTOR_CURVE_THRESHOLD,
+            C.KEY_PREDICTOR_CURVE_DENSITY, C.KEY_PREDICTOR_CURVE_ERROR)
+    present = [k for k in keys if payload.get(k) is not None]
+    if not present:
+        return None
+    if len(present) != len(keys):
+        missing = next(k for k in keys if k not in present)
+        raise FormatError(f"{what}: key {present[0]!r} without {missing!r}")
+    targets = payload.get(keys[0])
+    if not isinstance(targets, np.ndarray) or targets.ndim != 1 or targets.dtype.kind != "f" \
+            or targets.size == 0 or not np.all((targets > 0.0) & (targets <= 1.0)) \
+            or np.any(np.diff(targets) <= 0.0):  # (NaN fails the range test)
+        raise FormatError(f"{what}: key {keys[0]!r} must be recall targets in (0, 1], ascending")
+    k = targets.size
+    tables = []
+    for key in keys[1:]:
+        values = _per_layer(payload, key, what, n_layer * k, "f",
+                            count="one per layer and recall target")
+        assert values is not None
+        tables.append(values.reshape(n_layer, k).astype(np.float32))
+    threshold, density, error = tables
+    if np.any(threshold < 0.0) or np.any(np.diff(threshold, axis=1) > 0.0):
+        raise FormatError(f"{what}: key {keys[1]!r}: thresholds must be >= 0 and not rise "
+                          "with the recall target")
+    if np.any((density < 0.0) | (density > 1.0)) or np.any(error < 0.0):
+        raise FormatError(f"{what}: keys {keys[2]!r}/{keys[3]!r}: densities must be in [0, 1] "
+                          "and errors >= 0")
+    return tuple(ThresholdCurve(targets.astype(np.float32), threshold[i], density[i], error[i])
+                 for i in range(n_layer))
 
 
 def _q8_0_rows(buf: memoryview, t: TensorInfo, name: str, what: str) -> np.ndarray:

@@ -40,6 +40,46 @@ class LayerPredictor:
     threshold: float
 
 
+@dataclass(frozen=True)
+class ThresholdCurve:
+    """One layer's thresholds for a grid of recall targets and what each gave on held-out
+    inputs (the converter's calibration or random inputs): a runtime picks a point of the
+    quality/sparsity trade-off from it without converting again. Recall targets ascend,
+    so thresholds do not increase along the grid."""
+
+    recall_targets: np.ndarray  # float32 [K]: share of the needed neurons kept
+    threshold: np.ndarray  # float32 [K]
+    density: np.ndarray  # float32 [K]: share of neurons predicted active
+    error: np.ndarray  # float32 [K]: relative FFN output error computing only those
+
+    def check_recall(self, recall: float) -> None:
+        lo, hi = float(self.recall_targets[0]), float(self.recall_targets[-1])
+        if not lo <= recall <= hi:
+            raise ValueError(f"recall {recall} is outside the stored curve [{lo:g}, {hi:g}]")
+
+    def threshold_at(self, recall: float) -> float:
+        """The threshold for a recall target, linear between grid points."""
+        self.check_recall(recall)
+        return float(np.interp(recall, self.recall_targets, self.threshold))
+
+    def density_at(self, recall: float) -> float:
+        self.check_recall(recall)
+        return float(np.interp(recall, self.recall_targets, self.density))
+
+    def threshold_for_error(self, bound: float) -> float:
+        """The highest threshold whose measured output error is at most `bound` (linear
+        between grid points); the grid's lowest threshold when no point meets it."""
+        ok = np.flatnonzero(self.error <= bound)
+        if ok.size == 0:
+            return float(self.threshold[-1])
+        i = int(ok[0])
+        if i == 0:
+            return float(self.threshold[0])
+        e0, e1 = float(self.error[i - 1]), float(self.error[i])  # e0 > bound >= e1
+        t = (e0 - bound) / (e0 - e1) if e0 > e1 else 1.0
+        return float(self.threshold[i - 1] + t * (self.threshold[i] - self.threshold[i - 1]))
+
+
 def activate(activation: str, v: np.ndarray, threshold: float = 0.0) -> np.ndarray:
     """The FFN activation as the C core applies it (threshold: fatrelu's)."""
     if activation == "silu":

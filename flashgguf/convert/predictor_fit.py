@@ -45,6 +45,7 @@ from ..errors import ConvertError
 from ..predictor import (
     PREDICTOR_BLOCK,
     LayerPredictor,
+    ThresholdCurve,
     activate,
     predicted_active,
     predictor_scores,
@@ -107,6 +108,9 @@ class FittedLayer:
     order: np.ndarray  # int32 [n_ff]: the bundle's row order (row k holds neuron order[k])
     freq: np.ndarray  # float32 [n_ff], row order: share of calibration tokens needing it
     precision: float = 0.0  # predicted neurons that were needed, on the held-out inputs
+    curve: ThresholdCurve | None = None  # SiLU/GELU: thresholds for C.PREDICTOR_CURVE_RECALLS
+    # float32 [n_ff], row order: share of the held-out inputs each row is predicted active for
+    active_freq: np.ndarray | None = None
 
 
 def predictor_nbytes(n_embd: int, n_ff: int, rank: int, with_up: bool) -> int:
@@ -124,40 +128,69 @@ class _Layer:
     """One layer's weights and its true activity on a set of inputs."""
 
     def __init__(self, activation: str, act_threshold: float, gate: np.ndarray | None,
-                 up: np.ndarray, down_norm: np.ndarray) -> None:
+                 up: np.ndarray, down: np.ndarray) -> None:
         self.activation = activation
         self.act_threshold = act_threshold
         self.gate = None if gate is None else gate.astype(np.float64)
         self.up = up.astype(np.float64)
-        self.down_norm = down_norm.astype(np.float64)
+        self.down = down.astype(np.float32)
+        self.down_norm = np.linalg.norm(down.astype(np.float64), axis=0)
 
     @property
     def decider(self) -> np.ndarray:  # the projection that decides activity
         return self.up if self.gate is None else self.gate
 
-    def needed(self, x: np.ndarray, keep: float) -> np.ndarray:
-        return needed_neurons(self.activation, self.gate, self.up, self.down_norm, x, keep,
-                              self.act_threshold)
+    def hidden(self, x: np.ndarray) -> np.ndarray:
+        return ffn_hidden(self.activation, self.gate, self.up, x, self.act_threshold)
+
+    def needed(self, h: np.ndarray, keep: float) -> np.ndarray:
+        return needed_from_hidden(self.activation, h, self.down_norm, keep)
 
 
-def needed_neurons(activation: str, gate: np.ndarray | None, up: np.ndarray,
-                   down_norm: np.ndarray, x: np.ndarray, keep: float,
-                   act_threshold: float = 0.0) -> np.ndarray:
-    """bool [n, n_ff] in the original neuron order: the neurons each token needs. ReLU
-    family (relu, relu2, fatrelu above act_threshold, drelu): the non-zero ones; SiLU/GELU:
-    the top `keep` share by true contribution."""
+def ffn_hidden(activation: str, gate: np.ndarray | None, up: np.ndarray, x: np.ndarray,
+               act_threshold: float = 0.0) -> np.ndarray:
+    """float32 [n, n_ff]: the FFN's hidden values act(gate x) * (up x) (act(up x) ungated),
+    original neuron order; drelu applies relu to up too."""
     # float32 is plenty to rank contributions and twice as fast as float64
     x = np.asarray(x, dtype=np.float32)
     h = activate(activation, x @ (up if gate is None else gate).astype(np.float32).T,
                  act_threshold)
     if gate is not None:
         u = x @ up.astype(np.float32).T
-        h = h * (np.maximum(u, 0.0) if activation == "drelu" else u)  # drelu: relu on up too
+        h = h * (np.maximum(u, 0.0) if activation == "drelu" else u)
+    return h
+
+
+def needed_from_hidden(activation: str, h: np.ndarray, down_norm: np.ndarray,
+                       keep: float) -> np.ndarray:
+    """bool [n, n_ff]: the neurons each token needs. ReLU family (relu, relu2, fatrelu above
+    its threshold, drelu): the non-zero ones; SiLU/GELU: the top `keep` share by true
+    contribution |h_i| ||down_i||."""
     if activation in RELU_FAMILY:
         return h != 0
     contrib = np.abs(h) * down_norm.astype(np.float32)
     kth = np.quantile(contrib, 1.0 - keep, axis=1, keepdims=True)
     return contrib >= kth
+
+
+def needed_neurons(activation: str, gate: np.ndarray | None, up: np.ndarray,
+                   down_norm: np.ndarray, x: np.ndarray, keep: float,
+                   act_threshold: float = 0.0) -> np.ndarray:
+    """bool [n, n_ff] in the original neuron order: the neurons each token needs
+    (needed_from_hidden of the true hidden values)."""
+    return needed_from_hidden(activation, ffn_hidden(activation, gate, up, x, act_threshold),
+                              down_norm, keep)
+
+
+def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray) -> float:
+    """Relative error of the layer's FFN output over a set of tokens, ||y - y_computed||_F /
+    ||y||_F, when only the `computed` neurons (bool, like h) are: y = h down^T."""
+    down = down.astype(np.float32)
+    full = float(np.square(h @ down.T).sum())
+    if full == 0.0:
+        return 0.0
+    missed = np.where(computed, 0.0, h).astype(np.float32)
+    return float(np.sqrt(np.square(missed @ down.T).sum() / full))
 
 
 def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
@@ -235,8 +268,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     if norm_weight.size != n_embd or not np.all(np.isfinite(norm_weight)):
         raise ConvertError(f"the FFN norm weight has {norm_weight.size} values (need {n_embd}, "
                            "all finite)")
-    layer = _Layer(activation, act_threshold, gate, up,
-                   np.linalg.norm(down.astype(np.float64), axis=0))
+    layer = _Layer(activation, act_threshold, gate, up, down)
     if inputs is None:
         fit_x = random_inputs(norm_weight, opts.n_samples, seed)
         held_x = random_inputs(norm_weight, opts.n_samples, seed + 1_000_003)
@@ -244,7 +276,9 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     else:
         fit_x, held_x = (np.asarray(x, dtype=np.float64) for x in inputs)
         cov, root_cov = _second_moment(fit_x)
-    fit_need, held_need = layer.needed(fit_x, opts.keep), layer.needed(held_x, opts.keep)
+    held_h = layer.hidden(held_x)
+    fit_need, held_need = layer.needed(layer.hidden(fit_x), opts.keep), \
+        layer.needed(held_h, opts.keep)
     if order is None:
         order = np.argsort(-fit_need.mean(axis=0), kind="stable").astype(np.int32)
     u, s = _svd_basis(layer.decider, root_cov)
@@ -276,16 +310,39 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
     fit_need_rows, held_need_rows = fit_need[:, order], held_need[:, order]
+    curve = None
     if activation not in RELU_FAMILY:
-        tau = _threshold(predictor_scores(pred, activation, fit_x, act_threshold),
-                         fit_need_rows, opts.recall)
-        pred = dataclasses.replace(pred, threshold=tau)
+        fit_scores = predictor_scores(pred, activation, fit_x, act_threshold)
+        pred = dataclasses.replace(pred, threshold=_threshold(fit_scores, fit_need_rows,
+                                                              opts.recall))
+        curve = _threshold_curve(fit_scores, fit_need_rows,
+                                 predictor_scores(pred, activation, held_x, act_threshold),
+                                 held_h[:, order], layer.down[:, order])
     active = predicted_active(pred, activation, held_x, act_threshold)
     recall = float(active[held_need_rows].mean()) if held_need_rows.any() else 1.0
     precision = float(held_need_rows[active].mean()) if active.any() else 1.0
     freq = fit_need.mean(axis=0)[order].astype(np.float32) if inputs is not None \
         else np.zeros(order.size, np.float32)
-    return FittedLayer(pred, fp, recall, float(active.mean()), order, freq, precision)
+    return FittedLayer(pred, fp, recall, float(active.mean()), order, freq, precision, curve,
+                       active.mean(axis=0).astype(np.float32))
+
+
+def _threshold_curve(fit_scores: np.ndarray, fit_need: np.ndarray, held_scores: np.ndarray,
+                     held_h: np.ndarray, down: np.ndarray) -> ThresholdCurve:
+    """Thresholds for each of C.PREDICTOR_CURVE_RECALLS (set on the fit inputs, like the
+    stored one) and the density and output error each gives on the held-out inputs."""
+    targets = np.asarray(C.PREDICTOR_CURVE_RECALLS, dtype=np.float32)
+    thresholds = np.array([_threshold(fit_scores, fit_need, float(r)) for r in targets],
+                          dtype=np.float32)
+    density, error = [], []
+    for tau in thresholds:
+        active = held_scores > tau
+        density.append(float(active.mean()))
+        error.append(output_error(held_h, down, active))
+    # the targets ascend, so the thresholds cannot rise (a tie keeps them equal)
+    thresholds = np.minimum.accumulate(thresholds)
+    return ThresholdCurve(targets, thresholds, np.asarray(density, np.float32),
+                          np.asarray(error, np.float32))
 
 
 def _second_moment(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
