@@ -18,9 +18,14 @@ import llama_cpp
 from llama_cpp import _internals
 
 from .archs import get_arch
-from .errors import NotFlashGGUFError, VersionMismatchError
+from .errors import NotFlashGGUFError, OptionError, VersionMismatchError
 from .format import is_flash_gguf, open_flash_file
-from .options import DEFAULT_COALESCE_GAP, DEFAULT_PINNED_SHARE, flash_options
+from .options import (
+    DEFAULT_COALESCE_GAP,
+    DEFAULT_PINNED_SHARE,
+    flash_options,
+    predictors_at_recall,
+)
 from .predictor import LayerPredictor
 from .runtime import Runtime, RuntimeOptions
 
@@ -90,6 +95,9 @@ class Llama(llama_cpp.Llama):
     go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
     flash_coalesce_gap: misses at most this many rows apart are read in one read.
     flash_io: "auto", "threads" (pread workers) or "io_uring".
+    flash_predictor_recall: trade quality for I/O at run time: each layer's predictor
+    threshold for this recall of the needed neurons, from the curves the converter measured
+    and stored (SiLU/GELU predictors); default: the threshold chosen at conversion.
     flash_predictors: one LayerPredictor (or None) per layer instead of the file's own
     (experiments, benchmarks, tests).
 
@@ -101,6 +109,7 @@ class Llama(llama_cpp.Llama):
                  flash_dram_budget: int | float | str | None = None, flash_window: int = 4,
                  flash_mode: str = "predicted", flash_pinned_share: float = DEFAULT_PINNED_SHARE,
                  flash_coalesce_gap: int = DEFAULT_COALESCE_GAP, flash_io: str = "auto",
+                 flash_predictor_recall: float | None = None,
                  flash_predictors: Sequence[LayerPredictor | None] | None = None,
                  **kwargs: Any) -> None:
         self._flash_runtime: Runtime | None = None
@@ -125,6 +134,11 @@ class Llama(llama_cpp.Llama):
         opts = flash_options(flash.payload_nbytes, flash_dram_budget, flash_mode, flash_window,
                              flash_pinned_share, flash_coalesce_gap, flash_io)
         streaming = flash_offload and opts.budget is not None
+        layer_weights = None
+        if flash_predictor_recall is not None:
+            if flash_predictors is not None:
+                raise OptionError("give flash_predictor_recall or flash_predictors, not both")
+            flash_predictors, layer_weights = predictors_at_recall(flash, flash_predictor_recall)
         runtime = Runtime(flash, spec, RuntimeOptions(
             max_tokens=max(1, min(n_batch, n_ubatch)),
             n_threads=n_threads,
@@ -136,7 +150,7 @@ class Llama(llama_cpp.Llama):
             window=opts.window,
             coalesce_gap=opts.coalesce_gap,
             io=opts.io,
-        ), predictors=flash_predictors)
+        ), predictors=flash_predictors, layer_weights=layer_weights)
         self._flash_runtime = runtime
         try:
             with installed_context_class(_flash_context_class(runtime)):

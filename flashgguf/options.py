@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
 
 from .errors import OptionError
+from .format import FlashFile
+from .predictor import LayerPredictor
 
 MODES = ("naive", "hybrid", "predicted")
 IO_BACKENDS = ("auto", "threads", "io_uring")
@@ -101,3 +105,28 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
     if nbytes is not None and nbytes >= payload_nbytes and mode == "predicted":
         nbytes = None  # the whole payload fits: nothing to predict or stream
     return FlashOptions(nbytes, mode, window, float(pinned_share), coalesce_gap, io)
+
+
+def predictors_at_recall(flash: FlashFile, recall: float
+                         ) -> tuple[list[LayerPredictor], list[float]]:
+    """flash_predictor_recall: the file's predictors with each layer's threshold for this
+    recall target (from the stored threshold curves), and each layer's expected active
+    share at it (the budget's split weights)."""
+    what = "flash_predictor_recall"
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) \
+            or not math.isfinite(recall):
+        raise OptionError(f"{what} must be a number, got {recall!r}")
+    curves = [layer.predictor_curve for layer in flash.layers]
+    if any(layer.predictor is None for layer in flash.layers) or any(c is None for c in curves):
+        raise OptionError(
+            f"{what}: {flash.path} stores no threshold curves (a ReLU-family predictor, whose "
+            "threshold is fixed at exact zeros, a file without a predictor, or one converted "
+            "by an older flashgguf)")
+    lo, hi = float(curves[0].recall_targets[0]), float(curves[0].recall_targets[-1])
+    if not lo <= recall <= hi:
+        raise OptionError(f"{what} {recall} is outside the range the file's curves cover, "
+                          f"[{lo:g}, {hi:g}]")
+    predictors = [dataclasses.replace(layer.predictor, threshold=curve.threshold_at(recall))
+                  for layer, curve in zip(flash.layers, curves, strict=True)]
+    weights = [max(curve.density_at(recall), 1e-6) for curve in curves]
+    return predictors, weights

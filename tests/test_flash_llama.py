@@ -142,3 +142,34 @@ def test_the_stored_weight_only_predictor_runs_predicted_mode(tiny_models, tmp_p
     assert 0 < stats["neurons_computed"] < stats["tokens"] * silu.n_layer * silu.n_ff
     assert stats["time_predict_s"] > 0
     llm.close()
+
+
+@pytest.mark.native
+def test_predictor_recall_picks_thresholds_from_the_stored_curves(tiny_models, tmp_path):
+    silu = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
+    curves = [layer.predictor_curve for layer in silu.layers]
+    assert all(c is not None for c in curves)
+    computed = {}
+    for recall in (0.5, 0.995):
+        llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.9,
+                    flash_pinned_share=0.0, flash_predictor_recall=recall, **KW)
+        llm.flash_stats(reset=True)
+        llm("Hello there", max_tokens=6)
+        stats = llm.flash_stats()
+        computed[recall] = stats["neurons_computed"] / stats["tokens"]
+        llm.close()
+    # a lower recall target: higher thresholds, fewer neurons computed
+    assert computed[0.5] < 0.8 * computed[0.995]
+    with pytest.raises(OptionError, match="outside the range the file's curves cover"):
+        Llama(str(silu.path), flash_offload=True, flash_predictor_recall=0.2, **KW)
+    with pytest.raises(OptionError, match="must be a number"):
+        Llama(str(silu.path), flash_offload=True, flash_predictor_recall="high", **KW)
+    with pytest.raises(OptionError, match="not both"):
+        Llama(str(silu.path), flash_offload=True, flash_predictor_recall=0.9,
+              flash_predictors=[layer.predictor for layer in silu.layers], **KW)
+
+
+def test_predictor_recall_needs_curves(relu_model):
+    flash, _ = relu_model
+    with pytest.raises(OptionError, match="stores no threshold curves"):
+        Llama(str(flash.path), flash_offload=True, flash_predictor_recall=0.9, **KW)
