@@ -75,6 +75,20 @@ PREDICTOR_KINDS = (PREDICTOR_WEIGHT_SVD, PREDICTOR_CALIBRATED_SVD)
 KEY_PREDICTOR_PRECISION = "flashgguf.predictor.precision"  # f32 per layer (calibrated)
 KEY_CALIBRATION_TOKENS = "flashgguf.calibration.tokens"
 KEY_CALIBRATION_TEXT_SHA256 = "flashgguf.calibration.text_sha256"
+# Optional (SiLU/GELU predictors): the threshold for each recall target of a fixed grid,
+# with the density and relative FFN output error measured for it on held-out inputs, per
+# layer; flattened [n_layer * K], layer-major. flash_predictor_recall picks from it.
+KEY_PREDICTOR_CURVE_RECALL = "flashgguf.predictor.curve.recall"  # f32 [K], ascending
+KEY_PREDICTOR_CURVE_THRESHOLD = "flashgguf.predictor.curve.threshold"
+KEY_PREDICTOR_CURVE_DENSITY = "flashgguf.predictor.curve.density"
+KEY_PREDICTOR_CURVE_ERROR = "flashgguf.predictor.curve.error"
+PREDICTOR_CURVE_RECALLS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+# The conversion report's expected FFN bytes read per token (f32 per layer, before window-
+# cache hits) at a budget of this share of the payload (f32): the demo's and the benchmarks'
+# middle budget (without a budget, flashgguf keeps a payload that fits in RAM resident).
+KEY_PREDICTOR_EXPECTED_READ = "flashgguf.predictor.expected_read_bytes"
+KEY_PREDICTOR_EXPECTED_BUDGET = "flashgguf.predictor.expected_read_budget"
+REPORT_BUDGET_SHARE = 0.5
 TENSOR_PRED_A = "blk.{bid}.pred_a"
 TENSOR_PRED_B = "blk.{bid}.pred_b"
 TENSOR_PRED_B_UP = "blk.{bid}.pred_b_up"

@@ -123,12 +123,13 @@ class Runtime:
     (LayerInfo.predictor). Mode "predicted" needs one for every layer.
     layer_weights: how the budget beyond every layer's minimum is shared; default: the
     predictor's expected active share per layer when the file stores it (predicted mode),
-    else an even split."""
+    else an even split. load=False: configured but nothing allocated or read (plan())."""
 
     def __init__(self, flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions,
                  predictors: Sequence[LayerPredictor | None] | None = None,
-                 layer_weights: Sequence[float] | None = None) -> None:
+                 layer_weights: Sequence[float] | None = None, load: bool = True) -> None:
         self.flash = flash
+        self._opts = opts
         self.spec = spec
         self.mode = opts.mode
         if predictors is None:
@@ -171,19 +172,33 @@ class Runtime:
                     raise OptionError(f"layer {i}: weight {w!r} is not a positive number")
                 check(lib.fg_runtime_set_layer_weight(self._rt, i, float(w)), f"layer {i}")
         self._keep.clear()
-        code = lib.fg_runtime_load(self._rt)
+        self.direct_io = opts.direct_io
+        if load:
+            self._check_budget(lib.fg_runtime_load(self._rt), opts,
+                               f"reading the FFN bundles of {flash.path}")
+            self.direct_io = bool(lib.fg_runtime_direct_io(self._rt))
+            if opts.direct_io and not self.direct_io:
+                warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the "
+                              "payload is read through the page cache, so I/O figures include "
+                              "cached reads", DirectIOWarning, stacklevel=3)
+
+    def _check_budget(self, code: int, opts: RuntimeOptions, what: str) -> None:
         if code == lib.FG_ERR_BUDGET:
             need = int(lib.fg_runtime_min_budget(self._rt))
             raise BudgetError(
                 f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
                 f"flash_mode={opts.mode!r}: the minimum is {need:,} bytes (pinned rows + one "
                 f"read round of 1/8 of the unpinned rows per layer, + predictors)")
-        check(code, f"reading the FFN bundles of {flash.path}")
-        self.direct_io = bool(lib.fg_runtime_direct_io(self._rt))
-        if opts.direct_io and not self.direct_io:
-            warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the payload "
-                          "is read through the page cache, so I/O figures include cached reads",
-                          DirectIOWarning, stacklevel=3)
+        check(code, what)
+
+    def plan(self) -> list[tuple[int, int]]:
+        """(slots, pinned rows) per layer that loading would give (streaming modes): for a
+        runtime made with load=False, which allocates and reads nothing."""
+        n = self.flash.n_layer
+        cap, pinned = ffi.new("int32_t[]", n), ffi.new("int32_t[]", n)
+        self._check_budget(lib.fg_runtime_plan(self.handle, cap, pinned), self._opts,
+                           "planning the budget split")
+        return [(int(cap[i]), int(pinned[i])) for i in range(n)]
 
     def _floats(self, arr: np.ndarray | None):
         if arr is None:

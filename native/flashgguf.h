@@ -159,6 +159,9 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 int fg_runtime_load(fg_runtime *rt);
 /* Smallest dram_budget the streaming modes accept with this config (bytes). */
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
+/* What load would give each layer (streaming modes), without allocating or reading:
+ * capacity[n_layer] slots and pinned[n_layer] rows. FG_ERR_BUDGET as load. */
+int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned);
 /* Slots and pinned rows of a layer after load. */
 int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
                               int32_t *pinned);

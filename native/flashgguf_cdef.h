@@ -102,6 +102,7 @@ int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const 
 int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 int fg_runtime_load(fg_runtime *rt);
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
+int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned);
 int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
                               int32_t *pinned);
 int fg_runtime_io_backend(const fg_runtime *rt);

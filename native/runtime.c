@@ -241,7 +241,7 @@ int64_t fg_runtime_min_budget(const fg_runtime *rt) {
 /* Split the budget into per-layer capacities: every layer gets the minimum, the rest goes
  * by layer weight (expected active rows), a layer never past n_ff, what a full layer
  * cannot take going to the others. FG_ERR_BUDGET when the minimum does not fit. */
-static int split_budget(fg_runtime *rt, int32_t *capacity) {
+static int split_budget(const fg_runtime *rt, int32_t *capacity) {
     const fg_config *c = &rt->cfg;
     const int64_t avail = c->dram_budget - predictor_bytes(rt);
     const int32_t cmin = min_capacity(c);
@@ -265,6 +265,16 @@ static int split_budget(fg_runtime *rt, int32_t *capacity) {
         remaining -= given;
         if (given == 0) break;
     }
+    return FG_OK;
+}
+
+int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned) {
+    const fg_config *c = &rt->cfg;
+    if (capacity == NULL || pinned == NULL) return FG_ERR_ARG;
+    if (c->mode == FG_MODE_DENSE) return FG_ERR_STATE;
+    const int rc = split_budget(rt, capacity);
+    if (rc != FG_OK) return rc;
+    for (int32_t l = 0; l < c->n_layer; l++) pinned[l] = pinned_rows(c, capacity[l]);
     return FG_OK;
 }
 

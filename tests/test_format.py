@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -371,3 +372,72 @@ def test_malformed_predictor(pred_flash, tmp_path, case, match):
         _poke(bad, _tensor_offset(bad, "blk.0.pred_a") + 34, np.float16(np.inf).tobytes())
     with pytest.raises(FormatError, match=match):
         open_flash_file(bad)
+
+
+def test_threshold_curves_round_trip(pred_flash):
+    out, report = pred_flash
+    for layer, fitted in zip(open_flash_file(out).layers, report.predictor, strict=True):
+        got, want = layer.predictor_curve, fitted.curve
+        assert got is not None and want is not None
+        np.testing.assert_array_equal(got.recall_targets,
+                                      np.asarray(C.PREDICTOR_CURVE_RECALLS, np.float32))
+        for name in ("threshold", "density", "error"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("targets_order", "must be recall targets in \\(0, 1\\], ascending"),
+    ("threshold_rises", "thresholds must be >= 0 and not rise"),
+    ("density_range", "densities must be in \\[0, 1\\]"),
+    ("missing_key", "'flashgguf.predictor.curve.recall' without "
+                    "'flashgguf.predictor.curve.error'"),
+])
+def test_malformed_threshold_curves(pred_flash, tmp_path, case, match):
+    bad = _copy(pred_flash[0], tmp_path)
+    f32 = GGUFValueType.FLOAT32
+    if case == "targets_order":
+        _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_CURVE_RECALL, f32) + 4,
+              struct.pack("<f", 0.1))
+    elif case == "threshold_rises":
+        _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_CURVE_THRESHOLD, f32) + 8,
+              struct.pack("<f", 1e30))
+    elif case == "density_range":
+        _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_CURVE_DENSITY, f32), struct.pack("<f", 2.0))
+    elif case == "missing_key":
+        _rename_in_payload(bad, C.KEY_PREDICTOR_CURVE_ERROR.encode(),
+                           b"flashgguf.predictor.curve.errox")
+    with pytest.raises(FormatError, match=match):
+        open_flash_file(bad)
+
+
+@pytest.mark.native
+def test_report_stores_expected_bytes_read_per_token(tiny_models, tmp_path):
+    from flashgguf.runtime import Runtime, RuntimeOptions
+
+    logs: list[str] = []
+    out = tmp_path / "wide.flash.gguf"
+    report = convert_gguf(tiny_models(TinyModel(n_ff=1024)), out,
+                          dataclasses.replace(QUIET, log=logs.append))
+    ff = open_flash_file(out)
+    assert ff.payload.get(C.KEY_PREDICTOR_EXPECTED_BUDGET) == pytest.approx(C.REPORT_BUDGET_SHARE)
+    stored = ff.payload.get(C.KEY_PREDICTOR_EXPECTED_READ)
+    assert stored.shape == (ff.n_layer,)
+    runtime = Runtime(ff, get_arch(ff.arch), RuntimeOptions(
+        mode="predicted", dram_budget=int(C.REPORT_BUDGET_SHARE * ff.payload_nbytes)),
+        load=False)
+    plan = runtime.plan()
+    runtime.close()
+    for (capacity, pinned), fitted, got in zip(plan, report.predictor, stored, strict=True):
+        assert 0 < pinned < capacity < ff.n_ff
+        # the unpinned rows' predicted-active shares, times the bytes of a row
+        want = float(fitted.active_freq[pinned:].sum()) * ff.layout.stride
+        assert 0 < got < (ff.n_ff - pinned) * ff.layout.stride
+        assert got == pytest.approx(want, rel=1e-6)
+    assert any(f"{stored.sum() / 2**20:.2f} MiB before window-cache hits" in line
+               for line in logs)
+
+
+def test_report_says_when_the_budget_cannot_hold_the_predictors(pred_flash):
+    # the narrow test model's predictors are bigger than half its payload
+    stored = open_flash_file(pred_flash[0]).payload.get(C.KEY_PREDICTOR_EXPECTED_READ)
+    assert np.all(np.isnan(stored))

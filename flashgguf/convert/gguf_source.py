@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,9 +21,11 @@ from .. import constants as C
 from ..archs import ArchSpec, get_arch
 from ..calibrate.collect import CalibrationOptions, FFNInputs, collect_ffn_inputs
 from ..calibrate.text import read_calibration_text
-from ..errors import ConvertError, FormatError, UnsupportedError
-from ..format import BundleLayout
+from ..errors import BudgetError, ConvertError, FormatError, UnsupportedError
+from ..format import BundleLayout, open_flash_file
 from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
+from ..options import DEFAULT_PINNED_SHARE
+from ..runtime import Runtime, RuntimeOptions
 from .blas import single_threaded_blas
 from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
@@ -219,6 +222,12 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
             shutil.copyfileobj(fin, fout, 1 << 24)
         patch_u64_key(final_tmp, C.KEY_PAYLOAD_OFFSET, offset)
         patch_u64_key(final_tmp, C.KEY_PAYLOAD_SIZE, payload_nbytes)
+        if fitted is not None:
+            expected = _expected_read_bytes(final_tmp, spec, fitted)
+            patch_key(final_tmp, C.KEY_PREDICTOR_EXPECTED_READ, GGUFValueType.ARRAY,
+                      struct.pack("<IQ", GGUFValueType.FLOAT32, len(expected))
+                      + np.asarray(expected, np.float32).tobytes(), offset)
+            _log_report(fitted, expected, inputs is not None, opts.log)
     opts.log(f"flashgguf-convert: wrote {out} (trunk {trunk_nbytes / 2**20:.1f} MiB, payload "
              f"{payload_nbytes / 2**20:.1f} MiB); down columns re-quantized to "
              f"{types[C.PART_DOWN].name}: max relative error {down_err:.4f}")
@@ -411,8 +420,6 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
         # the fit pass reads every layer too: keep its footprint at one layer
         source.release(*(source.stream.tensors.get(template.format(bid=bid))
                          for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
-    if inputs is not None:
-        _log_report(fitted, opts.log)
     ranks = [f.predictor.rank for f in fitted]
     recalls = [f.recall for f in fitted]
     dens = [f.density for f in fitted]
@@ -425,15 +432,45 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
     return tuple(fitted)
 
 
-def _log_report(fitted: list[FittedLayer], log: Callable[[str], None]) -> None:
-    """The per-layer calibration report (also stored in the payload's keys)."""
-    log("layer  rank  needed  predicted  recall  precision  predictor KiB")
-    for bid, f in enumerate(fitted):
-        p = f.predictor
-        nbytes = p.a.nbytes + p.b.nbytes + (0 if p.b_up is None else p.b_up.nbytes) \
-            + p.scale.nbytes
-        log(f"{bid:>5}  {p.rank:>4}  {float(f.freq.mean()):>6.1%}  {f.density:>9.1%}  "
-            f"{f.recall:>6.3f}  {f.precision:>9.3f}  {nbytes / 1024:>13.1f}")
+def _expected_read_bytes(path: Path, spec: ArchSpec,
+                         fitted: tuple[FittedLayer, ...]) -> list[float]:
+    """Per layer, FFN bytes read per token at C.REPORT_BUDGET_SHARE of the payload in
+    predicted mode, before window-cache hits: the rows predicted active on the held-out
+    inputs beyond the pinned prefix the runtime's budget split gives (NaN: too small a budget).
+    """
+    flash = open_flash_file(path)
+    runtime = Runtime(flash, spec, RuntimeOptions(
+        mode="predicted", direct_io=False,
+        dram_budget=int(C.REPORT_BUDGET_SHARE * flash.payload_nbytes)), load=False)
+    try:
+        plan = runtime.plan()
+    except BudgetError:
+        return [float("nan")] * len(fitted)
+    finally:
+        runtime.close()
+    return [float(f.active_freq[pinned:].sum()) * flash.layout.stride
+            for f, (_, pinned) in zip(fitted, plan, strict=True)]
+
+
+def _log_report(fitted: tuple[FittedLayer, ...], expected: list[float], calibrated: bool,
+                log: Callable[[str], None]) -> None:
+    """The per-layer predictor report (also stored in the payload's keys)."""
+    share = f"{C.REPORT_BUDGET_SHARE:g}"
+    if calibrated:
+        log(f"layer  rank  needed  predicted  recall  precision  predictor KiB  "
+            f"read KiB/token @{share}")
+        for bid, f in enumerate(fitted):
+            p = f.predictor
+            nbytes = p.a.nbytes + p.b.nbytes + (0 if p.b_up is None else p.b_up.nbytes) \
+                + p.scale.nbytes
+            log(f"{bid:>5}  {p.rank:>4}  {float(f.freq.mean()):>6.1%}  {f.density:>9.1%}  "
+                f"{f.recall:>6.3f}  {f.precision:>9.3f}  {nbytes / 1024:>13.1f}  "
+                f"{expected[bid] / 1024:>18.1f}")
+    total = float(np.sum(expected))
+    log(f"flashgguf-convert: expected FFN read per token at flash_dram_budget={share}: "
+        + ("the budget is too small for the predictors" if not np.isfinite(total) else
+           f"{total / 2**20:.2f} MiB before window-cache hits (pinned share "
+           f"{DEFAULT_PINNED_SHARE:g})"))
 
 
 def _add_predictor_keys(w: GGUFFileWriter, fitted: tuple[FittedLayer, ...],
@@ -455,6 +492,20 @@ def _add_predictor_keys(w: GGUFFileWriter, fitted: tuple[FittedLayer, ...],
                         (C.KEY_PREDICTOR_DENSITY, [f.density for f in fitted])):
         w.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY,
                         GGUFValueType.FLOAT32)
+    w.add_float32(C.KEY_PREDICTOR_EXPECTED_BUDGET, C.REPORT_BUDGET_SHARE)
+    # placeholder, patched once the file is whole (the budget split needs the written file)
+    w.add_key_value(C.KEY_PREDICTOR_EXPECTED_READ, [0.0] * len(fitted), GGUFValueType.ARRAY,
+                    GGUFValueType.FLOAT32)
+    curves = [f.curve for f in fitted]
+    if all(c is not None for c in curves):
+        w.add_key_value(C.KEY_PREDICTOR_CURVE_RECALL, [float(r) for r in C.PREDICTOR_CURVE_RECALLS],
+                        GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+        for key, field_name in ((C.KEY_PREDICTOR_CURVE_THRESHOLD, "threshold"),
+                                (C.KEY_PREDICTOR_CURVE_DENSITY, "density"),
+                                (C.KEY_PREDICTOR_CURVE_ERROR, "error")):
+            values = np.concatenate([getattr(c, field_name) for c in curves])
+            w.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY,
+                            GGUFValueType.FLOAT32)
 
 
 def _predictor_tensors(bid: int, fitted: FittedLayer) -> list[tuple[str, np.ndarray]]:

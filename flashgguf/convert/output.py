@@ -55,15 +55,18 @@ def _temp_path(folder: Path, prefix: str, suffix: str) -> Path:
     return Path(name)
 
 
-def patch_key(path: Path, key: str, vtype: GGUFValueType, raw_value: bytes) -> None:
-    """Overwrite the value of a fixed-size key in a written GGUF header, in place."""
+def patch_key(path: Path, key: str, vtype: GGUFValueType, raw_value: bytes,
+              offset: int = 0) -> None:
+    """Overwrite the value of a fixed-size key in a written GGUF header (the GGUF starting at
+    `offset` of the file), in place."""
     pattern = struct.pack("<Q", len(key.encode())) + key.encode() + struct.pack("<I", vtype)
     with open(path, "r+b") as f:
+        f.seek(offset)
         head = f.read(1 << 20)
         pos = head.find(pattern)
         if pos < 0 or head.find(pattern, pos + 1) >= 0:
             raise ConvertError(f"{path}: cannot locate key {key!r} exactly once to patch it")
-        f.seek(pos + len(pattern))
+        f.seek(offset + pos + len(pattern))
         f.write(raw_value)
 
 
