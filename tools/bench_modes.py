@@ -4,11 +4,12 @@ flash all-resident, naive, hybrid, and predicted at several pinned shares.
 
     python tools/bench_modes.py [--budget 0.5] [--tokens 64] [--shares 0.25,0.5,0.75]
 
-Until the converter stores predictors, predicted mode uses weight-only truncated-SVD
-predictors built here (tests/flash_helpers.py; rank --rank, threshold keeping about --keep
-of the rows on random inputs). Quality (teacher-forced top-1 agreement and perplexity
-against all-resident flash) is measured on the first --eval-tokens tokens of the Brown
-evaluation text. This benchmark is for choosing runtime defaults (pinned share); the full
+Predicted mode uses weight-only truncated-SVD predictors built here (tests/flash_helpers.py;
+rank --rank, threshold keeping about --keep of the rows on random inputs), not the file's.
+Quality (teacher-forced top-1 agreement and perplexity against all-resident flash) is
+measured on the first --eval-tokens tokens of the Brown evaluation text, token by token
+(n_batch=1): a batch computes the union of its tokens' predicted rows, so only one token at
+a time measures what decode computes. This benchmark is for choosing runtime defaults (pinned share); the full
 comparison with llama.cpp under a memory cap is tools/bench_flash.py.
 """
 
@@ -55,8 +56,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    kw = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False,
-              logits_all=True)
+    kw = dict(n_ctx=512, n_batch=1, n_ubatch=1, n_threads=args.threads,
+              n_threads_batch=args.threads, verbose=False, logits_all=True)
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         path = Path(tmp) / "smollm2.flash.gguf"
         convert_gguf(smollm2_gguf(), path, ConvertOptions(progress=False, log=lambda _m: None))
