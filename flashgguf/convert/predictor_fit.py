@@ -54,6 +54,7 @@ from ..quants import quantize_rows, row_nbytes
 
 Q8_0 = GGMLQuantizationType.Q8_0
 RELU_FAMILY = ("relu", "relu2", "fatrelu", "drelu")  # exactly sparse: needed = non-zero
+CURVE_ERROR_TOKENS = 1024  # held-out tokens the threshold curve's output errors are taken on
 
 
 @dataclass(frozen=True)
@@ -182,15 +183,18 @@ def needed_neurons(activation: str, gate: np.ndarray | None, up: np.ndarray,
                               down_norm, keep)
 
 
-def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray) -> float:
+def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray,
+                 full_sq: float | None = None) -> float:
     """Relative error of the layer's FFN output over a set of tokens, ||y - y_computed||_F /
-    ||y||_F, when only the `computed` neurons (bool, like h) are: y = h down^T."""
+    ||y||_F, when only the `computed` neurons (bool, like h) are: y = h down^T. full_sq:
+    ||y||_F^2 when the caller has it."""
     down = down.astype(np.float32)
-    full = float(np.square(h @ down.T).sum())
-    if full == 0.0:
+    if full_sq is None:
+        full_sq = float(np.square(h @ down.T).sum())
+    if full_sq == 0.0:
         return 0.0
     missed = np.where(computed, 0.0, h).astype(np.float32)
-    return float(np.sqrt(np.square(missed @ down.T).sum() / full))
+    return float(np.sqrt(np.square(missed @ down.T).sum() / full_sq))
 
 
 def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
@@ -334,11 +338,15 @@ def _threshold_curve(fit_scores: np.ndarray, fit_need: np.ndarray, held_scores: 
     targets = np.asarray(C.PREDICTOR_CURVE_RECALLS, dtype=np.float32)
     thresholds = np.array([_threshold(fit_scores, fit_need, float(r)) for r in targets],
                           dtype=np.float32)
+    # the error needs an [n, n_ff] x [n_ff, n_embd] product per point: a bounded sample
+    n_err = min(held_h.shape[0], CURVE_ERROR_TOKENS)
+    h, down = held_h[:n_err].astype(np.float32), down.astype(np.float32)
+    full_sq = float(np.square(h @ down.T).sum())
     density, error = [], []
     for tau in thresholds:
         active = held_scores > tau
         density.append(float(active.mean()))
-        error.append(output_error(held_h, down, active))
+        error.append(output_error(h, down, active[:n_err], full_sq))
     # the targets ascend, so the thresholds cannot rise (a tie keeps them equal)
     thresholds = np.minimum.accumulate(thresholds)
     return ThresholdCurve(targets, thresholds, np.asarray(density, np.float32),
