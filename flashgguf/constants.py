@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType
 
-FORMAT_VERSION = 1
+# Version 2 (this converter writes it): the predictor may store per-neuron residuals
+# (pred_sigma_g/u) that change its score; a version-1 reader must refuse such files. Version 1
+# files (no residuals) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # Trunk (GGUF #1): a llama.cpp model whose architecture name stock llama.cpp refuses.
 TRUNK_ARCH = "flashgguf"
@@ -99,4 +103,7 @@ DEFAULT_PREDICTOR_KEEP = 0.7
 DEFAULT_PREDICTOR_RECALL = 0.95
 # Largest predictor, as a share of its layer's bundle bytes (it stays in DRAM).
 DEFAULT_PREDICTOR_MAX_SHARE = 0.25
-PREDICTOR_TENSOR_SUFFIXES = (".pred_a", ".pred_b", ".pred_b_up", ".pred_scale")
+TENSOR_PRED_SIGMA_G = "blk.{bid}.pred_sigma_g"  # F32 [n_ff], version 2, optional
+TENSOR_PRED_SIGMA_U = "blk.{bid}.pred_sigma_u"  # F32 [n_ff], with pred_b_up and pred_sigma_g
+PREDICTOR_TENSOR_SUFFIXES = (".pred_a", ".pred_b", ".pred_b_up", ".pred_scale",
+                             ".pred_sigma_g", ".pred_sigma_u")

@@ -119,10 +119,11 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
     trunk = _read_trunk(buf, size, path)
     what = f"{path.name} (trunk)"
     version = _int_key(trunk, C.KEY_VERSION, what)
-    if version != C.FORMAT_VERSION:
+    if version not in C.READABLE_VERSIONS:
         raise VersionError(
-            f"{path}: flash GGUF version {version}, this flashgguf reads version "
-            f"{C.FORMAT_VERSION}: convert the source model again with this flashgguf"
+            f"{path}: flash GGUF version {version}, this flashgguf reads versions "
+            f"{', '.join(map(str, C.READABLE_VERSIONS))}: convert the source model again with "
+            "this flashgguf (or upgrade flashgguf)"
         )
     arch = trunk.require(C.KEY_ARCH, what)
     offset = _int_key(trunk, C.KEY_PAYLOAD_OFFSET, what)
@@ -141,7 +142,7 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
     pwhat = f"{path.name} (payload)"
     if payload.get(C.KEY_ARCHITECTURE) != C.PAYLOAD_ARCH:
         raise FormatError(f"{pwhat}: architecture is {payload.get(C.KEY_ARCHITECTURE)!r}")
-    if payload.get(C.KEY_VERSION) != C.FORMAT_VERSION:
+    if payload.get(C.KEY_VERSION) != version:
         raise VersionError(f"{pwhat}: version {payload.get(C.KEY_VERSION)!r} != trunk's")
     if payload.get(C.KEY_ARCH) != arch:
         raise FormatError(f"{pwhat}: architecture {payload.get(C.KEY_ARCH)!r} != trunk's {arch!r}")
@@ -175,7 +176,7 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
         dataclasses.replace(
             layer, predictor=_read_predictor(buf, payload, pwhat, layer.index, n_embd, n_ff,
                                              gated, int(keys.rank[layer.index]),
-                                             float(keys.threshold[layer.index])),
+                                             float(keys.threshold[layer.index]), version),
             predictor_recall=float(keys.recall[layer.index]),
             predictor_density=None if keys.density is None else float(keys.density[layer.index]),
             predictor_curve=None if keys.curves is None else keys.curves[layer.index])
@@ -370,7 +371,8 @@ def _q8_0_rows(buf: memoryview, t: TensorInfo, name: str, what: str) -> np.ndarr
 
 
 def _read_predictor(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_embd: int,
-                    n_ff: int, gated: bool, rank: int, threshold: float) -> LayerPredictor:
+                    n_ff: int, gated: bool, rank: int, threshold: float,
+                    version: int) -> LayerPredictor:
     Q8_0 = GGMLQuantizationType.Q8_0
     found = {}
     for template, shape, required in ((C.TENSOR_PRED_A, (n_embd, rank), True),
@@ -389,5 +391,25 @@ def _read_predictor(buf: memoryview, payload: GGUFStream, what: str, bid: int, n
                                       GGMLQuantizationType.F32))
     if not np.all(np.isfinite(scale) & (scale >= 0)):
         raise FormatError(f"{what}: tensor {name!r} has a negative or non-finite value")
+    sigmas = {}
+    for template in (C.TENSOR_PRED_SIGMA_G, C.TENSOR_PRED_SIGMA_U):
+        name = template.format(bid=bid)
+        t = payload.tensors.get(name)
+        if t is None:
+            continue
+        if version < 2:
+            raise FormatError(f"{what}: tensor {name!r} in a version {version} file")
+        sigma = tensor_array(buf, _expect(t, name, what, (n_ff,), GGMLQuantizationType.F32))
+        if not np.all(np.isfinite(sigma) & (sigma >= 0)):
+            raise FormatError(f"{what}: tensor {name!r} has a negative or non-finite value")
+        sigmas[template] = sigma
+    g_name, u_name = C.TENSOR_PRED_SIGMA_G.format(bid=bid), C.TENSOR_PRED_SIGMA_U.format(bid=bid)
+    if C.TENSOR_PRED_SIGMA_U in sigmas and C.TENSOR_PRED_SIGMA_G not in sigmas:
+        raise FormatError(f"{what}: {u_name!r} without {g_name!r}")
+    if C.TENSOR_PRED_SIGMA_G in sigmas and \
+            (C.TENSOR_PRED_SIGMA_U in sigmas) != (C.TENSOR_PRED_B_UP in found):
+        raise FormatError(f"{what}: layer {bid} needs {u_name!r} exactly when it has "
+                          f"{C.TENSOR_PRED_B_UP.format(bid=bid)!r}")
     return LayerPredictor(rank, found[C.TENSOR_PRED_A], found[C.TENSOR_PRED_B],
-                          found.get(C.TENSOR_PRED_B_UP), scale, threshold)
+                          found.get(C.TENSOR_PRED_B_UP), scale, threshold,
+                          sigmas.get(C.TENSOR_PRED_SIGMA_G), sigmas.get(C.TENSOR_PRED_SIGMA_U))

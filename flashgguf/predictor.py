@@ -10,6 +10,18 @@ Per layer, a low-rank predictor scores every neuron from the FFN input x:
 and a neuron is predicted active when score > the layer's threshold. Rows of B, B_up and
 scale follow the bundle's row order (hot-first), not the original neuron order.
 
+Format version 2 adds the residual RMS of g_hat and u_hat per neuron (blk.N.pred_sigma_g,
+blk.N.pred_sigma_u with B_up; F32 [n_ff], measured on the fit inputs). With them the score is
+the expected contribution when g and u are off by Gaussian residuals of that size:
+
+    score = E|act(g_hat + s_g e)| * sqrt(u_hat^2 + s_u^2) * scale,   e ~ N(0, 1)
+
+with the expectation by the 3-point Gauss-Hermite rule (nodes 0, +-sqrt 3; weights 2/3,
+1/6). A neuron the low rank sees poorly still scores by how large it can be: measured on
+SmolLM2 with 4096 calibration tokens at 65% of the neurons, the relative FFN output error
+falls from 0.277 to 0.227 (layer 10) and from 0.251 to 0.167 (layer 20); s = 0 is the
+plain score.
+
 g_hat estimates the pre-activation that decides activity (the gate for gated FFNs, up
 otherwise); u_hat and scale (the norm of the neuron's down column) turn it into an estimate
 of the neuron's contribution |act(g) * u| * ||down_i||, which is what matters for SiLU/GELU
@@ -38,6 +50,8 @@ class LayerPredictor:
     b_up: np.ndarray | None  # same as b, or None
     scale: np.ndarray  # float32 [n_ff]
     threshold: float
+    sigma_g: np.ndarray | None = None  # float32 [n_ff]: residual RMS of g_hat, or None
+    sigma_u: np.ndarray | None = None  # float32 [n_ff] with b_up (and sigma_g), or None
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,28 @@ def activate(activation: str, v: np.ndarray, threshold: float = 0.0) -> np.ndarr
     raise ValueError(f"unknown activation {activation!r}")
 
 
+GAUSS_HERMITE_NODE = np.float32(1.7320508)  # sqrt(3), as the C core rounds it
+GAUSS_HERMITE_WEIGHTS = (np.float32(2.0 / 3.0), np.float32(1.0 / 6.0))
+
+
+def expected_abs_activation(activation: str, g: np.ndarray, sigma: np.ndarray | None,
+                            threshold: float = 0.0) -> np.ndarray:
+    """E|act(g + sigma e)|, e ~ N(0, 1), by the 3-point Gauss-Hermite rule; |act(g)| when
+    sigma is None."""
+    if sigma is None:
+        return np.abs(activate(activation, g, threshold))
+    d = GAUSS_HERMITE_NODE * sigma
+    w0, w1 = GAUSS_HERMITE_WEIGHTS
+    return w0 * np.abs(activate(activation, g, threshold)) + w1 * (
+        np.abs(activate(activation, g + d, threshold))
+        + np.abs(activate(activation, g - d, threshold)))
+
+
+def expected_abs_up(u: np.ndarray, sigma: np.ndarray | None) -> np.ndarray:
+    """E|u + sigma e| as the score takes it: sqrt(u^2 + sigma^2); |u| when sigma is None."""
+    return np.abs(u) if sigma is None else np.sqrt(u * u + sigma * sigma)
+
+
 def _q8_roundtrip(v: np.ndarray) -> np.ndarray:
     """v as the Q8_0 dot product sees it (rows quantized and dequantized)."""
     v = np.atleast_2d(np.asarray(v, dtype=np.float32))
@@ -110,10 +146,13 @@ def predictor_scores(pred: LayerPredictor, activation: str, x: np.ndarray,
     z = _q8_roundtrip(x).astype(np.float64) @ a.T.astype(np.float64)
     zq = _q8_roundtrip(z.astype(np.float32)).astype(np.float64)
     g_hat = zq @ dequantize_rows(pred.b, Q8_0, pred.rank).T.astype(np.float64)
-    score = np.abs(activate(activation, g_hat, activation_threshold))
+    sigma_g = None if pred.sigma_g is None else pred.sigma_g.astype(np.float64)
+    score = expected_abs_activation(activation, g_hat, sigma_g, activation_threshold)
     if pred.b_up is not None:
         u_hat = zq @ dequantize_rows(pred.b_up, Q8_0, pred.rank).T
-        score = score * np.abs(np.maximum(u_hat, 0.0) if activation == "drelu" else u_hat)
+        sigma_u = None if pred.sigma_u is None else pred.sigma_u.astype(np.float64)
+        score = score * expected_abs_up(np.maximum(u_hat, 0.0) if activation == "drelu"
+                                        else u_hat, sigma_u)
     return (score * pred.scale.astype(np.float64)).astype(np.float32)
 
 

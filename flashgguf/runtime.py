@@ -233,6 +233,18 @@ class Runtime:
         check(lib.fg_runtime_set_predictor(self._rt, layer, pred.rank, a, b, b_up,
                                            self._floats(scale), float(pred.threshold)),
               f"layer {layer}: setting the predictor")
+        if pred.sigma_g is not None:
+            if (pred.sigma_u is None) != (pred.b_up is None):
+                raise OptionError(f"layer {layer}: the predictor needs sigma_u exactly when it "
+                                  "has b_up")
+            sigmas = []
+            for name in ("sigma_g", "sigma_u"):
+                arr = getattr(pred, name)
+                if arr is not None and np.asarray(arr).shape != (n_ff,):
+                    raise OptionError(f"layer {layer}: predictor {name} must be [{n_ff}] floats")
+                sigmas.append(self._floats(arr))
+            check(lib.fg_runtime_set_predictor_sigma(self._rt, layer, *sigmas),
+                  f"layer {layer}: setting the predictor's residuals (finite, >= 0)")
 
     @property
     def handle(self):

@@ -151,6 +151,11 @@ int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
 int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const void *a,
                              const void *b, const void *b_up, const float *scale,
                              float threshold);
+/* Layer's predictor scores the expected contribution under its residuals (after
+ * fg_runtime_set_predictor): sigma_g (and sigma_u, with b_up) = n_ff floats >= 0, copied.
+ * Before fg_runtime_load; counted in the DRAM budget. */
+int fg_runtime_set_predictor_sigma(fg_runtime *rt, int32_t layer, const float *sigma_g,
+                                   const float *sigma_u);
 /* How much of the budget beyond every layer's minimum goes to layer (> 0; default 1 for
  * all: an even split). Expected active rows per layer are a good weight. Before load. */
 int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);

@@ -99,6 +99,8 @@ int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
 int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const void *a,
                              const void *b, const void *b_up, const float *scale,
                              float threshold);
+int fg_runtime_set_predictor_sigma(fg_runtime *rt, int32_t layer, const float *sigma_g,
+                                   const float *sigma_u);
 int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 int fg_runtime_load(fg_runtime *rt);
 int64_t fg_runtime_min_budget(const fg_runtime *rt);

@@ -15,6 +15,8 @@ typedef struct fg_predictor {
     uint8_t *b;               /* n_ff Q8_0 rows of rank */
     uint8_t *b_up;            /* same, or NULL */
     float *scale;             /* n_ff */
+    float *sigma_g;           /* n_ff residual RMS of g (expected score), or NULL */
+    float *sigma_u;           /* n_ff residual RMS of u, or NULL */
     float threshold;
     size_t nbytes;            /* DRAM taken by the above */
 } fg_predictor;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import numpy as np
@@ -11,7 +12,7 @@ from gguf import GGMLQuantizationType
 from model_factory import TinyModel
 
 from flashgguf.errors import BudgetError, MissingPredictorError, NativeError, OptionError
-from flashgguf.predictor import predicted_active
+from flashgguf.predictor import predicted_active, predictor_scores
 
 Q = GGMLQuantizationType
 pytestmark = pytest.mark.native
@@ -63,6 +64,55 @@ def test_c_predictor_matches_the_reference(silu, with_up):
         want = predicted_active(preds[layer], flash.activation, x)
         assert 0.2 < want.mean() < 0.6  # the threshold really selects
         assert (got == want).mean() >= 0.995
+
+
+def _with_sigma(pred, seed: int, with_up: bool = True):
+    # residuals about as large as the predicted pre-activations, per neuron
+    rng = np.random.default_rng(seed)
+    n_ff = pred.scale.size
+    sigma_g = rng.uniform(0.0, 2.0, n_ff).astype(np.float32)
+    sigma_u = rng.uniform(0.0, 2.0, n_ff).astype(np.float32) if with_up else None
+    return dataclasses.replace(pred, sigma_g=sigma_g, sigma_u=sigma_u)
+
+
+@pytest.mark.parametrize("with_up", [True, False])
+def test_c_expected_score_matches_the_reference(silu, with_up):
+    flash, _ = silu
+    plain = [svd_predictor(flash, i, 32, 0.4, with_up=with_up) for i in range(flash.n_layer)]
+    preds = [_with_sigma(p, i, with_up) for i, p in enumerate(plain)]
+    x = np.random.default_rng(7).standard_normal((200, flash.n_embd)).astype(np.float32)
+    # the same threshold selects differently once residuals count: the score really changed
+    preds = [dataclasses.replace(p, threshold=float(np.quantile(
+        predictor_scores(p, flash.activation, x), 0.6))) for p in preds]
+    rt = streaming(flash, preds)
+    for layer in range(flash.n_layer):
+        got = rt.predict(layer, x)
+        want = predicted_active(preds[layer], flash.activation, x)
+        plain_active = predicted_active(dataclasses.replace(
+            plain[layer], threshold=preds[layer].threshold), flash.activation, x)
+        assert (want != plain_active).mean() > 0.05
+        assert (got == want).mean() >= 0.995
+
+
+def test_zero_residuals_are_the_plain_score(silu):
+    flash, _ = silu
+    pred = svd_predictor(flash, 0, 32, 0.4)
+    zero = dataclasses.replace(pred, sigma_g=np.zeros_like(pred.scale),
+                               sigma_u=np.zeros_like(pred.scale))
+    x = np.random.default_rng(9).standard_normal((50, flash.n_embd)).astype(np.float32)
+    np.testing.assert_allclose(predictor_scores(zero, flash.activation, x),
+                               predictor_scores(pred, flash.activation, x), rtol=1e-6)
+
+
+def test_bad_residuals_are_refused(silu):
+    flash, preds = silu
+    pred = _with_sigma(svd_predictor(flash, 0, 32, 0.4), 0)
+    with pytest.raises(OptionError, match="sigma_u exactly when it has b_up"):
+        streaming(flash, [dataclasses.replace(pred, sigma_u=None), preds[1]])
+    bad = pred.sigma_g.copy()
+    bad[3] = -1.0
+    with pytest.raises(NativeError, match="residuals"):
+        streaming(flash, [dataclasses.replace(pred, sigma_g=bad), preds[1]])
 
 
 def test_relu_predictor_matches_the_reference(tiny_models, folder):

@@ -9,8 +9,8 @@ rank --rank, threshold keeping about --keep of the rows on random inputs), not t
 Quality (teacher-forced top-1 agreement and perplexity against all-resident flash) is
 measured on the first --eval-tokens tokens of the Brown evaluation text, token by token
 (n_batch=1): a batch computes the union of its tokens' predicted rows, so only one token at
-a time measures what decode computes. This benchmark is for choosing runtime defaults (pinned share); the full
-comparison with llama.cpp under a memory cap is tools/bench_flash.py.
+a time measures what decode computes. This benchmark is for choosing runtime defaults
+(pinned share); the full comparison with llama.cpp under a memory cap is tools/bench_flash.py.
 """
 
 from __future__ import annotations

@@ -515,5 +515,8 @@ def _predictor_tensors(bid: int, fitted: FittedLayer) -> list[tuple[str, np.ndar
     if p.b_up is not None:
         out.append((C.TENSOR_PRED_B_UP.format(bid=bid), p.b_up))
     out.append((C.TENSOR_PRED_SCALE.format(bid=bid), p.scale))
+    for template, sigma in ((C.TENSOR_PRED_SIGMA_G, p.sigma_g), (C.TENSOR_PRED_SIGMA_U, p.sigma_u)):
+        if sigma is not None:
+            out.append((template.format(bid=bid), sigma))
     return out
 

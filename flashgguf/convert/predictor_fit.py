@@ -47,6 +47,8 @@ from ..predictor import (
     LayerPredictor,
     ThresholdCurve,
     activate,
+    expected_abs_activation,
+    expected_abs_up,
     predicted_active,
     predictor_scores,
 )
@@ -85,6 +87,8 @@ class FloatPredictor:
     b: np.ndarray  # [n_ff, rank]
     b_up: np.ndarray | None
     scale: np.ndarray  # [n_ff]
+    sigma_g: np.ndarray | None = None  # [n_ff]: residual RMS of g_hat on the fit inputs
+    sigma_u: np.ndarray | None = None  # [n_ff]: same for u_hat (with b_up)
 
     @property
     def rank(self) -> int:
@@ -93,10 +97,11 @@ class FloatPredictor:
     def scores(self, activation: str, x: np.ndarray, act_threshold: float = 0.0) -> np.ndarray:
         """The contract's score in float64, without quantization."""
         z = np.asarray(x, dtype=np.float64) @ self.a.T
-        score = np.abs(activate(activation, z @ self.b.T, act_threshold))
+        score = expected_abs_activation(activation, z @ self.b.T, self.sigma_g, act_threshold)
         if self.b_up is not None:
             u_hat = z @ self.b_up.T
-            score = score * np.abs(np.maximum(u_hat, 0.0) if activation == "drelu" else u_hat)
+            score = score * expected_abs_up(np.maximum(u_hat, 0.0) if activation == "drelu"
+                                            else u_hat, self.sigma_u)
         return score * self.scale
 
 
@@ -221,7 +226,7 @@ def _svd_basis(decider: np.ndarray, root_cov: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
-                     cov: np.ndarray) -> FloatPredictor:
+                     cov: np.ndarray, x: np.ndarray) -> FloatPredictor:
     a = (u[:, :rank].T @ layer.decider) / s[:rank, None]
     b = u[:, :rank] * s[:rank]
     if a.shape[0] < rank:  # fewer non-zero singular values than a Q8_0 block: pad with zeros
@@ -230,7 +235,18 @@ def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
     b_up = None
     if layer.gate is not None:
         b_up = (layer.up @ cov) @ a.T
-    return FloatPredictor(a, b, b_up, layer.down_norm)
+    if layer.activation in RELU_FAMILY:  # exact zeros decide: the plain score, threshold 0
+        return FloatPredictor(a, b, b_up, layer.down_norm)
+    # the residuals' RMS per neuron on the fit inputs x: the expected score's spread
+    x = x.astype(np.float32)
+    z = x @ a.T.astype(np.float32)
+
+    def rms(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+        r = x @ w.T.astype(np.float32) - z @ m.T.astype(np.float32)
+        return np.sqrt(np.mean(np.square(r, dtype=np.float64), axis=0))
+
+    return FloatPredictor(a, b, b_up, layer.down_norm, rms(layer.decider, b),
+                          None if b_up is None else rms(layer.up, b_up))
 
 
 def _quantized(fp: FloatPredictor, order: np.ndarray, threshold: float) -> LayerPredictor:
@@ -240,7 +256,11 @@ def _quantized(fp: FloatPredictor, order: np.ndarray, threshold: float) -> Layer
     return LayerPredictor(
         rank=fp.rank, a=q8(fp.a), b=q8(fp.b[order]),
         b_up=None if fp.b_up is None else q8(fp.b_up[order]),
-        scale=np.ascontiguousarray(fp.scale[order], dtype=np.float32), threshold=threshold)
+        scale=np.ascontiguousarray(fp.scale[order], dtype=np.float32), threshold=threshold,
+        sigma_g=None if fp.sigma_g is None else np.ascontiguousarray(fp.sigma_g[order],
+                                                                     dtype=np.float32),
+        sigma_u=None if fp.sigma_u is None else np.ascontiguousarray(fp.sigma_u[order],
+                                                                     dtype=np.float32))
 
 
 def _rank_candidates(n_embd: int, n_ff: int, n_basis: int, bundle_nbytes: int,
@@ -300,16 +320,16 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         return float((scores > _threshold(scores, fit_need, opts.recall)).mean())
 
     # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
-    best = cost(_float_predictor(layer, u, s, ranks[-1], cov))
+    best = cost(_float_predictor(layer, u, s, ranks[-1], cov, fit_x))
     lo, hi = 0, len(ranks) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(_float_predictor(layer, u, s, ranks[mid], cov)) <= best + \
+        if cost(_float_predictor(layer, u, s, ranks[mid], cov, fit_x)) <= best + \
                 opts.rank_tolerance:
             hi = mid
         else:
             lo = mid + 1
-    fp = _float_predictor(layer, u, s, ranks[lo], cov)
+    fp = _float_predictor(layer, u, s, ranks[lo], cov, fit_x)
 
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
