@@ -181,7 +181,7 @@ def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
         np.testing.assert_array_equal(active_kept[:, h.order], active_hot)
 
 
-def test_convert_cli_no_hot_first(monkeypatch, tmp_path):
+def test_convert_cli_no_hot_first(monkeypatch, tmp_path, capsys):
     from flashgguf.convert import cli
 
     seen = []
@@ -190,3 +190,7 @@ def test_convert_cli_no_hot_first(monkeypatch, tmp_path):
     assert cli.main([src, "--calibrate", "--no-hot-first", "-q"]) == 0
     assert cli.main([src, "--calibrate", "-q"]) == 0
     assert [opts.calibration.hot_first for opts in seen] == [False, True]
+    # without calibration there is no order to keep: a clear error, nothing converted
+    assert cli.main([src, "--no-hot-first", "-q"]) == 2
+    assert "--no-hot-first is for --calibrate" in capsys.readouterr().err
+    assert len(seen) == 2

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         log=(lambda _msg: None) if args.quiet else print,
     )
     try:
+        if not args.hot_first and opts.calibration is None:
+            raise ConvertError("--no-hot-first is for --calibrate: without calibration the "
+                               "neurons keep the source order anyway")
         if is_checkpoint(args.model):
             convert_hf(args.model, args.output, opts, outtype=args.outtype or "f16")
         elif args.outtype is not None:
