@@ -135,3 +135,62 @@ def test_calibration_with_bad_text_leaves_no_output(tiny_models, tmp_path):
         convert_gguf(tiny_models(TinyModel(n_layer=2)), out, ConvertOptions(
             progress=False, log=lambda _m: None, calibration=CalibrationOptions(text=text)))
     assert list(tmp_path.iterdir()) == [text]
+
+
+@pytest.mark.native
+def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from flashgguf.convert import ConvertOptions, convert_gguf
+    from flashgguf.format import open_flash_file
+    from flashgguf.predictor import predicted_active
+
+    spec = TinyModel(n_layer=2, ffn_type=Q.Q8_0)
+    src = tiny_models(spec)
+    files = {}
+    for hot_first in (True, False):
+        out = tmp_path / f"hot_first_{hot_first}.flash.gguf"
+        calibration = CalibrationOptions(tokens=640, min_tokens=500, window_tokens=128,
+                                         n_threads=1, hot_first=hot_first)
+        convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None,
+                                              calibration=calibration))
+        files[hot_first] = open_flash_file(out)
+    hot, kept = files[True], files[False]
+    stream, buf = open_gguf(src)
+    x = np.random.default_rng(1).standard_normal((64, spec.n_embd)).astype(np.float32)
+    for h, k in zip(hot.layers, kept.layers, strict=True):
+        assert (h.order != np.arange(spec.n_ff)).any()
+        np.testing.assert_array_equal(k.order, np.arange(spec.n_ff))
+        # the same measured frequencies, in each file's row order
+        assert k.freq.max() > 0
+        np.testing.assert_array_equal(k.freq[h.order], h.freq)
+        # rows hold the source's gate rows in the source order
+        raw = np.fromfile(kept.path, dtype=np.uint8)[k.bundle.offset:
+                                                     k.bundle.offset + k.bundle.nbytes]
+        _, off = kept.layout.part("gate")
+        gate = tensor_array(buf, stream.tensors[f"blk.{k.index}.ffn_gate.weight"])
+        rows = raw.reshape(kept.n_ff, kept.layout.stride)
+        np.testing.assert_array_equal(rows[:, off:off + gate.shape[1]], gate)
+        # the same calibrated predictor: it picks the same neurons (row k of the hot-first
+        # file is neuron h.order[k])
+        assert k.predictor.rank == h.predictor.rank
+        assert k.predictor.threshold == h.predictor.threshold
+        active_hot = predicted_active(h.predictor, hot.activation, x)
+        active_kept = predicted_active(k.predictor, kept.activation, x)
+        assert active_hot.any()
+        np.testing.assert_array_equal(active_kept[:, h.order], active_hot)
+
+
+def test_convert_cli_no_hot_first(monkeypatch, tmp_path, capsys):
+    from flashgguf.convert import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "convert_gguf", lambda src, out, opts: seen.append(opts))
+    src = str(tmp_path / "model.gguf")
+    assert cli.main([src, "--calibrate", "--no-hot-first", "-q"]) == 0
+    assert cli.main([src, "--calibrate", "-q"]) == 0
+    assert [opts.calibration.hot_first for opts in seen] == [False, True]
+    # without calibration there is no order to keep: a clear error, nothing converted
+    assert cli.main([src, "--no-hot-first", "-q"]) == 2
+    assert "--no-hot-first is for --calibrate" in capsys.readouterr().err
+    assert len(seen) == 2

@@ -4,15 +4,26 @@
     python tools/bench_flash.py [--budgets 0.25,0.5,0.75] [--modes naive,hybrid,predicted]
                                 [--tokens 128] [--ppl-tokens 1000] [--threads 2]
                                 [--workdir DIR] [--keep-files]
+                                [--calibrate TOKENS [--source-order]]
 
-1. Converts SmolLM2 (with the weight-only predictor) into a scratch folder.
+1. Converts SmolLM2 (with the weight-only predictor, or with --calibrate the calibrated one,
+   neurons hottest first) into a scratch folder; with --source-order also a second file with
+   the same calibrated predictor but the neurons in the source order (hot_first=False).
 2. Stock llama.cpp on the source GGUF, no cap: decode tokens/s and perplexity (the
    reference), and its anonymous memory (KV cache, buffers, interpreter: what any run needs
    besides the model's bytes; measured without logits_all, as the speed runs go).
 3. Per budget (a share of the FFN payload) and mode: flashgguf.Llama(flash_offload=True,
    flash_dram_budget=share, flash_mode=mode): decode tokens/s over `--tokens` greedy tokens,
    bytes read per token, mean read size, read throughput (flash_stats()), perplexity on
-   the first `--ppl-tokens` tokens of ../shared/data/brown/evaluation.txt.
+   the first `--ppl-tokens` tokens of ../shared/data/brown/evaluation.txt. The flash
+   perplexity is evaluated token by token (n_batch = n_ubatch = 1), as decode computes:
+   in predicted mode a batch computes the union of its tokens' predicted neurons, so a
+   512-token batch would measure nearly dense quality. The neurons computed per token in
+   that run are reported too ("ppl computed"). Stock llama.cpp is dense, so its perplexity
+   keeps n_batch 512 (the batch size changes its result only by float rounding).
+   With --source-order, the source-order file runs in predicted mode at each budget too,
+   and a second table compares the two files' reads (per token: MiB, mean read size, reads,
+   cache hits), tokens/s and perplexity: what hot-first ordering buys.
 4. Per budget: stock llama.cpp with mmap in a memory cgroup (v2 memory.max or v1
    memory.limit_in_bytes; the cap covers the page cache) of the flash runs' DRAM: trunk +
    the largest anonymous memory of the flash runs at that budget; with --stock-cap weights
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -48,6 +60,7 @@ EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"  # i
 CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
+SOURCE_ORDER = "source order"  # row-name suffix of the --source-order file's runs
 
 
 # ---- memory cap ------------------------------------------------------------------------
@@ -118,14 +131,14 @@ def _rss_anon() -> int:
     return 0
 
 
-def _open(spec: dict, logits_all: bool):
+def _open(spec: dict, logits_all: bool, n_batch: int = 512):
     import inspect
 
     import llama_cpp
 
     from flashgguf import Llama
 
-    kw = dict(n_ctx=1024, n_batch=512, n_threads=spec["threads"],
+    kw = dict(n_ctx=1024, n_batch=n_batch, n_ubatch=n_batch, n_threads=spec["threads"],
               n_threads_batch=spec["threads"], logits_all=logits_all, verbose=False)
     if spec["kind"] == "stock":
         return llama_cpp.Llama(spec["path"], use_mmap=True, **kw)
@@ -164,9 +177,15 @@ def run_child(spec: dict) -> dict:
         out["read_mb_s"] = float("nan")
     llm.close()
     if spec["ppl"]:
-        llm = _open(spec, logits_all=True)
+        # flash: token by token, as decode computes (a batch computes the union of its
+        # tokens' predicted neurons); stock is dense: batch size changes only rounding
+        llm = _open(spec, logits_all=True, n_batch=1 if flash else 512)
         tokens = json.loads(Path(spec["eval_tokens"]).read_text())
+        if flash:
+            llm.flash_stats(reset=True)
         out["ppl"] = perplexity(teacher_forced_logits(llm, tokens), tokens)
+        if flash:
+            out["ppl_stats"] = llm.flash_stats(reset=True)
         llm.close()
     return out
 
@@ -217,7 +236,12 @@ def main() -> int:
     p.add_argument("--calibrate", type=int, default=0, metavar="TOKENS",
                    help="convert with the predictor calibrated on this many tokens of the "
                    "shipped calibration text (flashgguf-convert --calibrate), not weight-only")
+    p.add_argument("--source-order", action="store_true",
+                   help="with --calibrate: also convert keeping the source neuron order "
+                   "(--no-hot-first) and compare both files in predicted mode")
     args = p.parse_args()
+    if args.source_order and not args.calibrate:
+        p.error("--source-order compares orders of a calibrated conversion: give --calibrate")
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))), flush=True)
         return 0
@@ -251,6 +275,16 @@ def main() -> int:
         print(f"converted {smollm2_gguf().name} in {convert_s:.1f} s: trunk "
               f"{report.trunk_nbytes / MiB:.1f} MiB, FFN payload {payload / MiB:.1f} MiB, "
               f"predictor ranks {min(ranks)}-{max(ranks)} ({flash.predictor_kind})", flush=True)
+        source_order_path = None
+        if args.source_order:
+            assert calibration is not None
+            source_order_path = work / "smollm2.source-order.flash.gguf"
+            t0 = time.perf_counter()
+            convert_gguf(src, source_order_path, ConvertOptions(
+                progress=False, log=lambda _m: None,
+                calibration=dataclasses.replace(calibration, hot_first=False)))
+            print(f"converted again keeping the source neuron order in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
 
         vocab = llama_cpp.Llama(str(src), vocab_only=True, verbose=False)
         tokens = evaluation_tokens(vocab, args.evaluation.read_text(encoding="utf-8"),
@@ -277,6 +311,12 @@ def main() -> int:
                 rows.append((f"flash {mode} @{share:.0%}",
                              report.trunk_nbytes + r.get("rss_anon", budget + overhead), r))
                 print(f"flash {mode} @{share:.0%}: {r}", flush=True)
+            if source_order_path is not None:
+                r = measure({**common, "kind": "flash", "path": str(source_order_path),
+                             "budget": share, "mode": "predicted", "ppl": True})
+                rows.append((f"flash predicted @{share:.0%} {SOURCE_ORDER}",
+                             report.trunk_nbytes + r.get("rss_anon", budget + overhead), r))
+                print(f"flash predicted @{share:.0%} {SOURCE_ORDER}: {r}", flush=True)
             # --stock-cap total: what the flash runs used at this budget (where they ran);
             # weights (or no flash run): the same bytes for weights, trunk + budget, plus
             # stock's own anonymous memory
@@ -296,6 +336,8 @@ def main() -> int:
             print(f"stock capped @{share:.0%}: {r}", flush=True)
         _print_table(rows, stock, overhead, args)
         _print_ratios(rows, stock, budgets)
+        if source_order_path is not None:
+            _print_orders(rows, budgets, args)
     finally:
         if args.keep_files:
             print(f"files kept in {work}")
@@ -310,10 +352,11 @@ def _print_table(rows: list[tuple[str, float | None, dict]], stock: dict, overhe
           f"perplexity on the first {args.ppl_tokens} tokens of {args.evaluation.name}. "
           f"DRAM: flash = trunk + measured anonymous memory; capped stock = its cgroup cap "
           f"(stock's own anonymous memory: {overhead / MiB:.0f} MiB). Flash per token: "
-          f"share of neurons computed, ms predicting / waiting for I/O / in the FFN")
+          f"share of neurons computed (decode, and in the token-by-token perplexity run), ms "
+          f"predicting / waiting for I/O / in the FFN")
     head = (f"{'run':34s} {'DRAM MiB':>8s} {'tok/s':>7s} {'KiB read/tok':>12s} "
             f"{'mean read KiB':>13s} {'read MB/s':>9s} {'ppl':>7s} {'ppl/stock':>9s} "
-            f"{'computed':>8s} {'pred/io/ffn ms':>16s}")
+            f"{'computed':>8s} {'ppl comp':>8s} {'pred/io/ffn ms':>16s}")
     print(head)
     print("-" * len(head))
     ref = stock.get("ppl")
@@ -329,14 +372,23 @@ def _print_table(rows: list[tuple[str, float | None, dict]], stock: dict, overhe
               f"{_fmt(ppl / ref if ppl and ref else None, '9.4f')} {_per_token(r, args)}")
 
 
+def _computed(stats: dict | None, args: argparse.Namespace) -> float | None:
+    """Share of the FFN neurons computed per token."""
+    if not stats or not stats.get("tokens"):
+        return None
+    return stats["neurons_computed"] / stats["tokens"] / args.n_neurons
+
+
 def _per_token(r: dict, args: argparse.Namespace) -> str:
     stats = r.get("stats")
-    if not stats or not stats.get("tokens"):
+    computed = _computed(stats, args)
+    if stats is None or computed is None:
         return ""
     n = stats["tokens"]
-    computed = stats["neurons_computed"] / n / args.n_neurons
+    ppl_computed = _computed(r.get("ppl_stats"), args)
     ms = [1e3 * stats[k] / n for k in ("time_predict_s", "time_io_wait_s", "time_ffn_s")]
-    return f"{computed:8.1%} {'/'.join(f'{v:.1f}' for v in ms):>16s}"
+    return (f"{computed:8.1%} {'-' if ppl_computed is None else f'{ppl_computed:.1%}':>8s} "
+            f"{'/'.join(f'{v:.1f}' for v in ms):>16s}")
 
 
 def _print_ratios(rows: list[tuple[str, float | None, dict]], stock: dict,
@@ -358,6 +410,34 @@ def _print_ratios(rows: list[tuple[str, float | None, dict]], stock: dict,
         print(f"  @{share:.0%}: predicted/naive tok/s {ratio(pred, naive, 'tok_s')}, "
               f"predicted/capped-stock tok/s {ratio(pred, capped, 'tok_s')}, "
               f"predicted/stock ppl {ratio(pred, stock, 'ppl')}")
+
+
+
+def _print_orders(rows: list[tuple[str, float | None, dict]], budgets: list[float],
+                  args: argparse.Namespace) -> None:
+    """Hot-first vs source order: the same calibrated predictor, in predicted mode."""
+    by_name = {name: r for name, _, r in rows}
+    print("\nhot-first vs source neuron order (predicted mode, the same calibrated predictor); "
+          "per decoded token")
+    head = (f"{'budget':>6s} {'order':12s} {'MiB read':>8s} {'mean read KiB':>13s} "
+            f"{'reads':>7s} {'cache hits':>10s} {'tok/s':>7s} {'ppl':>7s} {'ppl comp':>8s}")
+    print(head)
+    print("-" * len(head))
+    for share in budgets:
+        for order, name in (("hot-first", f"flash predicted @{share:.0%}"),
+                            (SOURCE_ORDER, f"flash predicted @{share:.0%} {SOURCE_ORDER}")):
+            r = by_name.get(name)
+            if r is None or "error" in r:
+                print(f"{share:>6.0%} {order:12s} {(r or {}).get('error', 'not run')}")
+                continue
+            stats = r["stats"]
+            n = max(int(stats["tokens"]), 1)
+            ppl_computed = _computed(r.get("ppl_stats"), args)
+            print(f"{share:>6.0%} {order:12s} {r['bytes_per_token'] / MiB:>8.3f} "
+                  f"{r['mean_read'] / 1024:>13.1f} {stats['reads'] / n:>7.1f} "
+                  f"{stats['cache_hits'] / n:>10.1f} {_fmt(r['tok_s'], '7.1f')} "
+                  f"{_fmt(r.get('ppl'), '7.3f')} "
+                  f"{'-' if ppl_computed is None else f'{ppl_computed:.1%}':>8s}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class CalibrationOptions:
     min_tokens: int = 2048  # fewer in the text is an error: too little to fit on
     window_tokens: int = 512  # context of each window of text
     held_out: float = 0.25  # share of the tokens kept to set thresholds and measure
+    # order each layer's neurons hottest first (pinning takes a prefix, co-active neurons
+    # sit closer); False keeps the source order, to measure what the ordering buys
+    hot_first: bool = True
     n_threads: int | None = None
 
     def check(self) -> None:

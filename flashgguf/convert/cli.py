@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the predictor on FFN inputs collected by running the model in "
                    "llama.cpp on calibration text (the text shipped with flashgguf unless "
                    "--calibration-text), and order each layer's neurons hottest first")
+    p.add_argument("--no-hot-first", dest="hot_first", action="store_false",
+                   help="with --calibrate: keep the source order of the neurons (the measured "
+                   "frequencies and the calibrated predictor are still stored); for measuring "
+                   "what hot-first ordering buys (pinning, read sizes), not for use")
     p.add_argument("--calibration-text", metavar="FILE",
                    help="UTF-8 text to calibrate on (implies --calibrate)")
     p.add_argument("--calibration-tokens", type=int, default=CalibrationOptions.tokens,
@@ -77,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             keep=args.predictor_keep, recall=args.predictor_recall),
         calibration=CalibrationOptions(
             text=None if args.calibration_text is None else Path(args.calibration_text),
-            tokens=args.calibration_tokens)
+            tokens=args.calibration_tokens, hot_first=args.hot_first)
         if args.calibrate or args.calibration_text else None,
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,
     )
     try:
+        if not args.hot_first and opts.calibration is None:
+            raise ConvertError("--no-hot-first is for --calibrate: without calibration the "
+                               "neurons keep the source order anyway")
         if is_checkpoint(args.model):
             convert_hf(args.model, args.output, opts, outtype=args.outtype or "f16")
         elif args.outtype is not None:

@@ -50,7 +50,8 @@ class ConvertOptions:
     # The weight-only activity predictor (predictor_fit.py); None stores no predictor.
     predictor: PredictorOptions | None = field(default_factory=PredictorOptions)
     # Calibrate the predictor on real FFN inputs collected by running the source model in
-    # llama.cpp (and order neurons hot-first); None: weight-only.
+    # llama.cpp (and order neurons hot-first unless calibration.hot_first is off); None:
+    # weight-only.
     calibration: CalibrationOptions | None = None
     force: bool = False
     progress: bool = True
@@ -295,7 +296,8 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
                    ) -> tuple[int, float, tuple[FittedLayer, ...] | None]:
     tensors = source.stream.tensors
     # Without calibration neurons keep their original order and have no measured frequency;
-    # with it, each layer's rows go hottest first (its fitted order and frequencies).
+    # with it, each layer's rows go hottest first (unless hot_first is off) and store their
+    # measured frequencies (the fitted order and frequencies).
     order = np.arange(n_ff, dtype=np.int32)
     freq = np.zeros(n_ff, dtype=np.float32)
     fitted = None
@@ -413,7 +415,8 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
                     popts.seed + bid, act_threshold=opts.activation_threshold))
         else:
             assert opts.calibration is not None
-            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, None,
+            hot_first = None if opts.calibration.hot_first else order  # None: fit orders
+            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, hot_first,
                                               bundle_nbytes, popts, popts.seed + bid,
                                               inputs.split(bid, opts.calibration.held_out),
                                               act_threshold=opts.activation_threshold))
