@@ -47,7 +47,7 @@ def _fit(activation="silu", planted_rank=None, order=None, gated=True, act_thres
          **kw):
     gate, up, down, norm = _layer(planted_rank, gated=gated)
     order = np.arange(N_FF) if order is None else order
-    opts = PredictorOptions(**{"max_share": 1.0, **kw})
+    opts = PredictorOptions(**{"max_share": 1.0, "recall": 0.95, **kw})
     fitted = fit_layer_predictor(activation, gate, up, down, norm, order, 10**9, opts, seed=7,
                                  act_threshold=act_threshold)
     return fitted, norm, order
@@ -223,3 +223,12 @@ def test_output_error_is_the_share_left_out():
     computed = rng.random(h.shape) < 0.5
     want = np.linalg.norm(np.where(computed, 0, h) @ down.T) / np.linalg.norm(h @ down.T)
     assert output_error(h, down, computed) == pytest.approx(want, rel=1e-5)
+
+
+def test_default_recall_depends_on_the_inputs():
+    # random inputs overstate recall on real text: the weight-only default is stricter
+    assert PredictorOptions().target_recall(calibrated=False) == C.DEFAULT_WEIGHT_ONLY_RECALL
+    assert PredictorOptions().target_recall(calibrated=True) == C.DEFAULT_PREDICTOR_RECALL
+    assert PredictorOptions(recall=0.9).target_recall(calibrated=False) == 0.9
+    fitted, _, _ = _fit(recall=None)
+    assert abs(fitted.recall - C.DEFAULT_WEIGHT_ONLY_RECALL) < 0.01

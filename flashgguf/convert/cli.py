@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text to calibrate on (implies --calibrate)")
     p.add_argument("--calibration-tokens", type=int, default=CalibrationOptions.tokens,
                    help="calibration tokens collected per layer (default %(default)s)")
-    p.add_argument("--predictor-recall", "--target-recall", type=float,
-                   default=C.DEFAULT_PREDICTOR_RECALL,
-                   help="share of those needed neurons the threshold lets through on random "
-                   "inputs (default %(default)s)")
+    p.add_argument("--predictor-recall", "--target-recall", type=float, default=None,
+                   help="share of those needed neurons the threshold lets through, on held-out "
+                   f"calibration tokens (default {C.DEFAULT_PREDICTOR_RECALL}) or random inputs "
+                   f"without calibration (default {C.DEFAULT_WEIGHT_ONLY_RECALL}: recall on "
+                   "random inputs overstates recall on real text)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 

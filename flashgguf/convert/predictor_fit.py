@@ -62,7 +62,7 @@ CURVE_ERROR_TOKENS = 1024  # held-out tokens the threshold curve's output errors
 @dataclass(frozen=True)
 class PredictorOptions:
     keep: float = C.DEFAULT_PREDICTOR_KEEP
-    recall: float = C.DEFAULT_PREDICTOR_RECALL
+    recall: float | None = None  # None: C.DEFAULT_PREDICTOR_RECALL, weight-only its own
     max_share: float = C.DEFAULT_PREDICTOR_MAX_SHARE
     rank_tolerance: float = 0.01  # density a bigger rank must save to be worth it
     n_samples: int = 512  # random inputs for fitting, and as many held out
@@ -71,12 +71,21 @@ class PredictorOptions:
     def check(self) -> None:
         for name, value in (("--predictor-keep", self.keep),
                             ("--predictor-recall", self.recall)):
+            if value is None and name == "--predictor-recall":
+                continue
             if not 0.0 < value <= 1.0 or not np.isfinite(value):
                 raise ConvertError(f"{name} {value} is not in (0, 1]")
         if not self.max_share > 0.0:
             raise ConvertError(f"predictor max share {self.max_share} must be positive")
         if self.n_samples < 16:
             raise ConvertError(f"predictor samples {self.n_samples} < 16")
+
+    def target_recall(self, calibrated: bool) -> float:
+        """The recall the threshold is set for: the given one, else the default for the
+        inputs the threshold is set on (random ones overstate recall on real text)."""
+        if self.recall is not None:
+            return self.recall
+        return C.DEFAULT_PREDICTOR_RECALL if calibrated else C.DEFAULT_WEIGHT_ONLY_RECALL
 
 
 @dataclass(frozen=True)
@@ -314,6 +323,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     ranks = _rank_candidates(n_embd, n_ff, s.size, bundle_nbytes, gate is not None,
                              opts.max_share)
     residual_x = None if inputs is None else fit_x  # the expected score needs real inputs
+    recall = opts.target_recall(inputs is not None)
 
     def cost(fp: FloatPredictor) -> float:
         """What a rank buys, lower is better: the share of neurons loaded at the target
@@ -321,7 +331,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         scores = fp.scores(activation, fit_x, act_threshold)
         if activation in RELU_FAMILY:
             return 1.0 - float((scores > 0.0)[fit_need].mean()) if fit_need.any() else 0.0
-        return float((scores > _threshold(scores, fit_need, opts.recall)).mean())
+        return float((scores > _threshold(scores, fit_need, recall)).mean())
 
     # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
     best = cost(_float_predictor(layer, u, s, ranks[-1], cov, residual_x))
@@ -342,7 +352,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     if activation not in RELU_FAMILY:
         fit_scores = predictor_scores(pred, activation, fit_x, act_threshold)
         pred = dataclasses.replace(pred, threshold=_threshold(fit_scores, fit_need_rows,
-                                                              opts.recall))
+                                                              recall))
         curve = _threshold_curve(fit_scores, fit_need_rows,
                                  predictor_scores(pred, activation, held_x, act_threshold),
                                  held_h[:, order], layer.down[:, order])
