@@ -194,3 +194,32 @@ def test_convert_cli_no_hot_first(monkeypatch, tmp_path, capsys):
     assert cli.main([src, "--no-hot-first", "-q"]) == 2
     assert "--no-hot-first is for --calibrate" in capsys.readouterr().err
     assert len(seen) == 2
+
+
+def test_convert_cli_plain_score(monkeypatch, tmp_path, capsys):
+    from flashgguf.convert import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "convert_gguf", lambda src, out, opts: seen.append(opts))
+    src = str(tmp_path / "model.gguf")
+    assert cli.main([src, "--calibrate", "--plain-score", "-q"]) == 0
+    assert cli.main([src, "--calibrate", "-q"]) == 0
+    assert [opts.predictor.expected_score for opts in seen] == [False, True]
+    assert cli.main([src, "--plain-score", "-q"]) == 2
+    assert "--plain-score is for --calibrate" in capsys.readouterr().err
+    assert len(seen) == 2
+
+
+def test_plain_score_fit_stores_no_residuals():
+    from flashgguf.convert.predictor_fit import PredictorOptions, fit_layer_predictor
+
+    rng = np.random.default_rng(5)
+    gate, up = rng.standard_normal((2, 128, 64)) / 8
+    down = rng.standard_normal((64, 128))
+    x = rng.standard_normal((600, 64))
+    for expected, want in ((True, True), (False, False)):
+        fitted = fit_layer_predictor("silu", gate, up, down, np.ones(64), None, 10**9,
+                                     PredictorOptions(expected_score=expected), 0,
+                                     inputs=(x[:400], x[400:]))
+        assert (fitted.predictor.sigma_g is not None) == want
+        assert (fitted.predictor.sigma_u is not None) == want

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"calibration tokens (default {C.DEFAULT_PREDICTOR_RECALL}) or random inputs "
                    f"without calibration (default {C.DEFAULT_WEIGHT_ONLY_RECALL}: recall on "
                    "random inputs overstates recall on real text)")
+    p.add_argument("--plain-score", action="store_true",
+                   help="with --calibrate: store no residuals, so the predictor scores "
+                   "|act(g_hat)| |u_hat| instead of the expected contribution; for measuring "
+                   "what the expected score buys, not for use")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         activation=args.activation,
         activation_threshold=args.activation_threshold,
         predictor=None if args.no_predictor else PredictorOptions(
-            keep=args.predictor_keep, recall=args.predictor_recall),
+            keep=args.predictor_keep, recall=args.predictor_recall,
+            expected_score=not args.plain_score),
         calibration=CalibrationOptions(
             text=None if args.calibration_text is None else Path(args.calibration_text),
             tokens=args.calibration_tokens, hot_first=args.hot_first)
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         log=(lambda _msg: None) if args.quiet else print,
     )
     try:
+        if args.plain_score and opts.calibration is None:
+            raise ConvertError("--plain-score is for --calibrate: without calibration the "
+                               "predictor scores plainly anyway")
         if not args.hot_first and opts.calibration is None:
             raise ConvertError("--no-hot-first is for --calibrate: without calibration the "
                                "neurons keep the source order anyway")

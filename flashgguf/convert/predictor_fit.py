@@ -67,6 +67,7 @@ class PredictorOptions:
     rank_tolerance: float = 0.01  # density a bigger rank must save to be worth it
     n_samples: int = 512  # random inputs for fitting, and as many held out
     seed: int = 0
+    expected_score: bool = True  # calibrated: store residuals (the expected score)
 
     def check(self) -> None:
         for name, value in (("--predictor-keep", self.keep),
@@ -322,7 +323,8 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         raise ConvertError("the FFN's deciding projection is all zeros: nothing to predict")
     ranks = _rank_candidates(n_embd, n_ff, s.size, bundle_nbytes, gate is not None,
                              opts.max_share)
-    residual_x = None if inputs is None else fit_x  # the expected score needs real inputs
+    # the expected score needs real inputs
+    residual_x = fit_x if inputs is not None and opts.expected_score else None
     recall = opts.target_recall(inputs is not None)
 
     def cost(fp: FloatPredictor) -> float:
