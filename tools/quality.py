@@ -3,7 +3,10 @@
 perplexity and teacher-forced top-1 agreement on the first tokens of the evaluation text.
 
     python tools/quality.py [--model model.gguf] [--tokens 1000] [--text evaluation.txt]
-                            [--bundle-type auto|f16|q8_0|q4_0|q4_1]
+                            [--bundle-type auto|f16|q8_0|q4_0|q4_1] [--threads 2]
+                            [--n-batch 512]
+
+--n-batch 1 evaluates token by token (as decode computes), both sides.
 
 The model is converted into a temporary file; the last line is the result.
 """
@@ -42,11 +45,13 @@ def main() -> int:
                    help="text to score (default: the shared evaluation.txt, else its excerpt)")
     p.add_argument("--bundle-type", default="auto", help="flashgguf-convert --bundle-type")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch")
     args = p.parse_args()
     src = Path(args.model or smollm2_gguf())
     text_path = args.text or (SHARED_EVALUATION if SHARED_EVALUATION.exists() else EVALUATION_HEAD)
     text = text_path.read_text(encoding="utf-8")
-    kw = dict(n_ctx=args.tokens, n_batch=512, logits_all=True, verbose=False,
+    kw = dict(n_ctx=args.tokens, n_batch=args.n_batch, n_ubatch=args.n_batch, logits_all=True,
+              verbose=False,
               n_threads=args.threads, n_threads_batch=args.threads)
 
     stock = llama_cpp.Llama(str(src), **kw)
