@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .calibrate.collect import CalibrationOptions
 from .convert import ConvertOptions, convert_gguf
 from .errors import FlashGGUFError
 from .models import smollm2_gguf
@@ -29,15 +30,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="DRAM for the FFN: a fraction of the FFN payload, bytes, or e.g. "
                    "'32MiB' (default %(default)s)")
     p.add_argument("--mode", default="predicted", choices=["predicted", "hybrid", "naive"])
+    p.add_argument("--calibrate", action="store_true",
+                   help="convert with the predictor calibrated on the shipped text (about 3 "
+                   "minutes on 2 cores; on SmolLM2 it computes 77-90%% of the neurons per decoded "
+                   "token instead of ~99%% with the weight-only one)")
     args = p.parse_args(argv)
     try:
         src = smollm2_gguf()
-        out = args.out or default_cache() / "smollm2-135m-instruct.flash.gguf"
+        name = "smollm2-135m-instruct" + (".calibrated" if args.calibrate else "")
+        out = args.out or default_cache() / f"{name}.flash.gguf"
         out.parent.mkdir(parents=True, exist_ok=True)
         # converted every time: the demo shows the conversion, and a file left by another
         # flashgguf version is never reused
         t0 = time.perf_counter()
-        convert_gguf(src, out, ConvertOptions(force=True, progress=sys.stderr.isatty()))
+        convert_gguf(src, out, ConvertOptions(
+            force=True, progress=sys.stderr.isatty(),
+            calibration=CalibrationOptions() if args.calibrate else None))
         print(f"converted in {time.perf_counter() - t0:.1f} s")
 
         from .llama import Llama
