@@ -49,7 +49,6 @@ from ..predictor import (
     activate,
     expected_abs_activation,
     expected_abs_up,
-    predicted_active,
     predictor_scores,
 )
 from ..quants import quantize_rows, row_nbytes
@@ -203,7 +202,7 @@ def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray,
     """Relative error of the layer's FFN output over a set of tokens, ||y - y_computed||_F /
     ||y||_F, when only the `computed` neurons (bool, like h) are: y = h down^T. full_sq:
     ||y||_F^2 when the caller has it."""
-    down = down.astype(np.float32)
+    down = np.asarray(down, dtype=np.float32)
     if full_sq is None:
         full_sq = float(np.square(h @ down.T).sum())
     if full_sq == 0.0:
@@ -350,15 +349,16 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
     fit_need_rows, held_need_rows = fit_need[:, order], held_need[:, order]
+    # the scores do not depend on the threshold: the held-out ones serve curve and estimates
+    held_scores = predictor_scores(pred, activation, held_x, act_threshold)
     curve = None
     if activation not in RELU_FAMILY:
         fit_scores = predictor_scores(pred, activation, fit_x, act_threshold)
         pred = dataclasses.replace(pred, threshold=_threshold(fit_scores, fit_need_rows,
                                                               recall))
-        curve = _threshold_curve(fit_scores, fit_need_rows,
-                                 predictor_scores(pred, activation, held_x, act_threshold),
-                                 held_h[:, order], layer.down[:, order])
-    active = predicted_active(pred, activation, held_x, act_threshold)
+        curve = _threshold_curve(fit_scores, fit_need_rows, held_scores, held_h[:, order],
+                                 layer.down[:, order])
+    active = held_scores > pred.threshold  # as predicted_active decides
     recall = float(active[held_need_rows].mean()) if held_need_rows.any() else 1.0
     precision = float(held_need_rows[active].mean()) if active.any() else 1.0
     freq = fit_need.mean(axis=0)[order].astype(np.float32) if inputs is not None \
@@ -376,7 +376,7 @@ def _threshold_curve(fit_scores: np.ndarray, fit_need: np.ndarray, held_scores: 
                           dtype=np.float32)
     # the error needs an [n, n_ff] x [n_ff, n_embd] product per point: a bounded sample
     n_err = min(held_h.shape[0], CURVE_ERROR_TOKENS)
-    h, down = held_h[:n_err].astype(np.float32), down.astype(np.float32)
+    h, down = held_h[:n_err].astype(np.float32), np.asarray(down, dtype=np.float32)
     full_sq = float(np.square(h @ down.T).sum())
     density, error = [], []
     for tau in thresholds:
