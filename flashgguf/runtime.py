@@ -174,7 +174,7 @@ class Runtime:
         self._keep.clear()
         self.direct_io = opts.direct_io
         if load:
-            self._check_budget(lib.fg_runtime_load(self._rt), opts,
+            self._check_budget(lib.fg_runtime_load(self._rt),
                                f"reading the FFN bundles of {flash.path}")
             self.direct_io = bool(lib.fg_runtime_direct_io(self._rt))
             if opts.direct_io and not self.direct_io:
@@ -182,7 +182,8 @@ class Runtime:
                               "payload is read through the page cache, so I/O figures include "
                               "cached reads", DirectIOWarning, stacklevel=3)
 
-    def _check_budget(self, code: int, opts: RuntimeOptions, what: str) -> None:
+    def _check_budget(self, code: int, what: str) -> None:
+        opts = self._opts
         if code == lib.FG_ERR_BUDGET:
             need = int(lib.fg_runtime_min_budget(self._rt))
             raise BudgetError(
@@ -196,7 +197,7 @@ class Runtime:
         runtime made with load=False, which allocates and reads nothing."""
         n = self.flash.n_layer
         cap, pinned = ffi.new("int32_t[]", n), ffi.new("int32_t[]", n)
-        self._check_budget(lib.fg_runtime_plan(self.handle, cap, pinned), self._opts,
+        self._check_budget(lib.fg_runtime_plan(self.handle, cap, pinned),
                            "planning the budget split")
         return [(int(cap[i]), int(pinned[i])) for i in range(n)]
 
