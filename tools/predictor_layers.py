@@ -36,7 +36,7 @@ from flashgguf.convert.gguf_source import (  # noqa: E402
     _open_source,
     _part_types,
     _scalar_int,
-    _source_matrix,
+    layer_ffn_weights,
 )
 from flashgguf.convert.predictor_fit import (  # noqa: E402
     PredictorOptions,
@@ -76,14 +76,7 @@ def main() -> int:
               "layer's neurons computed; relative FFN output error on held-out tokens")
         print("layer  rank  oracle   plain  expected")
         for bid in (int(v) for v in args.layers.split(",")):
-            def dense(template: str, transposed: bool, bid: int = bid) -> np.ndarray:
-                return _source_matrix(source, template.format(bid=bid), n_embd, n_ff,
-                                      transposed).dense()
-
-            gate = dense(spec.ffn_gate, False) if spec.gated else None
-            up, down = dense(spec.ffn_up, False), dense(spec.ffn_down, True)
-            norm = np.asarray(source.data(source.stream.tensors[spec.ffn_norm.format(bid=bid)]),
-                              np.float32).reshape(-1)
+            gate, up, down, norm = layer_ffn_weights(source, spec, bid, n_embd, n_ff)
             fit_x, held_x = inputs.split(bid, calibration.held_out)
             h = ffn_hidden(spec.activation, gate, up, held_x)
             errors, rank = [], 0

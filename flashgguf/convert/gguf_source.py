@@ -387,6 +387,22 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     return path.stat().st_size, down_err, fitted
 
 
+def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_ff: int
+                      ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+    """A layer's FFN as the predictor fit takes it: dense gate (None ungated) and up
+    [n_ff, n_embd], down [n_embd, n_ff], and the FFN norm weight [n_embd]."""
+    gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False) \
+        .dense() if spec.gated else None
+    up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False).dense()
+    down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True).dense()
+    name = spec.ffn_norm.format(bid=bid)
+    t = source.stream.tensors.get(name)
+    if t is None:
+        raise FormatError(f"source tensor {name!r} is missing: the weight-only predictor "
+                          "needs the FFN norm weight (or convert with --no-predictor)")
+    return gate, up, down, np.asarray(source.data(t), dtype=np.float32).reshape(-1)
+
+
 def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
                     bundle_nbytes: int, order: np.ndarray, popts: PredictorOptions,
                     opts: ConvertOptions, inputs: FFNInputs | None) -> tuple[FittedLayer, ...]:
@@ -398,16 +414,7 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
         layers = tqdm(layers, desc="fitting predictors", unit="layer")
     fitted = []
     for bid in layers:
-        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False) \
-            .dense() if spec.gated else None
-        up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False).dense()
-        down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True).dense()
-        name = spec.ffn_norm.format(bid=bid)
-        t = source.stream.tensors.get(name)
-        if t is None:
-            raise FormatError(f"source tensor {name!r} is missing: the weight-only predictor "
-                              "needs the FFN norm weight (or convert with --no-predictor)")
-        norm = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
+        gate, up, down, norm = layer_ffn_weights(source, spec, bid, n_embd, n_ff)
         if inputs is None:
             with single_threaded_blas():
                 fitted.append(fit_layer_predictor(
