@@ -181,32 +181,23 @@ def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
         np.testing.assert_array_equal(active_kept[:, h.order], active_hot)
 
 
-def test_convert_cli_no_hot_first(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("flag, setting", [
+    ("--no-hot-first", lambda opts: opts.calibration.hot_first),
+    ("--plain-score", lambda opts: opts.predictor.expected_score),
+])
+def test_convert_cli_measuring_flags_need_calibration(monkeypatch, tmp_path, capsys, flag,
+                                                      setting):
     from flashgguf.convert import cli
 
     seen = []
     monkeypatch.setattr(cli, "convert_gguf", lambda src, out, opts: seen.append(opts))
     src = str(tmp_path / "model.gguf")
-    assert cli.main([src, "--calibrate", "--no-hot-first", "-q"]) == 0
+    assert cli.main([src, "--calibrate", flag, "-q"]) == 0
     assert cli.main([src, "--calibrate", "-q"]) == 0
-    assert [opts.calibration.hot_first for opts in seen] == [False, True]
-    # without calibration there is no order to keep: a clear error, nothing converted
-    assert cli.main([src, "--no-hot-first", "-q"]) == 2
-    assert "--no-hot-first is for --calibrate" in capsys.readouterr().err
-    assert len(seen) == 2
-
-
-def test_convert_cli_plain_score(monkeypatch, tmp_path, capsys):
-    from flashgguf.convert import cli
-
-    seen = []
-    monkeypatch.setattr(cli, "convert_gguf", lambda src, out, opts: seen.append(opts))
-    src = str(tmp_path / "model.gguf")
-    assert cli.main([src, "--calibrate", "--plain-score", "-q"]) == 0
-    assert cli.main([src, "--calibrate", "-q"]) == 0
-    assert [opts.predictor.expected_score for opts in seen] == [False, True]
-    assert cli.main([src, "--plain-score", "-q"]) == 2
-    assert "--plain-score is for --calibrate" in capsys.readouterr().err
+    assert [setting(opts) for opts in seen] == [False, True]
+    # without calibration the flag changes nothing: a clear error, nothing converted
+    assert cli.main([src, flag, "-q"]) == 2
+    assert f"{flag} is for --calibrate" in capsys.readouterr().err
     assert len(seen) == 2
 
 
