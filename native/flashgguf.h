@@ -102,6 +102,7 @@ typedef struct fg_config {
     int32_t gated;                 /* 1: gate part present, h = act(gate) * up */
     int32_t activation;            /* FG_ACT_* */
     float activation_threshold;    /* FG_ACT_FATRELU: values <= this become 0 */
+    /* every layer's layout until fg_runtime_set_layer_layout gives it its own */
     int32_t part_type[3];          /* ggml type of gate/up/down parts (gate ignored if !gated) */
     int64_t part_offset[3];        /* byte offset of each part inside a bundle row */
     int64_t bundle_stride;         /* bytes per bundle row (one neuron) */
@@ -141,6 +142,11 @@ typedef struct fg_stats {
 /* Open the payload file and allocate every buffer. */
 int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out);
 void fg_runtime_destroy(fg_runtime *rt);
+/* Layer's bundle layout when it differs from cfg's part_type/part_offset/bundle_stride
+ * (every layer starts with cfg's): K-quant mixes store some layers' parts in other types.
+ * part_type[3] and part_offset[3] indexed by FG_PART_*. Before fg_runtime_load. */
+int fg_runtime_set_layer_layout(fg_runtime *rt, int32_t layer, const int32_t *part_type,
+                                const int64_t *part_offset, int64_t stride);
 /* Where layer's bundles live in the file, and its biases (n_ff for up/gate, n_embd for
  * down; NULL when absent; copied). */
 int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
@@ -190,7 +196,7 @@ int fg_runtime_predict(fg_runtime *rt, int32_t layer, const float *x, int32_t n_
  * rows [0, pinned). Arrays of capacity entries. *clock receives the layer's token stamp. */
 int fg_runtime_debug_slots(const fg_runtime *rt, int32_t layer, int32_t *row_of_slot,
                            uint64_t *last_used, uint64_t *clock);
-/* Copy the resident bytes of row (bundle_stride bytes); FG_ERR_ARG if not resident. */
+/* Copy the resident bytes of row (the layer's stride); FG_ERR_ARG if not resident. */
 int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void *out);
 /* Reads logged since creation (cfg.read_log_cap): copies up to cap, returns the count. */
 int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t *len,

@@ -94,6 +94,8 @@ typedef struct fg_stats {
 
 int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out);
 void fg_runtime_destroy(fg_runtime *rt);
+int fg_runtime_set_layer_layout(fg_runtime *rt, int32_t layer, const int32_t *part_type,
+                                const int64_t *part_offset, int64_t stride);
 int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
                          const float *up_bias, const float *gate_bias, const float *down_bias);
 int fg_runtime_set_predictor(fg_runtime *rt, int32_t layer, int32_t rank, const void *a,

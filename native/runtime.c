@@ -38,6 +38,32 @@ static void *alloc_zeroed(size_t n) {
     return p;
 }
 
+/* Layout of a layer's rows: every part a whole row of n_embd values of a type the kernels
+ * implement, inside the stride, no two parts overlapping. */
+static int check_layout(const fg_config *c, const int32_t *part_type, const int64_t *part_offset,
+                        int64_t stride) {
+    if (stride <= 0) return FG_ERR_ARG;
+    const int first = c->gated ? FG_PART_GATE : FG_PART_UP;
+    int64_t end[3] = {0, 0, 0};
+    for (int p = first; p <= FG_PART_DOWN; p++) {
+        if (fg_vec_dot_ref_fn(part_type[p]) == NULL || fg_axpy_ref_fn(part_type[p]) == NULL) {
+            return FG_ERR_TYPE;
+        }
+        const size_t bytes = fg_row_size(part_type[p], c->n_embd);
+        if (bytes == 0) return FG_ERR_ARG;
+        end[p] = part_offset[p] + (int64_t)bytes;
+        if (part_offset[p] < 0 || end[p] > stride) return FG_ERR_ARG;
+        for (int q = first; q < p; q++) {
+            if (part_offset[p] < end[q] && part_offset[q] < end[p]) return FG_ERR_ARG;
+        }
+    }
+    /* streaming: one row, unaligned at both ends, must fit a read */
+    if (c->mode != FG_MODE_DENSE && (int64_t)c->max_read_bytes < stride + 2 * FG_IO_ALIGN) {
+        return FG_ERR_ARG;
+    }
+    return FG_OK;
+}
+
 static int check_streaming_config(const fg_config *c) {
     if (c->mode == FG_MODE_DENSE) return FG_OK;
     if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_PREDICTED) return FG_ERR_ARG;
@@ -46,34 +72,66 @@ static int check_streaming_config(const fg_config *c) {
         c->io_backend < FG_IO_AUTO || c->io_backend > FG_IO_URING) {
         return FG_ERR_ARG;
     }
-    /* one row, unaligned at both ends, must fit a read */
-    if ((int64_t)c->max_read_bytes < c->bundle_stride + 2 * FG_IO_ALIGN) return FG_ERR_ARG;
     return FG_OK;
 }
 
 static int check_config(const fg_config *c) {
     if (c->n_layer <= 0 || c->n_embd <= 0 || c->n_ff <= 0 || c->max_tokens <= 0 ||
-        c->n_threads <= 0 || c->n_threads_batch <= 0 || c->bundle_stride <= 0 ||
-        c->read_log_cap < 0) {
+        c->n_threads <= 0 || c->n_threads_batch <= 0 || c->read_log_cap < 0) {
         return FG_ERR_ARG;
     }
     if (c->activation < FG_ACT_SILU || c->activation > FG_ACT_DRELU) return FG_ERR_ARG;
     if (c->activation == FG_ACT_DRELU && !c->gated) return FG_ERR_ARG;
     if (!isfinite(c->activation_threshold)) return FG_ERR_ARG;
-    for (int p = c->gated ? FG_PART_GATE : FG_PART_UP; p <= FG_PART_DOWN; p++) {
-        if (fg_vec_dot_ref_fn(c->part_type[p]) == NULL) return FG_ERR_TYPE;
-        const size_t bytes = fg_row_size(c->part_type[p], c->n_embd);
-        if (bytes == 0) return FG_ERR_ARG;
-        if (c->part_offset[p] < 0 || c->part_offset[p] + (int64_t)bytes > c->bundle_stride) {
-            return FG_ERR_ARG;
-        }
-    }
     if (memchr(c->input_node, 0, sizeof c->input_node) == NULL ||
         memchr(c->output_node, 0, sizeof c->output_node) == NULL || c->input_node[0] == 0 ||
         c->output_node[0] == 0) {
         return FG_ERR_ARG;
     }
-    return check_streaming_config(c);
+    const int rc = check_streaming_config(c);
+    return rc != FG_OK ? rc : check_layout(c, c->part_type, c->part_offset, c->bundle_stride);
+}
+
+/* Grow a scratch buffer to at least need bytes (before load only: never on the hot path). */
+static int ensure_capacity(uint8_t **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return FG_OK;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, need) != 0) return FG_ERR_NOMEM;
+    memset(p, 0, need);
+    free(*buf);
+    *buf = p;
+    *cap = need;
+    return FG_OK;
+}
+
+/* Set a layer's layout (already checked) and pick its kernels; the quantized-input buffers
+ * grow to hold max_tokens rows of its activation types. */
+static int apply_layout(fg_runtime *rt, fg_layer *L, const int32_t *part_type,
+                        const int64_t *part_offset, int64_t stride) {
+    const fg_config *c = &rt->cfg;
+    fg_layout *lay = &L->lay;
+    memcpy(lay->part_type, part_type, sizeof lay->part_type);
+    memcpy(lay->part_offset, part_offset, sizeof lay->part_offset);
+    if (!c->gated) { /* the gate slots are not read; keep them inert */
+        lay->part_type[FG_PART_GATE] = FG_TYPE_F32;
+        lay->part_offset[FG_PART_GATE] = 0;
+    }
+    lay->stride = stride;
+    const int gate_vt = c->gated ? fg_vec_dot_type(part_type[FG_PART_GATE]) : FG_TYPE_F32;
+    const int up_vt = fg_vec_dot_type(part_type[FG_PART_UP]);
+    lay->dot_gate = c->gated ? fg_vec_dot_fast_fn(part_type[FG_PART_GATE]) : NULL;
+    lay->dot_up = fg_vec_dot_fast_fn(part_type[FG_PART_UP]);
+    lay->quant_gate = c->gated ? fg_quantize_fast_fn(gate_vt) : NULL;
+    lay->quant_up = fg_quantize_fast_fn(up_vt);
+    lay->axpy_down = fg_axpy_fast_fn(part_type[FG_PART_DOWN]);
+    lay->xq_gate_row = c->gated ? fg_row_size(gate_vt, c->n_embd) : 0;
+    lay->xq_up_row = fg_row_size(up_vt, c->n_embd);
+    const size_t rows = (size_t)c->max_tokens;
+    int rc = ensure_capacity(&rt->xq_up, &rt->xq_up_cap, rows * lay->xq_up_row);
+    if (rc == FG_OK) {
+        rc = ensure_capacity(&rt->xq_gate, &rt->xq_gate_cap, rows * lay->xq_gate_row);
+    }
+    return rc;
 }
 
 int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) {
@@ -91,17 +149,8 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
         free(rt);
         return rc;
     }
-    const int gate_vt = c->gated ? fg_vec_dot_type(c->part_type[FG_PART_GATE]) : FG_TYPE_F32;
-    const int up_vt = fg_vec_dot_type(c->part_type[FG_PART_UP]);
-    rt->dot_gate = c->gated ? fg_vec_dot_fast_fn(c->part_type[FG_PART_GATE]) : NULL;
-    rt->dot_up = fg_vec_dot_fast_fn(c->part_type[FG_PART_UP]);
     rt->dot_q8 = fg_vec_dot_fast_fn(FG_TYPE_Q8_0);
-    rt->quant_gate = fg_quantize_fast_fn(gate_vt);
-    rt->quant_up = fg_quantize_fast_fn(up_vt);
     rt->quant_q8 = fg_quantize_fast_fn(FG_TYPE_Q8_0);
-    rt->axpy_down = fg_axpy_fast_fn(c->part_type[FG_PART_DOWN]);
-    rt->xq_gate_row = fg_row_size(gate_vt, c->n_embd);
-    rt->xq_up_row = fg_row_size(up_vt, c->n_embd);
 
     const size_t rows = (size_t)c->max_tokens;
     const size_t embd = (size_t)c->n_embd;
@@ -109,14 +158,15 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
         (size_t)(c->n_threads > c->n_threads_batch ? c->n_threads : c->n_threads_batch);
     rt->layers = calloc((size_t)c->n_layer, sizeof *rt->layers);
     rt->pending_rows = calloc((size_t)c->n_layer, sizeof *rt->pending_rows);
-    rt->xq_gate = alloc_zeroed(rows * rt->xq_gate_row);
-    rt->xq_up = alloc_zeroed(rows * rt->xq_up_row);
     rt->partial = alloc_zeroed(max_threads * rows * embd * sizeof(float));
     rt->hidden = alloc_zeroed(max_threads * 2 * rows * sizeof(float));
     rt->ffn_out = alloc_zeroed(rows * embd * sizeof(float));
-    for (int32_t l = 0; rt->layers != NULL && l < c->n_layer; l++) rt->layers[l].weight = 1.0;
-    int ok = rt->layers && rt->pending_rows && rt->xq_gate && rt->xq_up && rt->partial &&
-             rt->hidden && rt->ffn_out;
+    int ok = rt->layers && rt->pending_rows && rt->partial && rt->hidden && rt->ffn_out;
+    for (int32_t l = 0; ok && l < c->n_layer; l++) {
+        rt->layers[l].weight = 1.0;
+        ok = apply_layout(rt, &rt->layers[l], c->part_type, c->part_offset,
+                          c->bundle_stride) == FG_OK;
+    }
     if (ok && c->n_embd % QK8_0 == 0) {
         rt->pred_xq = alloc_zeroed(fg_row_size(FG_TYPE_Q8_0, c->n_embd));
         ok = rt->pred_xq != NULL;
@@ -181,6 +231,16 @@ static int copy_bias(float **dst, const float *src, size_t n) {
     return FG_OK;
 }
 
+int fg_runtime_set_layer_layout(fg_runtime *rt, int32_t layer, const int32_t *part_type,
+                                const int64_t *part_offset, int64_t stride) {
+    if (layer < 0 || layer >= rt->cfg.n_layer || part_type == NULL || part_offset == NULL) {
+        return FG_ERR_ARG;
+    }
+    if (rt->loaded) return FG_ERR_STATE;
+    const int rc = check_layout(&rt->cfg, part_type, part_offset, stride);
+    return rc != FG_OK ? rc : apply_layout(rt, &rt->layers[layer], part_type, part_offset, stride);
+}
+
 int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
                          const float *up_bias, const float *gate_bias, const float *down_bias) {
     if (layer < 0 || layer >= rt->cfg.n_layer) return FG_ERR_ARG;
@@ -233,19 +293,27 @@ static int32_t min_capacity(const fg_config *c) {
     return cap;
 }
 
-int64_t fg_runtime_min_budget(const fg_runtime *rt) {
+/* Bytes of every layer's minimum slots. */
+static int64_t min_slot_bytes(const fg_runtime *rt) {
     const fg_config *c = &rt->cfg;
-    return predictor_bytes(rt) + (int64_t)c->n_layer * min_capacity(c) * c->bundle_stride;
+    const int64_t cmin = min_capacity(c);
+    int64_t total = 0;
+    for (int32_t l = 0; l < c->n_layer; l++) total += cmin * rt->layers[l].lay.stride;
+    return total;
 }
 
-/* Split the budget into per-layer capacities: every layer gets the minimum, the rest goes
- * by layer weight (expected active rows), a layer never past n_ff, what a full layer
+int64_t fg_runtime_min_budget(const fg_runtime *rt) {
+    return predictor_bytes(rt) + min_slot_bytes(rt);
+}
+
+/* Split the budget into per-layer capacities: every layer gets the minimum, the bytes left
+ * go by layer weight (expected active rows), a layer never past n_ff, what a full layer
  * cannot take going to the others. FG_ERR_BUDGET when the minimum does not fit. */
 static int split_budget(const fg_runtime *rt, int32_t *capacity) {
     const fg_config *c = &rt->cfg;
     const int64_t avail = c->dram_budget - predictor_bytes(rt);
     const int32_t cmin = min_capacity(c);
-    int64_t remaining = avail / c->bundle_stride - (int64_t)c->n_layer * cmin;
+    int64_t remaining = avail - min_slot_bytes(rt);
     if (avail <= 0 || remaining < 0) return FG_ERR_BUDGET;
     for (int32_t l = 0; l < c->n_layer; l++) capacity[l] = cmin;
     for (int32_t pass = 0; pass < c->n_layer && remaining > 0; pass++) {
@@ -257,10 +325,12 @@ static int split_budget(const fg_runtime *rt, int32_t *capacity) {
         int64_t given = 0;
         for (int32_t l = 0; l < c->n_layer; l++) {
             if (capacity[l] >= c->n_ff) continue;
-            int64_t add = (int64_t)((double)remaining * rt->layers[l].weight / open_weight);
+            const int64_t stride = rt->layers[l].lay.stride;
+            int64_t add = (int64_t)((double)remaining * rt->layers[l].weight / open_weight) /
+                          stride;
             if (add > c->n_ff - capacity[l]) add = c->n_ff - capacity[l];
             capacity[l] += (int32_t)add;
-            given += add;
+            given += add * stride;
         }
         remaining -= given;
         if (given == 0) break;
@@ -290,12 +360,12 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight) {
 /* ---- load ------------------------------------------------------------------------- */
 
 static int load_dense(fg_runtime *rt) {
-    const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)rt->cfg.bundle_stride;
     /* the row list of masked calls (fg_runtime_ffn_masked) */
     rt->miss_idx = malloc((size_t)rt->cfg.n_ff * sizeof *rt->miss_idx);
     if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
         fg_layer *L = &rt->layers[l];
+        const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)L->lay.stride;
         if (L->bundles == NULL) {
             void *p = NULL;
             if (posix_memalign(&p, FG_IO_ALIGN, bytes) != 0) return FG_ERR_NOMEM;
@@ -338,10 +408,10 @@ static int load_streaming(fg_runtime *rt) {
         fg_layer *L = &rt->layers[l];
         const int32_t capacity = capacities[l];
         const int32_t pinned = pinned_rows(c, capacity);
-        rc = fg_cache_alloc(&L->cache, c->n_ff, capacity, pinned, (size_t)c->bundle_stride);
+        rc = fg_cache_alloc(&L->cache, c->n_ff, capacity, pinned, (size_t)L->lay.stride);
         if (rc == FG_OK && pinned > 0) {
             rc = fg_reader_read(&rt->reader, L->bundle_offset,
-                                (size_t)pinned * (size_t)c->bundle_stride, L->cache.slots);
+                                (size_t)pinned * (size_t)L->lay.stride, L->cache.slots);
         }
         rt->stats.pinned_neurons += (uint64_t)pinned;
     }
@@ -393,23 +463,24 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
                      const int32_t *idx, int64_t k0, int64_t k1, int32_t n_tokens, float *acc,
                      float *gate_vals, float *up_vals) {
     const fg_config *c = &rt->cfg;
+    const fg_layout *lay = &L->lay;
     const int64_t embd = c->n_embd;
     for (int64_t k = k0; k < k1; k++) {
         const int64_t i = idx != NULL ? idx[k] : k;
-        const uint8_t *row = rows != NULL ? rows[k] : L->bundles + i * c->bundle_stride;
-        const uint8_t *up_w = row + c->part_offset[FG_PART_UP];
-        const uint8_t *down_w = row + c->part_offset[FG_PART_DOWN];
+        const uint8_t *row = rows != NULL ? rows[k] : L->bundles + i * lay->stride;
+        const uint8_t *up_w = row + lay->part_offset[FG_PART_UP];
+        const uint8_t *down_w = row + lay->part_offset[FG_PART_DOWN];
         for (int32_t t = 0; t < n_tokens; t++) {
-            rt->dot_up(up_w, rt->xq_up + (size_t)t * rt->xq_up_row, embd, &up_vals[t]);
+            lay->dot_up(up_w, rt->xq_up + (size_t)t * lay->xq_up_row, embd, &up_vals[t]);
         }
         if (L->up_bias != NULL) {
             for (int32_t t = 0; t < n_tokens; t++) up_vals[t] += L->up_bias[i];
         }
         if (c->gated) {
-            const uint8_t *gate_w = row + c->part_offset[FG_PART_GATE];
+            const uint8_t *gate_w = row + lay->part_offset[FG_PART_GATE];
             for (int32_t t = 0; t < n_tokens; t++) {
-                rt->dot_gate(gate_w, rt->xq_gate + (size_t)t * rt->xq_gate_row, embd,
-                             &gate_vals[t]);
+                lay->dot_gate(gate_w, rt->xq_gate + (size_t)t * lay->xq_gate_row, embd,
+                              &gate_vals[t]);
             }
             if (L->gate_bias != NULL) {
                 for (int32_t t = 0; t < n_tokens; t++) gate_vals[t] += L->gate_bias[i];
@@ -424,7 +495,7 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
         }
         for (int32_t t = 0; t < n_tokens; t++) {
             if (up_vals[t] != 0.0f) { /* exact zeros (ReLU family) cost nothing */
-                rt->axpy_down(down_w, up_vals[t], acc + (size_t)t * (size_t)embd, embd);
+                lay->axpy_down(down_w, up_vals[t], acc + (size_t)t * (size_t)embd, embd);
             }
         }
     }
@@ -497,13 +568,17 @@ static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_to
     }
 }
 
-static void quantize_inputs(fg_runtime *rt, const float *x, int32_t n_tokens) {
+/* The FFN input in each part's activation type (ggml's vec_dot_type), for this layer. */
+static void quantize_inputs(fg_runtime *rt, const fg_layer *L, const float *x,
+                            int32_t n_tokens) {
     const fg_config *c = &rt->cfg;
+    const fg_layout *lay = &L->lay;
     const size_t embd = (size_t)c->n_embd;
     for (int32_t t = 0; t < n_tokens; t++) {
-        rt->quant_up(x + t * embd, rt->xq_up + (size_t)t * rt->xq_up_row, c->n_embd);
+        lay->quant_up(x + t * embd, rt->xq_up + (size_t)t * lay->xq_up_row, c->n_embd);
         if (c->gated) {
-            rt->quant_gate(x + t * embd, rt->xq_gate + (size_t)t * rt->xq_gate_row, c->n_embd);
+            lay->quant_gate(x + t * embd, rt->xq_gate + (size_t)t * lay->xq_gate_row,
+                            c->n_embd);
         }
     }
 }
@@ -543,7 +618,7 @@ static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows
                           const uint8_t *const *dst, int32_t n) {
     const fg_config *c = &rt->cfg;
     const uint64_t align = rt->reader.direct ? FG_IO_ALIGN : 1;
-    const uint64_t stride = (uint64_t)c->bundle_stride;
+    const uint64_t stride = (uint64_t)L->lay.stride;
     const uint64_t cap = rt->io.staging_cap;
     int32_t n_reads = 0;
     for (int32_t k = 0; k < n; k++) {
@@ -577,7 +652,7 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
     const fg_config *c = &rt->cfg;
     fg_layer *L = &rt->layers[layer];
     fg_cache *C = &L->cache;
-    const size_t stride = (size_t)c->bundle_stride;
+    const size_t stride = (size_t)L->lay.stride;
     C->clock += (uint64_t)n_tokens;
 
     double t = fg_now_seconds();
@@ -668,7 +743,7 @@ static int ffn_dense(fg_runtime *rt, int32_t layer, const float *x, float *y, in
     const fg_config *c = &rt->cfg;
     const fg_layer *L = &rt->layers[layer];
     const double t0 = fg_now_seconds();
-    quantize_inputs(rt, x, n_tokens);
+    quantize_inputs(rt, L, x, n_tokens);
     int64_t n = c->n_ff;
     const int32_t *idx = NULL;
     if (mask != NULL) {
@@ -697,7 +772,7 @@ int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *
     if (c->mode == FG_MODE_DENSE) {
         rc = ffn_dense(rt, layer, x, y, n_tokens, mask);
     } else {
-        quantize_inputs(rt, x, n_tokens);
+        quantize_inputs(rt, &rt->layers[layer], x, n_tokens);
         rc = ffn_streaming(rt, layer, x, y, n_tokens, mask);
     }
     if (rc == FG_OK && layer == 0) rt->stats.tokens += (uint64_t)n_tokens;
@@ -745,15 +820,16 @@ int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void 
     if (layer < 0 || layer >= c->n_layer || row < 0 || row >= c->n_ff) return FG_ERR_ARG;
     if (!rt->loaded) return FG_ERR_STATE;
     const fg_layer *L = &rt->layers[layer];
+    const size_t stride = (size_t)L->lay.stride;
     const uint8_t *src;
     if (c->mode == FG_MODE_DENSE) {
-        src = L->bundles + (size_t)row * (size_t)c->bundle_stride;
+        src = L->bundles + (size_t)row * stride;
     } else {
         const int32_t s = L->cache.slot_of[row];
         if (s < 0) return FG_ERR_ARG;
-        src = L->cache.slots + (size_t)s * (size_t)c->bundle_stride;
+        src = L->cache.slots + (size_t)s * stride;
     }
-    memcpy(out, src, (size_t)c->bundle_stride);
+    memcpy(out, src, stride);
     return FG_OK;
 }
 

@@ -24,7 +24,7 @@ typedef struct fg_predictor {
 /* Slot buffer of a streaming layer: slots [0, n_pinned) hold rows [0, n_pinned) for good;
  * the others are a cache with a row -> slot map, an LRU list and a free list. */
 typedef struct fg_cache {
-    uint8_t *slots;           /* capacity rows of bundle_stride bytes, allocated at load */
+    uint8_t *slots;           /* capacity rows of the layer's stride, allocated at load */
     int32_t capacity;
     int32_t n_pinned;
     int32_t *slot_of;         /* n_ff: slot holding row i, -1 when not resident */
@@ -38,10 +38,23 @@ typedef struct fg_cache {
     uint64_t clock;           /* token stamp: tokens this layer has seen */
 } fg_cache;
 
+/* How a layer's bundle rows are laid out and the kernels for its part types: K-quant mixes
+ * (Q4_K_M's Q6_K/Q4_K down tensors) give layers different types and strides. */
+typedef struct fg_layout {
+    int32_t part_type[3];     /* FG_PART_* -> ggml type (gate unused if !gated) */
+    int64_t part_offset[3];   /* byte offset of each part inside a row */
+    int64_t stride;           /* bytes per bundle row */
+    fg_vec_dot_fn dot_gate, dot_up;
+    fg_quantize_fn quant_gate, quant_up;
+    fg_axpy_fn axpy_down;
+    size_t xq_gate_row, xq_up_row;   /* bytes of one quantized activation row */
+} fg_layout;
+
 typedef struct fg_layer {
     uint64_t bundle_offset;   /* absolute file offset of blk.N.ffn_bundle */
     int has_offset;
-    uint8_t *bundles;         /* dense mode: n_ff rows of bundle_stride bytes */
+    fg_layout lay;
+    uint8_t *bundles;         /* dense mode: n_ff rows of lay.stride bytes */
     float *up_bias;           /* n_ff or NULL */
     float *gate_bias;         /* n_ff or NULL */
     float *down_bias;         /* n_embd or NULL */
@@ -57,14 +70,13 @@ struct fg_runtime {
     fg_layer *layers;
     int loaded;
 
-    /* kernels picked once for the file's part types */
-    fg_vec_dot_fn dot_gate, dot_up, dot_q8;
-    fg_quantize_fn quant_gate, quant_up, quant_q8;
-    fg_axpy_fn axpy_down;
-    size_t xq_gate_row, xq_up_row;   /* bytes of one quantized activation row */
+    /* the predictor's kernels (its tensors are Q8_0) */
+    fg_vec_dot_fn dot_q8;
+    fg_quantize_fn quant_q8;
 
-    /* scratch, sized for cfg.max_tokens rows at creation: nothing is allocated per token */
-    uint8_t *xq_gate, *xq_up;        /* quantized FFN input rows */
+    /* scratch, sized for cfg.max_tokens rows before load: nothing is allocated per token */
+    uint8_t *xq_gate, *xq_up;        /* quantized FFN input rows (the current layer's types) */
+    size_t xq_gate_cap, xq_up_cap;   /* their sizes in bytes */
     float *partial;                  /* n_threads x max_tokens x n_embd partial sums */
     float *hidden;                   /* n_threads x 2 x max_tokens: gate/up values of one neuron */
     float *ffn_out;                  /* max_tokens x n_embd: result waiting for the output node */
