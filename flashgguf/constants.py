@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType
 
-# Version 2 (this converter writes it): the predictor may store per-neuron residuals
-# (pred_sigma_g/u) that change its score; a version-1 reader must refuse such files. Version 1
-# files (no residuals) are still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 3 (this converter writes it): K-quant and Q5 bundle parts, and layers may have
+# their own bundle layouts (K-quant mixes such as Q4_K_M keep some layers' down tensors in
+# Q6_K, others in Q4_K): then bundle.types and .offsets hold n_layer x n_parts values,
+# layer-major, and bundle.stride is an array with one per layer.
+# Version 2: the predictor may store per-neuron residuals (pred_sigma_g/u) that change its
+# score. Versions 1 and 2 (one layout for every layer) are still read; an older reader
+# refuses a newer file.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+PER_LAYER_LAYOUT_VERSION = 3
 
 # Trunk (GGUF #1): a llama.cpp model whose architecture name stock llama.cpp refuses.
 TRUNK_ARCH = "flashgguf"
@@ -53,10 +58,19 @@ PART_DOWN = "down"
 BUNDLE_TYPES = {
     "f16": GGMLQuantizationType.F16,
     "q8_0": GGMLQuantizationType.Q8_0,
-    "q4_0": GGMLQuantizationType.Q4_0,
+    "q6_k": GGMLQuantizationType.Q6_K,
+    "q5_1": GGMLQuantizationType.Q5_1,
+    "q5_k": GGMLQuantizationType.Q5_K,
+    "q5_0": GGMLQuantizationType.Q5_0,
     "q4_1": GGMLQuantizationType.Q4_1,
+    "q4_k": GGMLQuantizationType.Q4_K,
+    "q4_0": GGMLQuantizationType.Q4_0,
 }
-DEFAULT_DOWN_TYPE = "q8_0"
+# "auto" (gate/up and down): per layer, the source tensor's own type where it is a bundle
+# type whose blocks divide the row, else the supported type closest to its bits per weight
+# from below (convert/bundle.py: choose_part_type).
+AUTO_TYPE = "auto"
+DEFAULT_DOWN_TYPE = AUTO_TYPE
 # Bundle rows are padded to this many bytes (measured choice, see BENCHMARKS.md).
 DEFAULT_BUNDLE_ALIGN = 64
 

@@ -37,6 +37,7 @@ class BundleLayout:
 @dataclass(frozen=True)
 class LayerInfo:
     index: int
+    layout: BundleLayout  # K-quant mixes give layers different part types and strides
     bundle: TensorInfo
     order: np.ndarray  # int32 [n_ff]: original neuron index of each row
     freq: np.ndarray  # float32 [n_ff]
@@ -62,11 +63,20 @@ class FlashFile:
     n_ff: int
     activation: str
     gated: bool
-    layout: BundleLayout
     layers: tuple[LayerInfo, ...]
     activation_threshold: float = 0.0  # fatrelu's threshold (0 for the other activations)
     predictor_kind: str | None = None  # flashgguf.predictor.kind, None without a predictor
     predictor_keep: float | None = None
+
+    @property
+    def layout(self) -> BundleLayout:
+        """The layout every layer shares. A file whose layers differ (K-quant mixes, version 3)
+        has none: use layers[i].layout (this raises FormatError there)."""
+        first = self.layers[0].layout
+        if any(layer.layout != first for layer in self.layers):
+            raise FormatError(f"{self.path.name}: layers have different bundle layouts; "
+                              "use layers[i].layout")
+        return first
 
     @property
     def payload_nbytes(self) -> int:
@@ -164,14 +174,14 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
                 f"{pwhat}: {activation} threshold {threshold!r} is not a finite float")
     if activation == "drelu" and not gated:
         raise FormatError(f"{pwhat}: activation drelu needs a gated FFN")
-    layout = _read_layout(payload, pwhat, n_embd, gated)
+    layouts = _read_layouts(payload, pwhat, n_layer, n_embd, gated, version)
 
-    layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layout, gated)
+    layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layouts[bid], gated)
                    for bid in range(n_layer))
     keys = _read_predictor_keys(payload, pwhat, n_layer, n_embd)
     if keys is None:
         return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
-                         gated, layout, layers, activation_threshold=threshold)
+                         gated, layers, activation_threshold=threshold)
     layers = tuple(
         dataclasses.replace(
             layer, predictor=_read_predictor(buf, payload, pwhat, layer.index, n_embd, n_ff,
@@ -182,20 +192,52 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
             predictor_curve=None if keys.curves is None else keys.curves[layer.index])
         for layer in layers)
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
-                     gated, layout, layers, activation_threshold=threshold,
+                     gated, layers, activation_threshold=threshold,
                      predictor_kind=keys.kind, predictor_keep=keys.keep)
 
 
-def _read_layout(payload: GGUFStream, what: str, n_embd: int, gated: bool) -> BundleLayout:
+def _read_layouts(payload: GGUFStream, what: str, n_layer: int, n_embd: int, gated: bool,
+                  version: int) -> tuple[BundleLayout, ...]:
+    """Each layer's bundle layout. One layout for every layer: bundle.types and .offsets hold
+    one value per part and bundle.stride is an integer. Per layer (version 3, for K-quant
+    mixes whose layers differ): types and offsets hold n_layer x n_parts values, layer-major,
+    and bundle.stride is an array of n_layer."""
     parts = tuple(payload.require(C.KEY_BUNDLE_PARTS, what))
     want = (C.PART_GATE, C.PART_UP, C.PART_DOWN) if gated else (C.PART_UP, C.PART_DOWN)
     if parts != want:
         raise FormatError(f"{what}: bundle parts {parts} != {want} for gated={gated}")
-    raw_types = [int(t) for t in payload.require(C.KEY_BUNDLE_TYPES, what)]
-    offsets = tuple(int(o) for o in payload.require(C.KEY_BUNDLE_OFFSETS, what))
-    stride = _int_key(payload, C.KEY_BUNDLE_STRIDE, what)
-    if len(raw_types) != len(parts) or len(offsets) != len(parts):
-        raise FormatError(f"{what}: bundle types/offsets do not match the {len(parts)} parts")
+    per_layer = isinstance(payload.require(C.KEY_BUNDLE_STRIDE, what), np.ndarray)
+    if per_layer and version < C.PER_LAYER_LAYOUT_VERSION:
+        raise FormatError(f"{what}: per-layer bundle layouts in a version {version} file "
+                          f"(they need version {C.PER_LAYER_LAYOUT_VERSION})")
+    n_sets = n_layer if per_layer else 1
+    raw_types = _int_list(payload, C.KEY_BUNDLE_TYPES, what)
+    offsets = _int_list(payload, C.KEY_BUNDLE_OFFSETS, what)
+    strides = _int_list(payload, C.KEY_BUNDLE_STRIDE, what) if per_layer \
+        else [_int_key(payload, C.KEY_BUNDLE_STRIDE, what)]
+    if len(raw_types) != n_sets * len(parts) or len(offsets) != n_sets * len(parts) or \
+            len(strides) != n_sets:
+        layers = f"{n_layer} layers x " if per_layer else ""
+        raise FormatError(f"{what}: bundle types/offsets/strides do not match {layers}"
+                          f"{len(parts)} parts")
+    k = len(parts)
+    layouts = tuple(
+        _check_layout(f"{what} layer {i}" if per_layer else what, parts,
+                      raw_types[i * k:(i + 1) * k], tuple(offsets[i * k:(i + 1) * k]),
+                      strides[i], n_embd)
+        for i in range(n_sets))
+    return layouts if per_layer else layouts * n_layer
+
+
+def _int_list(stream: GGUFStream, key: str, what: str) -> list[int]:
+    value = stream.require(key, what)
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in "iu":
+        raise FormatError(f"{what}: key {key!r} must be an array of integers")
+    return [int(v) for v in value]
+
+
+def _check_layout(what: str, parts: tuple[str, ...], raw_types: list[int],
+                  offsets: tuple[int, ...], stride: int, n_embd: int) -> BundleLayout:
     allowed = set(C.BUNDLE_TYPES.values())
     types = []
     for part, raw in zip(parts, raw_types, strict=True):
@@ -205,7 +247,13 @@ def _read_layout(payload: GGUFStream, what: str, n_embd: int, gated: bool) -> Bu
             t = None
         if t not in allowed:
             raise FormatError(f"{what}: bundle part {part!r} has unsupported type {raw}")
+        block = GGML_QUANT_SIZES[t][0]
+        if n_embd % block:
+            raise FormatError(f"{what}: bundle part {part!r} is {t.name}, whose {block}-value "
+                              f"blocks do not divide n_embd {n_embd}")
         types.append(t)
+    if stride <= 0:
+        raise FormatError(f"{what}: bundle stride {stride} is not positive")
     spans = sorted((off, off + tensor_nbytes(t, (n_embd,)), part)
                    for part, t, off in zip(parts, types, offsets, strict=True))
     prev_end = 0
@@ -256,7 +304,7 @@ def _read_layer(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_emb
     gate_bias = bias(C.TENSOR_GATE_BIAS, n_ff)
     if gate_bias is not None and not gated:
         raise FormatError(f"{what}: layer {bid} has a gate bias but the FFN is not gated")
-    return LayerInfo(bid, bundle, order, freq, bias(C.TENSOR_UP_BIAS, n_ff), gate_bias,
+    return LayerInfo(bid, layout, bundle, order, freq, bias(C.TENSOR_UP_BIAS, n_ff), gate_bias,
                      bias(C.TENSOR_DOWN_BIAS, n_embd))
 
 

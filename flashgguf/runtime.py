@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import constants as C
 from ._native import ffi, lib
 from .archs import ArchSpec
 from .errors import BudgetError, FlashGGUFError, MissingPredictorError, NativeError, OptionError
-from .format import FlashFile
+from .format import BundleLayout, FlashFile
 from .options import (
     DEFAULT_COALESCE_GAP,
     DEFAULT_IO_DEPTH,
@@ -83,11 +84,11 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     cfg.gated = int(flash.gated)
     cfg.activation = _ACTIVATIONS[flash.activation]
     cfg.activation_threshold = flash.activation_threshold
-    for part, ggml_type, offset in zip(flash.layout.parts, flash.layout.types,
-                                       flash.layout.offsets, strict=True):
-        cfg.part_type[_PARTS[part]] = int(ggml_type)
-        cfg.part_offset[_PARTS[part]] = offset
-    cfg.bundle_stride = flash.layout.stride
+    # layer 0's layout is every layer's until Runtime gives each its own
+    types, offsets = _layout_arrays(flash.layers[0].layout)
+    for p in range(3):
+        cfg.part_type[p], cfg.part_offset[p] = types[p], offsets[p]
+    cfg.bundle_stride = flash.layers[0].layout.stride
     cfg.max_tokens = max(1, opts.max_tokens)
     cfg.n_threads = max(1, opts.n_threads)
     cfg.n_threads_batch = max(1, opts.n_threads_batch)
@@ -104,6 +105,14 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     cfg.max_read_bytes = opts.max_read_bytes
     cfg.read_log_cap = opts.read_log
     return cfg
+
+
+def _layout_arrays(layout: BundleLayout) -> tuple[list[int], list[int]]:
+    """A layout's part types and offsets indexed by FG_PART_* (an absent gate: F32 at 0)."""
+    types, offsets = [int(GGMLQuantizationType.F32)] * 3, [0] * 3
+    for part, ggml_type, offset in zip(layout.parts, layout.types, layout.offsets, strict=True):
+        types[_PARTS[part]], offsets[_PARTS[part]] = int(ggml_type), offset
+    return types, offsets
 
 
 def _expected_active(flash: FlashFile) -> list[float] | None:
@@ -155,6 +164,10 @@ class Runtime:
         self._rt = ffi.gc(out[0], lib.fg_runtime_destroy)
         self._keep: list[np.ndarray] = []  # buffers stay alive until C has copied them
         for layer in flash.layers:
+            types, offsets = _layout_arrays(layer.layout)
+            check(lib.fg_runtime_set_layer_layout(self._rt, layer.index, types, offsets,
+                                                  layer.layout.stride),
+                  f"bundle layout of layer {layer.index}")
             biases = [self._floats(b) for b in (layer.up_bias, layer.gate_bias, layer.down_bias)]
             check(lib.fg_runtime_set_layer(self._rt, layer.index, layer.bundle.offset, *biases),
                   f"layer {layer.index}")
@@ -322,7 +335,7 @@ class Runtime:
 
     def resident_row(self, layer: int, row: int) -> bytes | None:
         """The bytes the runtime holds for a row, None when it is not resident."""
-        out = ffi.new("uint8_t[]", self.flash.layout.stride)
+        out = ffi.new("uint8_t[]", self.flash.layers[layer].layout.stride)
         code = lib.fg_runtime_debug_row(self.handle, layer, row, out)
         if code == lib.FG_ERR_ARG:
             return None
