@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf import quants as gq
 
 from flashgguf.gguf_stream import open_gguf
+from flashgguf.quants import quantize_rows
 
 Q = GGMLQuantizationType
 
@@ -25,6 +26,9 @@ class TinyModel:
     n_head_kv: int = 2
     head_dim: int | None = None  # None: n_embd // n_head (then no key_length/value_length keys)
     ffn_type: GGMLQuantizationType = Q.Q8_0
+    # per-layer down types, as K-quant mixes store them (Q4_K_M: Q6_K in some layers); None:
+    # ffn_type everywhere
+    down_types: tuple[GGMLQuantizationType, ...] | None = None
     attn_type: GGMLQuantizationType = Q.F16
     ffn_biases: bool = False
     seed: int = 0
@@ -35,6 +39,8 @@ def _quantized(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuan
     w = (rng.standard_normal(shape) * scale).astype(np.float32)
     if qtype == Q.F32:
         return w, qtype
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # gguf.quants cannot write K-quants: ggml does
+        return quantize_rows(w.reshape(-1, shape[-1]), qtype).reshape(shape[0], -1), qtype
     return gq.quantize(w, qtype), qtype
 
 
@@ -107,7 +113,8 @@ def write_tiny_model(path: Path, spec: TinyModel, tokenizer_gguf: Path) -> Path:
         norm(f"blk.{i}.ffn_norm.weight", spec.n_embd)
         add(f"blk.{i}.ffn_gate.weight", (spec.n_ff, spec.n_embd), spec.ffn_type, s_attn)
         add(f"blk.{i}.ffn_up.weight", (spec.n_ff, spec.n_embd), spec.ffn_type, s_attn)
-        add(f"blk.{i}.ffn_down.weight", (spec.n_embd, spec.n_ff), spec.ffn_type,
+        down_type = spec.ffn_type if spec.down_types is None else spec.down_types[i]
+        add(f"blk.{i}.ffn_down.weight", (spec.n_embd, spec.n_ff), down_type,
             1.0 / np.sqrt(spec.n_ff))
         if spec.ffn_biases:
             for name, n in (("ffn_gate", spec.n_ff), ("ffn_up", spec.n_ff),

@@ -5,14 +5,57 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .. import constants as C
+from ..errors import UnsupportedError
 from ..format import BundleLayout
-from ..quants import dequantize_rows, quantize_rows, raw_rows, row_nbytes
+from ..quants import bits_per_weight, dequantize_rows, quantize_rows, raw_rows, row_nbytes
 
 # neurons (or matrix rows) converted per step: bounds the quantizer's temporaries
 _CHUNK_ROWS = 1024
+
+
+_K_QUANTS = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
+# float sources (F32, BF16) go to Q8_0, as before K-quant bundles: half F16's bytes, and a
+# float FFN in a GGUF is rare (F16 is a bundle type and stays F16)
+_FLOAT_SOURCE_TYPE = GGMLQuantizationType.Q8_0
+
+
+def _fits(ggml_type: GGMLQuantizationType, n: int) -> bool:
+    return n % GGML_QUANT_SIZES[ggml_type][0] == 0
+
+
+def choose_part_type(source_type: GGMLQuantizationType, n_embd: int,
+                     requested: str) -> GGMLQuantizationType:
+    """The bundle type of a part whose source tensor is source_type.
+
+    requested: a bundle type name, or "auto": the source's own type where it is a bundle
+    type whose blocks divide the row (then gate/up rows are copied byte for byte), else the
+    supported type of the most bits per weight not above the source's (a K-quant on a tie:
+    better quality for the same bytes), else the fewest bits there are."""
+    fitting = [t for t in C.BUNDLE_TYPES.values() if _fits(t, n_embd)]
+    if requested != C.AUTO_TYPE:
+        try:
+            t = C.BUNDLE_TYPES[requested.lower()]
+        except KeyError:
+            raise UnsupportedError(f"bundle type {requested!r} is not supported (choose from "
+                                   f"auto, {', '.join(C.BUNDLE_TYPES)})") from None
+        if t not in fitting:
+            raise UnsupportedError(
+                f"bundle type {requested} needs rows of whole {GGML_QUANT_SIZES[t][0]}-value "
+                f"blocks; n_embd {n_embd} is not (choose from "
+                f"{', '.join(n for n, v in C.BUNDLE_TYPES.items() if v in fitting)})")
+        return t
+    if source_type in fitting:
+        return source_type
+    if source_type in (GGMLQuantizationType.F32, GGMLQuantizationType.BF16):
+        return _FLOAT_SOURCE_TYPE
+    bits = bits_per_weight(source_type)
+    below = [t for t in fitting if bits_per_weight(t) <= bits]
+    if below:
+        return max(below, key=lambda t: (bits_per_weight(t), t in _K_QUANTS))
+    return min(fitting, key=lambda t: (bits_per_weight(t), t not in _K_QUANTS))
 
 
 def make_layout(n_embd: int, gated: bool, types: dict[str, GGMLQuantizationType],

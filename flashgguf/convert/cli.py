@@ -30,12 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outtype", choices=list(OUTTYPES),
                    help="safetensors input: type of the trunk's matrices (norms and biases stay "
                    "F32; default f16); a GGUF's trunk is copied as it is")
-    p.add_argument("--bundle-type", default="auto",
-                   choices=["auto", *C.BUNDLE_TYPES],
-                   help="type of the gate/up rows (auto: for a GGUF the source's where supported, "
-                   "else q8_0; for safetensors --outtype)")
-    p.add_argument("--down-type", default=C.DEFAULT_DOWN_TYPE, choices=list(C.BUNDLE_TYPES),
-                   help="type the down columns are re-quantized to (default %(default)s)")
+    p.add_argument("--bundle-type", default=C.AUTO_TYPE,
+                   choices=[C.AUTO_TYPE, *C.BUNDLE_TYPES],
+                   help="type of the gate/up rows (auto: for a GGUF, per layer, the source's "
+                   "rows byte for byte where their type is supported, else the supported type "
+                   "closest to their bits per weight from below; for safetensors --outtype)")
+    p.add_argument("--down-type", default=C.DEFAULT_DOWN_TYPE,
+                   choices=[C.AUTO_TYPE, *C.BUNDLE_TYPES],
+                   help="type the down columns are re-quantized to (auto, the default: per "
+                   "layer, the source down tensor's type, or the closest from below as for "
+                   "--bundle-type; q8_0 for safetensors)")
     p.add_argument("--bundle-align", type=int, default=C.DEFAULT_BUNDLE_ALIGN,
                    help="pad each neuron's bundle row to a multiple of this many bytes")
     p.add_argument("--activation", choices=list(C.ACTIVATIONS),

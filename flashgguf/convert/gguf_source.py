@@ -27,7 +27,7 @@ from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tens
 from ..options import DEFAULT_PINNED_SHARE
 from ..runtime import Runtime, RuntimeOptions
 from .blas import single_threaded_blas
-from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, make_layout
+from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, choose_part_type, make_layout
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
@@ -39,7 +39,9 @@ _SKIPPED_KEYS = ("GGUF.", C.KEY_ARCHITECTURE, C.KEY_ALIGNMENT)
 
 @dataclass
 class ConvertOptions:
-    bundle_type: str = "auto"  # gate/up parts: "auto" keeps the source type where supported
+    # gate/up parts: "auto" keeps the source's rows where their type is supported
+    bundle_type: str = C.AUTO_TYPE
+    # down columns (always re-quantized): "auto" matches the source's bits per weight
     down_type: str = C.DEFAULT_DOWN_TYPE
     bundle_align: int = C.DEFAULT_BUNDLE_ALIGN
     # The FFN activation to store instead of the architecture's (a checkpoint fine-tuned with
@@ -65,21 +67,12 @@ class ConvertReport:
     n_layer: int
     n_embd: int
     n_ff: int
-    layout: BundleLayout
+    layouts: tuple[BundleLayout, ...]  # per layer
     trunk_nbytes: int
     payload_nbytes: int
     down_rel_error_max: float
     predictor: tuple[FittedLayer, ...] | None = None
     seconds: float = 0.0
-
-
-def _bundle_type(name: str) -> GGMLQuantizationType:
-    try:
-        return C.BUNDLE_TYPES[name.lower()]
-    except KeyError:
-        raise UnsupportedError(
-            f"bundle type {name!r} is not supported (choose from {', '.join(C.BUNDLE_TYPES)})"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -129,22 +122,56 @@ def _source_matrix(source: _Source, name: str, n_embd: int, n_ff: int,
     return SourceMatrix(source.data(t), t.ggml_type, n_ff if down else n_embd)
 
 
-def _part_types(tensors: dict[str, TensorInfo], spec: ArchSpec,
-                opts: ConvertOptions) -> dict[str, GGMLQuantizationType]:
-    supported = set(C.BUNDLE_TYPES.values())
-    types = {C.PART_DOWN: _bundle_type(opts.down_type)}
-    for part, template in ((C.PART_GATE, spec.ffn_gate), (C.PART_UP, spec.ffn_up)):
+def _layer_layout(tensors: dict[str, TensorInfo], spec: ArchSpec, bid: int, n_embd: int,
+                  opts: ConvertOptions) -> BundleLayout:
+    """Layer bid's bundle layout: each part's type from its source tensor's (choose_part_type);
+    K-quant mixes differ by layer (Q4_K_M keeps some layers' down tensors in Q6_K)."""
+    types = {}
+    for part, template, requested in ((C.PART_GATE, spec.ffn_gate, opts.bundle_type),
+                                      (C.PART_UP, spec.ffn_up, opts.bundle_type),
+                                      (C.PART_DOWN, spec.ffn_down, opts.down_type)):
         if part == C.PART_GATE and not spec.gated:
             continue
-        if opts.bundle_type == "auto":
-            t = tensors.get(template.format(bid=0))
-            if t is None:
-                raise FormatError(f"source tensor {template.format(bid=0)!r} is missing")
-            src_type = t.ggml_type
-            types[part] = src_type if src_type in supported else GGMLQuantizationType.Q8_0
-        else:
-            types[part] = _bundle_type(opts.bundle_type)
-    return types
+        t = tensors.get(template.format(bid=bid))
+        if t is None:
+            raise FormatError(f"source tensor {template.format(bid=bid)!r} is missing")
+        types[part] = choose_part_type(t.ggml_type, n_embd, requested)
+    return make_layout(n_embd, spec.gated, types, opts.bundle_align)
+
+
+def _describe_layouts(tensors: dict[str, TensorInfo], spec: ArchSpec,
+                      layouts: list[BundleLayout]) -> str:
+    """One line per distinct layout: its parts, which source types they came from, whether
+    gate/up rows are the source's bytes, its stride and the layers that use it."""
+    groups: dict[tuple, list[int]] = {}
+    for bid, layout in enumerate(layouts):
+        sources = tuple(tensors[template.format(bid=bid)].ggml_type
+                        for part, template in ((C.PART_GATE, spec.ffn_gate),
+                                               (C.PART_UP, spec.ffn_up),
+                                               (C.PART_DOWN, spec.ffn_down))
+                        if part in layout.parts)
+        groups.setdefault((layout, sources), []).append(bid)
+    lines = []
+    for (layout, sources), bids in groups.items():
+        parts = []
+        for part, t, src_t in zip(layout.parts, layout.types, sources, strict=True):
+            if part == C.PART_DOWN:
+                how = "columns re-quantized" + ("" if t == src_t else f" from {src_t.name}")
+            else:
+                how = "rows copied" if t == src_t else f"rows re-quantized from {src_t.name}"
+            parts.append(f"{part} {t.name} ({how})")
+        lines.append(f"  layers {_ranges(bids)}: {', '.join(parts)}; stride {layout.stride} B")
+    return "\n".join(lines)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    out, start = [], values[0]
+    for prev, cur in zip(values, [*values[1:], None], strict=True):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
 
 
 def _sha256(path: Path) -> str:
@@ -195,11 +222,10 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     n_ff = _scalar_int(stream, f"{spec.name}.feed_forward_length")
     tensors = stream.tensors
     ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_names(bid)}
-    types = _part_types(tensors, spec, opts)
-    layout = make_layout(n_embd, spec.gated, types, opts.bundle_align)
+    layouts = [_layer_layout(tensors, spec, bid, n_embd, opts) for bid in range(n_layer)]
     opts.log(f"flashgguf-convert: {opts.source_name or src.name}: {spec.name}, {n_layer} layers, "
-             f"n_embd {n_embd}, n_ff {n_ff}; bundle {'/'.join(t.name for t in layout.types)}, "
-             f"stride {layout.stride} bytes")
+             f"n_embd {n_embd}, n_ff {n_ff}; bundles:\n"
+             + _describe_layouts(tensors, spec, layouts))
 
     # the calibration's FFN inputs live in a scratch folder beside the output, only when asked
     calib_folder = contextlib.nullcontext(None) if opts.calibration is None else \
@@ -213,7 +239,7 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
                                         Path(calib_dir), opts.calibration)
             opts.log(f"flashgguf-convert: calibration: FFN inputs of {inputs.n_tokens} tokens "
                      f"collected from llama.cpp in {time.perf_counter() - t0:.1f} s")
-        payload_nbytes, down_err, fitted = _write_payload(payload_tmp, source, spec, layout,
+        payload_nbytes, down_err, fitted = _write_payload(payload_tmp, source, spec, layouts,
                                                           n_layer, n_embd, n_ff, opts, src,
                                                           inputs)
         trunk_nbytes = _write_trunk(final_tmp, source, spec, ffn_names, n_embd)
@@ -229,12 +255,15 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
                       struct.pack("<IQ", GGUFValueType.FLOAT32, len(expected))
                       + np.asarray(expected, np.float32).tobytes(), offset)
             _log_report(fitted, expected, inputs is not None, opts.log)
+    ffn_nbytes = sum(tensors[n].nbytes for n in ffn_names if n in tensors)
+    bundles = sum(n_ff * layout.stride for layout in layouts)
     opts.log(f"flashgguf-convert: wrote {out} (trunk {trunk_nbytes / 2**20:.1f} MiB, payload "
-             f"{payload_nbytes / 2**20:.1f} MiB); down columns re-quantized to "
-             f"{types[C.PART_DOWN].name}: max relative error {down_err:.4f}")
+             f"{payload_nbytes / 2**20:.1f} MiB: bundles {bundles / 2**20:.1f} MiB = "
+             f"{bundles / max(ffn_nbytes, 1):.3f}x the source's FFN tensors); down columns' "
+             f"max relative re-quantization error {down_err:.4f}")
     seconds = time.perf_counter() - t_start
     opts.log(f"flashgguf-convert: done in {seconds:.1f} s")
-    return ConvertReport(out, spec.name, n_layer, n_embd, n_ff, layout, trunk_nbytes,
+    return ConvertReport(out, spec.name, n_layer, n_embd, n_ff, tuple(layouts), trunk_nbytes,
                          payload_nbytes, down_err, fitted, seconds)
 
 
@@ -291,7 +320,7 @@ def _dummy_shape(spec: ArchSpec, name: str, n_embd: int, dummy: int) -> tuple[in
 
 
 def _write_payload(path: Path, source: _Source, spec: ArchSpec,
-                   layout: BundleLayout, n_layer: int, n_embd: int, n_ff: int,
+                   layouts: list[BundleLayout], n_layer: int, n_embd: int, n_ff: int,
                    opts: ConvertOptions, src: Path, inputs: FFNInputs | None
                    ) -> tuple[int, float, tuple[FittedLayer, ...] | None]:
     tensors = source.stream.tensors
@@ -302,8 +331,9 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     freq = np.zeros(n_ff, dtype=np.float32)
     fitted = None
     if opts.predictor is not None:
-        fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff, n_ff * layout.stride,
-                                 order, opts.predictor, opts, inputs)
+        fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff,
+                                 [n_ff * layout.stride for layout in layouts], order,
+                                 opts.predictor, opts, inputs)
     w = GGUFFileWriter(path, C.PAYLOAD_ARCH)
     w.add_custom_alignment(C.PAYLOAD_ALIGNMENT)
     w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
@@ -315,12 +345,19 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
     if spec.activation in C.THRESHOLD_ACTIVATIONS:
         w.add_float32(C.KEY_ACTIVATION_THRESHOLD, opts.activation_threshold)
     w.add_bool(C.KEY_GATED, spec.gated)
-    w.add_array(C.KEY_BUNDLE_PARTS, list(layout.parts))
-    w.add_key_value(C.KEY_BUNDLE_TYPES, [int(t) for t in layout.types], GGUFValueType.ARRAY,
-                    GGUFValueType.UINT32)
-    w.add_key_value(C.KEY_BUNDLE_OFFSETS, list(layout.offsets), GGUFValueType.ARRAY,
-                    GGUFValueType.UINT32)
-    w.add_uint32(C.KEY_BUNDLE_STRIDE, layout.stride)
+    # one layout for all layers as before version 3, else per layer (layer-major)
+    uniform = all(la == layouts[0] for la in layouts)
+    stored = layouts[:1] if uniform else layouts
+    w.add_array(C.KEY_BUNDLE_PARTS, list(layouts[0].parts))
+    w.add_key_value(C.KEY_BUNDLE_TYPES, [int(t) for la in stored for t in la.types],
+                    GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    w.add_key_value(C.KEY_BUNDLE_OFFSETS, [o for la in stored for o in la.offsets],
+                    GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    if uniform:
+        w.add_uint32(C.KEY_BUNDLE_STRIDE, layouts[0].stride)
+    else:
+        w.add_key_value(C.KEY_BUNDLE_STRIDE, [la.stride for la in layouts],
+                        GGUFValueType.ARRAY, GGUFValueType.UINT32)
     w.add_string(C.KEY_SOURCE_NAME, opts.source_name or src.name)
     w.add_string(C.KEY_SOURCE_SHA256, _sha256(src))
     # placeholder, patched below (a float32 needs no re-layout)
@@ -331,8 +368,9 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
 
     biases = {}
     for bid in range(n_layer):
-        w.add_tensor_info(C.TENSOR_BUNDLE.format(bid=bid), (n_ff, layout.stride), np.dtype(np.int8),
-                          n_ff * layout.stride)
+        stride = layouts[bid].stride
+        w.add_tensor_info(C.TENSOR_BUNDLE.format(bid=bid), (n_ff, stride), np.dtype(np.int8),
+                          n_ff * stride)
         w.add_tensor_info(C.TENSOR_ORDER.format(bid=bid), (n_ff,), np.dtype(np.int32), n_ff * 4)
         w.add_tensor_info(C.TENSOR_FREQ.format(bid=bid), (n_ff,), np.dtype(np.float32), n_ff * 4)
         for src_t, dst_t, n in ((spec.ffn_up_bias, C.TENSOR_UP_BIAS, n_ff),
@@ -368,7 +406,7 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
         if inputs is not None:
             assert fitted is not None
             order, freq = fitted[bid].order, fitted[bid].freq
-        bundle: LayerBundle = build_layer_bundle(layout, gate, up, down, order)
+        bundle: LayerBundle = build_layer_bundle(layouts[bid], gate, up, down, order)
         down_err = max(down_err, bundle.down_rel_error)
         w.write_tensor_data(bundle.rows.view(np.int8))
         del bundle  # not alive while the next layer's bundle is built
@@ -404,7 +442,7 @@ def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_
 
 
 def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
-                    bundle_nbytes: int, order: np.ndarray, popts: PredictorOptions,
+                    bundle_nbytes: list[int], order: np.ndarray, popts: PredictorOptions,
                     opts: ConvertOptions, inputs: FFNInputs | None) -> tuple[FittedLayer, ...]:
     t0 = time.perf_counter()
     layers = range(n_layer)
@@ -418,13 +456,13 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
         if inputs is None:
             with single_threaded_blas():
                 fitted.append(fit_layer_predictor(
-                    spec.activation, gate, up, down, norm, order, bundle_nbytes, popts,
+                    spec.activation, gate, up, down, norm, order, bundle_nbytes[bid], popts,
                     popts.seed + bid, act_threshold=opts.activation_threshold))
         else:
             assert opts.calibration is not None
             hot_first = None if opts.calibration.hot_first else order  # None: fit orders
             fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, hot_first,
-                                              bundle_nbytes, popts, popts.seed + bid,
+                                              bundle_nbytes[bid], popts, popts.seed + bid,
                                               inputs.split(bid, opts.calibration.held_out),
                                               act_threshold=opts.activation_threshold))
         # the fit pass reads every layer too: keep its footprint at one layer
@@ -458,8 +496,8 @@ def _expected_read_bytes(path: Path, spec: ArchSpec,
         return [float("nan")] * len(fitted)
     finally:
         runtime.close()
-    return [float(f.active_freq[pinned:].sum()) * flash.layout.stride
-            for f, (_, pinned) in zip(fitted, plan, strict=True)]
+    return [float(f.active_freq[pinned:].sum()) * layer.layout.stride
+            for f, layer, (_, pinned) in zip(fitted, flash.layers, plan, strict=True)]
 
 
 def _log_report(fitted: tuple[FittedLayer, ...], expected: list[float], calibrated: bool,

@@ -100,9 +100,10 @@ def _tensor_type(kind: str, shape: tuple[int, ...], outtype: GGMLQuantizationTyp
     if kind == KIND_FLOAT or len(shape) == 1:
         return Q.F32
     if kind in (KIND_FFN_GATE, KIND_FFN_UP):
-        return outtype if opts.bundle_type == "auto" else C.BUNDLE_TYPES[opts.bundle_type]
+        return outtype if opts.bundle_type == C.AUTO_TYPE else C.BUNDLE_TYPES[opts.bundle_type]
     if kind == KIND_FFN_DOWN:
-        return C.BUNDLE_TYPES[opts.down_type]
+        # auto: Q8_0, a checkpoint's floats re-quantized once (the GGUF step keeps it)
+        return Q.Q8_0 if opts.down_type == C.AUTO_TYPE else C.BUNDLE_TYPES[opts.down_type]
     block, _ = GGML_QUANT_SIZES[outtype]
     return outtype if shape[-1] % block == 0 else Q.F16  # rows that are not whole blocks
 
