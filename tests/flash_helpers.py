@@ -28,12 +28,12 @@ def bundle_rows(flash: FlashFile, layer: int) -> np.ndarray:
     """uint8 [n_ff, stride]: the layer's rows as stored in the file."""
     info = flash.layers[layer].bundle
     raw = np.fromfile(flash.path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-    return raw.reshape(flash.n_ff, flash.layout.stride)
+    return raw.reshape(flash.n_ff, flash.layers[layer].layout.stride)
 
 
 def part_weights(flash: FlashFile, layer: int, part: str) -> np.ndarray:
     """float32 [n_ff, n_embd]: one part of every row, dequantized (row order)."""
-    ggml_type, off = flash.layout.part(part)
+    ggml_type, off = flash.layers[layer].layout.part(part)
     rows = bundle_rows(flash, layer)
     width = row_nbytes(ggml_type, flash.n_embd)
     return dequantize_rows(np.ascontiguousarray(rows[:, off:off + width]), ggml_type, flash.n_embd)

@@ -30,6 +30,22 @@ def silu(tiny_models, folder):
     return flash, [svd_predictor(flash, i, 32, 0.5) for i in range(flash.n_layer)]
 
 
+# A K-quant mix as Q4_K_M stores one (gate/up Q4_K; down Q6_K in some layers, Q4_K in
+# others): layers with different part types and strides.
+KQUANT_MIX = TinyModel(arch="qwen2", n_layer=2, n_embd=256, n_ff=320, ffn_type=Q.Q4_K,
+                       down_types=(Q.Q6_K, Q.Q4_K))
+
+
+@pytest.fixture(scope="module", params=["q4_1", "kquant-mix"])
+def layouts(request, silu, tiny_models, folder):
+    """The SiLU model, and a model whose layers have different bundle layouts."""
+    if request.param == "q4_1":
+        return silu
+    flash = convert(tiny_models(KQUANT_MIX), folder)
+    assert flash.layers[0].layout != flash.layers[1].layout
+    return flash, [svd_predictor(flash, i, 32, 0.5) for i in range(flash.n_layer)]
+
+
 def streaming(flash, preds, mode="predicted", share=0.5, **kw):
     """A runtime whose cache holds `share` of each layer's rows (predictors on top)."""
     pred_bytes = 0 if mode != "predicted" else sum(
@@ -265,8 +281,8 @@ def test_hits_plus_misses_count_the_unpinned_rows_needed(silu):
 
 @pytest.mark.parametrize("mode", ["naive", "hybrid", "predicted"])
 @pytest.mark.parametrize("n_tokens", [1, 5])
-def test_oracle_mask_equals_dense_restricted(silu, mode, n_tokens):
-    flash, preds = silu
+def test_oracle_mask_equals_dense_restricted(layouts, mode, n_tokens):
+    flash, preds = layouts
     dense = runtime(flash)
     rt = streaming(flash, preds, mode=mode, share=0.6)
     rng = np.random.default_rng(11)
@@ -312,8 +328,8 @@ def test_predicted_mode_computes_pinned_and_predicted_rows(silu, n_tokens):
 @pytest.mark.parametrize("direct_io", [True, False])
 @pytest.mark.parametrize("gap", [0, 3])
 @pytest.mark.parametrize("io", ["threads", "io_uring"])
-def test_reader_paths_load_the_files_bytes(silu, direct_io, gap, io):
-    flash, preds = silu
+def test_reader_paths_load_the_files_bytes(layouts, direct_io, gap, io):
+    flash, preds = layouts
     dense = runtime(flash)
     rt = streaming(flash, preds, mode="predicted", share=0.5, direct_io=direct_io,
                    coalesce_gap=gap, io=io)
@@ -334,7 +350,8 @@ def test_reader_paths_load_the_files_bytes(silu, direct_io, gap, io):
     if direct_io:
         assert (off % 4096 == 0).all() and (length % 4096 == 0).all()
     else:
-        assert (length % flash.layout.stride == 0).all()  # exact rows, nothing more
+        strides = [layer.layout.stride for layer in flash.layers]
+        assert all(any(n % s == 0 for s in strides) for n in length)  # exact rows only
     for layer in range(flash.n_layer):
         rows, _, _ = rt.slots(layer)
         file_rows = bundle_rows(flash, layer)

@@ -174,8 +174,8 @@ def test_payload_offset_unaligned(tiny_flash, tmp_path):
 
 def test_wrong_version(tiny_flash, tmp_path):
     bad = _copy(tiny_flash[1], tmp_path)
-    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 3))
-    with pytest.raises(VersionError, match="version 3.*reads versions 1, 2"):
+    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 4))
+    with pytest.raises(VersionError, match="version 4.*reads versions 1, 2, 3"):
         open_flash_file(bad)
 
 

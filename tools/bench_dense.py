@@ -2,7 +2,10 @@
 """Decode speed of flashgguf (flash_offload=True, every neuron resident) against stock
 llama.cpp on the source GGUF, measured side by side in one run.
 
-    python tools/bench_dense.py [--model model.gguf] [--tokens 128] [--reps 5] [--threads 2]
+    python tools/bench_dense.py [--model model.gguf] [--flash model.flash.gguf]
+                                [--tokens 128] [--reps 5] [--threads 2]
+
+Without --flash the model is converted (no predictor: an all-resident run does not use one).
 
 Runs alternate (stock, flash, stock, flash, ...) so that drift of a shared machine hits both.
 The last line is the median ratio flash / stock of decode tokens/s.
@@ -49,6 +52,8 @@ def decode_tokens_per_s(llm, n_tokens: int, before_timing=None) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="source GGUF (default: SmolLM2)")
+    p.add_argument("--flash", type=Path, default=None,
+                   help="the model already converted (default: convert it into a scratch file)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -56,8 +61,10 @@ def main() -> int:
     src = args.model or smollm2_gguf()
     kw = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     with tempfile.TemporaryDirectory(dir=Path(src).parent if args.model else None) as tmp:
-        flash_path = Path(tmp) / "bench.flash.gguf"
-        convert_gguf(src, flash_path, ConvertOptions(progress=False, log=lambda _m: None))
+        flash_path = args.flash or Path(tmp) / "bench.flash.gguf"
+        if args.flash is None:
+            convert_gguf(src, flash_path, ConvertOptions(predictor=None, progress=False,
+                                                         log=lambda _m: None))
         stock = llama_cpp.Llama(str(src), **kw)
         flash = Llama(str(flash_path), flash_offload=True, **kw)
         decode_tokens_per_s(stock, 8)  # warm both up

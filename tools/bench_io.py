@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.reps):
             for c in configs:
                 results[c].append(run(flash, *c, masks, x))
+        strides = sorted({layer.layout.stride for layer in flash.layers})
         print(f"{path.name}: {flash.n_layer} layers x {flash.n_ff} rows of "
-              f"{flash.layout.stride} B, density {args.density}, {args.tokens} tokens, "
+              f"{'/'.join(map(str, strides))} B, density {args.density}, {args.tokens} tokens, "
               f"median of {args.reps}")
         print(f"{'engine':>9} {'gap':>3} {'depth':>5} {'io ms/tok':>9} {'reads/tok':>9} "
               f"{'KiB/read':>8} {'MiB/tok':>7} {'MB/s':>7}")

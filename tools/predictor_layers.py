@@ -31,10 +31,9 @@ from flashgguf.archs import get_arch  # noqa: E402
 from flashgguf.calibrate.collect import CalibrationOptions, collect_ffn_inputs  # noqa: E402
 from flashgguf.calibrate.text import read_calibration_text  # noqa: E402
 from flashgguf.convert import ConvertOptions  # noqa: E402
-from flashgguf.convert.bundle import make_layout  # noqa: E402
 from flashgguf.convert.gguf_source import (  # noqa: E402
+    _layer_layout,
     _open_source,
-    _part_types,
     _scalar_int,
     layer_ffn_weights,
 )
@@ -66,8 +65,6 @@ def main() -> int:
     n_embd = _scalar_int(source.stream, f"{spec.name}.embedding_length")
     n_ff = _scalar_int(source.stream, f"{spec.name}.feed_forward_length")
     opts = ConvertOptions()
-    layout = make_layout(n_embd, spec.gated, _part_types(source.stream.tensors, spec, opts),
-                         opts.bundle_align)
     calibration = CalibrationOptions(tokens=args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = collect_ffn_inputs(src, spec, n_layer, n_embd, read_calibration_text(None),
@@ -82,7 +79,8 @@ def main() -> int:
             errors, rank = [], 0
             for expected in (False, True):
                 fitted = fit_layer_predictor(
-                    spec.activation, gate, up, down, norm, None, n_ff * layout.stride,
+                    spec.activation, gate, up, down, norm, None,
+                    n_ff * _layer_layout(source.stream.tensors, spec, bid, n_embd, opts).stride,
                     PredictorOptions(expected_score=expected), bid, inputs=(fit_x, held_x))
                 scores = fitted.float_predictor.scores(spec.activation, held_x)
                 errors.append(error_at(scores, h, down, args.density))

@@ -3,12 +3,13 @@
 perplexity and teacher-forced top-1 agreement on the first tokens of the evaluation text.
 
     python tools/quality.py [--model model.gguf] [--tokens 1000] [--text evaluation.txt]
-                            [--bundle-type auto|f16|q8_0|q4_0|q4_1] [--threads 2]
-                            [--n-batch 512]
+                            [--bundle-type auto|<type>] [--down-type auto,q8_0,...]
+                            [--threads 2] [--n-batch 512]
 
 --n-batch 1 evaluates token by token (as decode computes), both sides.
 
-The model is converted into a temporary file; the last line is the result.
+The model is converted into a temporary file, once per --down-type (a comma-separated list:
+the candidates compared against one stock run); one result line per conversion.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> int:
     p.add_argument("--text", type=Path, default=None,
                    help="text to score (default: the shared evaluation.txt, else its excerpt)")
     p.add_argument("--bundle-type", default="auto", help="flashgguf-convert --bundle-type")
+    p.add_argument("--down-type", default="auto",
+                   help="flashgguf-convert --down-type; several, comma-separated, to compare")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch")
     args = p.parse_args()
@@ -58,20 +61,27 @@ def main() -> int:
     tokens = evaluation_tokens(stock, text, args.tokens)
     want = teacher_forced_logits(stock, tokens)
     stock.close()
+    print(f"model {src.name}, first {len(tokens)} tokens of {text_path.name}; stock perplexity "
+          f"{perplexity(want, tokens):.3f}")
     # beside a model given by path (it may be big); the packaged SmolLM2 in the system's tmp
-    with tempfile.TemporaryDirectory(dir=src.parent if args.model else None) as tmp:
-        flash_path = Path(tmp) / "quality.flash.gguf"
-        convert_gguf(src, flash_path, ConvertOptions(bundle_type=args.bundle_type, progress=False))
-        flash = Llama(str(flash_path), flash_offload=True, **kw)
-        if evaluation_tokens(flash, text, args.tokens) != tokens:
-            print("error: the flash GGUF tokenizes the text differently", file=sys.stderr)
-            return 1
-        got = teacher_forced_logits(flash, tokens)
-        flash.close()
-    ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
-    print(f"model {src.name}, first {len(tokens)} tokens of {text_path.name}")
-    print(f"perplexity stock {ppl_stock:.3f}, flash {ppl_flash:.3f} "
-          f"(ratio {ppl_flash / ppl_stock:.4f}); top-1 agreement {top1_agreement(got, want):.4f}")
+    for down_type in args.down_type.split(","):
+        with tempfile.TemporaryDirectory(dir=src.parent if args.model else None) as tmp:
+            flash_path = Path(tmp) / "quality.flash.gguf"
+            report = convert_gguf(src, flash_path, ConvertOptions(
+                bundle_type=args.bundle_type, down_type=down_type, predictor=None,
+                progress=False, log=lambda _msg: None))
+            flash = Llama(str(flash_path), flash_offload=True, **kw)
+            if evaluation_tokens(flash, text, args.tokens) != tokens:
+                print("error: the flash GGUF tokenizes the text differently", file=sys.stderr)
+                return 1
+            got = teacher_forced_logits(flash, tokens)
+            flash.close()
+        ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
+        types = sorted({"/".join(t.name for t in la.types) for la in report.layouts})
+        print(f"down {down_type} ({', '.join(types)}; payload {report.payload_nbytes / 2**20:.1f} "
+              f"MiB, down error {report.down_rel_error_max:.4f}): perplexity {ppl_flash:.3f} "
+              f"(ratio {ppl_flash / ppl_stock:.4f}); top-1 agreement "
+              f"{top1_agreement(got, want):.4f}")
     return 0
 
 
