@@ -181,17 +181,22 @@ static void quantize_q8_1(const float *x, void *out, int64_t n) {
     }
 }
 
+/* The value of largest magnitude, sign kept (the first one on ties); 0 for all zeros. */
+static float signed_absmax(const float *x, int n) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < n; j++) {
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    return max;
+}
+
 static void quantize_q4_0(const float *x, void *out, int64_t n) {
     fg_block_q4_0 *y = out;
     for (int64_t b = 0; b < n / QK4_0; b++, x += QK4_0) {
-        float amax = 0.0f, max = 0.0f; /* max keeps its sign: d maps it to -8 exactly */
-        for (int j = 0; j < QK4_0; j++) {
-            if (amax < fabsf(x[j])) {
-                amax = fabsf(x[j]);
-                max = x[j];
-            }
-        }
-        const float d = max / -8.0f;
+        const float d = signed_absmax(x, QK4_0) / -8.0f; /* maps that value to -8 exactly */
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = fg_float_to_half(d);
         for (int j = 0; j < QK4_0 / 2; j++) {
@@ -236,14 +241,7 @@ static void pack_q5(const int *q, uint8_t *qs, uint8_t *qh_bytes) {
 static void quantize_q5_0(const float *x, void *out, int64_t n) {
     fg_block_q5_0 *y = out;
     for (int64_t b = 0; b < n / QK5_0; b++, x += QK5_0) {
-        float amax = 0.0f, max = 0.0f; /* max keeps its sign: d maps it to -16 exactly */
-        for (int j = 0; j < QK5_0; j++) {
-            if (amax < fabsf(x[j])) {
-                amax = fabsf(x[j]);
-                max = x[j];
-            }
-        }
-        const float d = max / -16.0f;
+        const float d = signed_absmax(x, QK5_0) / -16.0f; /* maps that value to -16 exactly */
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = fg_float_to_half(d);
         int q[QK5_0];
@@ -283,15 +281,9 @@ static void quantize_q5_1(const float *x, void *out, int64_t n) {
 static void quantize_q8_K(const float *x, void *out, int64_t n) {
     fg_block_q8_K *y = out;
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
-        float amax = 0.0f, max = 0.0f;
-        for (int j = 0; j < QK_K; j++) {
-            if (fabsf(x[j]) > amax) {
-                amax = fabsf(x[j]);
-                max = x[j];
-            }
-        }
+        const float max = signed_absmax(x, QK_K);
         memset(y[b].bsums, 0, sizeof y[b].bsums);
-        if (amax == 0.0f) {
+        if (max == 0.0f) {
             y[b].d = 0.0f;
             memset(y[b].qs, 0, sizeof y[b].qs);
             continue;
