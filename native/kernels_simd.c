@@ -166,84 +166,132 @@ static inline __m128 load_half_pair(const fg_half *p) {
     return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
 }
 
-static void vec_dot_q4_1_avx2(const void *w, const void *xq, int64_t n, float *out) {
-    const fg_block_q4_1 *a = w;
-    const fg_block_q8_1 *b = xq;
-    const int64_t nb = n / QK4_1;
+/* The fp16 scale d that starts every 32-value weight block (Q4_x, Q5_x, Q8_0). */
+static inline float block_d(const uint8_t *block) {
+    fg_half d;
+    memcpy(&d, block, sizeof d);
+    return h2f(d);
+}
+
+/* 32 bits -> 32 bytes, byte j = 0xff where bit j is set: byte j picks byte j / 8 of the
+ * bits and tests bit j % 8 of it. */
+static inline __m256i bits_to_bytes(const uint8_t *bits4) {
+    int32_t bits;
+    memcpy(&bits, bits4, sizeof bits);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* A Q5_0/Q5_1 block's 32 q in [0, 31], in value order: the nibbles plus qh's bits as 16. */
+static inline __m256i q5_bytes(const uint8_t *qs, const uint8_t *qh) {
+    return _mm256_or_si256(nibbles_to_bytes(qs),
+                           _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+}
+
+/* Decoders: a weight block's 32 values as bytes in value order (signed for the types
+ * without a min, 0..31 for those with one). */
+typedef __m256i (*block_decoder)(const uint8_t *block);
+
+static inline __m256i decode_q8_0(const uint8_t *block) {
+    return _mm256_loadu_si256((const __m256i *)((const fg_block_q8_0 *)block)->qs);
+}
+
+static inline __m256i decode_q4_0(const uint8_t *block) {
+    return _mm256_sub_epi8(nibbles_to_bytes(((const fg_block_q4_0 *)block)->qs),
+                           _mm256_set1_epi8(8));
+}
+
+static inline __m256i decode_q5_0(const uint8_t *block) {
+    const fg_block_q5_0 *b = (const fg_block_q5_0 *)block;
+    return _mm256_sub_epi8(q5_bytes(b->qs, b->qh), _mm256_set1_epi8(16));
+}
+
+static inline __m256i decode_q4_1(const uint8_t *block) {
+    return nibbles_to_bytes(((const fg_block_q4_1 *)block)->qs);
+}
+
+static inline __m256i decode_q5_1(const uint8_t *block) {
+    const fg_block_q5_1 *b = (const fg_block_q5_1 *)block;
+    return q5_bytes(b->qs, b->qh);
+}
+
+/* Signed 32-value weight blocks (wsize bytes each) x Q8_0: sum_b d_w d_x dot(q_w, q_x),
+ * two blocks per step into two accumulators. decode is a constant at every call, so each
+ * caller gets its own inlined loop. */
+static inline float dot_blocks_q8_0(const uint8_t *w, size_t wsize, block_decoder decode,
+                                    const fg_block_q8_0 *b, int64_t nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const uint8_t *w0 = w + (size_t)i * wsize, *w1 = w0 + wsize;
+        const __m256 d0 = _mm256_set1_ps(block_d(w0) * h2f(b[i].d));
+        const __m256 d1 = _mm256_set1_ps(block_d(w1) * h2f(b[i + 1].d));
+        const __m256i p0 = dot_s8s8(decode(w0), _mm256_loadu_si256((const __m256i *)b[i].qs));
+        const __m256i p1 =
+            dot_s8s8(decode(w1), _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++) {
+        const uint8_t *w0 = w + (size_t)i * wsize;
+        const __m256 d0 = _mm256_set1_ps(block_d(w0) * h2f(b[i].d));
+        const __m256i p0 = dot_s8s8(decode(w0), _mm256_loadu_si256((const __m256i *)b[i].qs));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+/* Weight blocks with a min (d, m first; q in [0, 31]) x Q8_1:
+ * sum_b (d_w d_x dot(q_w, q_x) + m_w s_x). */
+static inline float dot_blocks_q8_1(const uint8_t *w, size_t wsize, block_decoder decode,
+                                    const fg_block_q8_1 *b, int64_t nb) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m128 summ = _mm_setzero_ps(); /* lane 1: sum of m_w * s_x */
     int64_t i = 0;
     for (; i + 2 <= nb; i += 2) {
+        const uint8_t *w0 = w + (size_t)i * wsize, *w1 = w0 + wsize;
         /* lanes: [d_w * d_x, m_w * s_x, 0, 0] */
-        const __m128 h0 = _mm_mul_ps(load_half_pair(&a[i].d), load_half_pair(&b[i].d));
-        const __m128 h1 = _mm_mul_ps(load_half_pair(&a[i + 1].d), load_half_pair(&b[i + 1].d));
+        const __m128 h0 = _mm_mul_ps(load_half_pair((const fg_half *)w0), load_half_pair(&b[i].d));
+        const __m128 h1 =
+            _mm_mul_ps(load_half_pair((const fg_half *)w1), load_half_pair(&b[i + 1].d));
         summ = _mm_add_ps(_mm_add_ps(summ, h0), h1);
-        const __m256i p0 = dot_u8s8(nibbles_to_bytes(a[i].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
-        const __m256i p1 = dot_u8s8(nibbles_to_bytes(a[i + 1].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
+        const __m256i p0 = dot_u8s8(decode(w0), _mm256_loadu_si256((const __m256i *)b[i].qs));
+        const __m256i p1 =
+            dot_u8s8(decode(w1), _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
         acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(h0), _mm256_cvtepi32_ps(p0), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(h1), _mm256_cvtepi32_ps(p1), acc1);
     }
     for (; i < nb; i++) {
-        const __m128 h0 = _mm_mul_ps(load_half_pair(&a[i].d), load_half_pair(&b[i].d));
+        const uint8_t *w0 = w + (size_t)i * wsize;
+        const __m128 h0 = _mm_mul_ps(load_half_pair((const fg_half *)w0), load_half_pair(&b[i].d));
         summ = _mm_add_ps(summ, h0);
-        const __m256i p0 = dot_u8s8(nibbles_to_bytes(a[i].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
+        const __m256i p0 = dot_u8s8(decode(w0), _mm256_loadu_si256((const __m256i *)b[i].qs));
         acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(h0), _mm256_cvtepi32_ps(p0), acc0);
     }
-    *out = hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(summ));
-}
-
-static void vec_dot_q4_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
-    const fg_block_q4_0 *a = w;
-    const fg_block_q8_0 *b = xq;
-    const int64_t nb = n / QK4_0;
-    const __m256i eight = _mm256_set1_epi8(8);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
-        const __m256 d1 = _mm256_set1_ps(h2f(a[i + 1].d) * h2f(b[i + 1].d));
-        const __m256i x0 = _mm256_sub_epi8(nibbles_to_bytes(a[i].qs), eight);
-        const __m256i x1 = _mm256_sub_epi8(nibbles_to_bytes(a[i + 1].qs), eight);
-        const __m256i p0 = dot_s8s8(x0, _mm256_loadu_si256((const __m256i *)b[i].qs));
-        const __m256i p1 = dot_s8s8(x1, _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
-        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; i < nb; i++) {
-        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
-        const __m256i x0 = _mm256_sub_epi8(nibbles_to_bytes(a[i].qs), eight);
-        const __m256i p0 = dot_s8s8(x0, _mm256_loadu_si256((const __m256i *)b[i].qs));
-        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-    }
-    *out = hsum_ps(_mm256_add_ps(acc0, acc1));
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(summ));
 }
 
 static void vec_dot_q8_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
-    const fg_block_q8_0 *a = w;
-    const fg_block_q8_0 *b = xq;
-    const int64_t nb = n / QK8_0;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
-        const __m256 d1 = _mm256_set1_ps(h2f(a[i + 1].d) * h2f(b[i + 1].d));
-        const __m256i p0 = dot_s8s8(_mm256_loadu_si256((const __m256i *)a[i].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
-        const __m256i p1 = dot_s8s8(_mm256_loadu_si256((const __m256i *)a[i + 1].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
-        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; i < nb; i++) {
-        const __m256 d0 = _mm256_set1_ps(h2f(a[i].d) * h2f(b[i].d));
-        const __m256i p0 = dot_s8s8(_mm256_loadu_si256((const __m256i *)a[i].qs),
-                                    _mm256_loadu_si256((const __m256i *)b[i].qs));
-        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-    }
-    *out = hsum_ps(_mm256_add_ps(acc0, acc1));
+    *out = dot_blocks_q8_0(w, sizeof(fg_block_q8_0), decode_q8_0, xq, n / QK8_0);
+}
+
+static void vec_dot_q4_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    *out = dot_blocks_q8_0(w, sizeof(fg_block_q4_0), decode_q4_0, xq, n / QK4_0);
+}
+
+static void vec_dot_q5_0_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    *out = dot_blocks_q8_0(w, sizeof(fg_block_q5_0), decode_q5_0, xq, n / QK5_0);
+}
+
+static void vec_dot_q4_1_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    *out = dot_blocks_q8_1(w, sizeof(fg_block_q4_1), decode_q4_1, xq, n / QK4_1);
+}
+
+static void vec_dot_q5_1_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    *out = dot_blocks_q8_1(w, sizeof(fg_block_q5_1), decode_q5_1, xq, n / QK5_1);
 }
 
 static void vec_dot_f16_avx2(const void *w, const void *xq, int64_t n, float *out) {
@@ -292,24 +340,58 @@ static void vec_dot_f32_avx2(const void *w, const void *xq, int64_t n, float *ou
 
 /* ---- axpy: y += a * dequant(col) ---------------------------------------------------- */
 
-/* y[0..8) += s * (8 int32 as float) [+ m]. */
+/* y[0..8) += s * (8 int32 as float). */
 static inline void axpy8(float *y, __m256 s, __m256i q) {
     _mm256_storeu_ps(y, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), _mm256_loadu_ps(y)));
 }
 
+/* y[0..8) += s * q + m, with s * q + m formed first as in the reference. */
+static inline void axpy8_min(float *y, __m256 s, __m256 m, __m256i q) {
+    const __m256 v = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), m);
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), v));
+}
+
+/* y[0..32) += s * q for 32 signed bytes q. */
+static inline void axpy32_s8(float *y, __m256 s, __m256i q) {
+    const __m128i lo = _mm256_castsi256_si128(q);
+    const __m128i hi = _mm256_extracti128_si256(q, 1);
+    axpy8(y, s, _mm256_cvtepi8_epi32(lo));
+    axpy8(y + 8, s, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    axpy8(y + 16, s, _mm256_cvtepi8_epi32(hi));
+    axpy8(y + 24, s, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+}
+
+/* y[0..32) += s * q + m for 32 unsigned bytes q. */
+static inline void axpy32_u8_min(float *y, __m256 s, __m256 m, __m256i q) {
+    const __m128i lo = _mm256_castsi256_si128(q);
+    const __m128i hi = _mm256_extracti128_si256(q, 1);
+    axpy8_min(y, s, m, _mm256_cvtepu8_epi32(lo));
+    axpy8_min(y + 8, s, m, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    axpy8_min(y + 16, s, m, _mm256_cvtepu8_epi32(hi));
+    axpy8_min(y + 24, s, m, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+}
+
+/* Signed 32-value blocks (Q4_0, Q5_0, Q8_0): y += (a d) q per block. */
+static inline void axpy_blocks_s8(const uint8_t *col, size_t csize, block_decoder decode, float a,
+                                  float *y, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, y += 32, col += csize) {
+        axpy32_s8(y, _mm256_set1_ps(a * block_d(col)), decode(col));
+    }
+}
+
+/* Blocks with a min (Q4_1, Q5_1: d, m first): y += (a d) q + (a m) per block. */
+static inline void axpy_blocks_min(const uint8_t *col, size_t csize, block_decoder decode,
+                                   float a, float *y, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, y += 32, col += csize) {
+        const __m128 dm = _mm_mul_ps(_mm_set1_ps(a), load_half_pair((const fg_half *)col));
+        axpy32_u8_min(y, _mm256_broadcastss_ps(dm), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
+                      decode(col));
+    }
+}
+
 #if !defined(FG_SIMD_AVX512F)
 static void axpy_q8_0_avx2(const void *col, float a, float *y, int64_t n) {
-    const fg_block_q8_0 *c = col;
-    for (int64_t b = 0; b < n / QK8_0; b++, y += QK8_0) {
-        const __m256 ad = _mm256_set1_ps(a * h2f(c[b].d));
-        const __m256i q = _mm256_loadu_si256((const __m256i *)c[b].qs);
-        const __m128i lo = _mm256_castsi256_si128(q);
-        const __m128i hi = _mm256_extracti128_si256(q, 1);
-        axpy8(y, ad, _mm256_cvtepi8_epi32(lo));
-        axpy8(y + 8, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
-        axpy8(y + 16, ad, _mm256_cvtepi8_epi32(hi));
-        axpy8(y + 24, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
-    }
+    axpy_blocks_s8(col, sizeof(fg_block_q8_0), decode_q8_0, a, y, n / QK8_0);
 }
 #endif
 
@@ -332,39 +414,19 @@ static void axpy_q8_0_avx512(const void *col, float a, float *y, int64_t n) {
 #endif
 
 static void axpy_q4_0_avx2(const void *col, float a, float *y, int64_t n) {
-    const fg_block_q4_0 *c = col;
-    const __m256i eight = _mm256_set1_epi8(8);
-    for (int64_t b = 0; b < n / QK4_0; b++, y += QK4_0) {
-        const __m256 ad = _mm256_set1_ps(a * h2f(c[b].d));
-        const __m256i q = _mm256_sub_epi8(nibbles_to_bytes(c[b].qs), eight);
-        const __m128i lo = _mm256_castsi256_si128(q);
-        const __m128i hi = _mm256_extracti128_si256(q, 1);
-        axpy8(y, ad, _mm256_cvtepi8_epi32(lo));
-        axpy8(y + 8, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
-        axpy8(y + 16, ad, _mm256_cvtepi8_epi32(hi));
-        axpy8(y + 24, ad, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
-    }
+    axpy_blocks_s8(col, sizeof(fg_block_q4_0), decode_q4_0, a, y, n / QK4_0);
 }
 
-/* y[0..8) += s * q + m, with s * q + m formed first as in the reference. */
-static inline void axpy8_min(float *y, __m256 s, __m256 m, __m256i q) {
-    const __m256 v = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), m);
-    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), v));
+static void axpy_q5_0_avx2(const void *col, float a, float *y, int64_t n) {
+    axpy_blocks_s8(col, sizeof(fg_block_q5_0), decode_q5_0, a, y, n / QK5_0);
 }
 
 static void axpy_q4_1_avx2(const void *col, float a, float *y, int64_t n) {
-    const fg_block_q4_1 *c = col;
-    for (int64_t b = 0; b < n / QK4_1; b++, y += QK4_1) {
-        const __m256 ad = _mm256_set1_ps(a * h2f(c[b].d));
-        const __m256 am = _mm256_set1_ps(a * h2f(c[b].m));
-        const __m256i q = nibbles_to_bytes(c[b].qs);
-        const __m128i lo = _mm256_castsi256_si128(q);
-        const __m128i hi = _mm256_extracti128_si256(q, 1);
-        axpy8_min(y, ad, am, _mm256_cvtepu8_epi32(lo));
-        axpy8_min(y + 8, ad, am, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
-        axpy8_min(y + 16, ad, am, _mm256_cvtepu8_epi32(hi));
-        axpy8_min(y + 24, ad, am, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
-    }
+    axpy_blocks_min(col, sizeof(fg_block_q4_1), decode_q4_1, a, y, n / QK4_1);
+}
+
+static void axpy_q5_1_avx2(const void *col, float a, float *y, int64_t n) {
+    axpy_blocks_min(col, sizeof(fg_block_q5_1), decode_q5_1, a, y, n / QK5_1);
 }
 
 static void axpy_f16_avx2(const void *col, float a, float *y, int64_t n) {
@@ -403,6 +465,8 @@ fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type) {
     case FG_TYPE_F16: return vec_dot_f16_avx2;
     case FG_TYPE_Q4_0: return vec_dot_q4_0_avx2;
     case FG_TYPE_Q4_1: return vec_dot_q4_1_avx2;
+    case FG_TYPE_Q5_0: return vec_dot_q5_0_avx2;
+    case FG_TYPE_Q5_1: return vec_dot_q5_1_avx2;
     case FG_TYPE_Q8_0: return vec_dot_q8_0_avx2;
     default: break;
     }
@@ -417,6 +481,8 @@ fg_axpy_fn fg_axpy_fast_fn(int type) {
     case FG_TYPE_F16: return axpy_f16_avx2;
     case FG_TYPE_Q4_0: return axpy_q4_0_avx2;
     case FG_TYPE_Q4_1: return axpy_q4_1_avx2;
+    case FG_TYPE_Q5_0: return axpy_q5_0_avx2;
+    case FG_TYPE_Q5_1: return axpy_q5_1_avx2;
 #if defined(FG_SIMD_AVX512F)
     case FG_TYPE_Q8_0: return axpy_q8_0_avx512;
 #else
