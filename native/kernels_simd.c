@@ -294,6 +294,132 @@ static void vec_dot_q5_1_avx2(const void *w, const void *xq, int64_t n, float *o
     *out = dot_blocks_q8_1(w, sizeof(fg_block_q5_1), decode_q5_1, xq, n / QK5_1);
 }
 
+/* ---- K-quant dot products (x Q8_K) ---------------------------------------------------- */
+
+/* The 8 sub-block scales and mins of a Q4_K/Q5_K block as int16 (fg_kscale_min). */
+static inline void kscales_mins(const uint8_t *packed, int16_t *sc, int16_t *m) {
+    for (int j = 0; j < QK_K / 32; j++) {
+        int s, mn;
+        fg_kscale_min(packed, j, &s, &mn);
+        sc[j] = (int16_t)s;
+        m[j] = (int16_t)mn;
+    }
+}
+
+/* sum_j m_j * (sum of x over sub-block j of 32) from Q8_K's 16 bsums: adjacent bsums pair
+ * up (hadd: |pair| <= 2 * 16 * 127 fits int16), then a multiply-add with the mins. */
+static inline int kmins_dot(const int16_t *m, const int16_t *bsums) {
+    const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
+                                         _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    __m128i s = _mm_madd_epi16(pairs, _mm_loadu_si128((const __m128i *)m));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* 32 q (u8 <= 63) times 32 x (s8) and an int16 scale per 16 products: 8 int32 sums
+ * scale * (q x + q' x'). maddubs' pair sums (|.| <= 2 * 63 * 127) cannot saturate. */
+static inline __m256i dot32_scaled(__m256i q, const int8_t *x, __m256i scale16) {
+    const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x));
+    return _mm256_madd_epi16(p, scale16);
+}
+
+/* Q4_K/Q5_K block x Q8_K block (qh NULL for Q4_K): adds d_w d_x * (the scaled integer dot,
+ * as 8 int32 lanes) to *acc and returns dmin_w d_x sum_j m_j sum_{v in j} x_v, which the
+ * caller subtracts. Integer parts exact: |sum| <= 256 * 31 * 127 * 63 < 2^31. */
+static inline float dot_q45_K_block(fg_half d, fg_half dmin, const uint8_t *scales,
+                                    const uint8_t *qs, const uint8_t *qh,
+                                    const fg_block_q8_K *x, __m256 *acc) {
+    int16_t sc[8], m[8];
+    kscales_mins(scales, sc, m);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    __m256i hb = qh != NULL ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+    __m256i sumi = _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++) { /* 32 bytes of qs: sub-blocks 2g (low) and 2g + 1 (high) */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+        __m256i lo = _mm256_and_si256(q, low4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        if (qh != NULL) { /* bits 2g and 2g + 1 of each qh byte, moved to bit 4 */
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(hb, 4), bit4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(hb, 3), bit4));
+            hb = _mm256_srli_epi16(hb, 2);
+        }
+        sumi = _mm256_add_epi32(sumi, dot32_scaled(lo, x->qs + 64 * g,
+                                                   _mm256_set1_epi16(sc[2 * g])));
+        sumi = _mm256_add_epi32(sumi, dot32_scaled(hi, x->qs + 64 * g + 32,
+                                                   _mm256_set1_epi16(sc[2 * g + 1])));
+    }
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d) * x->d), _mm256_cvtepi32_ps(sumi), *acc);
+    return (h2f(dmin) * x->d) * (float)kmins_dot(m, x->bsums);
+}
+
+static void vec_dot_q4_K_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q4_K *a = w;
+    const fg_block_q8_K *b = xq;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        mins += dot_q45_K_block(a[i].d, a[i].dmin, a[i].scales, a[i].qs, NULL, &b[i], &acc);
+    }
+    *out = hsum_ps(acc) - mins;
+}
+
+static void vec_dot_q5_K_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q5_K *a = w;
+    const fg_block_q8_K *b = xq;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        mins += dot_q45_K_block(a[i].d, a[i].dmin, a[i].scales, a[i].qs, a[i].qh, &b[i], &acc);
+    }
+    *out = hsum_ps(acc) - mins;
+}
+
+/* The 4 x 32 q in [0, 63] of one half (128 values) of a Q6_K block: quarter k is the low
+ * (k < 2) or high nibble of ql[32 (k & 1) + l] with bits 2k..2k+1 of qh[l] as bits 4..5. */
+static inline void q6_K_half(const uint8_t *ql, const uint8_t *qh, __m256i *q) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i bits45 = _mm256_set1_epi8(0x30);
+    const __m256i la = _mm256_loadu_si256((const __m256i *)ql);
+    const __m256i lb = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    q[0] = _mm256_or_si256(_mm256_and_si256(la, low4),
+                           _mm256_and_si256(_mm256_slli_epi16(h, 4), bits45));
+    q[1] = _mm256_or_si256(_mm256_and_si256(lb, low4),
+                           _mm256_and_si256(_mm256_slli_epi16(h, 2), bits45));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), low4),
+                           _mm256_and_si256(h, bits45));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), low4),
+                           _mm256_and_si256(_mm256_srli_epi16(h, 2), bits45));
+}
+
+/* Q6_K x Q8_K: sum_s sc_s sum_{v in s} (q_v - 32) x_v = sum_s sc_s (sum q x - 32 bsums_s),
+ * so the quants stay unsigned for maddubs; 16 int16 lanes of a 32-value product are two
+ * sub-blocks (low lane s, high lane s + 1). |integer sum| <= 256 * 63 * 127 * 128 < 2^31. */
+static void vec_dot_q6_K_avx2(const void *w, const void *xq, int64_t n, float *out) {
+    const fg_block_q6_K *a = w;
+    const fg_block_q8_K *b = xq;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a[i].scales));
+        const __m256i bsums = _mm256_loadu_si256((const __m256i *)b[i].bsums);
+        __m256i sumi = _mm256_mullo_epi32(_mm256_madd_epi16(bsums, sc16), _mm256_set1_epi32(-32));
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q6_K_half(a[i].ql + 64 * h, a[i].qh + 32 * h, q);
+            for (int k = 0; k < 4; k++) {
+                const int c = 4 * h + k; /* values 32c.., sub-blocks 2c and 2c + 1 */
+                const __m256i scale = _mm256_set_m128i(_mm_set1_epi16(a[i].scales[2 * c + 1]),
+                                                       _mm_set1_epi16(a[i].scales[2 * c]));
+                sumi = _mm256_add_epi32(sumi, dot32_scaled(q[k], b[i].qs + 32 * c, scale));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(a[i].d) * b[i].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *out = hsum_ps(acc);
+}
+
 static void vec_dot_f16_avx2(const void *w, const void *xq, int64_t n, float *out) {
     const fg_half *a = w, *b = xq;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -429,6 +555,72 @@ static void axpy_q5_1_avx2(const void *col, float a, float *y, int64_t n) {
     axpy_blocks_min(col, sizeof(fg_block_q5_1), decode_q5_1, a, y, n / QK5_1);
 }
 
+/* Q4_K/Q5_K: y += (a d sc_j) q - (a dmin m_j) per sub-block j of 32 (qh NULL for Q4_K). */
+static inline void axpy_q45_K_block(fg_half d, fg_half dmin, const uint8_t *scales,
+                                    const uint8_t *qs, const uint8_t *qh, float a, float *y) {
+    int16_t sc[8], m[8];
+    kscales_mins(scales, sc, m);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    __m256i hb = qh != NULL ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++, y += 64) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+        __m256i lo = _mm256_and_si256(q, low4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        if (qh != NULL) {
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(hb, 4), bit4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(hb, 3), bit4));
+            hb = _mm256_srli_epi16(hb, 2);
+        }
+        /* a * (d * sc): d * sc is exact, as in the reference */
+        axpy32_u8_min(y, _mm256_set1_ps(a * (h2f(d) * sc[2 * g])),
+                      _mm256_set1_ps(-(a * (h2f(dmin) * m[2 * g]))), lo);
+        axpy32_u8_min(y + 32, _mm256_set1_ps(a * (h2f(d) * sc[2 * g + 1])),
+                      _mm256_set1_ps(-(a * (h2f(dmin) * m[2 * g + 1]))), hi);
+    }
+}
+
+static void axpy_q4_K_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q4_K *c = col;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        axpy_q45_K_block(c[b].d, c[b].dmin, c[b].scales, c[b].qs, NULL, a, y);
+    }
+}
+
+static void axpy_q5_K_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q5_K *c = col;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        axpy_q45_K_block(c[b].d, c[b].dmin, c[b].scales, c[b].qs, c[b].qh, a, y);
+    }
+}
+
+/* y[0..16) += s * q for the 16 signed bytes q. */
+static inline void axpy16_s8(float *y, __m256 s, __m128i q) {
+    axpy8(y, s, _mm256_cvtepi8_epi32(q));
+    axpy8(y + 8, s, _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q)));
+}
+
+/* Q6_K: y += (a d scales[s]) (q - 32) per sub-block s of 16. */
+static void axpy_q6_K_avx2(const void *col, float a, float *y, int64_t n) {
+    const fg_block_q6_K *c = col;
+    const __m256i off = _mm256_set1_epi8(32);
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = h2f(c[b].d);
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q6_K_half(c[b].ql + 64 * h, c[b].qh + 32 * h, q);
+            for (int k = 0; k < 4; k++) {
+                const int s = 8 * h + 2 * k; /* values 16s.. and 16(s + 1).. */
+                const __m256i v = _mm256_sub_epi8(q[k], off);
+                axpy16_s8(y + 16 * s, _mm256_set1_ps(a * (d * c[b].scales[s])),
+                          _mm256_castsi256_si128(v));
+                axpy16_s8(y + 16 * s + 16, _mm256_set1_ps(a * (d * c[b].scales[s + 1])),
+                          _mm256_extracti128_si256(v, 1));
+            }
+        }
+    }
+}
+
 static void axpy_f16_avx2(const void *col, float a, float *y, int64_t n) {
     const fg_half *c = col;
     const __m256 va = _mm256_set1_ps(a);
@@ -467,6 +659,9 @@ fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type) {
     case FG_TYPE_Q4_1: return vec_dot_q4_1_avx2;
     case FG_TYPE_Q5_0: return vec_dot_q5_0_avx2;
     case FG_TYPE_Q5_1: return vec_dot_q5_1_avx2;
+    case FG_TYPE_Q4_K: return vec_dot_q4_K_avx2;
+    case FG_TYPE_Q5_K: return vec_dot_q5_K_avx2;
+    case FG_TYPE_Q6_K: return vec_dot_q6_K_avx2;
     case FG_TYPE_Q8_0: return vec_dot_q8_0_avx2;
     default: break;
     }
@@ -483,6 +678,9 @@ fg_axpy_fn fg_axpy_fast_fn(int type) {
     case FG_TYPE_Q4_1: return axpy_q4_1_avx2;
     case FG_TYPE_Q5_0: return axpy_q5_0_avx2;
     case FG_TYPE_Q5_1: return axpy_q5_1_avx2;
+    case FG_TYPE_Q4_K: return axpy_q4_K_avx2;
+    case FG_TYPE_Q5_K: return axpy_q5_K_avx2;
+    case FG_TYPE_Q6_K: return axpy_q6_K_avx2;
 #if defined(FG_SIMD_AVX512F)
     case FG_TYPE_Q8_0: return axpy_q8_0_avx512;
 #else
