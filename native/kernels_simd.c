@@ -4,7 +4,9 @@
  *
  * Paths (compile-time, from the compiler's target macros; the build passes -march=native):
  *   AVX2 + FMA + F16C  every kernel below, whole ggml blocks per step;
- *   + AVX512-VNNI/VL   the integer dot products use vpdpbusd (same exact int32 results);
+ *   + AVX512-VNNI/VL   the 32-value-block integer dot products use vpdpbusd (same exact
+ *                      int32 results; the K-quants keep maddubs + madd, which apply the
+ *                      sub-block scales per 16 products);
  *   + AVX512F          the Q8_0 axpy (the default down type) works on 16 floats per step
  *                      (the same fused multiply-adds per element: results identical);
  *   anything else, or FG_FORCE_SCALAR defined: the reference (kernels_ref.c) only.
@@ -12,7 +14,8 @@
  * Numerics versus the reference: the integer parts of the quantized dot products are exact
  * and identical; only the float accumulation order differs (8 lanes instead of one running
  * sum), and axpy uses fused multiply-adds. Quantization to Q8_0/Q8_1/F16 is bit-exact with
- * the reference (same scale, same 1/d, roundf's half-away-from-zero rounding, RNE fp16).
+ * the reference (same scale, same 1/d, roundf's half-away-from-zero rounding, RNE fp16), and
+ * so is Q8_K (ggml's nearest-even rounding of iscale * x).
  */
 #include <string.h>
 
@@ -100,6 +103,15 @@ static inline __m256i round_away_epi32(__m256 v) {
 
 /* ---- quantize ----------------------------------------------------------------------- */
 
+/* 4 x 8 int32 in [-128, 127] (values 0..31 in order) -> 32 int8 at qs. The packs work per
+ * 128-bit lane: bytes come out as 4-value groups in the order i0lo i1lo i2lo i3lo i0hi i1hi
+ * i2hi i3hi; the permute restores value order. */
+static inline void store_epi8(int8_t *qs, __m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    const __m256i q = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)qs, q);
+}
+
 /* One block of 32 floats -> 32 int8 with the reference's d, 1/d and rounding.
  * Returns d; *sum receives the sum of the int8 values. */
 static inline float quantize_block_q8(const float *x, int8_t *qs, int *sum) {
@@ -118,11 +130,7 @@ static inline float quantize_block_q8(const float *x, int8_t *qs, int *sum) {
     const __m256i i2 = round_away_epi32(_mm256_mul_ps(v2, id));
     const __m256i i3 = round_away_epi32(_mm256_mul_ps(v3, id));
     *sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-    /* The packs work per 128-bit lane: bytes come out as 4-value groups in the order
-     * i0lo i1lo i2lo i3lo i0hi i1hi i2hi i3hi; the permute restores value order. */
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-    const __m256i q = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)qs, q);
+    store_epi8(qs, i0, i1, i2, i3);
     return d;
 }
 
@@ -141,6 +149,51 @@ static void quantize_q8_1_avx2(const float *x, void *out, int64_t n) {
         const float d = quantize_block_q8(x, y[b].qs, &sum);
         y[b].d = f2h(d);
         y[b].s = f2h((float)sum * d);
+    }
+}
+
+/* ggml's quantize_row_q8_K_ref, bit-exact with the reference: the first value of largest
+ * magnitude (a vector max, then the first lane equal to it) sets iscale = -127 / max;
+ * cvtps_epi32 rounds iscale * x to nearest-even under the default rounding mode, as
+ * ggml's nearest_int and the reference's rintf do. */
+static void quantize_q8_K_avx2(const float *x, void *out, int64_t n) {
+    fg_block_q8_K *y = out;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        __m256 vmax = _mm256_setzero_ps();
+        for (int k = 0; k < QK_K; k += 8) {
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+        }
+        const float amax = hmax_ps(vmax);
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof y[b]);
+            continue;
+        }
+        const __m256 vamax = _mm256_set1_ps(amax);
+        int first = 0;
+        for (int k = 0; k < QK_K; k += 8) {
+            const __m256 eq = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), vamax,
+                                            _CMP_EQ_OQ);
+            const int mask = _mm256_movemask_ps(eq);
+            if (mask != 0) {
+                first = k + __builtin_ctz((unsigned)mask);
+                break;
+            }
+        }
+        const float iscale = -127.0f / x[first];
+        const __m256 vs = _mm256_set1_ps(iscale);
+        const __m256i cap = _mm256_set1_epi32(127);
+        for (int k = 0; k < QK_K; k += 32) {
+            __m256i i[4];
+            for (int j = 0; j < 4; j++) {
+                const __m256 v = _mm256_mul_ps(vs, _mm256_loadu_ps(x + k + 8 * j));
+                i[j] = _mm256_min_epi32(_mm256_cvtps_epi32(v), cap);
+            }
+            store_epi8(y[b].qs + k, i[0], i[1], i[2], i[3]);
+            y[b].bsums[k / 16] = (int16_t)hsum_epi32(_mm256_add_epi32(i[0], i[1]));
+            y[b].bsums[k / 16 + 1] = (int16_t)hsum_epi32(_mm256_add_epi32(i[2], i[3]));
+        }
+        y[b].d = 1.0f / iscale;
     }
 }
 
@@ -698,6 +751,7 @@ fg_quantize_fn fg_quantize_fast_fn(int type) {
     case FG_TYPE_F16: return quantize_f16_avx2;
     case FG_TYPE_Q8_0: return quantize_q8_0_avx2;
     case FG_TYPE_Q8_1: return quantize_q8_1_avx2;
+    case FG_TYPE_Q8_K: return quantize_q8_K_avx2;
     default: break;
     }
 #endif

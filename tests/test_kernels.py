@@ -329,6 +329,7 @@ def test_quantize_q8_K_matches_ggml():
     ggml.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     ggml.quantize_row_q8_K_ref(x.ctypes.data, out.ctypes.data, n)
     np.testing.assert_array_equal(c_quantize(lib.FG_TYPE_Q8_K, x, ref=True), out)
+    np.testing.assert_array_equal(c_quantize(lib.FG_TYPE_Q8_K, x, ref=False), out)
     np.testing.assert_array_equal(numpy_q8_K(x), out)
 
 
