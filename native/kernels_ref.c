@@ -193,41 +193,45 @@ static float signed_absmax(const float *x, int n) {
     return max;
 }
 
-static void quantize_q4_0(const float *x, void *out, int64_t n) {
-    fg_block_q4_0 *y = out;
-    for (int64_t b = 0; b < n / QK4_0; b++, x += QK4_0) {
-        const float d = signed_absmax(x, QK4_0) / -8.0f; /* maps that value to -8 exactly */
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = fg_float_to_half(d);
-        for (int j = 0; j < QK4_0 / 2; j++) {
-            const int q0 = (int)(x[j] * id + 8.5f);
-            const int q1 = (int)(x[j + QK4_0 / 2] * id + 8.5f);
-            y[b].qs[j] = (uint8_t)((q0 > 15 ? 15 : q0) | ((q1 > 15 ? 15 : q1) << 4));
-        }
+/* Q4_0/Q5_0 (ggml's reference): the value of largest magnitude maps to -half exactly
+ * (d = max / -half) and q = trunc(x / d + half + 0.5) capped at 2 half - 1: x / d lies in
+ * [-half, half], so the truncation rounds. Returns d. */
+static float quantize_signed_block(const float *x, int half, int *q) {
+    const float d = signed_absmax(x, 32) / -(float)half;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < 32; j++) {
+        const int v = (int)(x[j] * id + ((float)half + 0.5f));
+        q[j] = v > 2 * half - 1 ? 2 * half - 1 : v;
+    }
+    return d;
+}
+
+/* Q4_1/Q5_1 (ggml's reference): d = (max - min) / qmax, q = trunc((x - min) / d + 0.5)
+ * capped at qmax. Returns d; *min receives the min. */
+static float quantize_min_block(const float *x, int qmax, float *min, int *q) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int j = 0; j < 32; j++) {
+        lo = fminf(lo, x[j]);
+        hi = fmaxf(hi, x[j]);
+    }
+    const float d = (hi - lo) / (float)qmax;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < 32; j++) {
+        const int v = (int)((x[j] - lo) * id + 0.5f);
+        q[j] = v > qmax ? qmax : v;
+    }
+    *min = lo;
+    return d;
+}
+
+/* 32 q in [0, 15] -> nibbles: low = value j, high = value j + 16. */
+static void pack_q4(const int *q, uint8_t *qs) {
+    for (int j = 0; j < 16; j++) {
+        qs[j] = (uint8_t)(q[j] | (q[j + 16] << 4));
     }
 }
 
-static void quantize_q4_1(const float *x, void *out, int64_t n) {
-    fg_block_q4_1 *y = out;
-    for (int64_t b = 0; b < n / QK4_1; b++, x += QK4_1) {
-        float min = INFINITY, max = -INFINITY;
-        for (int j = 0; j < QK4_1; j++) {
-            min = fminf(min, x[j]);
-            max = fmaxf(max, x[j]);
-        }
-        const float d = (max - min) / 15.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = fg_float_to_half(d);
-        y[b].m = fg_float_to_half(min);
-        for (int j = 0; j < QK4_1 / 2; j++) {
-            const int q0 = (int)((x[j] - min) * id + 0.5f);
-            const int q1 = (int)((x[j + QK4_1 / 2] - min) * id + 0.5f);
-            y[b].qs[j] = (uint8_t)((q0 > 15 ? 15 : q0) | ((q1 > 15 ? 15 : q1) << 4));
-        }
-    }
-}
-
-/* 5-bit q of 32 values -> Q5_x's qs nibbles and qh bits. */
+/* 32 q in [0, 31] -> Q5_x's qs nibbles and qh bits. */
 static void pack_q5(const int *q, uint8_t *qs, uint8_t *qh_bytes) {
     uint32_t qh = 0;
     for (int j = 0; j < 16; j++) {
@@ -238,38 +242,42 @@ static void pack_q5(const int *q, uint8_t *qs, uint8_t *qh_bytes) {
     memcpy(qh_bytes, &qh, sizeof qh);
 }
 
+static void quantize_q4_0(const float *x, void *out, int64_t n) {
+    fg_block_q4_0 *y = out;
+    for (int64_t b = 0; b < n / QK4_0; b++, x += QK4_0) {
+        int q[QK4_0];
+        y[b].d = fg_float_to_half(quantize_signed_block(x, 8, q));
+        pack_q4(q, y[b].qs);
+    }
+}
+
 static void quantize_q5_0(const float *x, void *out, int64_t n) {
     fg_block_q5_0 *y = out;
     for (int64_t b = 0; b < n / QK5_0; b++, x += QK5_0) {
-        const float d = signed_absmax(x, QK5_0) / -16.0f; /* maps that value to -16 exactly */
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = fg_float_to_half(d);
         int q[QK5_0];
-        for (int j = 0; j < QK5_0; j++) {
-            const int v = (int)(x[j] * id + 16.5f); /* x * id in [-16, 16]: truncation rounds */
-            q[j] = v > 31 ? 31 : v;
-        }
+        y[b].d = fg_float_to_half(quantize_signed_block(x, 16, q));
         pack_q5(q, y[b].qs, y[b].qh);
+    }
+}
+
+static void quantize_q4_1(const float *x, void *out, int64_t n) {
+    fg_block_q4_1 *y = out;
+    for (int64_t b = 0; b < n / QK4_1; b++, x += QK4_1) {
+        int q[QK4_1];
+        float min;
+        y[b].d = fg_float_to_half(quantize_min_block(x, 15, &min, q));
+        y[b].m = fg_float_to_half(min);
+        pack_q4(q, y[b].qs);
     }
 }
 
 static void quantize_q5_1(const float *x, void *out, int64_t n) {
     fg_block_q5_1 *y = out;
     for (int64_t b = 0; b < n / QK5_1; b++, x += QK5_1) {
-        float min = INFINITY, max = -INFINITY;
-        for (int j = 0; j < QK5_1; j++) {
-            min = fminf(min, x[j]);
-            max = fmaxf(max, x[j]);
-        }
-        const float d = (max - min) / 31.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = fg_float_to_half(d);
-        y[b].m = fg_float_to_half(min);
         int q[QK5_1];
-        for (int j = 0; j < QK5_1; j++) {
-            const int v = (int)((x[j] - min) * id + 0.5f);
-            q[j] = v > 31 ? 31 : v;
-        }
+        float min;
+        y[b].d = fg_float_to_half(quantize_min_block(x, 31, &min, q));
+        y[b].m = fg_float_to_half(min);
         pack_q5(q, y[b].qs, y[b].qh);
     }
 }

@@ -620,30 +620,38 @@ def test_k_quant_types_bad_n():
 
 
 def test_sizes_and_vec_dot_types():
-    assert lib.fg_row_size(lib.FG_TYPE_Q4_0, 64) == 36
-    assert lib.fg_row_size(lib.FG_TYPE_Q4_1, 64) == 40
-    assert lib.fg_row_size(lib.FG_TYPE_Q8_0, 64) == 68
-    assert lib.fg_row_size(lib.FG_TYPE_Q8_1, 64) == 72
-    assert lib.fg_row_size(lib.FG_TYPE_F16, 7) == 14
-    assert lib.fg_row_size(lib.FG_TYPE_F32, 7) == 28
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q4_0) == lib.FG_TYPE_Q8_0
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q8_0) == lib.FG_TYPE_Q8_0
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q4_1) == lib.FG_TYPE_Q8_1
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_F16) == lib.FG_TYPE_F16
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_F32) == lib.FG_TYPE_F32
-    assert lib.fg_row_size(lib.FG_TYPE_Q5_0, 64) == 44
-    assert lib.fg_row_size(lib.FG_TYPE_Q5_1, 64) == 48
-    assert lib.fg_row_size(lib.FG_TYPE_Q4_K, 512) == 288
-    assert lib.fg_row_size(lib.FG_TYPE_Q5_K, 512) == 352
-    assert lib.fg_row_size(lib.FG_TYPE_Q6_K, 512) == 420
-    assert lib.fg_row_size(lib.FG_TYPE_Q8_K, 512) == 584
+    row_bytes = {  # (type, n): bytes, from ggml-common.h's block sizes
+        (lib.FG_TYPE_Q4_0, 64): 36,
+        (lib.FG_TYPE_Q4_1, 64): 40,
+        (lib.FG_TYPE_Q5_0, 64): 44,
+        (lib.FG_TYPE_Q5_1, 64): 48,
+        (lib.FG_TYPE_Q8_0, 64): 68,
+        (lib.FG_TYPE_Q8_1, 64): 72,
+        (lib.FG_TYPE_Q4_K, 512): 288,
+        (lib.FG_TYPE_Q5_K, 512): 352,
+        (lib.FG_TYPE_Q6_K, 512): 420,
+        (lib.FG_TYPE_Q8_K, 512): 584,
+        (lib.FG_TYPE_F16, 7): 14,
+        (lib.FG_TYPE_F32, 7): 28,
+    }
+    for (t, n), size in row_bytes.items():
+        assert lib.fg_row_size(t, n) == size
     for t in (*K_TYPES.values(), lib.FG_TYPE_Q8_K):
         assert lib.fg_block_size(t) == 256
-        assert lib.fg_row_size(t, 256) * 2 == lib.fg_row_size(t, 512)
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q5_0) == lib.FG_TYPE_Q8_0
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q5_1) == lib.FG_TYPE_Q8_1
-    for t in K_TYPES.values():
-        assert lib.fg_vec_dot_type(t) == lib.FG_TYPE_Q8_K
+    vec_dot_type = {
+        lib.FG_TYPE_Q4_0: lib.FG_TYPE_Q8_0,
+        lib.FG_TYPE_Q5_0: lib.FG_TYPE_Q8_0,
+        lib.FG_TYPE_Q8_0: lib.FG_TYPE_Q8_0,
+        lib.FG_TYPE_Q4_1: lib.FG_TYPE_Q8_1,
+        lib.FG_TYPE_Q5_1: lib.FG_TYPE_Q8_1,
+        lib.FG_TYPE_Q4_K: lib.FG_TYPE_Q8_K,
+        lib.FG_TYPE_Q5_K: lib.FG_TYPE_Q8_K,
+        lib.FG_TYPE_Q6_K: lib.FG_TYPE_Q8_K,
+        lib.FG_TYPE_F16: lib.FG_TYPE_F16,
+        lib.FG_TYPE_F32: lib.FG_TYPE_F32,
+    }
+    for t, vt in vec_dot_type.items():
+        assert lib.fg_vec_dot_type(t) == vt
     # the same numbers as gguf-py's enum (= ggml's enum ggml_type)
     for t, qt in GGUF_TYPE.items():
         assert t == int(qt)
