@@ -36,8 +36,14 @@ const char *fg_build_info(void);
 #define FG_TYPE_F16   1
 #define FG_TYPE_Q4_0  2
 #define FG_TYPE_Q4_1  3
+#define FG_TYPE_Q5_0  6
+#define FG_TYPE_Q5_1  7
 #define FG_TYPE_Q8_0  8
 #define FG_TYPE_Q8_1  9
+#define FG_TYPE_Q4_K  12  /* K-quants: blocks of 256 values (QK_K) */
+#define FG_TYPE_Q5_K  13
+#define FG_TYPE_Q6_K  14
+#define FG_TYPE_Q8_K  15  /* activations of the K-quant dot products only */
 
 /* ---- FFN activations (the names the file stores: flashgguf.ffn.activation) -------- */
 #define FG_ACT_SILU   0
@@ -55,14 +61,17 @@ size_t fg_row_size(int type, int64_t n);
 /* Block size (values per block) of a type, 0 if unsupported. */
 int fg_block_size(int type);
 /* The type an activation row is quantized to before a dot product with a weight row of
- * weight_type (ggml's vec_dot_type): Q8_0 for Q4_0/Q8_0, Q8_1 for Q4_1, F16 for F16,
- * F32 for F32. -1 if unsupported. */
+ * weight_type (ggml's vec_dot_type): Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for
+ * Q4_K/Q5_K/Q6_K, F16 for F16, F32 for F32. -1 if unsupported. */
 int fg_vec_dot_type(int weight_type);
 
-/* Quantize n floats into type (F32, F16, Q4_0, Q4_1, Q8_0, Q8_1). */
+/* Quantize n floats into type (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q8_K) with
+ * ggml's reference rounding. The K-quant weight types (Q4_K, Q5_K, Q6_K) have no quantizer
+ * here (ggml's needs a search over scales): FG_ERR_TYPE. */
 int fg_quantize_row(int type, const float *x, void *out, int64_t n);
 int fg_quantize_row_ref(int type, const float *x, void *out, int64_t n);
-/* Dequantize n values of type into floats. */
+/* Dequantize n values of type into floats (every weight type; not Q8_1/Q8_K). For block
+ * types n must be a whole number of blocks (256 for K-quants), else FG_ERR_ARG. */
 int fg_dequantize_row(int type, const void *src, float *out, int64_t n);
 /* *out = dot(w (weight_type), xq (fg_vec_dot_type(weight_type))) over n values. */
 int fg_vec_dot(int weight_type, const void *w, const void *xq, int64_t n, float *out);

@@ -4,6 +4,11 @@ Three layers are checked: the scalar reference against llama.cpp's gguf-py numpy
 float64 numpy arithmetic; the fast (SIMD) entry points against the reference; and the
 argument checks of the public entry points.
 
+The K-quants (Q4_K, Q5_K, Q6_K: 256-value super-blocks) have no quantizer in gguf-py or in
+the C core: their weights are random raw bytes with sane fp16 scales (every bit pattern of
+the packed scales and quants is a valid block); their activations are Q8_K, compared
+byte for byte with a numpy port of ggml's quantize_row_q8_K_ref.
+
 Tolerances are derived from float32 rounding bounds: a sum of k float32 terms carries at most
 about k * 2**-24 * sum|term| of rounding error, so each check allows a small multiple of that
 relative to ``mag`` = sum of |term|s (for Q4_1 the scale and min parts are counted separately,
@@ -13,18 +18,29 @@ orders of magnitude above these bounds.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flashgguf._native import ffi, lib
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize, quantize
+from gguf.quants import Q4_K, dequantize, quantize
 
 pytestmark = pytest.mark.native
 
 SEED = 20240611
 U = 2.0**-24  # float32 unit roundoff
 
-QUANT_TYPES = {"Q8_0": lib.FG_TYPE_Q8_0, "Q4_0": lib.FG_TYPE_Q4_0, "Q4_1": lib.FG_TYPE_Q4_1}
+QUANT_TYPES = {
+    "Q8_0": lib.FG_TYPE_Q8_0,
+    "Q4_0": lib.FG_TYPE_Q4_0,
+    "Q4_1": lib.FG_TYPE_Q4_1,
+    "Q5_0": lib.FG_TYPE_Q5_0,
+    "Q5_1": lib.FG_TYPE_Q5_1,
+}
+K_TYPES = {"Q4_K": lib.FG_TYPE_Q4_K, "Q5_K": lib.FG_TYPE_Q5_K, "Q6_K": lib.FG_TYPE_Q6_K}
 WEIGHT_TYPES = {"F32": lib.FG_TYPE_F32, "F16": lib.FG_TYPE_F16, **QUANT_TYPES}
 GGUF_TYPE = {
     lib.FG_TYPE_F32: QT.F32,
@@ -32,8 +48,14 @@ GGUF_TYPE = {
     lib.FG_TYPE_Q8_0: QT.Q8_0,
     lib.FG_TYPE_Q4_0: QT.Q4_0,
     lib.FG_TYPE_Q4_1: QT.Q4_1,
+    lib.FG_TYPE_Q5_0: QT.Q5_0,
+    lib.FG_TYPE_Q5_1: QT.Q5_1,
+    lib.FG_TYPE_Q4_K: QT.Q4_K,
+    lib.FG_TYPE_Q5_K: QT.Q5_K,
+    lib.FG_TYPE_Q6_K: QT.Q6_K,
 }
 QUANT_SIZES = [32, 96, 544, 576, 4128]
+K_SIZES = [256, 768, 1536, 2304, 4352]
 FLOAT_SIZES = [1, 7, 33, 577, *QUANT_SIZES]
 GUARD = 64  # bytes past every output buffer that must stay untouched
 
@@ -43,6 +65,18 @@ BLOCK_DTYPE = {
     lib.FG_TYPE_Q8_1: np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)]),
     lib.FG_TYPE_Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
     lib.FG_TYPE_Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
+    lib.FG_TYPE_Q5_0: np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)]),
+    lib.FG_TYPE_Q5_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)]),
+    lib.FG_TYPE_Q4_K: np.dtype(
+        [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)]
+    ),
+    lib.FG_TYPE_Q5_K: np.dtype(
+        [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)]
+    ),
+    lib.FG_TYPE_Q6_K: np.dtype(
+        [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]
+    ),
+    lib.FG_TYPE_Q8_K: np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)]),
 }
 
 
@@ -52,6 +86,10 @@ def weight_cases(sizes_q=QUANT_SIZES, sizes_f=FLOAT_SIZES):
         for name, t in WEIGHT_TYPES.items()
         for n in (sizes_f if t in (lib.FG_TYPE_F32, lib.FG_TYPE_F16) else sizes_q)
     ]
+
+
+def k_cases():
+    return [pytest.param(t, n, id=f"{name}-{n}") for name, t in K_TYPES.items() for n in K_SIZES]
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -117,14 +155,92 @@ def components(t: int, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray
     if t == lib.FG_TYPE_F16:
         return data.view(np.float16).astype(np.float64), np.zeros(n)
     b = data.view(BLOCK_DTYPE[t])
+    if t in K_TYPES.values():
+        scale, q, m = k_components(t, b)
+        return (scale * q).ravel(), m.ravel()
     d = b["d"].astype(np.float64)[:, None]
     qs = b["qs"].astype(np.int64)
-    if t in (lib.FG_TYPE_Q4_0, lib.FG_TYPE_Q4_1):
+    if t in (lib.FG_TYPE_Q4_0, lib.FG_TYPE_Q4_1, lib.FG_TYPE_Q5_0, lib.FG_TYPE_Q5_1):
         qs = np.concatenate([qs & 15, qs >> 4], axis=1)
+    if t in (lib.FG_TYPE_Q5_0, lib.FG_TYPE_Q5_1):
+        bit = (b["qh"].astype(np.int64)[:, None] >> np.arange(32)) & 1
+        qs = qs | (bit << 4)
     if t == lib.FG_TYPE_Q4_0:
         qs = qs - 8
-    m = b["m"].astype(np.float64)[:, None] if t == lib.FG_TYPE_Q4_1 else np.zeros_like(d)
+    if t == lib.FG_TYPE_Q5_0:
+        qs = qs - 16
+    with_min = t in (lib.FG_TYPE_Q4_1, lib.FG_TYPE_Q5_1)
+    m = b["m"].astype(np.float64)[:, None] if with_min else np.zeros_like(d)
     return (d * qs).ravel(), np.broadcast_to(m, qs.shape).ravel().copy()
+
+
+def k_components(t: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K-quant blocks -> (scale, q, min part) per value, (blocks, 256) float64 / int64:
+    value = scale * q + min part (ggml-common.h's layouts, decoded independently of C)."""
+    nb = b.size
+    if t == lib.FG_TYPE_Q6_K:
+        ql = b["ql"].astype(np.int64).reshape(nb, 2, 2, 32)  # half, which 32 bytes, l
+        lo = np.concatenate([ql & 15, ql >> 4], axis=2)  # quarter k = 0..3 of each half
+        qh = b["qh"].astype(np.int64).reshape(nb, 2, 1, 32)
+        hi = (qh >> (2 * np.arange(4)).reshape(1, 1, 4, 1)) & 3
+        q = (lo | (hi << 4)).reshape(nb, 256) - 32
+        scale = b["d"].astype(np.float64)[:, None] * np.repeat(b["scales"], 16, axis=1)
+        return scale, q, np.zeros((nb, 256))
+    qs = b["qs"].astype(np.int64).reshape(nb, 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(nb, 8, 32)  # sub-block j of 32
+    if t == lib.FG_TYPE_Q5_K:
+        qh = b["qh"].astype(np.int64).reshape(nb, 1, 32)
+        q = q | (((qh >> np.arange(8).reshape(1, 8, 1)) & 1) << 4)
+    sc, mins = Q4_K.get_scale_min(b["scales"].copy())
+    scale = b["d"].astype(np.float64)[:, None] * sc.astype(np.float64)
+    m = -b["dmin"].astype(np.float64)[:, None] * mins.astype(np.float64)
+    return np.repeat(scale, 32, axis=1), q.reshape(nb, 256), np.repeat(m, 32, axis=1)
+
+
+def random_k_blocks(rng: np.random.Generator, t: int, n: int) -> np.ndarray:
+    """n values of a K-quant as raw bytes: random quants, packed scales and mins, fp16 super-
+    block scales of random sign and magnitude (one block with d = 0 when there are three)."""
+    nb = n // 256
+    dt = BLOCK_DTYPE[t]
+    b = rng.integers(0, 256, nb * dt.itemsize, dtype=np.uint8).view(dt)
+    b["d"] = rng.choice([-1, 1], nb) * 10.0 ** rng.uniform(-4, -1, nb)
+    if "dmin" in dt.names:
+        b["dmin"] = rng.choice([-1, 1], nb) * 10.0 ** rng.uniform(-4, -1, nb)
+    if nb >= 3:
+        b["d"][1] = 0.0
+    return b.view(np.uint8)
+
+
+def numpy_q8_K(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q8_K_ref in numpy: iscale = -127 / (the first value of largest
+    magnitude), q = min(127, round-half-even(float32(iscale * x))), d = 1 / iscale, bsums =
+    sums of 16 q. An all-zero block has d = 0 and zero quants (ggml leaves its bsums unwritten;
+    the C core writes zeros)."""
+    xb = x.reshape(-1, 256)
+    nb = xb.shape[0]
+    big = xb[np.arange(nb), np.abs(xb).argmax(axis=1)]
+    out = np.zeros(nb, BLOCK_DTYPE[lib.FG_TYPE_Q8_K])
+    nz = big != 0
+    iscale = np.float32(-127) / big[nz]
+    q = np.minimum(np.rint(iscale[:, None] * xb[nz]), 127).astype(np.int8)
+    out["qs"][nz] = q
+    out["d"][nz] = np.float32(1) / iscale
+    out["bsums"][nz] = q.reshape(-1, 16, 16).astype(np.int16).sum(axis=2)
+    return out.view(np.uint8)
+
+
+def q8_K_test_row(rng: np.random.Generator, n: int) -> np.ndarray:
+    """random_row plus the Q8_K corner cases: a zero block, exact ties of the half-even
+    rounding (max = -127: iscale = 1), and +-max in one block (the first one sets the sign)."""
+    x = random_row(rng, n)
+    if n >= 768:
+        x[256:512] = 0.0
+        x[512:768] = (rng.integers(-127, 127, 256) + 0.5).astype(np.float32)
+        x[512] = -127.0
+    if n >= 1536:
+        x[1100] = 1000.0
+        x[1200] = -1000.0
+    return x
 
 
 def numpy_q8_1(x: np.ndarray) -> np.ndarray:
@@ -170,6 +286,51 @@ def test_dequantize_matches_gguf(t, n):
         np.testing.assert_array_less(np.abs(got - expected), tol)
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("t,n", k_cases())
+def test_dequantize_k_matches_gguf(t, n):
+    data = random_k_blocks(np.random.default_rng([SEED, t, n, 1]), t, n)
+    expected = dequantize(data, GGUF_TYPE[t]).astype(np.float32).ravel()
+    # d * scale * q is exact in float32 (at most 11 + 7 + 6 significant bits), so the one
+    # rounding is of the sum with the min part, in gguf-py as in C: identical floats
+    np.testing.assert_array_equal(c_dequantize(t, data, n), expected)
+    # the test's own decoding (components, used by the dot and axpy tests) agrees too
+    dq, m = components(t, data, n)
+    np.testing.assert_array_equal((dq + m).astype(np.float32), expected)
+
+
+@pytest.mark.parametrize("ref", [True, False], ids=["ref", "fast"])
+@pytest.mark.parametrize("n", K_SIZES)
+def test_quantize_q8_K_matches_numpy(n, ref):
+    x = q8_K_test_row(np.random.default_rng([SEED, lib.FG_TYPE_Q8_K, n]), n)
+    np.testing.assert_array_equal(c_quantize(lib.FG_TYPE_Q8_K, x, ref=ref), numpy_q8_K(x))
+
+
+def _ggml_base() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    for folder in spec.submodule_search_locations if spec else []:
+        path = Path(folder) / "lib" / "libggml-base.so"
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    return None
+
+
+def test_quantize_q8_K_matches_ggml():
+    """Against the compiled quantize_row_q8_K_ref of the pinned llama.cpp itself (the x86 CPU
+    backend's quantize_row_q8_K calls it)."""
+    ggml = _ggml_base()
+    if ggml is None:
+        pytest.skip("llama_cpp's libggml-base.so not found")
+    n = 4352
+    x = q8_K_test_row(np.random.default_rng([SEED, lib.FG_TYPE_Q8_K, 8]), n)
+    x[256:512] = 0.25  # no all-zero block: ggml leaves those blocks' bsums unwritten
+    out = np.zeros(lib.fg_row_size(lib.FG_TYPE_Q8_K, n), np.uint8)
+    ggml.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    ggml.quantize_row_q8_K_ref(x.ctypes.data, out.ctypes.data, n)
+    np.testing.assert_array_equal(c_quantize(lib.FG_TYPE_Q8_K, x, ref=True), out)
+    np.testing.assert_array_equal(c_quantize(lib.FG_TYPE_Q8_K, x, ref=False), out)
+    np.testing.assert_array_equal(numpy_q8_K(x), out)
 
 
 # ---- quantize: fast against reference ---------------------------------------------------------
@@ -277,20 +438,31 @@ DOT_SLACK = {
     lib.FG_TYPE_Q8_0: 8,
     lib.FG_TYPE_Q4_0: 8,
     lib.FG_TYPE_Q4_1: 8,
+    lib.FG_TYPE_Q5_0: 8,
+    lib.FG_TYPE_Q5_1: 8,
+    lib.FG_TYPE_Q4_K: 8,
+    lib.FG_TYPE_Q5_K: 8,
+    lib.FG_TYPE_Q6_K: 8,
 }
+
+
+def weight_row(rng: np.random.Generator, t: int, n: int) -> np.ndarray:
+    if t in K_TYPES.values():
+        return random_k_blocks(rng, t, n)
+    return np.ascontiguousarray(quantize(random_row(rng, n), GGUF_TYPE[t])).view(np.uint8).ravel()
 
 
 def dot_case(t: int, n: int):
     rng = np.random.default_rng([SEED, t, n, 4])
-    w = np.ascontiguousarray(quantize(random_row(rng, n), GGUF_TYPE[t])).view(np.uint8).ravel()
+    w = weight_row(rng, t, n)
     xt = lib.fg_vec_dot_type(t)
     xq = c_quantize(xt, random_row(rng, n), ref=True)
     wd, wm = components(t, w, n)
     xd, _ = components(xt, xq, n)  # activations have no min part
     exact = float(np.dot(wd + wm, xd))
     mag = float(np.abs(wd) @ np.abs(xd) + np.abs(wm) @ np.abs(xd))
-    if t == lib.FG_TYPE_Q4_1:
-        # ggml's Q4_1 dot takes the min term from the activation's fp16-rounded
+    if t in (lib.FG_TYPE_Q4_1, lib.FG_TYPE_Q5_1):
+        # ggml's Q4_1 (Q5_1) dot takes the min term from the activation's fp16-rounded
         # s = d * sum(qs): exact in ggml's terms is sum_b (d_w d_x sum(q_w q_x) + m_w s_x).
         s = xq.view(BLOCK_DTYPE[xt])["s"].astype(np.float64)
         m = w.view(BLOCK_DTYPE[t])["m"].astype(np.float64)
@@ -299,12 +471,13 @@ def dot_case(t: int, n: int):
         assert abs(ggml_exact - exact) <= 2.0**-11 * float(np.abs(m) @ np.abs(s)) + 1e-30
         exact = ggml_exact
     # longest float32 accumulation chain: one term per block (quantized, reference) or
-    # n / 32 per lane plus the horizontal sum and the tail (SIMD); slack for the rest
+    # n / 32 per lane plus the horizontal sum and the tail (SIMD); slack for the rest (K-quants:
+    # the float32 conversion of a super-block's integer sum, which may exceed 2**24)
     tol = (n // 32 + DOT_SLACK[t]) * U * mag
     return w, xq, exact, tol
 
 
-@pytest.mark.parametrize("t,n", weight_cases())
+@pytest.mark.parametrize("t,n", weight_cases() + k_cases())
 def test_vec_dot(t, n):
     w, xq, exact, tol = dot_case(t, n)
     ref = c_vec_dot(t, w, xq, n, ref=True)
@@ -316,10 +489,10 @@ def test_vec_dot(t, n):
 # ---- axpy --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t,n", weight_cases())
+@pytest.mark.parametrize("t,n", weight_cases() + k_cases())
 def test_axpy(t, n):
     rng = np.random.default_rng([SEED, t, n, 5])
-    col = np.ascontiguousarray(quantize(random_row(rng, n), GGUF_TYPE[t])).view(np.uint8).ravel()
+    col = weight_row(rng, t, n)
     y = rng.standard_normal(n).astype(np.float32)
     a = float(np.float32(rng.uniform(-3, 3)))
     ref = c_axpy(t, col, a, y, n, ref=True)
@@ -378,8 +551,8 @@ def test_unsupported_type_and_bad_n():
     x = np.zeros(64, np.float32)
     buf = np.zeros(512, np.uint8)
     out = ffi.new("float *")
-    q5_0, q2_k = 6, 10
-    for t in (q5_0, q2_k, -1, 99):
+    q2_k, q3_k, iq2_xxs = 10, 11, 16
+    for t in (q2_k, q3_k, iq2_xxs, -1, 99):
         for ref in (True, False):
             qfn = lib.fg_quantize_row_ref if ref else lib.fg_quantize_row
             dfn = lib.fg_vec_dot_ref if ref else lib.fg_vec_dot
@@ -411,18 +584,78 @@ def test_unsupported_type_and_bad_n():
     assert out[0] == 0.0
 
 
+def test_k_quant_types_bad_n():
+    x = np.zeros(512, np.float32)
+    buf = np.zeros(2048, np.uint8)
+    out = ffi.new("float *")
+    for t in K_TYPES.values():
+        for ref in (True, False):
+            # weights only: no quantizer for the K-quants
+            qfn = lib.fg_quantize_row_ref if ref else lib.fg_quantize_row
+            assert qfn(t, fptr(x), vptr(buf), 256) == lib.FG_ERR_TYPE
+        for n in (32, 128, 255, 257, 288, -256):
+            for ref in (True, False):
+                dfn = lib.fg_vec_dot_ref if ref else lib.fg_vec_dot
+                afn = lib.fg_axpy_ref if ref else lib.fg_axpy
+                assert dfn(t, vptr(buf), vptr(buf), n, out) == lib.FG_ERR_ARG
+                assert afn(t, vptr(buf), 1.0, fptr(x), n) == lib.FG_ERR_ARG
+            assert lib.fg_dequantize_row(t, vptr(buf), fptr(x), n) == lib.FG_ERR_ARG
+            assert lib.fg_row_size(t, n) == 0
+        assert lib.fg_vec_dot(t, vptr(buf), vptr(buf), 0, out) == lib.FG_OK
+        assert out[0] == 0.0
+    for n in (32, 255, 257, -256):
+        for fn in (lib.fg_quantize_row_ref, lib.fg_quantize_row):
+            assert fn(lib.FG_TYPE_Q8_K, fptr(x), vptr(buf), n) == lib.FG_ERR_ARG
+    # Q8_K is an activation type only
+    for fn in (lib.fg_vec_dot_ref, lib.fg_vec_dot):
+        assert fn(lib.FG_TYPE_Q8_K, vptr(buf), vptr(buf), 256, out) == lib.FG_ERR_TYPE
+    for fn in (lib.fg_axpy_ref, lib.fg_axpy):
+        assert fn(lib.FG_TYPE_Q8_K, vptr(buf), 1.0, fptr(x), 256) == lib.FG_ERR_TYPE
+    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q8_K) == -1
+    for t in (lib.FG_TYPE_Q5_0, lib.FG_TYPE_Q5_1):
+        for n in (33, 16, -32):
+            assert lib.fg_vec_dot(t, vptr(buf), vptr(buf), n, out) == lib.FG_ERR_ARG
+            assert lib.fg_axpy(t, vptr(buf), 1.0, fptr(x), n) == lib.FG_ERR_ARG
+            assert lib.fg_quantize_row(t, fptr(x), vptr(buf), n) == lib.FG_ERR_ARG
+
+
 def test_sizes_and_vec_dot_types():
-    assert lib.fg_row_size(lib.FG_TYPE_Q4_0, 64) == 36
-    assert lib.fg_row_size(lib.FG_TYPE_Q4_1, 64) == 40
-    assert lib.fg_row_size(lib.FG_TYPE_Q8_0, 64) == 68
-    assert lib.fg_row_size(lib.FG_TYPE_Q8_1, 64) == 72
-    assert lib.fg_row_size(lib.FG_TYPE_F16, 7) == 14
-    assert lib.fg_row_size(lib.FG_TYPE_F32, 7) == 28
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q4_0) == lib.FG_TYPE_Q8_0
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q8_0) == lib.FG_TYPE_Q8_0
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_Q4_1) == lib.FG_TYPE_Q8_1
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_F16) == lib.FG_TYPE_F16
-    assert lib.fg_vec_dot_type(lib.FG_TYPE_F32) == lib.FG_TYPE_F32
+    row_bytes = {  # (type, n): bytes, from ggml-common.h's block sizes
+        (lib.FG_TYPE_Q4_0, 64): 36,
+        (lib.FG_TYPE_Q4_1, 64): 40,
+        (lib.FG_TYPE_Q5_0, 64): 44,
+        (lib.FG_TYPE_Q5_1, 64): 48,
+        (lib.FG_TYPE_Q8_0, 64): 68,
+        (lib.FG_TYPE_Q8_1, 64): 72,
+        (lib.FG_TYPE_Q4_K, 512): 288,
+        (lib.FG_TYPE_Q5_K, 512): 352,
+        (lib.FG_TYPE_Q6_K, 512): 420,
+        (lib.FG_TYPE_Q8_K, 512): 584,
+        (lib.FG_TYPE_F16, 7): 14,
+        (lib.FG_TYPE_F32, 7): 28,
+    }
+    for (t, n), size in row_bytes.items():
+        assert lib.fg_row_size(t, n) == size
+    for t in (*K_TYPES.values(), lib.FG_TYPE_Q8_K):
+        assert lib.fg_block_size(t) == 256
+    vec_dot_type = {
+        lib.FG_TYPE_Q4_0: lib.FG_TYPE_Q8_0,
+        lib.FG_TYPE_Q5_0: lib.FG_TYPE_Q8_0,
+        lib.FG_TYPE_Q8_0: lib.FG_TYPE_Q8_0,
+        lib.FG_TYPE_Q4_1: lib.FG_TYPE_Q8_1,
+        lib.FG_TYPE_Q5_1: lib.FG_TYPE_Q8_1,
+        lib.FG_TYPE_Q4_K: lib.FG_TYPE_Q8_K,
+        lib.FG_TYPE_Q5_K: lib.FG_TYPE_Q8_K,
+        lib.FG_TYPE_Q6_K: lib.FG_TYPE_Q8_K,
+        lib.FG_TYPE_F16: lib.FG_TYPE_F16,
+        lib.FG_TYPE_F32: lib.FG_TYPE_F32,
+    }
+    for t, vt in vec_dot_type.items():
+        assert lib.fg_vec_dot_type(t) == vt
+    # the same numbers as gguf-py's enum (= ggml's enum ggml_type)
+    for t, qt in GGUF_TYPE.items():
+        assert t == int(qt)
+    assert lib.FG_TYPE_Q8_K == int(QT.Q8_K)
 
 
 def test_simd_name():
