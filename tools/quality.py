@@ -7,6 +7,9 @@ perplexity and teacher-forced top-1 agreement on the first tokens of the evaluat
                             [--threads 2] [--n-batch 512]
 
 --n-batch 1 evaluates token by token (as decode computes), both sides.
+--stock-floor also runs stock llama.cpp with its weight repacking off (pure mmap, other
+matmul kernels): its agreement with stock as shipped is the floor that kernel rounding alone
+sets on top-1 agreement.
 
 The model is converted into a temporary file, once per --down-type (a comma-separated list:
 the candidates compared against one stock run); one result line per conversion.
@@ -15,6 +18,7 @@ the candidates compared against one stock run); one result line per conversion.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +42,24 @@ SHARED_EVALUATION = REPO.parent / "shared" / "data" / "brown" / "evaluation.txt"
 EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"
 
 
+@contextlib.contextmanager
+def no_weight_repacking():
+    """llama_cpp.Llama made inside loads with use_extra_bufts=False: llama.cpp's CPU backend
+    then keeps its weights as the file stores them (no CPU_REPACK copies, other kernels)."""
+    original = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = original
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="source GGUF (default: SmolLM2)")
@@ -46,9 +68,12 @@ def main() -> int:
                    help="text to score (default: the shared evaluation.txt, else its excerpt)")
     p.add_argument("--bundle-type", default="auto", help="flashgguf-convert --bundle-type")
     p.add_argument("--down-type", default="auto",
-                   help="flashgguf-convert --down-type; several, comma-separated, to compare")
+                   help="flashgguf-convert --down-type; several, comma-separated, to compare "
+                   "(empty: no conversion, with --stock-floor)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch")
+    p.add_argument("--stock-floor", action="store_true",
+                   help="also compare stock with repacking off against stock as shipped")
     args = p.parse_args()
     src = Path(args.model or smollm2_gguf())
     text_path = args.text or (SHARED_EVALUATION if SHARED_EVALUATION.exists() else EVALUATION_HEAD)
@@ -63,8 +88,16 @@ def main() -> int:
     stock.close()
     print(f"model {src.name}, first {len(tokens)} tokens of {text_path.name}; stock perplexity "
           f"{perplexity(want, tokens):.3f}")
+    if args.stock_floor:
+        with no_weight_repacking():
+            plain = llama_cpp.Llama(str(src), **kw)
+        got = teacher_forced_logits(plain, tokens)
+        plain.close()
+        print(f"stock without repacking: perplexity {perplexity(got, tokens):.3f} (ratio "
+              f"{perplexity(got, tokens) / perplexity(want, tokens):.4f}); top-1 agreement "
+              f"{top1_agreement(got, want):.4f}")
     # beside a model given by path (it may be big); the packaged SmolLM2 in the system's tmp
-    for down_type in args.down_type.split(","):
+    for down_type in filter(None, args.down_type.split(",")):
         with tempfile.TemporaryDirectory(dir=src.parent if args.model else None) as tmp:
             flash_path = Path(tmp) / "quality.flash.gguf"
             report = convert_gguf(src, flash_path, ConvertOptions(
