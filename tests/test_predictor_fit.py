@@ -10,6 +10,8 @@ from flashgguf import constants as C
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
+    _svd_basis,
+    _times_moment,
     fit_layer_predictor,
     needed_neurons,
     output_error,
@@ -245,3 +247,14 @@ def test_planted_rule_is_recovered_with_the_issues_bar():
     fitted, _, _ = _fit("silu", planted_rank=32, keep=0.5, recall=0.99)
     assert fitted.predictor.rank == 32 and fitted.recall >= 0.985
     assert fitted.precision >= 0.8
+
+
+def test_diagonal_second_moment_is_the_dense_diagonal_exactly():
+    # the weight-only model's moment diag(w^2) is kept as the vector w^2: scaling columns
+    # gives bit for bit what the [n_embd, n_embd] product gave (one product plus zeros)
+    gate, up, _, norm = _layer(None, seed=2)
+    np.testing.assert_array_equal(_times_moment(up, norm**2), up @ np.diag(norm**2))
+    u, s = _svd_basis(gate, norm)
+    u_dense, s_dense = _svd_basis(gate, np.diag(norm))
+    np.testing.assert_array_equal(s, s_dense)
+    np.testing.assert_array_equal(u, u_dense)

@@ -222,10 +222,17 @@ def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
     return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
 
 
+def _times_moment(m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """m @ c for a factor of the inputs' second moment; a 1-D c is a diagonal (the weight-only
+    model), applied as a column scaling: the same values as m @ diag(c) (each entry is one
+    product plus zeros) without an [n, n_embd] x [n_embd, n_embd] product."""
+    return m * c if c.ndim == 1 else m @ c
+
+
 def _svd_basis(decider: np.ndarray, root_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Left singular vectors and values of decider L (L L^T: the inputs' second moment),
-    from the small Gram matrix."""
-    m = decider @ root_cov
+    """Left singular vectors and values of decider L (L L^T: the inputs' second moment; 1-D:
+    diagonal), from the small Gram matrix."""
+    m = _times_moment(decider, root_cov)
     evals, v = np.linalg.eigh(m.T @ m)  # ascending
     evals, v = evals[::-1], v[:, ::-1]
     s = np.sqrt(np.clip(evals, 0.0, None))
@@ -235,15 +242,15 @@ def _svd_basis(decider: np.ndarray, root_cov: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
-                     cov: np.ndarray, x: np.ndarray | None) -> FloatPredictor:
+                     up_cov: np.ndarray | None, x: np.ndarray | None) -> FloatPredictor:
+    """The rank-`rank` predictor from the basis (u, s). up_cov: W_up times the inputs' second
+    moment (gated FFNs; it does not depend on the rank, so the caller forms it once)."""
     a = (u[:, :rank].T @ layer.decider) / s[:rank, None]
     b = u[:, :rank] * s[:rank]
     if a.shape[0] < rank:  # fewer non-zero singular values than a Q8_0 block: pad with zeros
         a = np.vstack([a, np.zeros((rank - a.shape[0], a.shape[1]))])
         b = np.hstack([b, np.zeros((b.shape[0], rank - b.shape[1]))])
-    b_up = None
-    if layer.gate is not None:
-        b_up = (layer.up @ cov) @ a.T
+    b_up = None if up_cov is None else up_cov @ a.T
     # the plain score for the ReLU family (exact zeros decide, threshold 0) and without real
     # inputs: residuals on random inputs say nothing of real ones, and scoring with them
     # missed the few neurons real text needs most (SmolLM2: 5.6x perplexity at 99% computed)
@@ -308,7 +315,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     if inputs is None:
         fit_x = random_inputs(norm_weight, opts.n_samples, seed)
         held_x = random_inputs(norm_weight, opts.n_samples, seed + 1_000_003)
-        cov, root_cov = np.diag(norm_weight**2), np.diag(norm_weight)
+        cov, root_cov = norm_weight**2, norm_weight  # diagonal
     else:
         fit_x, held_x = (np.asarray(x, dtype=np.float64) for x in inputs)
         cov, root_cov = _second_moment(fit_x)
@@ -325,6 +332,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     # the expected score needs real inputs
     residual_x = fit_x if inputs is not None and opts.expected_score else None
     recall = opts.target_recall(inputs is not None)
+    up_cov = None if gate is None else _times_moment(layer.up, cov)
 
     def cost(fp: FloatPredictor) -> float:
         """What a rank buys, lower is better: the share of neurons loaded at the target
@@ -335,16 +343,16 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         return float((scores > _threshold(scores, fit_need, recall)).mean())
 
     # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
-    best = cost(_float_predictor(layer, u, s, ranks[-1], cov, residual_x))
+    best = cost(_float_predictor(layer, u, s, ranks[-1], up_cov, residual_x))
     lo, hi = 0, len(ranks) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(_float_predictor(layer, u, s, ranks[mid], cov, residual_x)) <= best + \
+        if cost(_float_predictor(layer, u, s, ranks[mid], up_cov, residual_x)) <= best + \
                 opts.rank_tolerance:
             hi = mid
         else:
             lo = mid + 1
-    fp = _float_predictor(layer, u, s, ranks[lo], cov, residual_x)
+    fp = _float_predictor(layer, u, s, ranks[lo], up_cov, residual_x)
 
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
