@@ -10,7 +10,9 @@ from flashgguf import constants as C
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
+    _NeededScores,
     _svd_basis,
+    _threshold,
     _times_moment,
     fit_layer_predictor,
     needed_neurons,
@@ -258,3 +260,37 @@ def test_diagonal_second_moment_is_the_dense_diagonal_exactly():
     u_dense, s_dense = _svd_basis(gate, np.diag(norm))
     np.testing.assert_array_equal(s, s_dense)
     np.testing.assert_array_equal(u, u_dense)
+
+
+def _threshold_by_sort(scores, needed, recall):
+    """The threshold rule as first written (a float64 sort per target): the reference."""
+    s = np.sort(scores[needed].astype(np.float64))
+    if s.size == 0:
+        return 0.0
+    misses = int(np.floor((1.0 - recall) * s.size))
+    cut = s[misses] if misses < s.size else s[-1]
+    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("levels", [None, 7, 1])  # continuous scores; many ties; all equal
+def test_threshold_selection_equals_a_sort_per_target(dtype, levels):
+    rng = np.random.default_rng(11)
+    recalls = [*(float(r) for r in np.asarray(C.PREDICTOR_CURVE_RECALLS, np.float32)),
+               0.95, 0.99, 1.0, 1e-9, 0.5 + 1e-12]
+    for n_tokens, n_ff, p_needed in ((40, 300, 0.7), (3, 5, 0.5), (1, 1, 1.0), (4, 6, 0.0)):
+        scores = rng.gamma(0.5, size=(n_tokens, n_ff)).astype(dtype)
+        if levels is not None:
+            scores = (np.floor(scores * levels / scores.max()) / levels).astype(dtype)
+        needed = rng.random(scores.shape) < p_needed
+        sorted_once = _NeededScores(scores, needed)
+        for r in recalls:
+            want = _threshold_by_sort(scores, needed, r)
+            assert _threshold(scores, needed, r) == want
+            assert sorted_once.threshold(r) == want
+            if needed.any() and dtype is np.float32:
+                # what the rule promises: at least `recall` of the needed pairs above, and no
+                # larger float32 threshold keeps that
+                above = (scores[needed] > want).mean()
+                higher = np.nextafter(np.float32(want), np.float32(np.inf))
+                assert above >= r and (scores[needed] > higher).mean() < r

@@ -211,15 +211,39 @@ def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray,
     return float(np.sqrt(np.square(missed @ down.T).sum() / full_sq))
 
 
+def _misses(n_needed: int, recall: float) -> int:
+    """How many of n_needed needed pairs may score at or below the threshold (the index of
+    the cut in their ascending scores)."""
+    return min(int(np.floor((1.0 - recall) * n_needed)), n_needed - 1)
+
+
+def _below(cut: float) -> float:
+    """The threshold for a cut score: a pair with score == threshold is not predicted (score >
+    threshold), so stay just below the cut in float32."""
+    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+
+
 def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
-    """Largest threshold with at least `recall` of the needed pairs scoring above it."""
-    s = np.sort(scores[needed].astype(np.float64))
+    """Largest threshold with at least `recall` of the needed pairs scoring above it. One
+    target: the cut is a selection (np.partition, linear time), not a sort."""
+    s = scores[needed]
     if s.size == 0:
         return 0.0
-    misses = int(np.floor((1.0 - recall) * s.size))
-    # a pair with score == threshold is not predicted (score > threshold): stay just below
-    cut = s[misses] if misses < s.size else s[-1]
-    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+    k = _misses(s.size, recall)
+    return _below(np.partition(s, k)[k])
+
+
+class _NeededScores:
+    """The needed pairs' scores sorted once: _threshold for any number of recall targets
+    (the stored threshold and the curve's grid) at one sort's cost."""
+
+    def __init__(self, scores: np.ndarray, needed: np.ndarray) -> None:
+        self.sorted = np.sort(scores[needed])
+
+    def threshold(self, recall: float) -> float:
+        if self.sorted.size == 0:
+            return 0.0
+        return _below(self.sorted[_misses(self.sorted.size, recall)])
 
 
 def _times_moment(m: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -361,10 +385,11 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     held_scores = predictor_scores(pred, activation, held_x, act_threshold)
     curve = None
     if activation not in RELU_FAMILY:
-        fit_scores = predictor_scores(pred, activation, fit_x, act_threshold)
-        pred = dataclasses.replace(pred, threshold=_threshold(fit_scores, fit_need_rows,
-                                                              recall))
-        curve = _threshold_curve(fit_scores, fit_need_rows, held_scores, held_h[:, order],
+        # the stored threshold and the curve's come from the same fit scores: one sort
+        fit_scores = _NeededScores(predictor_scores(pred, activation, fit_x, act_threshold),
+                                   fit_need_rows)
+        pred = dataclasses.replace(pred, threshold=fit_scores.threshold(recall))
+        curve = _threshold_curve(fit_scores, held_scores, held_h[:, order],
                                  layer.down[:, order])
     active = held_scores > pred.threshold  # as predicted_active decides
     recall = float(active[held_need_rows].mean()) if held_need_rows.any() else 1.0
@@ -375,13 +400,13 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
                        active.mean(axis=0).astype(np.float32))
 
 
-def _threshold_curve(fit_scores: np.ndarray, fit_need: np.ndarray, held_scores: np.ndarray,
-                     held_h: np.ndarray, down: np.ndarray) -> ThresholdCurve:
-    """Thresholds for each of C.PREDICTOR_CURVE_RECALLS (set on the fit inputs, like the
-    stored one) and the density and output error each gives on the held-out inputs."""
+def _threshold_curve(fit_scores: _NeededScores, held_scores: np.ndarray, held_h: np.ndarray,
+                     down: np.ndarray) -> ThresholdCurve:
+    """Thresholds for each of C.PREDICTOR_CURVE_RECALLS (set on the fit inputs' needed
+    scores, like the stored one) and the density and output error each gives on the held-out
+    inputs."""
     targets = np.asarray(C.PREDICTOR_CURVE_RECALLS, dtype=np.float32)
-    thresholds = np.array([_threshold(fit_scores, fit_need, float(r)) for r in targets],
-                          dtype=np.float32)
+    thresholds = np.array([fit_scores.threshold(float(r)) for r in targets], dtype=np.float32)
     # the error needs an [n, n_ff] x [n_ff, n_embd] product per point: a bounded sample
     n_err = min(held_h.shape[0], CURVE_ERROR_TOKENS)
     h, down = held_h[:n_err].astype(np.float32), np.asarray(down, dtype=np.float32)
