@@ -10,6 +10,9 @@ from flashgguf import constants as C
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
+    _factors,
+    _float_predictor,
+    _Layer,
     _NeededScores,
     _svd_basis,
     _threshold,
@@ -294,3 +297,23 @@ def test_threshold_selection_equals_a_sort_per_target(dtype, levels):
                 above = (scores[needed] > want).mean()
                 higher = np.nextafter(np.float32(want), np.float32(np.inf))
                 assert above >= r and (scores[needed] > higher).mean() < r
+
+
+def test_a_smaller_rank_is_the_leading_components_of_the_largest():
+    # the bisection takes each rank's predictor from the largest rank's factors (and the
+    # basis only as far as the largest candidate): the values factoring at that rank gives
+    gate, up, down, norm = _layer(None, seed=5)
+    layer = _Layer("silu", 0.0, gate, up, down)
+    u_all, s_all = _svd_basis(layer.decider, norm)
+    u, s = _svd_basis(layer.decider, norm, max_rank=96)
+    assert u.shape[1] == 96 and s.size == s_all.size
+    np.testing.assert_allclose(u, u_all[:, :96], rtol=0, atol=1e-13)
+    up_cov = up * norm**2
+    full = _factors(layer, u, s, 96, up_cov)
+    for rank in (32, 64, 96):
+        want = _factors(layer, u, s, rank, up_cov)
+        got = _float_predictor(layer, full, rank, None)
+        for name in ("a", "b", "b_up"):
+            assert getattr(got, name).flags.c_contiguous
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-13,
+                                       atol=0)

@@ -35,6 +35,7 @@ measured on held-out random inputs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,9 @@ class _Layer:
         self.act_threshold = act_threshold
         self.gate = None if gate is None else gate.astype(np.float64)
         self.up = up.astype(np.float64)
+        # float32 views of the same weights (no copy for float32 sources)
+        self.gate32 = None if gate is None else np.asarray(gate, dtype=np.float32)
+        self.up32 = np.asarray(up, dtype=np.float32)
         self.down = down.astype(np.float32)
         self.down_norm = np.linalg.norm(down.astype(np.float64), axis=0)
 
@@ -155,8 +159,12 @@ class _Layer:
     def decider(self) -> np.ndarray:  # the projection that decides activity
         return self.up if self.gate is None else self.gate
 
+    @property
+    def decider32(self) -> np.ndarray:
+        return self.up32 if self.gate32 is None else self.gate32
+
     def hidden(self, x: np.ndarray) -> np.ndarray:
-        return ffn_hidden(self.activation, self.gate, self.up, x, self.act_threshold)
+        return ffn_hidden(self.activation, self.gate32, self.up32, x, self.act_threshold)
 
     def needed(self, h: np.ndarray, keep: float) -> np.ndarray:
         return needed_from_hidden(self.activation, h, self.down_norm, keep)
@@ -168,10 +176,10 @@ def ffn_hidden(activation: str, gate: np.ndarray | None, up: np.ndarray, x: np.n
     original neuron order; drelu applies relu to up too."""
     # float32 is plenty to rank contributions and twice as fast as float64
     x = np.asarray(x, dtype=np.float32)
-    h = activate(activation, x @ (up if gate is None else gate).astype(np.float32).T,
+    h = activate(activation, x @ np.asarray(up if gate is None else gate, np.float32).T,
                  act_threshold)
     if gate is not None:
-        u = x @ up.astype(np.float32).T
+        u = x @ np.asarray(up, np.float32).T
         h = h * (np.maximum(u, 0.0) if activation == "drelu" else u)
     return h
 
@@ -253,43 +261,67 @@ def _times_moment(m: np.ndarray, c: np.ndarray) -> np.ndarray:
     return m * c if c.ndim == 1 else m @ c
 
 
-def _svd_basis(decider: np.ndarray, root_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Left singular vectors and values of decider L (L L^T: the inputs' second moment; 1-D:
-    diagonal), from the small Gram matrix."""
+def _svd_basis(decider: np.ndarray, root_cov: np.ndarray, max_rank: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors (the leading max_rank of them; all without) and all singular
+    values of decider L (L L^T: the inputs' second moment; 1-D: diagonal), from the small
+    Gram matrix."""
     m = _times_moment(decider, root_cov)
     evals, v = np.linalg.eigh(m.T @ m)  # ascending
     evals, v = evals[::-1], v[:, ::-1]
     s = np.sqrt(np.clip(evals, 0.0, None))
     keep = s > s[0] * 1e-6 if s[0] > 0 else np.zeros_like(s, dtype=bool)
     s, v = s[keep], v[:, keep]
-    return (m @ v) / s, s
+    k = s.size if max_rank is None else min(max_rank, s.size)
+    return (m @ v[:, :k]) / s[:k], s
 
 
-def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
-                     up_cov: np.ndarray | None, x: np.ndarray | None) -> FloatPredictor:
-    """The rank-`rank` predictor from the basis (u, s). up_cov: W_up times the inputs' second
-    moment (gated FFNs; it does not depend on the rank, so the caller forms it once)."""
+def _factors(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
+             up_cov: np.ndarray | None) -> FloatPredictor:
+    """A, B (and B_up) of the rank-`rank` predictor from the basis (u, s), no residuals.
+    up_cov: W_up times the inputs' second moment (gated FFNs)."""
     a = (u[:, :rank].T @ layer.decider) / s[:rank, None]
     b = u[:, :rank] * s[:rank]
     if a.shape[0] < rank:  # fewer non-zero singular values than a Q8_0 block: pad with zeros
         a = np.vstack([a, np.zeros((rank - a.shape[0], a.shape[1]))])
         b = np.hstack([b, np.zeros((b.shape[0], rank - b.shape[1]))])
     b_up = None if up_cov is None else up_cov @ a.T
+    return FloatPredictor(a, b, b_up, layer.down_norm)
+
+
+class _Residuals:
+    """The fit inputs' true projections, for the residuals of every rank tried: x W^T does
+    not depend on the rank, so it is formed once."""
+
+    def __init__(self, layer: _Layer, x: np.ndarray) -> None:
+        self.x = x.astype(np.float32)
+        self.decider = self.x @ layer.decider32.T
+        self.up = None if layer.gate is None else self.x @ layer.up32.T
+
+
+def _float_predictor(layer: _Layer, full: FloatPredictor, rank: int,
+                     residuals: _Residuals | None) -> FloatPredictor:
+    """The rank-`rank` predictor: the leading `rank` components of `full` (the factors at the
+    largest rank tried). A's rows are u_i^T W / s_i, B's and B_up's columns are u_i s_i and
+    W_up cov a_i: each component depends on its own singular vector only, so these are the
+    values _factors gives at `rank` (copied: a kept predictor must not hold the full ones)."""
+    a = np.ascontiguousarray(full.a[:rank])
+    b = np.ascontiguousarray(full.b[:, :rank])
+    b_up = None if full.b_up is None else np.ascontiguousarray(full.b_up[:, :rank])
     # the plain score for the ReLU family (exact zeros decide, threshold 0) and without real
     # inputs: residuals on random inputs say nothing of real ones, and scoring with them
     # missed the few neurons real text needs most (SmolLM2: 5.6x perplexity at 99% computed)
-    if layer.activation in RELU_FAMILY or x is None:
+    if layer.activation in RELU_FAMILY or residuals is None:
         return FloatPredictor(a, b, b_up, layer.down_norm)
     # the residuals' RMS per neuron on the fit inputs x: the expected score's spread
-    x = x.astype(np.float32)
-    z = x @ a.T.astype(np.float32)
+    z = residuals.x @ a.T.astype(np.float32)
 
-    def rms(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-        r = x @ w.T.astype(np.float32) - z @ m.T.astype(np.float32)
+    def rms(xw: np.ndarray, m: np.ndarray) -> np.ndarray:
+        r = xw - z @ m.T.astype(np.float32)
         return np.sqrt(np.mean(np.square(r, dtype=np.float64), axis=0))
 
-    return FloatPredictor(a, b, b_up, layer.down_norm, rms(layer.decider, b),
-                          None if b_up is None else rms(layer.up, b_up))
+    return FloatPredictor(a, b, b_up, layer.down_norm, rms(residuals.decider, b),
+                          None if b_up is None else rms(residuals.up, b_up))
 
 
 def _quantized(fp: FloatPredictor, order: np.ndarray, threshold: float) -> LayerPredictor:
@@ -348,15 +380,15 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         layer.needed(held_h, opts.keep)
     if order is None:
         order = np.argsort(-fit_need.mean(axis=0), kind="stable").astype(np.int32)
-    u, s = _svd_basis(layer.decider, root_cov)
+    # no rank beyond the candidates for a full basis is tried: only their singular vectors
+    max_rank = _rank_candidates(n_embd, n_ff, n_embd, bundle_nbytes, gate is not None,
+                                opts.max_share)[-1]
+    u, s = _svd_basis(layer.decider, root_cov, max_rank)
     if s.size == 0:
         raise ConvertError("the FFN's deciding projection is all zeros: nothing to predict")
     ranks = _rank_candidates(n_embd, n_ff, s.size, bundle_nbytes, gate is not None,
                              opts.max_share)
-    # the expected score needs real inputs
-    residual_x = fit_x if inputs is not None and opts.expected_score else None
     recall = opts.target_recall(inputs is not None)
-    up_cov = None if gate is None else _times_moment(layer.up, cov)
 
     def cost(fp: FloatPredictor) -> float:
         """What a rank buys, lower is better: the share of neurons loaded at the target
@@ -366,17 +398,12 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
             return 1.0 - float((scores > 0.0)[fit_need].mean()) if fit_need.any() else 0.0
         return float((scores > _threshold(scores, fit_need, recall)).mean())
 
-    # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
-    best = cost(_float_predictor(layer, u, s, ranks[-1], up_cov, residual_x))
-    lo, hi = 0, len(ranks) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(_float_predictor(layer, u, s, ranks[mid], up_cov, residual_x)) <= best + \
-                opts.rank_tolerance:
-            hi = mid
-        else:
-            lo = mid + 1
-    fp = _float_predictor(layer, u, s, ranks[lo], up_cov, residual_x)
+    fp = _smallest_good_rank(
+        layer, _factors(layer, u, s, ranks[-1], None if gate is None else
+                        _times_moment(layer.up, cov)),
+        # the expected score needs real inputs
+        _Residuals(layer, fit_x) if inputs is not None and opts.expected_score else None,
+        ranks, cost, opts.rank_tolerance)
 
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
@@ -398,6 +425,30 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         else np.zeros(order.size, np.float32)
     return FittedLayer(pred, fp, recall, float(active.mean()), order, freq, precision, curve,
                        active.mean(axis=0).astype(np.float32))
+
+
+def _smallest_good_rank(layer: _Layer, full: FloatPredictor, residuals: _Residuals | None,
+                        ranks: list[int], cost: Callable[[FloatPredictor], float],
+                        tolerance: float) -> FloatPredictor:
+    """The predictor at the smallest candidate rank whose cost is within `tolerance` of the
+    largest's. The cost falls (roughly) monotonically with rank: bisect, each rank's predictor
+    taken from `full` (the largest's factors) once."""
+    tried: dict[int, FloatPredictor] = {}
+
+    def at(rank: int) -> FloatPredictor:
+        if rank not in tried:
+            tried[rank] = _float_predictor(layer, full, rank, residuals)
+        return tried[rank]
+
+    best = cost(at(ranks[-1]))
+    lo, hi = 0, len(ranks) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(at(ranks[mid])) <= best + tolerance:
+            hi = mid
+        else:
+            lo = mid + 1
+    return at(ranks[lo])
 
 
 def _threshold_curve(fit_scores: _NeededScores, held_scores: np.ndarray, held_h: np.ndarray,
