@@ -152,8 +152,10 @@ class _Layer:
         # float32 views of the same weights (no copy for float32 sources)
         self.gate32 = None if gate is None else np.asarray(gate, dtype=np.float32)
         self.up32 = np.asarray(up, dtype=np.float32)
-        self.down = down.astype(np.float32)
-        self.down_norm = np.linalg.norm(down.astype(np.float64), axis=0)
+        self.down = np.asarray(down, dtype=np.float32)
+        # np.linalg.norm(down, axis=0) in float64 (its sum of squares, the same reduction)
+        # without a float64 copy of down
+        self.down_norm = np.sqrt(np.add.reduce(np.square(down, dtype=np.float64), axis=0))
 
     @property
     def decider(self) -> np.ndarray:  # the projection that decides activity
@@ -215,7 +217,7 @@ def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray,
         full_sq = float(np.square(h @ down.T).sum())
     if full_sq == 0.0:
         return 0.0
-    missed = np.where(computed, 0.0, h).astype(np.float32)
+    missed = np.where(computed, np.float32(0.0), np.asarray(h, dtype=np.float32))
     return float(np.sqrt(np.square(missed @ down.T).sum() / full_sq))
 
 
