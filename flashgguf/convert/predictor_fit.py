@@ -107,12 +107,14 @@ class FloatPredictor:
     def scores(self, activation: str, x: np.ndarray, act_threshold: float = 0.0) -> np.ndarray:
         """The contract's score in float64, without quantization."""
         z = np.asarray(x, dtype=np.float64) @ self.a.T
+        # products in place: score is a fresh float64 array (the same values as score * ...)
         score = expected_abs_activation(activation, z @ self.b.T, self.sigma_g, act_threshold)
         if self.b_up is not None:
             u_hat = z @ self.b_up.T
-            score = score * expected_abs_up(np.maximum(u_hat, 0.0) if activation == "drelu"
-                                            else u_hat, self.sigma_u)
-        return score * self.scale
+            score *= expected_abs_up(np.maximum(u_hat, 0.0) if activation == "drelu"
+                                     else u_hat, self.sigma_u)
+        score *= self.scale
+        return score
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class _Layer:
         self.activation = activation
         self.act_threshold = act_threshold
         self.gate = None if gate is None else gate.astype(np.float64)
-        self.up = up.astype(np.float64)
+        # up in float64 only where it decides (ungated): up_cov takes it as it is
+        self.up = up.astype(np.float64) if gate is None else np.asarray(up)
         # float32 views of the same weights (no copy for float32 sources)
         self.gate32 = None if gate is None else np.asarray(gate, dtype=np.float32)
         self.up32 = np.asarray(up, dtype=np.float32)
