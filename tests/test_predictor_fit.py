@@ -317,3 +317,23 @@ def test_a_smaller_rank_is_the_leading_components_of_the_largest():
             assert getattr(got, name).flags.c_contiguous
             np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-13,
                                        atol=0)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_rank_costs_in_float32_move_by_rounding_only(activation):
+    # the bisection scores in float32: the cost it compares (density at the target recall;
+    # ReLU: the needed share missed) moves by a few pairs of n_samples x n_ff, far below the
+    # rank tolerance (0.01)
+    fitted, norm, _ = _fit(activation, recall=0.99)
+    fp = fitted.float_predictor
+    x = random_inputs(norm, 512, 3)
+    gate, up, down, _ = _layer(None)
+    need = needed_neurons(activation, gate, up, np.linalg.norm(down, axis=0), x, 0.7)
+    s64, s32 = fp.scores(activation, x), fp.scores(activation, x, dtype=np.float32)
+    assert s32.dtype == np.float32
+    np.testing.assert_allclose(s32, s64, rtol=1e-4, atol=1e-6 * s64.max())
+    if activation == "relu":
+        costs = [1.0 - float((s > 0)[need].mean()) for s in (s64, s32)]
+    else:
+        costs = [float((s > _threshold(s, need, 0.99)).mean()) for s in (s64, s32)]
+    assert abs(costs[0] - costs[1]) < 1e-4
