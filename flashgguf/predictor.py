@@ -96,8 +96,12 @@ class ThresholdCurve:
 
 def activate(activation: str, v: np.ndarray, threshold: float = 0.0) -> np.ndarray:
     """The FFN activation as the C core applies it (threshold: fatrelu's)."""
-    if activation == "silu":
-        return v / (1.0 + np.exp(-v))
+    if activation == "silu":  # v / (1 + exp(-v)), in one temporary (same operations)
+        v = np.asarray(v)
+        t = np.negative(v, out=np.empty(v.shape, np.result_type(v, 1.0)))
+        np.exp(t, out=t)
+        t += 1.0
+        return np.divide(v, t, out=t)
     if activation == "gelu":
         return 0.5 * v * (1.0 + np.tanh(0.7978845608028654 * (v + 0.044715 * v**3)))
     if activation in ("relu", "drelu"):

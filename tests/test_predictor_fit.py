@@ -10,6 +10,13 @@ from flashgguf import constants as C
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
+    _factors,
+    _float_predictor,
+    _Layer,
+    _NeededScores,
+    _svd_basis,
+    _threshold,
+    _times_moment,
     fit_layer_predictor,
     needed_neurons,
     output_error,
@@ -245,3 +252,88 @@ def test_planted_rule_is_recovered_with_the_issues_bar():
     fitted, _, _ = _fit("silu", planted_rank=32, keep=0.5, recall=0.99)
     assert fitted.predictor.rank == 32 and fitted.recall >= 0.985
     assert fitted.precision >= 0.8
+
+
+def test_diagonal_second_moment_is_the_dense_diagonal_exactly():
+    # the weight-only model's moment diag(w^2) is kept as the vector w^2: scaling columns
+    # gives bit for bit what the [n_embd, n_embd] product gave (one product plus zeros)
+    gate, up, _, norm = _layer(None, seed=2)
+    np.testing.assert_array_equal(_times_moment(up, norm**2), up @ np.diag(norm**2))
+    u, s = _svd_basis(gate, norm)
+    u_dense, s_dense = _svd_basis(gate, np.diag(norm))
+    np.testing.assert_array_equal(s, s_dense)
+    np.testing.assert_array_equal(u, u_dense)
+
+
+def _threshold_by_sort(scores, needed, recall):
+    """The threshold rule as first written (a float64 sort per target): the reference."""
+    s = np.sort(scores[needed].astype(np.float64))
+    if s.size == 0:
+        return 0.0
+    misses = int(np.floor((1.0 - recall) * s.size))
+    cut = s[misses] if misses < s.size else s[-1]
+    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("levels", [None, 7, 1])  # continuous scores; many ties; all equal
+def test_threshold_selection_equals_a_sort_per_target(dtype, levels):
+    rng = np.random.default_rng(11)
+    recalls = [*(float(r) for r in np.asarray(C.PREDICTOR_CURVE_RECALLS, np.float32)),
+               0.95, 0.99, 1.0, 1e-9, 0.5 + 1e-12]
+    for n_tokens, n_ff, p_needed in ((40, 300, 0.7), (3, 5, 0.5), (1, 1, 1.0), (4, 6, 0.0)):
+        scores = rng.gamma(0.5, size=(n_tokens, n_ff)).astype(dtype)
+        if levels is not None:
+            scores = (np.floor(scores * levels / scores.max()) / levels).astype(dtype)
+        needed = rng.random(scores.shape) < p_needed
+        sorted_once = _NeededScores(scores, needed)
+        for r in recalls:
+            want = _threshold_by_sort(scores, needed, r)
+            assert _threshold(scores, needed, r) == want
+            assert sorted_once.threshold(r) == want
+            if needed.any() and dtype is np.float32:
+                # what the rule promises: at least `recall` of the needed pairs above, and no
+                # larger float32 threshold keeps that
+                above = (scores[needed] > want).mean()
+                higher = np.nextafter(np.float32(want), np.float32(np.inf))
+                assert above >= r and (scores[needed] > higher).mean() < r
+
+
+def test_a_smaller_rank_is_the_leading_components_of_the_largest():
+    # the bisection takes each rank's predictor from the largest rank's factors (and the
+    # basis only as far as the largest candidate): the values factoring at that rank gives
+    gate, up, down, norm = _layer(None, seed=5)
+    layer = _Layer("silu", 0.0, gate, up, down)
+    u_all, s_all = _svd_basis(layer.decider, norm)
+    u, s = _svd_basis(layer.decider, norm, max_rank=96)
+    assert u.shape[1] == 96 and s.size == s_all.size
+    np.testing.assert_allclose(u, u_all[:, :96], rtol=0, atol=1e-13)
+    up_cov = up * norm**2
+    full = _factors(layer, u, s, 96, up_cov)
+    for rank in (32, 64, 96):
+        want = _factors(layer, u, s, rank, up_cov)
+        got = _float_predictor(layer, full, rank, None)
+        for name in ("a", "b", "b_up"):
+            assert getattr(got, name).flags.c_contiguous
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-13,
+                                       atol=0)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_rank_costs_in_float32_move_by_rounding_only(activation):
+    # the bisection scores in float32: the cost it compares (density at the target recall;
+    # ReLU: the needed share missed) moves by a few pairs of n_samples x n_ff, far below the
+    # rank tolerance (0.01)
+    fitted, norm, _ = _fit(activation, recall=0.99)
+    fp = fitted.float_predictor
+    x = random_inputs(norm, 512, 3)
+    gate, up, down, _ = _layer(None)
+    need = needed_neurons(activation, gate, up, np.linalg.norm(down, axis=0), x, 0.7)
+    s64, s32 = fp.scores(activation, x), fp.scores(activation, x, dtype=np.float32)
+    assert s32.dtype == np.float32
+    np.testing.assert_allclose(s32, s64, rtol=1e-4, atol=1e-6 * s64.max())
+    if activation == "relu":
+        costs = [1.0 - float((s > 0)[need].mean()) for s in (s64, s32)]
+    else:
+        costs = [float((s > _threshold(s, need, 0.99)).mean()) for s in (s64, s32)]
+    assert abs(costs[0] - costs[1]) < 1e-4

@@ -446,12 +446,14 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
                     opts: ConvertOptions, inputs: FFNInputs | None) -> tuple[FittedLayer, ...]:
     t0 = time.perf_counter()
     layers = range(n_layer)
+    bar = None
     if opts.progress:
         from tqdm import tqdm
 
-        layers = tqdm(layers, desc="fitting predictors", unit="layer")
+        layers = bar = tqdm(layers, desc="fitting predictors", unit="layer")
     fitted = []
     for bid in layers:
+        t_layer = time.perf_counter()
         gate, up, down, norm = layer_ffn_weights(source, spec, bid, n_embd, n_ff)
         if inputs is None:
             with single_threaded_blas():
@@ -468,6 +470,12 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
         # the fit pass reads every layer too: keep its footprint at one layer
         source.release(*(source.stream.tensors.get(template.format(bid=bid))
                          for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+        # progress per layer: on the bar in a terminal, else a log line (a log has no bar)
+        done = f"rank {fitted[-1].predictor.rank}, {time.perf_counter() - t_layer:.1f} s"
+        if bar is not None:
+            bar.set_postfix_str(f"layer {bid}: {done}")
+        else:
+            opts.log(f"flashgguf-convert: predictor layer {bid + 1}/{n_layer}: {done}")
     ranks = [f.predictor.rank for f in fitted]
     recalls = [f.recall for f in fitted]
     dens = [f.density for f in fitted]

@@ -35,6 +35,7 @@ measured on held-out random inputs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,15 +104,23 @@ class FloatPredictor:
     def rank(self) -> int:
         return self.a.shape[0]
 
-    def scores(self, activation: str, x: np.ndarray, act_threshold: float = 0.0) -> np.ndarray:
-        """The contract's score in float64, without quantization."""
-        z = np.asarray(x, dtype=np.float64) @ self.a.T
-        score = expected_abs_activation(activation, z @ self.b.T, self.sigma_g, act_threshold)
+    def scores(self, activation: str, x: np.ndarray, act_threshold: float = 0.0,
+               dtype: type = np.float64) -> np.ndarray:
+        """The contract's score in float64 (or `dtype`), without quantization."""
+
+        def as_dtype(v: np.ndarray | None) -> np.ndarray | None:
+            return None if v is None else np.asarray(v, dtype=dtype)
+
+        z = np.asarray(x, dtype=dtype) @ as_dtype(self.a).T
+        # products in place: score is a fresh array (the same values as score * ...)
+        score = expected_abs_activation(activation, z @ as_dtype(self.b).T,
+                                        as_dtype(self.sigma_g), act_threshold)
         if self.b_up is not None:
-            u_hat = z @ self.b_up.T
-            score = score * expected_abs_up(np.maximum(u_hat, 0.0) if activation == "drelu"
-                                            else u_hat, self.sigma_u)
-        return score * self.scale
+            u_hat = z @ as_dtype(self.b_up).T
+            score *= expected_abs_up(np.maximum(u_hat, 0.0) if activation == "drelu"
+                                     else u_hat, as_dtype(self.sigma_u))
+        score *= as_dtype(self.scale)
+        return score
 
 
 @dataclass(frozen=True)
@@ -147,16 +156,26 @@ class _Layer:
         self.activation = activation
         self.act_threshold = act_threshold
         self.gate = None if gate is None else gate.astype(np.float64)
-        self.up = up.astype(np.float64)
-        self.down = down.astype(np.float32)
-        self.down_norm = np.linalg.norm(down.astype(np.float64), axis=0)
+        # up in float64 only where it decides (ungated): up_cov takes it as it is
+        self.up = up.astype(np.float64) if gate is None else np.asarray(up)
+        # float32 views of the same weights (no copy for float32 sources)
+        self.gate32 = None if gate is None else np.asarray(gate, dtype=np.float32)
+        self.up32 = np.asarray(up, dtype=np.float32)
+        self.down = np.asarray(down, dtype=np.float32)
+        # np.linalg.norm(down, axis=0) in float64 (its sum of squares, the same reduction)
+        # without a float64 copy of down
+        self.down_norm = np.sqrt(np.add.reduce(np.square(down, dtype=np.float64), axis=0))
 
     @property
     def decider(self) -> np.ndarray:  # the projection that decides activity
         return self.up if self.gate is None else self.gate
 
+    @property
+    def decider32(self) -> np.ndarray:
+        return self.up32 if self.gate32 is None else self.gate32
+
     def hidden(self, x: np.ndarray) -> np.ndarray:
-        return ffn_hidden(self.activation, self.gate, self.up, x, self.act_threshold)
+        return ffn_hidden(self.activation, self.gate32, self.up32, x, self.act_threshold)
 
     def needed(self, h: np.ndarray, keep: float) -> np.ndarray:
         return needed_from_hidden(self.activation, h, self.down_norm, keep)
@@ -168,10 +187,10 @@ def ffn_hidden(activation: str, gate: np.ndarray | None, up: np.ndarray, x: np.n
     original neuron order; drelu applies relu to up too."""
     # float32 is plenty to rank contributions and twice as fast as float64
     x = np.asarray(x, dtype=np.float32)
-    h = activate(activation, x @ (up if gate is None else gate).astype(np.float32).T,
+    h = activate(activation, x @ np.asarray(up if gate is None else gate, np.float32).T,
                  act_threshold)
     if gate is not None:
-        u = x @ up.astype(np.float32).T
+        u = x @ np.asarray(up, np.float32).T
         h = h * (np.maximum(u, 0.0) if activation == "drelu" else u)
     return h
 
@@ -207,58 +226,113 @@ def output_error(h: np.ndarray, down: np.ndarray, computed: np.ndarray,
         full_sq = float(np.square(h @ down.T).sum())
     if full_sq == 0.0:
         return 0.0
-    missed = np.where(computed, 0.0, h).astype(np.float32)
+    missed = np.where(computed, np.float32(0.0), np.asarray(h, dtype=np.float32))
     return float(np.sqrt(np.square(missed @ down.T).sum() / full_sq))
 
 
-def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
-    """Largest threshold with at least `recall` of the needed pairs scoring above it."""
-    s = np.sort(scores[needed].astype(np.float64))
-    if s.size == 0:
-        return 0.0
-    misses = int(np.floor((1.0 - recall) * s.size))
-    # a pair with score == threshold is not predicted (score > threshold): stay just below
-    cut = s[misses] if misses < s.size else s[-1]
+def _misses(n_needed: int, recall: float) -> int:
+    """How many of n_needed needed pairs may score at or below the threshold (the index of
+    the cut in their ascending scores)."""
+    return min(int(np.floor((1.0 - recall) * n_needed)), n_needed - 1)
+
+
+def _below(cut: float) -> float:
+    """The threshold for a cut score: a pair with score == threshold is not predicted (score >
+    threshold), so stay just below the cut in float32."""
     return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
 
 
-def _svd_basis(decider: np.ndarray, root_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Left singular vectors and values of decider L (L L^T: the inputs' second moment),
-    from the small Gram matrix."""
-    m = decider @ root_cov
+def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
+    """Largest threshold with at least `recall` of the needed pairs scoring above it. One
+    target: the cut is a selection (np.partition, linear time), not a sort."""
+    s = scores[needed]
+    if s.size == 0:
+        return 0.0
+    k = _misses(s.size, recall)
+    return _below(np.partition(s, k)[k])
+
+
+class _NeededScores:
+    """The needed pairs' scores sorted once: _threshold for any number of recall targets
+    (the stored threshold and the curve's grid) at one sort's cost."""
+
+    def __init__(self, scores: np.ndarray, needed: np.ndarray) -> None:
+        self.sorted = np.sort(scores[needed])
+
+    def threshold(self, recall: float) -> float:
+        if self.sorted.size == 0:
+            return 0.0
+        return _below(self.sorted[_misses(self.sorted.size, recall)])
+
+
+def _times_moment(m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """m @ c for a factor of the inputs' second moment; a 1-D c is a diagonal (the weight-only
+    model), applied as a column scaling: the same values as m @ diag(c) (each entry is one
+    product plus zeros) without an [n, n_embd] x [n_embd, n_embd] product."""
+    return m * c if c.ndim == 1 else m @ c
+
+
+def _svd_basis(decider: np.ndarray, root_cov: np.ndarray, max_rank: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors (the leading max_rank of them; all without) and all singular
+    values of decider L (L L^T: the inputs' second moment; 1-D: diagonal), from the small
+    Gram matrix."""
+    m = _times_moment(decider, root_cov)
     evals, v = np.linalg.eigh(m.T @ m)  # ascending
     evals, v = evals[::-1], v[:, ::-1]
     s = np.sqrt(np.clip(evals, 0.0, None))
     keep = s > s[0] * 1e-6 if s[0] > 0 else np.zeros_like(s, dtype=bool)
     s, v = s[keep], v[:, keep]
-    return (m @ v) / s, s
+    k = s.size if max_rank is None else min(max_rank, s.size)
+    return (m @ v[:, :k]) / s[:k], s
 
 
-def _float_predictor(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
-                     cov: np.ndarray, x: np.ndarray | None) -> FloatPredictor:
+def _factors(layer: _Layer, u: np.ndarray, s: np.ndarray, rank: int,
+             up_cov: np.ndarray | None) -> FloatPredictor:
+    """A, B (and B_up) of the rank-`rank` predictor from the basis (u, s), no residuals.
+    up_cov: W_up times the inputs' second moment (gated FFNs)."""
     a = (u[:, :rank].T @ layer.decider) / s[:rank, None]
     b = u[:, :rank] * s[:rank]
     if a.shape[0] < rank:  # fewer non-zero singular values than a Q8_0 block: pad with zeros
         a = np.vstack([a, np.zeros((rank - a.shape[0], a.shape[1]))])
         b = np.hstack([b, np.zeros((b.shape[0], rank - b.shape[1]))])
-    b_up = None
-    if layer.gate is not None:
-        b_up = (layer.up @ cov) @ a.T
+    b_up = None if up_cov is None else up_cov @ a.T
+    return FloatPredictor(a, b, b_up, layer.down_norm)
+
+
+class _Residuals:
+    """The fit inputs' true projections, for the residuals of every rank tried: x W^T does
+    not depend on the rank, so it is formed once."""
+
+    def __init__(self, layer: _Layer, x: np.ndarray) -> None:
+        self.x = x.astype(np.float32)
+        self.decider = self.x @ layer.decider32.T
+        self.up = None if layer.gate is None else self.x @ layer.up32.T
+
+
+def _float_predictor(layer: _Layer, full: FloatPredictor, rank: int,
+                     residuals: _Residuals | None) -> FloatPredictor:
+    """The rank-`rank` predictor: the leading `rank` components of `full` (the factors at the
+    largest rank tried). A's rows are u_i^T W / s_i, B's and B_up's columns are u_i s_i and
+    W_up cov a_i: each component depends on its own singular vector only, so these are the
+    values _factors gives at `rank` (copied: a kept predictor must not hold the full ones)."""
+    a = np.ascontiguousarray(full.a[:rank])
+    b = np.ascontiguousarray(full.b[:, :rank])
+    b_up = None if full.b_up is None else np.ascontiguousarray(full.b_up[:, :rank])
     # the plain score for the ReLU family (exact zeros decide, threshold 0) and without real
     # inputs: residuals on random inputs say nothing of real ones, and scoring with them
     # missed the few neurons real text needs most (SmolLM2: 5.6x perplexity at 99% computed)
-    if layer.activation in RELU_FAMILY or x is None:
+    if layer.activation in RELU_FAMILY or residuals is None:
         return FloatPredictor(a, b, b_up, layer.down_norm)
     # the residuals' RMS per neuron on the fit inputs x: the expected score's spread
-    x = x.astype(np.float32)
-    z = x @ a.T.astype(np.float32)
+    z = residuals.x @ a.T.astype(np.float32)
 
-    def rms(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-        r = x @ w.T.astype(np.float32) - z @ m.T.astype(np.float32)
+    def rms(xw: np.ndarray, m: np.ndarray) -> np.ndarray:
+        r = xw - z @ m.T.astype(np.float32)
         return np.sqrt(np.mean(np.square(r, dtype=np.float64), axis=0))
 
-    return FloatPredictor(a, b, b_up, layer.down_norm, rms(layer.decider, b),
-                          None if b_up is None else rms(layer.up, b_up))
+    return FloatPredictor(a, b, b_up, layer.down_norm, rms(residuals.decider, b),
+                          None if b_up is None else rms(residuals.up, b_up))
 
 
 def _quantized(fp: FloatPredictor, order: np.ndarray, threshold: float) -> LayerPredictor:
@@ -308,7 +382,7 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     if inputs is None:
         fit_x = random_inputs(norm_weight, opts.n_samples, seed)
         held_x = random_inputs(norm_weight, opts.n_samples, seed + 1_000_003)
-        cov, root_cov = np.diag(norm_weight**2), np.diag(norm_weight)
+        cov, root_cov = norm_weight**2, norm_weight  # diagonal
     else:
         fit_x, held_x = (np.asarray(x, dtype=np.float64) for x in inputs)
         cov, root_cov = _second_moment(fit_x)
@@ -317,34 +391,33 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
         layer.needed(held_h, opts.keep)
     if order is None:
         order = np.argsort(-fit_need.mean(axis=0), kind="stable").astype(np.int32)
-    u, s = _svd_basis(layer.decider, root_cov)
+    # no rank beyond the candidates for a full basis is tried: only their singular vectors
+    max_rank = _rank_candidates(n_embd, n_ff, n_embd, bundle_nbytes, gate is not None,
+                                opts.max_share)[-1]
+    u, s = _svd_basis(layer.decider, root_cov, max_rank)
     if s.size == 0:
         raise ConvertError("the FFN's deciding projection is all zeros: nothing to predict")
     ranks = _rank_candidates(n_embd, n_ff, s.size, bundle_nbytes, gate is not None,
                              opts.max_share)
-    # the expected score needs real inputs
-    residual_x = fit_x if inputs is not None and opts.expected_score else None
     recall = opts.target_recall(inputs is not None)
 
     def cost(fp: FloatPredictor) -> float:
         """What a rank buys, lower is better: the share of neurons loaded at the target
-        recall; for the ReLU family (threshold fixed at 0) the share of needed ones missed."""
-        scores = fp.scores(activation, fit_x, act_threshold)
+        recall; for the ReLU family (threshold fixed at 0) the share of needed ones missed.
+        In float32: a density over n_samples x n_ff pairs moves by ~1e-6 with the rounding
+        (the pairs next to the threshold), far below its sampling noise and the tolerance,
+        at half the cost of float64."""
+        scores = fp.scores(activation, fit_x, act_threshold, np.float32)
         if activation in RELU_FAMILY:
             return 1.0 - float((scores > 0.0)[fit_need].mean()) if fit_need.any() else 0.0
         return float((scores > _threshold(scores, fit_need, recall)).mean())
 
-    # the cost falls (roughly) monotonically with rank: bisect for the smallest good one
-    best = cost(_float_predictor(layer, u, s, ranks[-1], cov, residual_x))
-    lo, hi = 0, len(ranks) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(_float_predictor(layer, u, s, ranks[mid], cov, residual_x)) <= best + \
-                opts.rank_tolerance:
-            hi = mid
-        else:
-            lo = mid + 1
-    fp = _float_predictor(layer, u, s, ranks[lo], cov, residual_x)
+    fp = _smallest_good_rank(
+        layer, _factors(layer, u, s, ranks[-1], None if gate is None else
+                        _times_moment(layer.up, cov)),
+        # the expected score needs real inputs
+        _Residuals(layer, fit_x) if inputs is not None and opts.expected_score else None,
+        ranks, cost, opts.rank_tolerance)
 
     # thresholds and recall from the stored form, which is what the runtime scores with
     pred = _quantized(fp, order, 0.0)
@@ -353,10 +426,11 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
     held_scores = predictor_scores(pred, activation, held_x, act_threshold)
     curve = None
     if activation not in RELU_FAMILY:
-        fit_scores = predictor_scores(pred, activation, fit_x, act_threshold)
-        pred = dataclasses.replace(pred, threshold=_threshold(fit_scores, fit_need_rows,
-                                                              recall))
-        curve = _threshold_curve(fit_scores, fit_need_rows, held_scores, held_h[:, order],
+        # the stored threshold and the curve's come from the same fit scores: one sort
+        fit_scores = _NeededScores(predictor_scores(pred, activation, fit_x, act_threshold),
+                                   fit_need_rows)
+        pred = dataclasses.replace(pred, threshold=fit_scores.threshold(recall))
+        curve = _threshold_curve(fit_scores, held_scores, held_h[:, order],
                                  layer.down[:, order])
     active = held_scores > pred.threshold  # as predicted_active decides
     recall = float(active[held_need_rows].mean()) if held_need_rows.any() else 1.0
@@ -367,13 +441,37 @@ def fit_layer_predictor(activation: str, gate: np.ndarray | None, up: np.ndarray
                        active.mean(axis=0).astype(np.float32))
 
 
-def _threshold_curve(fit_scores: np.ndarray, fit_need: np.ndarray, held_scores: np.ndarray,
-                     held_h: np.ndarray, down: np.ndarray) -> ThresholdCurve:
-    """Thresholds for each of C.PREDICTOR_CURVE_RECALLS (set on the fit inputs, like the
-    stored one) and the density and output error each gives on the held-out inputs."""
+def _smallest_good_rank(layer: _Layer, full: FloatPredictor, residuals: _Residuals | None,
+                        ranks: list[int], cost: Callable[[FloatPredictor], float],
+                        tolerance: float) -> FloatPredictor:
+    """The predictor at the smallest candidate rank whose cost is within `tolerance` of the
+    largest's. The cost falls (roughly) monotonically with rank: bisect, each rank's predictor
+    taken from `full` (the largest's factors) once."""
+    tried: dict[int, FloatPredictor] = {}
+
+    def at(rank: int) -> FloatPredictor:
+        if rank not in tried:
+            tried[rank] = _float_predictor(layer, full, rank, residuals)
+        return tried[rank]
+
+    best = cost(at(ranks[-1]))
+    lo, hi = 0, len(ranks) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(at(ranks[mid])) <= best + tolerance:
+            hi = mid
+        else:
+            lo = mid + 1
+    return at(ranks[lo])
+
+
+def _threshold_curve(fit_scores: _NeededScores, held_scores: np.ndarray, held_h: np.ndarray,
+                     down: np.ndarray) -> ThresholdCurve:
+    """Thresholds for each of C.PREDICTOR_CURVE_RECALLS (set on the fit inputs' needed
+    scores, like the stored one) and the density and output error each gives on the held-out
+    inputs."""
     targets = np.asarray(C.PREDICTOR_CURVE_RECALLS, dtype=np.float32)
-    thresholds = np.array([_threshold(fit_scores, fit_need, float(r)) for r in targets],
-                          dtype=np.float32)
+    thresholds = np.array([fit_scores.threshold(float(r)) for r in targets], dtype=np.float32)
     # the error needs an [n, n_ff] x [n_ff, n_embd] product per point: a bounded sample
     n_err = min(held_h.shape[0], CURVE_ERROR_TOKENS)
     h, down = held_h[:n_err].astype(np.float32), np.asarray(down, dtype=np.float32)
