@@ -46,7 +46,16 @@ def folder(tmp_path_factory) -> Path:
     # six layers: five sliding-window layers and one global one, as Gemma 3 alternates them;
     # head_dim * n_head != n_embd, as in the real models
     TinyModel(arch="gemma3", ffn_type=Q.Q4_0, n_layer=6, head_dim=32),
-], ids=["llama-q4_1", "llama-q8_0", "qwen2-q4_0", "gemma3-q4_0"])
+    # K-quant mixes as llama.cpp's Q4_K_M writes them: gate/up rows copied, down columns
+    # per layer (Q6_K/Q4_K where n_embd is whole 256-blocks, else Q8_0); Gemma's Q5_0 rows
+    TinyModel(arch="qwen2", ffn_type=Q.Q4_K, n_layer=3, n_embd=256, n_ff=512,
+              down_types=(Q.Q6_K, Q.Q4_K, Q.Q6_K)),
+    TinyModel(arch="gemma3", ffn_type=Q.Q5_0, n_layer=6, head_dim=32, n_ff=512,
+              down_types=(Q.Q6_K, Q.Q6_K, Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q4_K)),
+    TinyModel(arch="llama", ffn_type=Q.Q5_K, n_embd=256, n_ff=512),
+    TinyModel(arch="llama", ffn_type=Q.Q5_1),
+], ids=["llama-q4_1", "llama-q8_0", "qwen2-q4_0", "gemma3-q4_0", "qwen2-q4_k_m", "gemma3-q5_0",
+        "llama-q5_k", "llama-q5_1"])
 def test_flash_matches_stock(tiny_models, folder, spec):
     src = tiny_models(spec)
     stock = llama_cpp.Llama(str(src), **KW)
@@ -55,14 +64,25 @@ def test_flash_matches_stock(tiny_models, folder, spec):
     flash = Llama(str(convert(src, folder)), flash_offload=True, **KW)
     assert flash.tokenize(TEXT.encode()) == tokens
     got = teacher_forced_logits(flash, tokens)
-    # Same weights, same activation quantization; only the re-quantized down columns differ.
-    assert rel_err(got, want) < 0.03
+    # Same weights, same activation quantization; only the re-quantized down columns differ:
+    # Q8_0 columns add ~0.6% to the weights' error, Q4_K columns of Q4_K rows ~10% (the real
+    # model's cost of that is measured end to end in BENCHMARKS.md)
+    four_bit_down = spec.down_types is not None and Q.Q4_K in spec.down_types \
+        and spec.n_embd % 256 == 0
+    assert rel_err(got, want) < (0.06 if four_bit_down else 0.03)
     assert top1_agreement(got, want) >= 0.9
-    # one token at a time (the decode path: one row per graph) agrees with the batch
+    # one token at a time (the decode path: one row per graph) agrees with the batch; with
+    # K-quants the FFN input is quantized in blocks of 256 (Q8_K), where a small difference
+    # in the trunk's batched attention moves more roundings (stock llama.cpp's own batch and
+    # decode logits differ by up to 0.6 on the Q5_K model)
+    k_quant = spec.ffn_type in (Q.Q4_K, Q.Q5_K, Q.Q6_K)
     flash.reset()
     for i, tok in enumerate(tokens[:8]):
         flash.eval([tok])
-        np.testing.assert_allclose(flash.scores[i], got[i], rtol=1e-3, atol=1e-3)
+        if k_quant:
+            assert rel_err(flash.scores[i], got[i]) < 5e-3
+        else:
+            np.testing.assert_allclose(flash.scores[i], got[i], rtol=1e-3, atol=1e-3)
     stats = flash.flash_stats()
     assert stats["tokens"] == len(tokens) + 8
     assert stats["neurons_computed"] == (len(tokens) + 8) * spec.n_ff * spec.n_layer

@@ -27,7 +27,14 @@ from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tens
 from ..options import DEFAULT_PINNED_SHARE
 from ..runtime import Runtime, RuntimeOptions
 from .blas import single_threaded_blas
-from .bundle import LayerBundle, SourceMatrix, build_layer_bundle, choose_part_type, make_layout
+from .bundle import (
+    LayerBundle,
+    SourceMatrix,
+    build_layer_bundle,
+    choose_down_type,
+    choose_part_type,
+    make_layout,
+)
 from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
@@ -135,7 +142,8 @@ def _layer_layout(tensors: dict[str, TensorInfo], spec: ArchSpec, bid: int, n_em
         t = tensors.get(template.format(bid=bid))
         if t is None:
             raise FormatError(f"source tensor {template.format(bid=bid)!r} is missing")
-        types[part] = choose_part_type(t.ggml_type, n_embd, requested)
+        choose = choose_down_type if part == C.PART_DOWN else choose_part_type
+        types[part] = choose(t.ggml_type, n_embd, requested)
     return make_layout(n_embd, spec.gated, types, opts.bundle_align)
 
 
