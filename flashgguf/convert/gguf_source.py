@@ -11,6 +11,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -449,41 +450,70 @@ def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_
     return gate, up, down, np.asarray(source.data(t), dtype=np.float32).reshape(-1)
 
 
+def _fit_workers() -> int:
+    """Layers fitted at once: FLASHGGUF_FIT_WORKERS, else one per core up to 4 (each holds
+    one layer's dense FFN and its temporaries: a few hundred MB at 1.5B, ~2 GB at 7B)."""
+    value = os.environ.get("FLASHGGUF_FIT_WORKERS")
+    if value is not None:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ConvertError(f"FLASHGGUF_FIT_WORKERS={value!r} is not an integer") from None
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
                     bundle_nbytes: list[int], order: np.ndarray, popts: PredictorOptions,
                     opts: ConvertOptions, inputs: FFNInputs | None) -> tuple[FittedLayer, ...]:
     t0 = time.perf_counter()
-    layers = range(n_layer)
     bar = None
     if opts.progress:
         from tqdm import tqdm
 
-        layers = bar = tqdm(layers, desc="fitting predictors", unit="layer")
-    fitted = []
-    for bid in layers:
+        bar = tqdm(total=n_layer, desc="fitting predictors", unit="layer")
+
+    def fit(bid: int) -> tuple[FittedLayer, float]:
         t_layer = time.perf_counter()
         gate, up, down, norm = layer_ffn_weights(source, spec, bid, n_embd, n_ff)
-        if inputs is None:
-            with single_threaded_blas():
-                fitted.append(fit_layer_predictor(
-                    spec.activation, gate, up, down, norm, order, bundle_nbytes[bid], popts,
-                    popts.seed + bid, act_threshold=opts.activation_threshold))
-        else:
+        split = None
+        hot_first = order
+        if inputs is not None:
             assert opts.calibration is not None
+            split = inputs.split(bid, opts.calibration.held_out)
             hot_first = None if opts.calibration.hot_first else order  # None: fit orders
-            fitted.append(fit_layer_predictor(spec.activation, gate, up, down, norm, hot_first,
-                                              bundle_nbytes[bid], popts, popts.seed + bid,
-                                              inputs.split(bid, opts.calibration.held_out),
-                                              act_threshold=opts.activation_threshold))
-        # the fit pass reads every layer too: keep its footprint at one layer
+        fitted = fit_layer_predictor(spec.activation, gate, up, down, norm, hot_first,
+                                     bundle_nbytes[bid], popts, popts.seed + bid, split,
+                                     act_threshold=opts.activation_threshold)
+        # the fit pass reads every layer too: keep its footprint at the layers in flight
         source.release(*(source.stream.tensors.get(template.format(bid=bid))
                          for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
-        # progress per layer: on the bar in a terminal, else a log line (a log has no bar)
-        done = f"rank {fitted[-1].predictor.rank}, {time.perf_counter() - t_layer:.1f} s"
-        if bar is not None:
-            bar.set_postfix_str(f"layer {bid}: {done}")
-        else:
-            opts.log(f"flashgguf-convert: predictor layer {bid + 1}/{n_layer}: {done}")
+        return fitted, time.perf_counter() - t_layer
+
+    # Layers are independent: fit several at once, each on one BLAS thread (numpy releases
+    # the GIL in its products, sorts and LAPACK calls); one threaded BLAS call at a time
+    # stalls at every hand-off on a busy machine (blas.py).
+    results: dict[int, FittedLayer] = {}
+    with single_threaded_blas(), ThreadPoolExecutor(_fit_workers()) as pool:
+        futures = {pool.submit(fit, bid): bid for bid in range(n_layer)}
+        try:
+            for future in as_completed(futures):
+                bid = futures[future]
+                results[bid], seconds = future.result()
+                # progress per layer: on the bar in a terminal, else a log line
+                done = f"rank {results[bid].predictor.rank}, {seconds:.1f} s"
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"layer {bid}: {done}")
+                else:
+                    opts.log(f"flashgguf-convert: predictor layer {bid} ({len(results)}/"
+                             f"{n_layer} done): {done}")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # an error or Ctrl-C: start no more layers
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    fitted = [results[bid] for bid in range(n_layer)]
     ranks = [f.predictor.rank for f in fitted]
     recalls = [f.recall for f in fitted]
     dens = [f.density for f in fitted]
