@@ -32,7 +32,7 @@ def silu(tiny_models, folder):
 
 # A K-quant mix as Q4_K_M stores one (gate/up Q4_K; down Q6_K in some layers, Q4_K in
 # others): layers with different part types and strides.
-KQUANT_MIX = TinyModel(arch="qwen2", n_layer=2, n_embd=256, n_ff=320, ffn_type=Q.Q4_K,
+KQUANT_MIX = TinyModel(arch="qwen2", n_layer=2, n_embd=256, n_ff=512, ffn_type=Q.Q4_K,
                        down_types=(Q.Q6_K, Q.Q4_K))
 
 
