@@ -120,7 +120,12 @@ def test_two_models_in_one_process(tiny_models, folder):
     pb = convert(tiny_models(TinyModel(seed=2, ffn_type=Q.Q4_0)), folder)
     alone_a = Llama(str(pa), flash_offload=True, **KW)
     tokens = alone_a.tokenize(TEXT.encode())[:20]
-    ref_a = teacher_forced_logits(alone_a, tokens)
+    # the reference decodes token by token too: llama.cpp's batched and single-token graphs
+    # round differently (by up to 2e-3 here with an AVX2-only build), interleaving must not
+    alone_a.reset()
+    for tok in tokens:
+        alone_a.eval([tok])
+    ref_a = np.array(alone_a.scores[: len(tokens)])
     alone_a.close()
     a = Llama(str(pa), flash_offload=True, **KW)
     b = Llama(str(pb), flash_offload=True, **KW)
@@ -129,7 +134,7 @@ def test_two_models_in_one_process(tiny_models, folder):
     for tok in tokens:  # interleaved decodes
         a.eval([tok])
         b.eval([tok])
-    np.testing.assert_allclose(np.array(a.scores[: len(tokens)]), ref_a, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.array(a.scores[: len(tokens)]), ref_a, rtol=1e-5, atol=1e-5)
     assert rel_err(np.array(b.scores[: len(tokens)]), ref_a) > 0.1  # b is another model
     a.close()
     b.close()
