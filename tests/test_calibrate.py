@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
@@ -87,15 +88,19 @@ def test_capture_shape_mismatch_is_an_error(tiny_models, tmp_path):
 
 
 @pytest.mark.native
-def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path):
-    from gguf import GGMLQuantizationType as Q
+@pytest.mark.parametrize("spec", [
+    TinyModel(n_layer=2, ffn_type=Q.Q8_0),
+    # a K-quant mix (per-layer layouts): calibration and the fit work on the dequantized rows
+    TinyModel(arch="qwen2", n_layer=2, n_embd=256, n_ff=512, ffn_type=Q.Q4_K,
+              down_types=(Q.Q6_K, Q.Q4_K)),
+], ids=["q8_0", "q4_k_m"])
+def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path, spec):
 
     from flashgguf import constants as C
     from flashgguf.convert import ConvertOptions, convert_gguf
     from flashgguf.format import open_flash_file
     from flashgguf.predictor import predicted_active
 
-    spec = TinyModel(n_layer=2, ffn_type=Q.Q8_0)
     src, out = tiny_models(spec), tmp_path / "cal.flash.gguf"
     logs: list[str] = []
     calibration = CalibrationOptions(tokens=640, min_tokens=500, window_tokens=128, n_threads=1)
@@ -113,8 +118,8 @@ def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path):
         # rows hold the neurons order names: the gate rows, byte for byte
         raw = np.fromfile(out, dtype=np.uint8)[layer.bundle.offset:
                                                layer.bundle.offset + layer.bundle.nbytes]
-        rows = raw.reshape(ff.n_ff, ff.layout.stride)
-        _, off = ff.layout.part("gate")
+        rows = raw.reshape(ff.n_ff, layer.layout.stride)
+        _, off = layer.layout.part("gate")
         gate = tensor_array(buf, stream.tensors[f"blk.{layer.index}.ffn_gate.weight"])
         np.testing.assert_array_equal(rows[:, off:off + gate.shape[1]], gate[layer.order])
         # the stored predictor decides on real-looking inputs, and lets most needed through
@@ -139,7 +144,6 @@ def test_calibration_with_bad_text_leaves_no_output(tiny_models, tmp_path):
 
 @pytest.mark.native
 def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
-    from gguf import GGMLQuantizationType as Q
 
     from flashgguf.convert import ConvertOptions, convert_gguf
     from flashgguf.format import open_flash_file

@@ -54,8 +54,9 @@ def folder(tmp_path_factory) -> Path:
               down_types=(Q.Q6_K, Q.Q6_K, Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q4_K)),
     TinyModel(arch="llama", ffn_type=Q.Q5_K, n_embd=256, n_ff=512),
     TinyModel(arch="llama", ffn_type=Q.Q5_1),
+    TinyModel(arch="llama", ffn_type=Q.Q6_K, n_embd=256, n_ff=512),
 ], ids=["llama-q4_1", "llama-q8_0", "qwen2-q4_0", "gemma3-q4_0", "qwen2-q4_k_m", "gemma3-q5_0",
-        "llama-q5_k", "llama-q5_1"])
+        "llama-q5_k", "llama-q5_1", "llama-q6_k"])
 def test_flash_matches_stock(tiny_models, folder, spec):
     src = tiny_models(spec)
     stock = llama_cpp.Llama(str(src), **KW)
