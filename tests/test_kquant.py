@@ -13,12 +13,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from model_factory import TinyModel
 
 from flashgguf import constants as C
+from flashgguf.archs import get_arch
 from flashgguf.convert.bundle import choose_down_type, choose_part_type
 from flashgguf.convert.output import patch_key
 from flashgguf.errors import FormatError, UnsupportedError
 from flashgguf.format import open_flash_file
 from flashgguf.gguf_stream import open_gguf, tensor_array
 from flashgguf.quants import dequantize_rows, row_nbytes
+from flashgguf.runtime import Runtime, RuntimeOptions
 
 Q = GGMLQuantizationType
 
@@ -213,3 +215,30 @@ def test_dense_runtime_computes_each_layer_with_its_own_types(tiny_models, folde
         # the activations are quantized to Q8_K for the K-quant dot products, as in ggml
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
     assert GGML_QUANT_SIZES[Q.Q8_K][0] == 256
+
+
+@pytest.mark.native
+def test_c_refuses_bad_layer_layouts(tiny_models, folder):
+    from flashgguf._native import lib
+
+    flash = convert(tiny_models(Q4_K_M), folder, predictor=None)
+    rt = runtime(flash, [None] * flash.n_layer, mode="naive",
+                 dram_budget=flash.payload_nbytes // 2)
+    q4k = int(Q.Q4_K)
+    row = row_nbytes(Q.Q4_K, flash.n_embd)
+    good = ([q4k, q4k, q4k], [0, row, 2 * row], 3 * row)
+
+    def set_layout(types, offsets, stride, layer=1):
+        return lib.fg_runtime_set_layer_layout(rt.handle, layer, types, offsets, stride)
+
+    assert set_layout(*good) == lib.FG_ERR_STATE  # after load: the slots are allocated
+    rt = Runtime(flash, get_arch(flash.arch), RuntimeOptions(
+        mode="naive", dram_budget=flash.payload_nbytes // 2), load=False)
+    assert set_layout(*good) == lib.FG_OK
+    assert set_layout([q4k, q4k, int(Q.Q3_K)], good[1], good[2]) == lib.FG_ERR_TYPE
+    assert set_layout(good[0], [0, row - 1, 2 * row], good[2]) == lib.FG_ERR_ARG  # overlap
+    assert set_layout(good[0], [0, row, 2 * row + 1], good[2]) == lib.FG_ERR_ARG  # past stride
+    assert set_layout(good[0], [0, row, (1 << 62)], good[2]) == lib.FG_ERR_ARG  # no overflow
+    assert set_layout(good[0], [-1, row, 2 * row], good[2]) == lib.FG_ERR_ARG
+    assert set_layout(good[0], good[1], 1 << 30) == lib.FG_ERR_ARG  # a row must fit a read
+    assert set_layout(*good, layer=flash.n_layer) == lib.FG_ERR_ARG
