@@ -36,9 +36,9 @@ _MODES = {"dense": lib.FG_MODE_DENSE, "naive": lib.FG_MODE_NAIVE,
           "hybrid": lib.FG_MODE_HYBRID, "predicted": lib.FG_MODE_PREDICTED}
 _IO = {"auto": lib.FG_IO_AUTO, "threads": lib.FG_IO_THREADS, "io_uring": lib.FG_IO_URING}
 _IO_NAMES = {lib.FG_IO_THREADS: "threads", lib.FG_IO_URING: "io_uring", 0: "none"}
-_STATS = ("tokens", "bytes_read", "reads", "cache_hits", "cache_misses", "neurons_computed",
-          "pinned_neurons", "window_evictions", "time_predict_s", "time_io_wait_s",
-          "time_ffn_s", "time_total_s")
+_STATS = ("tokens", "bytes_read", "reads", "bytes_needed", "cache_hits", "cache_misses",
+          "neurons_computed", "pinned_neurons", "window_evictions", "time_predict_s",
+          "time_io_wait_s", "time_ffn_s", "time_total_s")
 
 
 def strerror(code: int) -> str:
@@ -201,8 +201,7 @@ class Runtime:
             need = int(lib.fg_runtime_min_budget(self._rt))
             raise BudgetError(
                 f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
-                f"flash_mode={opts.mode!r}: the minimum is {need:,} bytes (pinned rows + one "
-                f"read round of 1/8 of the unpinned rows per layer, + predictors)")
+                f"flash_mode={opts.mode!r}: the minimum is {need:,} bytes (the predictors)")
         check(code, what)
 
     def plan(self) -> list[tuple[int, int]]:
@@ -356,6 +355,10 @@ class Runtime:
     def fail_reads(self, errno_value: int, after: int = 0) -> None:
         """Every read fails with errno_value once `after` more reads went through (0: off)."""
         lib.fg_runtime_debug_fail_reads(self.handle, errno_value, after)
+
+    def delay_reads(self, delay_us: int, every: int) -> None:
+        """Tests: every every-th read of a call lands delay_us late (reorders completions)."""
+        lib.fg_runtime_debug_delay_reads(self.handle, delay_us, every)
 
     # ---- errors and stats ----------------------------------------------------------
 

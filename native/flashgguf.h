@@ -95,8 +95,8 @@ typedef struct fg_runtime fg_runtime;
 
 /* What is resident and what is read per token (fg_config.mode). */
 #define FG_MODE_DENSE     0  /* every bundle in DRAM, read once at load */
-#define FG_MODE_NAIVE     1  /* the whole FFN of a layer read every token, no cache */
-#define FG_MODE_HYBRID    2  /* half of each layer pinned, the other half read every token */
+#define FG_MODE_NAIVE     1  /* the whole FFN of a layer read every token, nothing kept */
+#define FG_MODE_HYBRID    2  /* the budget's rows pinned, the rest read every token */
 #define FG_MODE_PREDICTED 3  /* predictor + window cache + pinned hot rows */
 
 /* Read engine (fg_config.io_backend). */
@@ -123,7 +123,8 @@ typedef struct fg_config {
     char output_node[32];          /* graph node holding the FFN output, without "-L" */
     /* streaming modes (ignored by FG_MODE_DENSE) */
     int32_t mode;                  /* FG_MODE_* */
-    int64_t dram_budget;           /* bytes for cache slots + predictors, split across layers */
+    int64_t dram_budget;           /* bytes for cache slots + predictors, split across layers
+                                    * (the read engine's staging buffers come on top) */
     float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first */
     int32_t window_tokens;         /* a row used within this many tokens is evicted last */
     int32_t coalesce_gap;          /* misses at most this many rows apart share one read */
@@ -137,6 +138,7 @@ typedef struct fg_stats {
     uint64_t tokens;               /* FFN input rows seen by layer 0 */
     uint64_t bytes_read;           /* bytes transferred (whole aligned ranges for direct I/O) */
     uint64_t reads;                /* reads issued */
+    uint64_t bytes_needed;         /* missed rows x their stride: bytes_read / this = over-fetch */
     uint64_t cache_hits;           /* unpinned needed rows found in the cache (per layer call) */
     uint64_t cache_misses;         /* unpinned needed rows read from the payload */
     uint64_t neurons_computed;     /* rows computed x tokens they were computed for */
@@ -177,8 +179,13 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 /* Allocate every buffer and read what stays resident: every bundle (dense mode) or the
  * pinned rows. FG_ERR_BUDGET when the budget is too small (fg_runtime_min_budget). */
 int fg_runtime_load(fg_runtime *rt);
-/* Smallest dram_budget the streaming modes accept with this config (bytes). */
+/* Smallest dram_budget the streaming modes accept with this config (bytes): the
+ * predictors. Every row beyond them is optional: a miss is computed from the staging
+ * buffer it was read into. */
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
+/* Bytes of the read engine's staging buffers (io_depth x max_read_bytes rounded up to
+ * FG_IO_ALIGN): working memory beside the budget, not taken from it. */
+int64_t fg_runtime_staging_bytes(const fg_runtime *rt);
 /* What load would give each layer (streaming modes), without allocating or reading:
  * capacity[n_layer] slots and pinned[n_layer] rows. FG_ERR_BUDGET as load. */
 int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned);
@@ -212,6 +219,10 @@ int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t 
                                int64_t cap);
 /* Every read fails with errno_value once `after` more reads have succeeded (0 disables). */
 void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after);
+/* Every every-th read of a call (from its first) lands delay_us late: threads engine, its
+ * worker sleeps before reading; io_uring, its completion is held back until nothing else
+ * can land. Reorders completions (after load; 0 disables). */
+void fg_runtime_debug_delay_reads(fg_runtime *rt, int64_t delay_us, int32_t every);
 /* First error raised inside the eval callback since the last call (then cleared);
  * FG_OK if none. msg receives a description (may be NULL). */
 int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);

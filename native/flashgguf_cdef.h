@@ -87,6 +87,7 @@ typedef struct fg_stats {
     uint64_t tokens;
     uint64_t bytes_read;
     uint64_t reads;
+    uint64_t bytes_needed;
     uint64_t cache_hits;
     uint64_t cache_misses;
     uint64_t neurons_computed;
@@ -112,6 +113,7 @@ int fg_runtime_set_predictor_sigma(fg_runtime *rt, int32_t layer, const float *s
 int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 int fg_runtime_load(fg_runtime *rt);
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
+int64_t fg_runtime_staging_bytes(const fg_runtime *rt);
 int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned);
 int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
                               int32_t *pinned);
@@ -128,6 +130,7 @@ int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void 
 int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t *len,
                                int64_t cap);
 void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after);
+void fg_runtime_debug_delay_reads(fg_runtime *rt, int64_t delay_us, int32_t every);
 int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);
 void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out);
 void fg_runtime_reset_stats(fg_runtime *rt);

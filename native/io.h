@@ -55,45 +55,59 @@ void fg_reader_account(fg_reader *r, uint64_t offset, uint64_t len);
 #define FG_IO_THREADS  1
 #define FG_IO_URING    2
 
-/* One read of whole rows [row0, row0 + n_rows) of a layer (one coalesced run of misses,
- * possibly with gap rows read through). */
+/* One read of a layer's rows (one coalesced run of misses, possibly with gap rows read
+ * through); the rows it carries are the caller's business (fg_copy tables in runtime.c). */
 typedef struct fg_read {
     uint64_t offset;      /* file offset of the read (aligned for direct I/O) */
     uint64_t len;         /* bytes to read (aligned for direct I/O) */
     uint64_t need;        /* bytes that must arrive: up to the end of the last row */
-    int32_t copy0;        /* its rows in the job's copy table: [copy0, copy0 + n_copy) */
+    int32_t copy0;        /* its rows in the caller's copy table: [copy0, copy0 + n_copy) */
     int32_t n_copy;
 } fg_read;
 
-/* Where a row of a read goes: bytes [src, src + row_bytes) of the read land at dst. */
+/* Where a row of a read goes: bytes [src, src + row_bytes) of the read are row idx, kept
+ * in cache slot dst afterwards (NULL: computed from the staging buffer, not kept). */
 typedef struct fg_copy {
     uint64_t src;
     uint8_t *dst;
 } fg_copy;
+
+/* A read that has landed (or failed), handed to one consumer by fg_io_next. */
+typedef struct fg_landed {
+    int32_t read;         /* index in the job's reads */
+    int32_t buf;          /* staging buffer holding its bytes, -1 if it failed before one */
+    int status;           /* FG_OK, FG_ERR_IO or FG_ERR_SHORT_READ */
+} fg_landed;
 
 typedef struct fg_uring fg_uring;
 
 typedef struct fg_io {
     fg_reader *reader;
     int backend;               /* FG_IO_THREADS or FG_IO_URING after init */
-    int depth;                 /* reads in flight at most */
+    int depth;                 /* staging buffers: reads in flight or being computed */
     size_t staging_cap;        /* bytes of one staging buffer (largest read) */
     uint8_t *staging;          /* depth buffers of staging_cap bytes, FG_IO_ALIGN-aligned */
+    int32_t max_reads;         /* most reads one job may have */
 
-    /* the current job */
+    /* the current job, guarded by mu */
     const fg_read *reads;
-    const fg_copy *copies;
-    size_t row_bytes;
-    int32_t n_reads, next, done;
+    int32_t n_reads, next;     /* reads in the job, next one to start */
+    fg_landed *landed;         /* max_reads: reads in the order they landed */
+    int32_t n_landed, n_taken; /* landed so far, handed to consumers so far */
+    int *free_buf;             /* staging buffers neither in flight nor being computed */
+    int n_free;
     int err;                   /* first error of the job (FG_OK if none) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_landed;
+
+    /* test hook: every delay_every-th read of a job (from its first) lands delay_us late */
+    int64_t delay_us;
+    int32_t delay_every;
 
     /* threads backend */
     pthread_t *threads;
     int n_threads;
     int stop;
-    pthread_mutex_t mu;
-    pthread_cond_t cv_work, cv_done;
-    int sync_ready;
 
     /* io_uring backend */
     fg_uring *ring;
@@ -101,16 +115,33 @@ typedef struct fg_io {
 
 /* Start the engine: backend FG_IO_AUTO picks the default (threads; see BENCHMARKS.md),
  * FG_IO_URING falls back to threads when the kernel refuses io_uring (EPERM/ENOSYS in
- * containers). depth reads in flight, each at most staging_cap bytes. */
-int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t staging_cap);
+ * containers). depth staging buffers of staging_cap bytes; jobs of up to max_reads. */
+int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t staging_cap,
+               int32_t max_reads);
 void fg_io_destroy(fg_io *io);
-/* Start reading; returns at once. reads must stay valid until fg_io_wait. */
-int fg_io_submit(fg_io *io, const fg_read *reads, int32_t n_reads, const fg_copy *copies,
-                 size_t row_bytes);
-/* Wait until every read of the job has landed and its rows are copied; FG_OK or the first
- * error (FG_ERR_IO with errno in reader->last_errno, FG_ERR_SHORT_READ). */
-int fg_io_wait(fg_io *io);
-/* Check a landed read (got bytes or -errno), copy its rows to their slots and count it. */
-int fg_io_finish_read(fg_io *io, const fg_read *rd, const uint8_t *buf, int64_t got);
+/* Start a job: every read is issued as soon as a staging buffer is free; returns at once.
+ * reads must stay valid until fg_io_end. */
+int fg_io_submit(fg_io *io, const fg_read *reads, int32_t n_reads);
+/* The next read of the job to land, in landing order; blocks (never spins) until one has.
+ * Returns 1 with *out filled, 0 when every read of the job has been handed out. Any number
+ * of threads may call it; each read goes to one. Its staging buffer (fg_io_buffer) is the
+ * caller's until fg_io_release. */
+int fg_io_next(fg_io *io, fg_landed *out);
+const uint8_t *fg_io_buffer(const fg_io *io, const fg_landed *l);
+/* Give a landed read's staging buffer back: the next read can start in it. */
+void fg_io_release(fg_io *io, const fg_landed *l);
+/* After every read has been handed out and released: the job's first error (FG_ERR_IO
+ * with errno in reader->last_errno, FG_ERR_SHORT_READ) or FG_OK; the engine is idle. */
+int fg_io_end(fg_io *io);
+/* Check a read's result (got bytes or -errno) and count it; FG_OK, FG_ERR_IO or
+ * FG_ERR_SHORT_READ. The caller holds io->mu. */
+int fg_io_check_read(fg_io *io, const fg_read *rd, int64_t got);
+/* Append a finished read (buffer -1 when it has none) to the landed list and wake a
+ * consumer; the first failure becomes the job's error. The caller holds io->mu. */
+void fg_io_push_landed(fg_io *io, int32_t k, int buf, int status);
+/* The test hook's delay for read k of the job, in microseconds (0: none). */
+int64_t fg_io_delay_of(const fg_io *io, int32_t k);
+/* Sleep for us microseconds (a blocking sleep: no CPU while it lasts). */
+void fg_io_sleep_us(int64_t us);
 
 #endif

@@ -1,52 +1,71 @@
 /*
- * The read engine: many coalesced reads in flight, each landing in its own aligned staging
- * buffer, then its rows copied into their cache slots.
+ * The read engine: every read of a job is issued as soon as a staging buffer is free, and
+ * handed to a consumer as soon as it lands, in landing order. The consumer computes the
+ * rows straight from the staging buffer and gives it back, which lets the next read start:
+ * reads and arithmetic overlap for the whole call, not only for its first batch.
  *
- * Threads backend: depth workers, each owning staging buffer [id]; a worker takes the next
- * read of the job, preads it (blocking), copies its rows and counts it. io_uring backend
- * (uring.c): depth submissions in flight from the calling thread, reaped in fg_io_wait.
- * Either way fg_io_submit returns at once, so the caller computes resident neurons while
- * the misses are being read.
+ * Threads backend: depth workers, each taking the next read and a free buffer, pread-ing
+ * (blocking) and appending the result to the landed list. io_uring backend (uring.c): the
+ * consumer that finds nothing landed submits what fits and waits in io_uring_enter.
+ * Every wait is a blocking one (condition variable, io_uring_enter): a consumer waiting on
+ * the device takes no CPU from llama.cpp's threads or the read workers.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "flashgguf.h"
 #include "io.h"
 #include "uring.h"
 
-/* A read's bytes are in buf (got bytes, or -errno): check, copy its rows out, count it.
- * Called with whatever lock guards the reader's counters held by the caller. */
-int fg_io_finish_read(fg_io *io, const fg_read *rd, const uint8_t *buf, int64_t got) {
+int fg_io_check_read(fg_io *io, const fg_read *rd, int64_t got) {
     if (got < 0) {
         io->reader->last_errno = (int)-got;
         return FG_ERR_IO;
     }
     fg_reader_account(io->reader, rd->offset, (uint64_t)got);
-    if ((uint64_t)got < rd->need) return FG_ERR_SHORT_READ;
-    for (int32_t k = rd->copy0; k < rd->copy0 + rd->n_copy; k++) {
-        memcpy(io->copies[k].dst, buf + io->copies[k].src, io->row_bytes);
+    return (uint64_t)got < rd->need ? FG_ERR_SHORT_READ : FG_OK;
+}
+
+int64_t fg_io_delay_of(const fg_io *io, int32_t k) {
+    return io->delay_every > 0 && k % io->delay_every == 0 ? io->delay_us : 0;
+}
+
+void fg_io_sleep_us(int64_t us) {
+    struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
-    return FG_OK;
+}
+
+void fg_io_push_landed(fg_io *io, int32_t k, int buf, int status) {
+    if (status != FG_OK && io->err == FG_OK) io->err = status;
+    io->landed[io->n_landed++] = (fg_landed){k, buf, status};
+    pthread_cond_signal(&io->cv_landed);
 }
 
 static void *worker_main(void *arg) {
     fg_io *io = arg;
     pthread_mutex_lock(&io->mu);
-    const int id = io->sync_ready++;
-    uint8_t *buf = io->staging + (size_t)id * io->staging_cap;
     for (;;) {
-        while (!io->stop && io->next >= io->n_reads) pthread_cond_wait(&io->cv_work, &io->mu);
+        while (!io->stop && (io->next >= io->n_reads || io->n_free == 0)) {
+            pthread_cond_wait(&io->cv_work, &io->mu);
+        }
         if (io->stop) break;
-        const fg_read *rd = &io->reads[io->next++];
+        const int32_t k = io->next++;
+        const fg_read *rd = &io->reads[k];
+        if (io->err != FG_OK) { /* the job has failed: hand the rest out unread */
+            fg_io_push_landed(io, k, -1, io->err);
+            continue;
+        }
+        const int buf = io->free_buf[--io->n_free];
+        const int64_t delay = fg_io_delay_of(io, k);
         pthread_mutex_unlock(&io->mu);
-        const int64_t got = fg_reader_pread(io->reader, buf, (size_t)rd->len, rd->offset);
+        if (delay > 0) fg_io_sleep_us(delay);
+        const int64_t got = fg_reader_pread(io->reader, io->staging + (size_t)buf * io->staging_cap,
+                                            (size_t)rd->len, rd->offset);
         pthread_mutex_lock(&io->mu);
-        /* the copy runs under the lock: rows are small and this keeps the counters simple */
-        const int rc = fg_io_finish_read(io, rd, buf, got);
-        if (rc != FG_OK && io->err == FG_OK) io->err = rc;
-        if (++io->done == io->n_reads) pthread_cond_signal(&io->cv_done);
+        fg_io_push_landed(io, k, buf, fg_io_check_read(io, rd, got));
     }
     pthread_mutex_unlock(&io->mu);
     return NULL;
@@ -61,26 +80,42 @@ static void stop_threads(fg_io *io) {
     io->n_threads = 0;
 }
 
-int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t staging_cap) {
+int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t staging_cap,
+               int32_t max_reads) {
     memset(io, 0, sizeof *io);
-    if (depth < 1 || staging_cap == 0) return FG_ERR_ARG;
+    if (depth < 1 || staging_cap == 0 || max_reads < 1) return FG_ERR_ARG;
     if (backend != FG_IO_AUTO && backend != FG_IO_THREADS && backend != FG_IO_URING) {
         return FG_ERR_ARG;
     }
     io->reader = reader;
     io->depth = depth;
+    io->max_reads = max_reads;
     io->staging_cap = (staging_cap + FG_IO_ALIGN - 1) / FG_IO_ALIGN * FG_IO_ALIGN;
     void *p = NULL;
     if (posix_memalign(&p, FG_IO_ALIGN, (size_t)depth * io->staging_cap) != 0) {
         return FG_ERR_NOMEM;
     }
     io->staging = p;
-    if (pthread_mutex_init(&io->mu, NULL) != 0) {
+    io->landed = malloc((size_t)max_reads * sizeof *io->landed);
+    io->free_buf = malloc((size_t)depth * sizeof *io->free_buf);
+    if (io->landed == NULL || io->free_buf == NULL) {
+        free(io->landed);
+        free(io->free_buf);
         free(io->staging);
+        memset(io, 0, sizeof *io);
+        return FG_ERR_NOMEM;
+    }
+    for (int i = 0; i < depth; i++) io->free_buf[i] = depth - 1 - i;
+    io->n_free = depth;
+    if (pthread_mutex_init(&io->mu, NULL) != 0) {
+        free(io->landed);
+        free(io->free_buf);
+        free(io->staging);
+        memset(io, 0, sizeof *io);
         return FG_ERR_THREADS;
     }
     pthread_cond_init(&io->cv_work, NULL);
-    pthread_cond_init(&io->cv_done, NULL);
+    pthread_cond_init(&io->cv_landed, NULL);
     if (backend == FG_IO_URING && fg_uring_create(&io->ring, reader->fd, depth) == FG_OK) {
         io->backend = FG_IO_URING;
         return FG_OK;
@@ -107,45 +142,76 @@ void fg_io_destroy(fg_io *io) {
     free(io->threads);
     fg_uring_destroy(io->ring);
     pthread_cond_destroy(&io->cv_work);
-    pthread_cond_destroy(&io->cv_done);
+    pthread_cond_destroy(&io->cv_landed);
     pthread_mutex_destroy(&io->mu);
+    free(io->landed);
+    free(io->free_buf);
     free(io->staging);
     memset(io, 0, sizeof *io);
 }
 
-int fg_io_submit(fg_io *io, const fg_read *reads, int32_t n_reads, const fg_copy *copies,
-                 size_t row_bytes) {
+int fg_io_submit(fg_io *io, const fg_read *reads, int32_t n_reads) {
+    if (n_reads < 0 || n_reads > io->max_reads) return FG_ERR_ARG;
     for (int32_t i = 0; i < n_reads; i++) {
         if (reads[i].len > io->staging_cap || reads[i].need > reads[i].len) return FG_ERR_ARG;
     }
     pthread_mutex_lock(&io->mu);
     io->reads = reads;
-    io->copies = copies;
-    io->row_bytes = row_bytes;
     io->n_reads = n_reads;
     io->next = 0;
-    io->done = 0;
+    io->n_landed = 0;
+    io->n_taken = 0;
     io->err = FG_OK;
     if (io->backend == FG_IO_THREADS) pthread_cond_broadcast(&io->cv_work);
     pthread_mutex_unlock(&io->mu);
-    if (io->backend == FG_IO_URING) return fg_uring_start(io->ring, io);
     return FG_OK;
 }
 
-int fg_io_wait(fg_io *io) {
-    int rc = FG_OK;
-    if (io->backend == FG_IO_URING) {
-        rc = fg_uring_finish(io->ring, io);
-    } else {
-        pthread_mutex_lock(&io->mu);
-        while (io->done < io->n_reads) pthread_cond_wait(&io->cv_done, &io->mu);
-        pthread_mutex_unlock(&io->mu);
+int fg_io_next(fg_io *io, fg_landed *out) {
+    pthread_mutex_lock(&io->mu);
+    while (io->n_taken == io->n_landed && io->n_taken < io->n_reads) {
+        /* io_uring: submit what fits and wait in the kernel; when nothing is in flight
+         * (every buffer is being computed), wait for a release like the threads do */
+        if (io->backend != FG_IO_URING || fg_uring_progress(io->ring, io) == 0) {
+            pthread_cond_wait(&io->cv_landed, &io->mu);
+        }
     }
-    if (rc == FG_OK) rc = io->err;
+    int got = 0;
+    if (io->n_taken < io->n_reads) {
+        *out = io->landed[io->n_taken++];
+        got = 1;
+        /* the last read is handed out: consumers still waiting have nothing to wait for */
+        if (io->n_taken == io->n_reads) pthread_cond_broadcast(&io->cv_landed);
+    }
+    pthread_mutex_unlock(&io->mu);
+    return got;
+}
+
+const uint8_t *fg_io_buffer(const fg_io *io, const fg_landed *l) {
+    return l->buf < 0 ? NULL : io->staging + (size_t)l->buf * io->staging_cap;
+}
+
+void fg_io_release(fg_io *io, const fg_landed *l) {
+    if (l->buf < 0) return;
+    pthread_mutex_lock(&io->mu);
+    io->free_buf[io->n_free++] = l->buf;
+    if (io->backend == FG_IO_THREADS) {
+        pthread_cond_signal(&io->cv_work);
+    } else {
+        pthread_cond_broadcast(&io->cv_landed);
+    }
+    pthread_mutex_unlock(&io->mu);
+}
+
+int fg_io_end(fg_io *io) {
+    pthread_mutex_lock(&io->mu);
+    const int rc = io->err;
+    io->reads = NULL;
     io->n_reads = 0;
     io->next = 0;
-    io->done = 0;
-    io->reads = NULL;
-    io->copies = NULL;
+    io->n_landed = 0;
+    io->n_taken = 0;
+    io->err = FG_OK;
+    pthread_mutex_unlock(&io->mu);
     return rc;
 }

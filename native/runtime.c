@@ -12,10 +12,6 @@
 
 /* Large sequential reads for the dense and pinned loads; also the bounce buffer size. */
 #define FG_LOAD_CHUNK (8u << 20)
-/* A streaming layer must hold its pinned rows plus one read round: this share of its
- * unpinned rows (at least one). Calls that need more rows than fit stream them through
- * the slots in several rounds, so any budget above the minimum gives exact results. */
-#define FG_MIN_ROUND_DIVISOR 8
 /* Fewer rows x tokens than this are computed on one thread, fewer output values than
  * FG_MIN_PARALLEL_OUT summed on one (see ffn_accumulate). */
 #define FG_MIN_PARALLEL_ROWS 128
@@ -268,59 +264,39 @@ static int64_t predictor_bytes(const fg_runtime *rt) {
     return total;
 }
 
-/* Slots one read round needs when pinned rows are resident. */
-static int32_t round_rows(const fg_config *c, int32_t pinned) {
-    return (c->n_ff - pinned + FG_MIN_ROUND_DIVISOR - 1) / FG_MIN_ROUND_DIVISOR;
-}
-
+/* Rows a layer of capacity slots pins: hybrid pins every slot (the rest of the layer is
+ * read each token: a fixed resident share cannot cycle), predicted its pinned share (the
+ * rest is the cache), naive none (it has no slots). */
 static int32_t pinned_rows(const fg_config *c, int32_t capacity) {
     switch (c->mode) {
-    case FG_MODE_HYBRID: { /* half the layer, or as much of it as leaves one read round */
-        int32_t p = c->n_ff / 2 < capacity ? c->n_ff / 2 : capacity;
-        while (p > 0 && capacity - p < round_rows(c, p)) p--;
-        return p;
-    }
+    case FG_MODE_HYBRID: return capacity;
     case FG_MODE_PREDICTED: return (int32_t)((double)c->pinned_share * capacity);
     default: return 0;
     }
 }
 
-/* A layer of capacity slots holds its pinned rows and one read round. */
-static int capacity_fits(const fg_config *c, int32_t capacity) {
-    const int32_t pinned = pinned_rows(c, capacity);
-    return pinned <= capacity && capacity - pinned >= round_rows(c, pinned);
+/* Bytes of the read engine's staging buffers: every miss is read into one and computed
+ * from it. They are working memory next to the budget (as llama.cpp's compute buffers are
+ * next to its weights), not part of it: a fixed 4 MiB would be most of a small model's
+ * budget. */
+static int64_t staging_bytes(const fg_config *c) {
+    const int64_t cap = ((int64_t)c->max_read_bytes + FG_IO_ALIGN - 1) / FG_IO_ALIGN * FG_IO_ALIGN;
+    return (int64_t)c->io_depth * cap;
 }
 
-/* Smallest capacity a layer accepts: its pinned rows plus one read round. */
-static int32_t min_capacity(const fg_config *c) {
-    int32_t cap = 1;
-    while (cap < c->n_ff && !capacity_fits(c, cap)) cap++;
-    return cap;
-}
+int64_t fg_runtime_min_budget(const fg_runtime *rt) { return predictor_bytes(rt); }
 
-/* Bytes of every layer's minimum slots. */
-static int64_t min_slot_bytes(const fg_runtime *rt) {
-    const fg_config *c = &rt->cfg;
-    const int64_t cmin = min_capacity(c);
-    int64_t total = 0;
-    for (int32_t l = 0; l < c->n_layer; l++) total += cmin * rt->layers[l].lay.stride;
-    return total;
-}
+int64_t fg_runtime_staging_bytes(const fg_runtime *rt) { return staging_bytes(&rt->cfg); }
 
-int64_t fg_runtime_min_budget(const fg_runtime *rt) {
-    return predictor_bytes(rt) + min_slot_bytes(rt);
-}
-
-/* Split the budget into per-layer capacities: every layer gets the minimum, the bytes left
- * go by layer weight (expected active rows), a layer never past n_ff, what a full layer
- * cannot take going to the others. FG_ERR_BUDGET when the minimum does not fit. */
+/* Split the budget left after the predictors into per-layer capacities by layer
+ * weight (expected active rows), a layer never past n_ff, what a full layer cannot take
+ * going to the others; naive mode keeps no rows. FG_ERR_BUDGET below the minimum. */
 static int split_budget(const fg_runtime *rt, int32_t *capacity) {
     const fg_config *c = &rt->cfg;
-    const int64_t avail = c->dram_budget - predictor_bytes(rt);
-    const int32_t cmin = min_capacity(c);
-    int64_t remaining = avail - min_slot_bytes(rt);
-    if (avail <= 0 || remaining < 0) return FG_ERR_BUDGET;
-    for (int32_t l = 0; l < c->n_layer; l++) capacity[l] = cmin;
+    int64_t remaining = c->dram_budget - fg_runtime_min_budget(rt);
+    if (remaining < 0) return FG_ERR_BUDGET;
+    for (int32_t l = 0; l < c->n_layer; l++) capacity[l] = 0;
+    if (c->mode == FG_MODE_NAIVE) return FG_OK;
     for (int32_t pass = 0; pass < c->n_layer && remaining > 0; pass++) {
         double open_weight = 0.0;
         for (int32_t l = 0; l < c->n_layer; l++) {
@@ -423,7 +399,7 @@ static int load_streaming(fg_runtime *rt) {
     free(capacities);
     if (rc == FG_OK) {
         rc = fg_io_init(&rt->io, &rt->reader, c->io_backend, c->io_depth,
-                        (size_t)c->max_read_bytes);
+                        (size_t)c->max_read_bytes, c->n_ff);
     }
     return rc;
 }
@@ -517,24 +493,28 @@ static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
     return n_tokens > 1 ? rt->cfg.n_threads_batch : rt->cfg.n_threads;
 }
 
-/* Add n rows of a list to the per-thread partial sums; first: start them from zero.
- * Small lists run on the calling thread: a parallel region costs more than it saves there,
- * and on a loaded machine one descheduled thread stalls the others at its barrier. */
-static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
-                           const int32_t *idx, int64_t n, int32_t n_tokens, int first) {
+static double consume_reads(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, float *acc,
+                            float *gate_vals, float *up_vals);
+
+/* The per-thread partial sums of a call, from zero: n rows of a list split across the
+ * threads, then (streaming) every thread computes the engine's reads as they land. Small
+ * calls run on the calling thread: a parallel region costs more than it saves there, and
+ * on a loaded machine one descheduled thread stalls the others at its barrier. Returns the
+ * seconds the calling thread was blocked on the device. */
+static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
+                             const int32_t *idx, int64_t n, int64_t n_work, int32_t n_tokens,
+                             int with_reads) {
     const fg_config *c = &rt->cfg;
     const size_t embd = (size_t)c->n_embd;
     const size_t n_out = (size_t)n_tokens * embd;
-    if (first) { /* every thread that may add to the partial sums during this call */
-        rt->partial_threads = ffn_threads(rt, n_tokens);
-        for (int k = 0; k < rt->partial_threads; k++) {
-            memset(rt->partial + (size_t)k * (size_t)c->max_tokens * embd, 0,
-                   n_out * sizeof(float));
-        }
+    rt->partial_threads = ffn_threads(rt, n_tokens);
+    for (int k = 0; k < rt->partial_threads; k++) {
+        memset(rt->partial + (size_t)k * (size_t)c->max_tokens * embd, 0, n_out * sizeof(float));
     }
-    if (n == 0) return;
+    double waited = 0.0;
 #ifdef _OPENMP
-#pragma omp parallel if (n * n_tokens >= FG_MIN_PARALLEL_ROWS) num_threads(rt->partial_threads)
+#pragma omp parallel if (n_work * n_tokens >= FG_MIN_PARALLEL_ROWS) \
+    num_threads(rt->partial_threads)
 #endif
     {
 #ifdef _OPENMP
@@ -549,7 +529,12 @@ static void ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *con
         float *up_vals = gate_vals + c->max_tokens;
         ffn_rows(rt, L, rows, idx, n * tid / nth, n * (tid + 1) / nth, n_tokens, acc,
                  gate_vals, up_vals);
+        if (with_reads) {
+            const double w = consume_reads(rt, L, n_tokens, acc, gate_vals, up_vals);
+            if (tid == 0) waited = w;
+        }
     }
+    return waited;
 }
 
 /* y = sum of the partial sums (+ down bias); each thread owns a slice of the output. */
@@ -655,10 +640,48 @@ static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows
 }
 
 /* The reads meant to fill these rows' slots failed: the slots do not hold the rows. */
-static void forget_batch(fg_cache *C, const int32_t *rows, int32_t n) {
-    for (int32_t k = 0; k < n; k++) fg_cache_forget(C, C->slot_of[rows[k]]);
+static void forget_admitted(fg_cache *C, const int32_t *rows, int32_t n) {
+    for (int32_t k = 0; k < n; k++) {
+        const int32_t s = C->slot_of[rows[k]];
+        if (s >= 0) fg_cache_forget(C, s);
+    }
 }
 
+/* Compute the rows of the job's reads as they land, until none is left; adds into this
+ * thread's partial sums. Rows admitted to the cache are copied to their slots. Returns the
+ * seconds spent blocked on the device. */
+static double consume_reads(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, float *acc,
+                            float *gate_vals, float *up_vals) {
+    const size_t stride = (size_t)L->lay.stride;
+    double waited = 0.0;
+    for (;;) {
+        fg_landed got;
+        const double t = fg_now_seconds();
+        const int more = fg_io_next(&rt->io, &got);
+        waited += fg_now_seconds() - t;
+        if (!more) break;
+        if (got.status == FG_OK) {
+            const fg_read *rd = &rt->reads[got.read];
+            const uint8_t *buf = fg_io_buffer(&rt->io, &got);
+            const int32_t k0 = rd->copy0, k1 = rd->copy0 + rd->n_copy;
+            for (int32_t k = k0; k < k1; k++) rt->miss_rows[k] = buf + rt->copies[k].src;
+            ffn_rows(rt, L, rt->miss_rows, rt->miss_idx, k0, k1, n_tokens, acc, gate_vals,
+                     up_vals);
+            for (int32_t k = k0; k < k1; k++) {
+                if (rt->copies[k].dst != NULL) memcpy(rt->copies[k].dst, rt->miss_rows[k], stride);
+            }
+        }
+        fg_io_release(&rt->io, &got);
+    }
+    return waited;
+}
+
+/* One call of a streaming layer: the rows it needs are resident (pinned, cache hits) or
+ * missed; every miss is read at once (as staging buffers allow) and computed as its read
+ * lands, while the resident rows are computed. A miss takes a cache slot only from a row
+ * this call does not use: on a layer that needs more rows than its slots, the slots keep
+ * a stable share (hits every token) and the rest is computed from the staging buffers
+ * without being kept, instead of the LRU cycling through the layer. */
 static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y,
                          int32_t n_tokens, const uint8_t *mask) {
     const fg_config *c = &rt->cfg;
@@ -666,14 +689,12 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
     fg_cache *C = &L->cache;
     const size_t stride = (size_t)L->lay.stride;
     C->clock += (uint64_t)n_tokens;
-
-    double t = fg_now_seconds();
+    const double t0 = fg_now_seconds();
     const int32_t n_need = needed_rows(rt, L, x, n_tokens, mask);
-    rt->stats.time_predict_s += fg_now_seconds() - t;
-    if (c->mode != FG_MODE_PREDICTED) fg_cache_release_all(C); /* no cache between calls */
+    const double t1 = fg_now_seconds();
+    rt->stats.time_predict_s += t1 - t0;
 
-    /* split into resident rows (pinned, cache hits) and misses */
-    uint64_t round = ++rt->round;
+    const uint64_t round = ++rt->round; /* marks the slots this call uses */
     int32_t n_res = 0, n_miss = 0, n_pinned = 0;
     for (int32_t k = 0; k < n_need; k++) {
         const int32_t i = rt->need[k];
@@ -687,65 +708,34 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
             rt->miss_idx[n_miss++] = i;
         }
     }
+    for (int32_t k = 0; k < n_miss; k++) { /* admission: a slot or computed in passing */
+        int in_window = 0;
+        const int32_t s = fg_cache_take(C, rt->miss_idx[k], round, c->window_tokens, &in_window);
+        rt->stats.window_evictions += (uint64_t)in_window;
+        rt->miss_rows[k] = s >= 0 ? C->slots + (size_t)s * stride : NULL;
+    }
     rt->stats.cache_hits += (uint64_t)(n_res - n_pinned);
     rt->stats.cache_misses += (uint64_t)n_miss;
+    rt->stats.bytes_needed += (uint64_t)n_miss * stride;
 
-    /* rounds: give as many misses as possible a slot, read them while the resident rows
-     * are computed (first round), then compute them */
-    int32_t done = 0;
-    int first = 1;
-    int rc = FG_OK;
-    do {
-        const int32_t b0 = done;
-        while (done < n_miss) {
-            int in_window = 0;
-            const int32_t s = fg_cache_take(C, rt->miss_idx[done], round, c->window_tokens,
-                                            &in_window);
-            if (s < 0) break;
-            rt->stats.window_evictions += (uint64_t)in_window;
-            rt->miss_rows[done++] = C->slots + (size_t)s * stride;
-        }
-        const int32_t n_batch = done - b0;
-        const int32_t n_reads = plan_reads(rt, L, rt->miss_idx + b0, rt->miss_rows + b0, n_batch);
-        /* plan_reads indexes copies from 0 for this batch */
-        if (n_reads > 0) rc = fg_io_submit(&rt->io, rt->reads, n_reads, rt->copies, stride);
-        if (rc != FG_OK) {
-            forget_batch(C, rt->miss_idx + b0, n_batch);
-            break;
-        }
-        const int first_round = first;
-        if (first) {
-            t = fg_now_seconds();
-            ffn_accumulate(rt, L, rt->res_rows, rt->res_idx, n_res, n_tokens, 1);
-            rt->stats.time_ffn_s += fg_now_seconds() - t;
-            first = 0;
-        }
-        if (n_reads > 0) {
-            t = fg_now_seconds();
-            rc = fg_io_wait(&rt->io);
-            rt->stats.time_io_wait_s += fg_now_seconds() - t;
-            if (rc != FG_OK) {
-                forget_batch(C, rt->miss_idx + b0, n_batch);
-                break;
-            }
-        }
-        t = fg_now_seconds();
-        ffn_accumulate(rt, L, rt->miss_rows + b0, rt->miss_idx + b0, n_batch, n_tokens, 0);
-        rt->stats.time_ffn_s += fg_now_seconds() - t;
-        round = ++rt->round;
-        /* the first round may find every unpinned slot holding this call's hits; later
-         * rounds can always evict (capacity >= pinned + 1) */
-        if (n_batch == 0 && done < n_miss && !first_round) {
-            rc = FG_ERR_STATE;
-            break;
-        }
-    } while (done < n_miss);
+    const int32_t n_reads = plan_reads(rt, L, rt->miss_idx, rt->miss_rows, n_miss);
+    int rc = fg_io_submit(&rt->io, rt->reads, n_reads);
+    if (rc != FG_OK) {
+        forget_admitted(C, rt->miss_idx, n_miss);
+        return rc;
+    }
+    const double waited = ffn_accumulate(rt, L, rt->res_rows, rt->res_idx, n_res, n_need,
+                                         n_tokens, 1);
+    rc = fg_io_end(&rt->io);
     rt->stats.bytes_read = rt->reader.bytes_read;
     rt->stats.reads = rt->reader.reads;
-    if (rc != FG_OK) return rc;
-    t = fg_now_seconds();
+    if (rc != FG_OK) {
+        forget_admitted(C, rt->miss_idx, n_miss);
+        return rc;
+    }
     ffn_reduce(rt, L, y, n_tokens);
-    rt->stats.time_ffn_s += fg_now_seconds() - t;
+    rt->stats.time_io_wait_s += waited;
+    rt->stats.time_ffn_s += (fg_now_seconds() - t1) - waited;
     rt->stats.neurons_computed += (uint64_t)n_need * (uint64_t)n_tokens;
     return FG_OK;
 }
@@ -765,7 +755,7 @@ static int ffn_dense(fg_runtime *rt, int32_t layer, const float *x, float *y, in
         }
         idx = rt->miss_idx;
     }
-    ffn_accumulate(rt, L, NULL, idx, n, n_tokens, 1);
+    ffn_accumulate(rt, L, NULL, idx, n, n, n_tokens, 0);
     ffn_reduce(rt, L, y, n_tokens);
     rt->stats.neurons_computed += (uint64_t)n * (uint64_t)n_tokens;
     rt->stats.time_ffn_s += fg_now_seconds() - t0;
@@ -853,6 +843,13 @@ int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t 
     memcpy(offset, log->offset, n * sizeof *offset);
     memcpy(len, log->len, n * sizeof *len);
     return (int64_t)log->n;
+}
+
+void fg_runtime_debug_delay_reads(fg_runtime *rt, int64_t delay_us, int32_t every) {
+    pthread_mutex_lock(&rt->io.mu);
+    rt->io.delay_us = delay_us > 0 ? delay_us : 0;
+    rt->io.delay_every = every > 0 ? every : 0;
+    pthread_mutex_unlock(&rt->io.mu);
 }
 
 void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after) {

@@ -35,9 +35,9 @@ struct fg_uring {
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
     unsigned *cq_head, *cq_tail, *cq_mask;
     struct io_uring_cqe *cqes;
-    int *free_buf;      /* staging buffers not in flight */
-    int n_free;
     int in_flight;
+    fg_landed *deferred; /* test hook: delayed completions held back (depth entries) */
+    int n_deferred;
 };
 
 static int sys_setup(unsigned entries, struct io_uring_params *p) {
@@ -52,13 +52,11 @@ int fg_uring_create(fg_uring **out, int fd, int depth) {
     *out = NULL;
     fg_uring *r = calloc(1, sizeof *r);
     if (r == NULL) return FG_ERR_NOMEM;
-    r->free_buf = calloc((size_t)depth, sizeof *r->free_buf);
-    if (r->free_buf == NULL) {
+    r->deferred = calloc((size_t)depth, sizeof *r->deferred);
+    if (r->deferred == NULL) {
         free(r);
         return FG_ERR_NOMEM;
     }
-    for (int i = 0; i < depth; i++) r->free_buf[i] = depth - 1 - i;
-    r->n_free = depth;
     r->file_fd = fd;
     r->sq_map = r->cq_map = MAP_FAILED;
     r->sqes = MAP_FAILED;
@@ -66,7 +64,7 @@ int fg_uring_create(fg_uring **out, int fd, int depth) {
     memset(&p, 0, sizeof p);
     r->ring_fd = sys_setup((unsigned)depth, &p);
     if (r->ring_fd < 0) { /* ENOSYS, EPERM (seccomp, io_uring_disabled): threads then */
-        free(r->free_buf);
+        free(r->deferred);
         free(r);
         return FG_ERR_IO;
     }
@@ -110,28 +108,24 @@ void fg_uring_destroy(fg_uring *r) {
     if (r->cq_map != MAP_FAILED && r->cq_map != r->sq_map) munmap(r->cq_map, r->cq_map_len);
     if (r->sq_map != MAP_FAILED) munmap(r->sq_map, r->sq_map_len);
     if (r->ring_fd >= 0) close(r->ring_fd);
-    free(r->free_buf);
+    free(r->deferred);
     free(r);
 }
 
-static void record(fg_io *io, int rc) {
-    if (rc != FG_OK && io->err == FG_OK) io->err = rc;
-    io->done++;
-}
-
-/* Queue reads until depth are in flight or the job has none left; then tell the kernel. */
+/* Queue reads while the job has some left and a staging buffer is free; tell the kernel. */
 static int submit_more(fg_uring *r, fg_io *io) {
     unsigned queued = 0;
     unsigned tail = *r->sq_tail;
-    while (io->next < io->n_reads && r->n_free > 0) {
+    while (io->next < io->n_reads && io->n_free > 0 && r->in_flight + queued < r->depth) {
         const int32_t k = io->next++;
         const fg_read *rd = &io->reads[k];
         const int injected = fg_reader_injected(io->reader);
-        if (injected != 0) { /* test hook: as if the device had failed this read */
-            record(io, fg_io_finish_read(io, rd, NULL, -(int64_t)injected));
+        if (injected != 0 || io->err != FG_OK) { /* test hook, or the job already failed */
+            const int rc = injected != 0 ? fg_io_check_read(io, rd, -(int64_t)injected) : io->err;
+            fg_io_push_landed(io, k, -1, rc);
             continue;
         }
-        const int buf = r->free_buf[--r->n_free];
+        const int buf = io->free_buf[--io->n_free];
         struct io_uring_sqe *sqe = &r->sqes[tail & *r->sq_mask];
         memset(sqe, 0, sizeof *sqe);
         sqe->opcode = IORING_OP_READ;
@@ -159,14 +153,35 @@ static int submit_more(fg_uring *r, fg_io *io) {
     return FG_OK;
 }
 
-/* After a failed submission: wait for what is in flight so that no late completion lands
- * in a staging buffer (or is reaped) during a later job. */
-static void drain(fg_uring *r) {
+/* Hand a completion to the landed list; the test hook's delayed reads wait in deferred
+ * until nothing else can land (that reorders completions as a slow device would). */
+static void complete(fg_uring *r, fg_io *io, int32_t k, int buf, int64_t got) {
+    const fg_read *rd = &io->reads[k];
+    uint8_t *dst = io->staging + (size_t)buf * io->staging_cap;
+    if (got >= 0 && (uint64_t)got < rd->need && got % FG_IO_ALIGN == 0) {
+        /* a short completion that is not the end of the file: read the rest */
+        const int64_t more = fg_reader_pread(io->reader, dst + got,
+                                             (size_t)(rd->len - (uint64_t)got),
+                                             rd->offset + (uint64_t)got);
+        got = more < 0 ? more : got + more;
+    }
+    const int status = fg_io_check_read(io, rd, got);
+    if (fg_io_delay_of(io, k) > 0 && r->n_deferred < io->depth) {
+        r->deferred[r->n_deferred++] = (fg_landed){k, buf, status};
+        return;
+    }
+    fg_io_push_landed(io, k, buf, status);
+}
+
+/* Wait for what is in flight (after a failed submission) so that no late completion lands
+ * in a staging buffer during a later job. */
+static void drain(fg_uring *r, fg_io *io) {
     while (r->in_flight > 0) {
         unsigned head = *r->cq_head;
         while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
             const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
-            r->free_buf[r->n_free++] = (int)(cqe->user_data & 0xffffffffu);
+            fg_io_push_landed(io, (int32_t)(cqe->user_data >> 32),
+                              (int)(cqe->user_data & 0xffffffffu), FG_ERR_IO);
             r->in_flight--;
             head++;
         }
@@ -178,51 +193,46 @@ static void drain(fg_uring *r) {
     }
 }
 
-int fg_uring_start(fg_uring *r, fg_io *io) {
-    const int rc = submit_more(r, io);
-    if (rc != FG_OK) drain(r);
-    return rc;
-}
-
-int fg_uring_finish(fg_uring *r, fg_io *io) {
-    while (io->done < io->n_reads) {
-        int rc = submit_more(r, io);
-        if (rc != FG_OK) {
-            drain(r);
-            return rc;
-        }
-        if (r->in_flight == 0) continue; /* everything left failed by injection */
-        unsigned head = *r->cq_head;
-        if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
-            if (sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
-                io->reader->last_errno = errno;
-                drain(r);
-                return FG_ERR_IO;
-            }
-            continue;
-        }
-        while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
-            const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
-            const int32_t k = (int32_t)(cqe->user_data >> 32);
-            const int buf = (int)(cqe->user_data & 0xffffffffu);
-            const fg_read *rd = &io->reads[k];
-            uint8_t *dst = io->staging + (size_t)buf * io->staging_cap;
-            int64_t got = cqe->res;
-            if (got >= 0 && (uint64_t)got < rd->need && got % FG_IO_ALIGN == 0) {
-                /* a short completion that is not the end of the file: read the rest */
-                const int64_t more = fg_reader_pread(io->reader, dst + got,
-                                                     (size_t)(rd->len - (uint64_t)got),
-                                                     rd->offset + (uint64_t)got);
-                got = more < 0 ? more : got + more;
-            }
-            record(io, fg_io_finish_read(io, rd, dst, got));
-            r->free_buf[r->n_free++] = buf;
-            r->in_flight--;
-            head++;
-        }
-        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+int fg_uring_progress(fg_uring *r, fg_io *io) {
+    if (submit_more(r, io) != FG_OK) {
+        if (io->err == FG_OK) io->err = FG_ERR_IO;
+        drain(r, io);
+        while (io->next < io->n_reads) fg_io_push_landed(io, io->next++, -1, io->err);
+        return 1;
     }
-    return FG_OK;
+    const int in_flight = r->in_flight;
+    if (in_flight == 0) {
+        if (r->n_deferred > 0) { /* nothing else can land now: the delayed reads do */
+            fg_io_sleep_us(io->delay_us);
+            for (int i = 0; i < r->n_deferred; i++) {
+                fg_io_push_landed(io, r->deferred[i].read, r->deferred[i].buf,
+                                  r->deferred[i].status);
+            }
+            r->n_deferred = 0;
+            return 1;
+        }
+        return io->n_landed > io->n_taken; /* landed by injection: no wait needed */
+    }
+    unsigned head = *r->cq_head;
+    if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) &&
+        sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
+        io->reader->last_errno = errno;
+        if (io->err == FG_OK) io->err = FG_ERR_IO;
+        drain(r, io);
+        while (io->next < io->n_reads) fg_io_push_landed(io, io->next++, -1, io->err);
+        return in_flight;
+    }
+    while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
+        const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
+        const int32_t k = (int32_t)(cqe->user_data >> 32);
+        const int buf = (int)(cqe->user_data & 0xffffffffu);
+        const int64_t got = cqe->res;
+        r->in_flight--;
+        head++;
+        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+        complete(r, io, k, buf, got);
+    }
+    return in_flight;
 }
 
 #else /* no io_uring at build time */
@@ -234,15 +244,10 @@ int fg_uring_create(fg_uring **out, int fd, int depth) {
     return FG_ERR_IO;
 }
 void fg_uring_destroy(fg_uring *ring) { (void)ring; }
-int fg_uring_start(fg_uring *ring, fg_io *io) {
+int fg_uring_progress(fg_uring *ring, fg_io *io) {
     (void)ring;
     (void)io;
-    return FG_ERR_STATE;
-}
-int fg_uring_finish(fg_uring *ring, fg_io *io) {
-    (void)ring;
-    (void)io;
-    return FG_ERR_STATE;
+    return 0;
 }
 
 #endif

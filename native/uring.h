@@ -8,9 +8,10 @@
  * (no <linux/io_uring.h> at build time, ENOSYS, EPERM under seccomp): use threads then. */
 int fg_uring_create(fg_uring **out, int fd, int depth);
 void fg_uring_destroy(fg_uring *ring);
-/* Submit the first reads of io's job (up to depth). */
-int fg_uring_start(fg_uring *ring, fg_io *io);
-/* Reap completions and submit the rest until every read of the job has finished. */
-int fg_uring_finish(fg_uring *ring, fg_io *io);
+/* With io->mu held and nothing landed: submit the job's reads that have a free staging
+ * buffer, wait in the kernel for at least one completion and append every completion to
+ * the landed list. Returns the reads in flight before waiting (0: nothing to wait for, the
+ * caller waits for a buffer to be released). A failed submission fails the job. */
+int fg_uring_progress(fg_uring *ring, fg_io *io);
 
 #endif
