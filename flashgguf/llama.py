@@ -132,7 +132,8 @@ class Llama(llama_cpp.Llama):
         n_threads = kwargs.get("n_threads") or max(multiprocessing.cpu_count() // 2, 1)
         n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
         opts = flash_options(flash.payload_nbytes, flash_dram_budget, flash_mode, flash_window,
-                             flash_pinned_share, flash_coalesce_gap, flash_io)
+                             flash_pinned_share, flash_coalesce_gap, flash_io,
+                             trunk_nbytes=flash.file_size - flash.payload_nbytes)
         streaming = flash_offload and opts.budget is not None
         layer_weights = None
         if flash_predictor_recall is not None:

@@ -7,6 +7,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import OptionError
 from .format import FlashFile
@@ -22,9 +23,10 @@ DEFAULT_PINNED_SHARE = 0.25
 DEFAULT_COALESCE_GAP = 32
 DEFAULT_IO_DEPTH = 16
 DEFAULT_MAX_READ_BYTES = 256 << 10
-# No budget given: the payload stays all resident when it fits in this share of the RAM
-# available at load; else the budget is this share of the available RAM.
-DEFAULT_RAM_SHARE = 0.5
+# No budget given: the budget is this share of the RAM available at load (cgroup limits
+# included) after the trunk, which llama.cpp maps; the rest is for the KV cache, compute
+# buffers and the read engine. The payload stays all resident when it fits.
+DEFAULT_RAM_SHARE = 0.8
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -58,16 +60,72 @@ def parse_budget(value: int | float | str, payload_nbytes: int) -> int:
     raise OptionError(f"{what} must be bytes, a size string or a fraction, got {value!r}")
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2): no limit
+
+
+def _stat_value(path: Path, keys: tuple[str, ...]) -> int:
+    try:
+        fields = dict(line.split() for line in path.read_text().splitlines() if " " in line)
+    except (OSError, ValueError):
+        return 0
+    return next((int(fields[k]) for k in keys if k in fields), 0)
+
+
+def cgroup_room(proc_cgroup: str, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes a memory cgroup still lets this process take: the tightest limit of its cgroup
+    and their ancestors, minus that cgroup's anonymous memory (its page cache can be
+    reclaimed; llama.cpp's mmap of the trunk lives there). v2 (memory.max) or v1
+    (memory.limit_in_bytes); None when no limit applies. proc_cgroup is /proc/self/cgroup."""
+    best: int | None = None
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, rel = parts
+        if hierarchy == "0" and controllers == "":
+            base, limit_name, stat_keys = root, "memory.max", ("anon",)
+            if (root / "unified").is_dir() and not (root / "cgroup.controllers").exists():
+                base = root / "unified"  # hybrid layout: v2 mounted beside v1
+        elif "memory" in controllers.split(","):
+            base, limit_name, stat_keys = root / "memory", "memory.limit_in_bytes", (
+                "total_rss", "rss")
+        else:
+            continue
+        folder = base / rel.lstrip("/")
+        anon = _stat_value(folder / "memory.stat", stat_keys)
+        while True:
+            limit = _read_int(folder / limit_name)
+            if limit is not None and limit < 1 << 60:  # v1 says "no limit" with a huge number
+                room = max(limit - anon, 0)
+                best = room if best is None else min(best, room)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return best
+
+
 def available_ram() -> int:
-    """Bytes of RAM available to new allocations (Linux MemAvailable, else physical RAM)."""
+    """Bytes of RAM available to new allocations: Linux MemAvailable (else physical RAM),
+    or what this process's memory cgroup still allows when that is less."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    ram = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        room = cgroup_room(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        room = None
+    return ram if room is None else min(ram, room)
 
 
 @dataclass(frozen=True)
@@ -85,7 +143,8 @@ class FlashOptions:
 def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
                   mode: str = "predicted", window: int = 4,
                   pinned_share: float = DEFAULT_PINNED_SHARE,
-                  coalesce_gap: int = DEFAULT_COALESCE_GAP, io: str = "auto") -> FlashOptions:
+                  coalesce_gap: int = DEFAULT_COALESCE_GAP, io: str = "auto",
+                  trunk_nbytes: int = 0) -> FlashOptions:
     if mode not in MODES:
         raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {mode!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -98,8 +157,8 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
     if io not in IO_BACKENDS:
         raise OptionError(f"flash_io must be one of {', '.join(IO_BACKENDS)}, got {io!r}")
     if budget is None:
-        ram = available_ram()
-        nbytes = None if payload_nbytes <= DEFAULT_RAM_SHARE * ram else int(DEFAULT_RAM_SHARE * ram)
+        room = int(DEFAULT_RAM_SHARE * max(available_ram() - trunk_nbytes, 0))
+        nbytes = None if payload_nbytes <= room else max(room, 1)
     else:
         nbytes = parse_budget(budget, payload_nbytes)
     if nbytes is not None and nbytes >= payload_nbytes and mode == "predicted":

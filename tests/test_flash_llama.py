@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flash_helpers import convert, exact_relu_predictor, svd_predictor
@@ -11,7 +13,7 @@ from model_factory import TinyModel
 from flashgguf import Llama
 from flashgguf.errors import BudgetError, MissingPredictorError, OptionError
 from flashgguf.evaluate import teacher_forced_logits
-from flashgguf.options import flash_options, parse_budget
+from flashgguf.options import cgroup_room, flash_options, parse_budget
 
 Q = GGMLQuantizationType
 TEXT = ("The old man looked at the sea and thought about the long day ahead of him, "
@@ -55,6 +57,43 @@ def test_budget_that_holds_the_payload_keeps_it_resident():
     assert flash_options(1000, budget=2000).budget is None
     assert flash_options(1000, budget=0.5).budget == 500
     assert flash_options(1000, budget=2000, mode="naive").budget == 2000  # baselines stream
+
+
+def _cgroup_files(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_cgroup_room_v2_takes_the_tightest_limit_minus_anon(tmp_path):
+    _cgroup_files(tmp_path, {
+        "cgroup.controllers": "cpu memory",
+        "app/memory.max": "1000000000\n", "app/memory.stat": "anon 100000000\nfile 5\n",
+        "app/job/memory.max": "max\n", "app/job/memory.stat": "anon 200000000\nfile 7\n",
+    })
+    assert cgroup_room("0::/app/job\n", tmp_path) == 1_000_000_000 - 200_000_000
+    assert cgroup_room("0::/\n", tmp_path) is None  # the root has no limit file
+
+
+def test_cgroup_room_v1_and_no_limit(tmp_path):
+    _cgroup_files(tmp_path, {
+        "memory/bench/memory.limit_in_bytes": "890000000\n",
+        "memory/bench/memory.stat": "cache 1\nrss 5\ntotal_rss 90000000\n",
+        "memory/memory.limit_in_bytes": str(2**63 - 4096),  # v1's "no limit"
+    })
+    text = "9:cpu:/\n5:memory:/bench\n"
+    assert cgroup_room(text, tmp_path) == 800_000_000
+    assert cgroup_room("9:cpu:/\n", tmp_path) is None
+
+
+def test_default_budget_is_what_the_machine_leaves_after_the_trunk(monkeypatch):
+    import flashgguf.options as options
+
+    monkeypatch.setattr(options, "available_ram", lambda: 1_000_000)
+    assert flash_options(100_000, trunk_nbytes=500_000).budget is None  # fits: resident
+    got = flash_options(900_000, trunk_nbytes=500_000).budget
+    assert got == int(options.DEFAULT_RAM_SHARE * 500_000)
+    assert flash_options(900_000, trunk_nbytes=2_000_000).budget == 1  # no room: stream all
 
 
 # ---- end to end --------------------------------------------------------------------
@@ -116,14 +155,14 @@ def test_llama_errors(relu_model, tiny_models, tmp_path):
     flash, _ = relu_model
     with pytest.raises(MissingPredictorError, match="convert the model again"):
         Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.5, **KW)
-    with pytest.raises(BudgetError, match="minimum is"):
-        Llama(str(flash.path), flash_offload=True, flash_dram_budget=1024, flash_mode="naive",
-              **KW)
     with pytest.raises(OptionError, match="flash_mode"):
         Llama(str(flash.path), flash_offload=True, flash_mode="fast", **KW)
     # SiLU model, SVD predictor: runs, approximate by design
     silu = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
     preds = [svd_predictor(silu, i, 32, 0.7) for i in range(silu.n_layer)]
+    with pytest.raises(BudgetError, match="minimum is"):  # less than the predictors take
+        Llama(str(silu.path), flash_offload=True, flash_dram_budget=1024,
+              flash_predictors=preds, **KW)
     llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7,
                 flash_predictors=preds, **KW)
     assert llm("Hello", max_tokens=3)["usage"]["completion_tokens"] >= 1
