@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Stock llama.cpp against flashgguf under the same memory cap, any model, one run:
+
+    python tools/bench_caps.py --model SRC.gguf --flash SRC.flash.gguf
+                               [--caps 0.5,0.65,0.8] [--threads 1,2] [--tokens 8]
+                               [--modes hybrid,predicted] [--stock shipped,mmap]
+                               [--timeout 300] [--json FILE]
+
+1. The true process overhead: stock llama.cpp with weight repacking off (pure mmap), no
+   cap, its anonymous memory after a short decode (KV cache, compute buffers, interpreter).
+2. The disk: direct reads of the flash payload at the runtime's read size and depth (MB/s).
+3. Per cap (overhead + a fraction of the source GGUF's bytes; the cgroup charges the page
+   cache) and thread count, each in its own child process after evicting both files from
+   the page cache:
+   - stock as shipped (CPU_REPACK copies in anonymous memory, which a cap cannot evict) and
+     stock pure mmap (use_extra_bufts=False; DESIGN.md section 5);
+   - flashgguf per mode, its budget what the cap leaves after the overhead, the flash
+     file's trunk (mmapped by llama.cpp) and the read engine's staging buffers.
+   Reported: decode tok/s over --tokens greedy tokens after a short prompt; MB read from the
+   device per token (stock: /proc/self/io; flash: the same, which holds the trunk's page
+   faults and the direct reads); flash's own reads, the missed rows' bytes, over-fetch,
+   I/O wait, FFN time and hit rate; and the bound max(FFN time, flash bytes / disk MB/s)
+   against the measured time per token.
+A run that does not finish within --timeout seconds is reported as such (stock as shipped
+stalls when its repacked weights do not fit the cap).
+Needs root (or a delegated cgroup) for the caps. Run it on a quiet machine: it prints the
+load average at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_flash import _proc_io, _rss_anon, drop_file_cache, memory_cgroup  # noqa: E402
+from quality import no_weight_repacking  # noqa: E402
+
+MB = 1e6
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def run_child(spec: dict) -> dict:
+    import numpy as np
+
+    kind = spec["kind"]
+    kw = dict(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=spec["threads"],
+              n_threads_batch=spec["threads"], verbose=False)
+    t0 = time.perf_counter()
+    if kind.startswith("stock"):
+        import llama_cpp
+
+        with no_weight_repacking() if kind == "stock mmap" else contextlib.nullcontext():
+            llm = llama_cpp.Llama(spec["model"], use_mmap=True, **kw)
+    else:
+        from flashgguf import Llama
+
+        llm = Llama(spec["flash"], flash_offload=True, flash_dram_budget=spec["budget"],
+                    flash_mode=spec["mode"], **kw)
+    load_s = time.perf_counter() - t0
+    prompt = llm.tokenize(PROMPT.encode())
+    llm.eval(prompt)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    if kind == "flash":
+        llm.flash_stats(reset=True)
+    io0 = _proc_io()
+    t0 = time.perf_counter()
+    for _ in range(spec["tokens"]):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    dt = time.perf_counter() - t0
+    io1 = _proc_io()
+    out = {"load_s": load_s, "tok_s": spec["tokens"] / dt, "s_per_token": dt / spec["tokens"],
+           "device_mb_per_token": (io1["read_bytes"] - io0["read_bytes"]) / MB / spec["tokens"],
+           "rss_anon_mb": _rss_anon() / MB}
+    if kind == "flash":
+        s = llm.flash_stats()
+        n = max(int(s["tokens"]), 1)
+        out.update(
+            flash_mb_per_token=s["bytes_read"] / MB / n,
+            needed_mb_per_token=s["bytes_needed"] / MB / n,
+            over_fetch=s["bytes_read"] / s["bytes_needed"] if s["bytes_needed"] else float("nan"),
+            io_wait_s=s["time_io_wait_s"] / n, ffn_s=s["time_ffn_s"] / n,
+            hit_rate=s["cache_hits"] / max(s["cache_hits"] + s["cache_misses"], 1),
+            reads_per_token=s["reads"] / n)
+    llm.close()
+    return out
+
+
+def measure(spec: dict, cap: int | None, timeout: float) -> dict:
+    for path in (spec.get("model"), spec.get("flash")):
+        if path:
+            drop_file_cache(Path(path))
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    try:
+        if cap is None:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  cwd=str(REPO), check=False)
+        else:
+            with memory_cgroup(cap) as procs:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                      cwd=str(REPO), check=False,
+                                      preexec_fn=lambda: procs.write_text(str(os.getpid())))
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        if proc.returncode in (-9, 137):
+            tail = "killed (out of memory under the cap)"
+        return {"error": tail}
+    return json.loads(lines[-1])
+
+
+def disk_mb_s(path: Path, offset: int, nbytes: int, read_bytes: int, depth: int) -> float:
+    """Direct reads of [offset, offset + nbytes) in read_bytes pieces, depth at once."""
+    import mmap
+
+    drop_file_cache(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    offset -= offset % 4096
+    pieces = list(range(offset, offset + nbytes, read_bytes))
+    lock = threading.Lock()
+
+    def worker():
+        buf = mmap.mmap(-1, read_bytes)  # page-aligned, as direct I/O needs
+        while True:
+            with lock:
+                if not pieces:
+                    return
+                at = pieces.pop()
+            os.preadv(fd, [buf], at)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(depth)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return nbytes / dt / MB
+
+
+def _f(v, spec: str) -> str:
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help="the source GGUF stock llama.cpp runs")
+    p.add_argument("--flash", type=Path, help="its flash GGUF (flashgguf-convert)")
+    p.add_argument("--caps", default="0.5,0.65,0.8",
+                   help="caps: overhead + these fractions of the source GGUF's bytes")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--modes", default="hybrid,predicted")
+    p.add_argument("--stock", default="shipped,mmap")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", type=Path, default=None, help="also write every result here")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+    if args.model is None or args.flash is None:
+        p.error("--model and --flash are required")
+
+    from flashgguf.format import open_flash_file
+    from flashgguf.options import DEFAULT_IO_DEPTH, DEFAULT_MAX_READ_BYTES
+
+    flash = open_flash_file(args.flash)
+    model_bytes = args.model.stat().st_size
+    trunk = flash.file_size - flash.payload_nbytes
+    staging = DEFAULT_IO_DEPTH * DEFAULT_MAX_READ_BYTES
+    threads = [int(t) for t in args.threads.split(",")]
+    print(f"load average at start: {os.getloadavg()}")
+    print(f"model {args.model.name}: {model_bytes / MB:.1f} MB; flash file trunk "
+          f"{trunk / MB:.1f} MB, payload {flash.payload_nbytes / MB:.1f} MB")
+
+    base = dict(model=str(args.model), flash=str(args.flash), tokens=args.tokens)
+    over = measure(dict(base, kind="stock mmap", threads=threads[0]), None, args.timeout)
+    if "error" in over:
+        print(f"overhead run failed: {over['error']}")
+        return 1
+    overhead = int(over["rss_anon_mb"] * MB)
+    disk = disk_mb_s(args.flash, flash.file_size - flash.payload_nbytes,
+                     min(flash.payload_nbytes, 256 << 20), DEFAULT_MAX_READ_BYTES,
+                     DEFAULT_IO_DEPTH)
+    print(f"process overhead (stock, pure mmap, RssAnon): {overhead / MB:.1f} MB; "
+          f"disk: {disk:.0f} MB/s (direct, {DEFAULT_MAX_READ_BYTES >> 10} KiB reads, "
+          f"depth {DEFAULT_IO_DEPTH})")
+    results = []
+    for frac in [float(c) for c in args.caps.split(",")]:
+        cap = overhead + int(frac * model_bytes)
+        # the flash process's anonymous memory beyond stock's: its scratch (~1% here)
+        budget = cap - overhead - trunk - staging - int(0.02 * cap)
+        for n_threads in threads:
+            runs = [dict(base, kind=f"stock {'shipped' if s == 'shipped' else 'mmap'}",
+                         threads=n_threads) for s in args.stock.split(",") if s]
+            runs += [dict(base, kind="flash", mode=m, budget=max(budget, 1 << 20),
+                          threads=n_threads) for m in args.modes.split(",") if m]
+            for spec in runs:
+                r = measure(spec, cap, args.timeout)
+                r.update(cap_mb=cap / MB, frac=frac, threads=n_threads,
+                         name=spec["kind"] if spec["kind"] != "flash" else f"flash {spec['mode']}",
+                         budget_mb=spec.get("budget", 0) / MB)
+                results.append(r)
+                _print_row(r, disk)
+    print(f"load average at end: {os.getloadavg()}")
+    _print_ratios(results)
+    if args.json:
+        args.json.write_text(json.dumps(dict(overhead=overhead, disk_mb_s=disk,
+                                             results=results), indent=1))
+    return 0
+
+
+def _print_row(r: dict, disk: float) -> None:
+    head = f"cap {r['cap_mb']:7.1f} MB ({r['frac']:.2f}) t{r['threads']} {r['name']:<16}"
+    if "error" in r:
+        print(f"{head} {r['error']}")
+        return
+    line = (f"{head} {r['tok_s']:6.3f} tok/s  device {r['device_mb_per_token']:7.1f} MB/tok  "
+            f"anon {r['rss_anon_mb']:6.1f} MB")
+    if "flash_mb_per_token" in r:
+        bound = max(r["ffn_s"], r["flash_mb_per_token"] / disk)
+        line += (f"  budget {r['budget_mb']:.0f} MB  flash read {r['flash_mb_per_token']:.1f} "
+                 f"needed {r['needed_mb_per_token']:.1f} MB/tok (x{_f(r['over_fetch'], '.3f')})"
+                 f"  io wait {1e3 * r['io_wait_s']:.0f} ms  ffn {1e3 * r['ffn_s']:.0f} ms"
+                 f"  hits {100 * r['hit_rate']:.1f}%  time/bound {r['s_per_token'] / bound:.2f}")
+    print(line, flush=True)
+
+
+def _print_ratios(results: list[dict]) -> None:
+    print("\nflash / better stock (tok/s):")
+    keys = sorted({(r["frac"], r["threads"]) for r in results})
+    for frac, n_threads in keys:
+        rows = [r for r in results if (r["frac"], r["threads"]) == (frac, n_threads)]
+        stock = [r.get("tok_s", 0.0) for r in rows if r["name"].startswith("stock")]
+        best = max(stock, default=0.0)
+        for r in rows:
+            if r["name"].startswith("flash") and "tok_s" in r:
+                ratio = r["tok_s"] / best if best > 0 else float("inf")
+                print(f"  cap {frac:.2f} t{n_threads} {r['name']:<16} "
+                      f"{_f(ratio, '.2f')}x (better stock {best:.3f} tok/s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
