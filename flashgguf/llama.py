@@ -90,10 +90,11 @@ class Llama(llama_cpp.Llama):
     holds the whole payload keeps every bundle resident (read once at load).
     flash_mode: "predicted" (default: predictor + window cache + pinned hot rows; the file
     must store a predictor), "naive" (each layer's whole FFN read every token) or "hybrid"
-    (half of each layer pinned, the other half read every token): the paper's baselines.
+    (the rows the budget holds pinned, the rest read every token): the paper's baselines.
     flash_window: tokens a loaded row is kept without being used before it is the first to
     go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
-    flash_coalesce_gap: misses at most this many rows apart are read in one read.
+    flash_coalesce_gap: misses at most this many rows apart are read in one read; "auto"
+    (default): when the bytes between them cost less than a read's fixed cost.
     flash_io: "auto", "threads" (pread workers) or "io_uring".
     flash_predictor_recall: trade quality for I/O at run time: each layer's predictor
     threshold for this recall of the needed neurons, from the curves the converter measured
@@ -108,7 +109,7 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args: Any, flash_offload: bool = False,
                  flash_dram_budget: int | float | str | None = None, flash_window: int = 4,
                  flash_mode: str = "predicted", flash_pinned_share: float = DEFAULT_PINNED_SHARE,
-                 flash_coalesce_gap: int = DEFAULT_COALESCE_GAP, flash_io: str = "auto",
+                 flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = "auto",
                  flash_predictor_recall: float | None = None,
                  flash_predictors: Sequence[LayerPredictor | None] | None = None,
                  **kwargs: Any) -> None:

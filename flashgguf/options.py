@@ -20,7 +20,11 @@ IO_BACKENDS = ("auto", "threads", "io_uring")
 # though more bytes are read); pinned share 0.25 vs 0.5: tied at 50%, 27.7 vs 21.9 tok/s at
 # 75%, and only 0.25 fits at 25% (with rank-32 predictors).
 DEFAULT_PINNED_SHARE = 0.25
-DEFAULT_COALESCE_GAP = 32
+# flash_coalesce_gap "auto": misses are read in one read when the bytes between them cost
+# less than a read's fixed cost, DEFAULT_COALESCE_BYTES of transfer (measured on this
+# machine's disk with tools/bench_caps.py's probe: see BENCHMARKS.md).
+DEFAULT_COALESCE_GAP = "auto"
+DEFAULT_COALESCE_BYTES = 32 << 10
 DEFAULT_IO_DEPTH = 16
 DEFAULT_MAX_READ_BYTES = 256 << 10
 # No budget given: the budget is this share of the RAM available at load (cgroup limits
@@ -136,14 +140,14 @@ class FlashOptions:
     mode: str
     window: int
     pinned_share: float
-    coalesce_gap: int
+    coalesce_gap: int          # rows; -1: "auto" (by bytes, DEFAULT_COALESCE_BYTES)
     io: str
 
 
 def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
                   mode: str = "predicted", window: int = 4,
                   pinned_share: float = DEFAULT_PINNED_SHARE,
-                  coalesce_gap: int = DEFAULT_COALESCE_GAP, io: str = "auto",
+                  coalesce_gap: int | str = DEFAULT_COALESCE_GAP, io: str = "auto",
                   trunk_nbytes: int = 0) -> FlashOptions:
     if mode not in MODES:
         raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -152,8 +156,11 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
     if isinstance(pinned_share, bool) or not isinstance(pinned_share, (int, float)) \
             or not 0.0 <= pinned_share <= 1.0:
         raise OptionError(f"flash_pinned_share must be in [0, 1], got {pinned_share!r}")
-    if isinstance(coalesce_gap, bool) or not isinstance(coalesce_gap, int) or coalesce_gap < 0:
-        raise OptionError(f"flash_coalesce_gap must be an int >= 0 (rows), got {coalesce_gap!r}")
+    if coalesce_gap == "auto":
+        coalesce_gap = -1
+    elif isinstance(coalesce_gap, bool) or not isinstance(coalesce_gap, int) or coalesce_gap < 0:
+        raise OptionError(
+            f"flash_coalesce_gap must be 'auto' or an int >= 0 (rows), got {coalesce_gap!r}")
     if io not in IO_BACKENDS:
         raise OptionError(f"flash_io must be one of {', '.join(IO_BACKENDS)}, got {io!r}")
     if budget is None:

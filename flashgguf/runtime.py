@@ -15,7 +15,7 @@ from .archs import ArchSpec
 from .errors import BudgetError, FlashGGUFError, MissingPredictorError, NativeError, OptionError
 from .format import BundleLayout, FlashFile
 from .options import (
-    DEFAULT_COALESCE_GAP,
+    DEFAULT_COALESCE_BYTES,
     DEFAULT_IO_DEPTH,
     DEFAULT_MAX_READ_BYTES,
     DEFAULT_PINNED_SHARE,
@@ -65,7 +65,8 @@ class RuntimeOptions:
     dram_budget: int = 0  # bytes for cache slots + predictors (streaming modes)
     pinned_share: float = DEFAULT_PINNED_SHARE
     window: int = 4
-    coalesce_gap: int = DEFAULT_COALESCE_GAP
+    coalesce_gap: int = -1  # rows; -1: by bytes, coalesce_bytes
+    coalesce_bytes: int = DEFAULT_COALESCE_BYTES
     io: str = "auto"
     io_depth: int = DEFAULT_IO_DEPTH
     max_read_bytes: int = DEFAULT_MAX_READ_BYTES
@@ -100,6 +101,7 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     cfg.pinned_share = opts.pinned_share
     cfg.window_tokens = opts.window
     cfg.coalesce_gap = opts.coalesce_gap
+    cfg.coalesce_bytes = opts.coalesce_bytes
     cfg.io_backend = _IO[opts.io]
     cfg.io_depth = opts.io_depth
     cfg.max_read_bytes = opts.max_read_bytes

@@ -127,7 +127,10 @@ typedef struct fg_config {
                                     * (the read engine's staging buffers come on top) */
     float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first */
     int32_t window_tokens;         /* a row used within this many tokens is evicted last */
-    int32_t coalesce_gap;          /* misses at most this many rows apart share one read */
+    int32_t coalesce_gap;          /* misses at most this many rows apart share one read;
+                                    * -1: as many rows as fit in coalesce_bytes */
+    int32_t coalesce_bytes;        /* coalesce_gap -1: the largest gap worth reading through
+                                    * (a read's fixed cost in bytes of transfer) */
     int32_t io_backend;            /* FG_IO_* */
     int32_t io_depth;              /* reads in flight */
     int32_t max_read_bytes;        /* largest single read (also the staging buffer size) */

@@ -77,6 +77,7 @@ typedef struct fg_config {
     float pinned_share;
     int32_t window_tokens;
     int32_t coalesce_gap;
+    int32_t coalesce_bytes;
     int32_t io_backend;
     int32_t io_depth;
     int32_t max_read_bytes;

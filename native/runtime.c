@@ -69,7 +69,7 @@ static int check_streaming_config(const fg_config *c) {
     if (c->mode == FG_MODE_DENSE) return FG_OK;
     if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_PREDICTED) return FG_ERR_ARG;
     if (c->dram_budget <= 0 || !(c->pinned_share >= 0.0f && c->pinned_share <= 1.0f) ||
-        c->window_tokens < 0 || c->coalesce_gap < 0 || c->io_depth < 1 || c->io_depth > 1024 ||
+        c->window_tokens < 0 || c->coalesce_gap < -1 || c->coalesce_bytes < 0 || c->io_depth < 1 || c->io_depth > 1024 ||
         c->io_backend < FG_IO_AUTO || c->io_backend > FG_IO_URING) {
         return FG_ERR_ARG;
     }
@@ -608,9 +608,11 @@ static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
 }
 
 /* Coalesce rows (ascending) into reads: a row joins the previous read when at most
- * coalesce_gap rows lie between them, or when its aligned blocks touch the read's (then
- * joining costs no extra bytes), and the read stays within one staging buffer. Direct I/O
- * reads whole aligned blocks around the rows. Returns the number of reads. */
+ * coalesce_gap rows lie between them (coalesce_gap -1: when the bytes read through to reach
+ * it are at most coalesce_bytes, a read's fixed cost measured in bytes of transfer), or
+ * when its aligned blocks touch the read's (then joining costs no extra bytes), and the
+ * read stays within one staging buffer. Direct I/O reads whole aligned blocks around the
+ * rows. Returns the number of reads. */
 static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows,
                           const uint8_t *const *dst, int32_t n) {
     const fg_config *c = &rt->cfg;
@@ -624,8 +626,14 @@ static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows
         const uint64_t end_aligned = (end + align - 1) / align * align;
         const uint64_t first = start / align * align;
         const fg_read *prev = n_reads > 0 ? &rt->reads[n_reads - 1] : NULL;
-        if (prev != NULL && end_aligned - prev->offset <= cap &&
-            (rows[k] - rows[k - 1] - 1 <= c->coalesce_gap || first <= prev->offset + prev->len)) {
+        int join = 0;
+        if (prev != NULL && end_aligned - prev->offset <= cap) {
+            const uint64_t prev_end = prev->offset + prev->len;
+            join = first <= prev_end ||
+                   (c->coalesce_gap >= 0 ? rows[k] - rows[k - 1] - 1 <= c->coalesce_gap
+                                         : first - prev_end <= (uint64_t)c->coalesce_bytes);
+        }
+        if (join) {
             fg_read *rd = &rt->reads[n_reads - 1];
             rd->len = end_aligned - rd->offset;
             rd->need = end - rd->offset;

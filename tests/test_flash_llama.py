@@ -45,11 +45,17 @@ def test_bad_budgets_name_the_parameter(value):
 @pytest.mark.parametrize("kw, name", [
     (dict(mode="smart"), "flash_mode"), (dict(window=0), "flash_window"),
     (dict(window=2.5), "flash_window"), (dict(pinned_share=1.5), "flash_pinned_share"),
-    (dict(coalesce_gap=-1), "flash_coalesce_gap"), (dict(io="aio"), "flash_io"),
+    (dict(coalesce_gap=-1), "flash_coalesce_gap"), (dict(coalesce_gap="big"), "flash_coalesce_gap"),
+    (dict(io="aio"), "flash_io"),
 ])
 def test_bad_options_name_the_parameter(kw, name):
     with pytest.raises(OptionError, match=name):
         flash_options(1000, budget=500, **kw)
+
+
+def test_coalesce_gap_auto_is_by_bytes():
+    assert flash_options(1000, budget=500).coalesce_gap == -1  # the default, "auto"
+    assert flash_options(1000, budget=500, coalesce_gap=8).coalesce_gap == 8
 
 
 def test_budget_that_holds_the_payload_keeps_it_resident():

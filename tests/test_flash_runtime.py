@@ -390,6 +390,26 @@ def test_coalescing_issues_fewer_larger_reads(silu):
     assert counts[8] < counts[0] / 4
 
 
+def test_auto_coalescing_reads_through_gaps_cheaper_than_a_read(silu):
+    """coalesce_gap -1: misses join one read when the bytes between them are at most
+    coalesce_bytes (a read's fixed cost), whatever the stride; not when they cost more."""
+    flash, preds = silu
+    stride = flash.layout.stride
+    mask = np.zeros(flash.n_ff, dtype=bool)
+    mask[::3] = True  # gaps of two rows
+    x = np.ones((1, flash.n_embd), np.float32)
+    counts = {}
+    for nbytes in (0, 2 * stride, 2 * stride - 1):
+        rt = streaming(flash, preds, mode="naive", share=0.4, coalesce_gap=-1,
+                       coalesce_bytes=nbytes, direct_io=False)
+        rt.stats(reset=True)
+        rt.ffn(0, x, mask)
+        counts[nbytes] = rt.stats()["reads"]
+    rows = int(mask.sum())
+    assert counts[0] == rows and counts[2 * stride - 1] == rows  # each row its own read
+    assert counts[2 * stride] < rows / 4  # every gap is worth reading through
+
+
 @pytest.mark.parametrize("io", ["threads", "io_uring"])
 def test_read_errors_surface_and_leave_the_cache_consistent(silu, io):
     flash, preds = silu
