@@ -14,8 +14,10 @@
    the page cache:
    - stock as shipped (CPU_REPACK copies in anonymous memory, which a cap cannot evict) and
      stock pure mmap (use_extra_bufts=False; DESIGN.md section 5);
-   - flashgguf per mode, its budget what the cap leaves after the overhead, the flash
-     file's trunk (mmapped by llama.cpp) and the read engine's staging buffers.
+   - flashgguf per mode, its budget what the cap leaves after flashgguf's own overhead
+     (measured like stock's, with no rows kept: it includes the read engine's staging
+     buffers) and the flash file's trunk (mmapped by llama.cpp, part of it repacked), less
+     1% of slack.
    Reported: decode tok/s over --tokens greedy tokens after a short prompt; MB read from the
    device per token (stock: /proc/self/io; flash: the same, which holds the trunk's page
    faults and the direct reads); flash's own reads, the missed rows' bytes, over-fetch,
@@ -33,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -50,9 +53,17 @@ MB = 1e6
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
-def run_child(spec: dict) -> dict:
+def next_token(llm) -> int:
+    """Greedy next token from the last evaluated position (llama_cpp.Llama.scores is only
+    filled with logits_all=True)."""
+    import llama_cpp
     import numpy as np
 
+    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+
+def run_child(spec: dict) -> dict:
     kind = spec["kind"]
     kw = dict(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=spec["threads"],
               n_threads_batch=spec["threads"], verbose=False)
@@ -65,22 +76,26 @@ def run_child(spec: dict) -> dict:
     else:
         from flashgguf import Llama
 
-        llm = Llama(spec["flash"], flash_offload=True, flash_dram_budget=spec["budget"],
-                    flash_mode=spec["mode"], **kw)
+        with no_weight_repacking() if spec.get("no_repack") else contextlib.nullcontext():
+            llm = Llama(spec["flash"], flash_offload=True, flash_dram_budget=spec["budget"],
+                        flash_mode=spec["mode"], **kw)
     load_s = time.perf_counter() - t0
     prompt = llm.tokenize(PROMPT.encode())
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = next_token(llm)
     if kind == "flash":
         llm.flash_stats(reset=True)
     io0 = _proc_io()
     t0 = time.perf_counter()
+    generated = []
     for _ in range(spec["tokens"]):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        generated.append(tok)
+        tok = next_token(llm)
     dt = time.perf_counter() - t0
     io1 = _proc_io()
-    out = {"load_s": load_s, "tok_s": spec["tokens"] / dt, "s_per_token": dt / spec["tokens"],
+    out = {"load_s": load_s, "text": llm.detokenize(generated).decode(errors="replace"),
+           "tok_s": spec["tokens"] / dt, "s_per_token": dt / spec["tokens"],
            "device_mb_per_token": (io1["read_bytes"] - io0["read_bytes"]) / MB / spec["tokens"],
            "rss_anon_mb": _rss_anon() / MB}
     if kind == "flash":
@@ -156,15 +171,27 @@ def _f(v, spec: str) -> str:
     return "-" if v is None or v != v else format(v, spec)
 
 
+def busy_loops(n: int) -> list[subprocess.Popen]:
+    """n processes that spin on a core each: the background load of part 3."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help="the source GGUF stock llama.cpp runs")
     p.add_argument("--flash", type=Path, help="its flash GGUF (flashgguf-convert)")
     p.add_argument("--caps", default="0.5,0.65,0.8",
-                   help="caps: overhead + these fractions of the source GGUF's bytes")
+                   help="caps: overhead + these fractions of the source GGUF's bytes; 'none': "
+                        "no cap (then give --budget)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="flash budget as a fraction of the payload instead of what the cap leaves")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--reps", type=int, default=1,
+                   help="repeat every configuration (alternating); tables give medians")
+    p.add_argument("--busy", type=int, default=0,
+                   help="also measure with this many busy-loop processes running")
     p.add_argument("--modes", default="hybrid,predicted")
     p.add_argument("--stock", default="shipped,mmap")
     p.add_argument("--timeout", type=float, default=300.0)
@@ -175,6 +202,8 @@ def main() -> int:
         return 0
     if args.model is None or args.flash is None:
         p.error("--model and --flash are required")
+    if args.caps == "none" and args.budget is None:
+        p.error("--caps none needs --budget")
 
     from flashgguf.format import open_flash_file
     from flashgguf.options import DEFAULT_IO_DEPTH, DEFAULT_MAX_READ_BYTES
@@ -182,7 +211,6 @@ def main() -> int:
     flash = open_flash_file(args.flash)
     model_bytes = args.model.stat().st_size
     trunk = flash.file_size - flash.payload_nbytes
-    staging = DEFAULT_IO_DEPTH * DEFAULT_MAX_READ_BYTES
     threads = [int(t) for t in args.threads.split(",")]
     print(f"load average at start: {os.getloadavg()}")
     print(f"model {args.model.name}: {model_bytes / MB:.1f} MB; flash file trunk "
@@ -194,46 +222,76 @@ def main() -> int:
         print(f"overhead run failed: {over['error']}")
         return 1
     overhead = int(over["rss_anon_mb"] * MB)
-    disk = disk_mb_s(args.flash, flash.file_size - flash.payload_nbytes,
-                     min(flash.payload_nbytes, 256 << 20), DEFAULT_MAX_READ_BYTES,
-                     DEFAULT_IO_DEPTH)
-    print(f"process overhead (stock, pure mmap, RssAnon): {overhead / MB:.1f} MB; "
-          f"disk: {disk:.0f} MB/s (direct, {DEFAULT_MAX_READ_BYTES >> 10} KiB reads, "
-          f"depth {DEFAULT_IO_DEPTH})")
+    # flash's own: the same with every row streamed (naive keeps none) and repacking off:
+    # its runtime scratch, staging buffers and the flashgguf imports. (With repacking on,
+    # llama.cpp's copies of the trunk's Q4_K weights are anonymous memory that stands in for
+    # their mmapped pages: the same bytes, so the trunk's size below covers them.)
+    fover = measure(dict(base, kind="flash", mode="naive", budget=1, threads=threads[0],
+                         no_repack=True), None, args.timeout)
+    if "error" in fover:
+        print(f"flash overhead run failed: {fover['error']}")
+        return 1
+    flash_overhead = int(fover["rss_anon_mb"] * MB)
+    print(f"process overhead (RssAnon, no cap): stock pure mmap {overhead / MB:.1f} MB, "
+          f"flashgguf with no rows kept (repacking off) {flash_overhead / MB:.1f} MB")
+    configs = []
+    for cap_arg in args.caps.split(","):
+        frac = None if cap_arg == "none" else float(cap_arg)
+        cap = None if frac is None else overhead + int(frac * model_bytes)
+        if args.budget is not None:
+            budget = int(args.budget * flash.payload_nbytes)
+        else:  # what the cap leaves after flash's own overhead and its trunk, less 1%
+            budget = cap - flash_overhead - trunk - int(0.01 * cap)
+        for load in ([0, args.busy] if args.busy else [0]):
+            for n_threads in threads:
+                for s in [s for s in args.stock.split(",") if s]:
+                    configs.append((cap, frac, load, dict(
+                        base, kind=f"stock {'shipped' if s == 'shipped' else 'mmap'}",
+                        threads=n_threads)))
+                for m in [m for m in args.modes.split(",") if m]:
+                    configs.append((cap, frac, load, dict(
+                        base, kind="flash", mode=m, budget=max(budget, 1), threads=n_threads)))
     results = []
-    for frac in [float(c) for c in args.caps.split(",")]:
-        cap = overhead + int(frac * model_bytes)
-        # the flash process's anonymous memory beyond stock's: its scratch (~1% here)
-        budget = cap - overhead - trunk - staging - int(0.02 * cap)
-        for n_threads in threads:
-            runs = [dict(base, kind=f"stock {'shipped' if s == 'shipped' else 'mmap'}",
-                         threads=n_threads) for s in args.stock.split(",") if s]
-            runs += [dict(base, kind="flash", mode=m, budget=max(budget, 1 << 20),
-                          threads=n_threads) for m in args.modes.split(",") if m]
-            for spec in runs:
+    for rep in range(args.reps):
+        disk = disk_mb_s(args.flash, trunk, min(flash.payload_nbytes, 256 << 20),
+                         DEFAULT_MAX_READ_BYTES, DEFAULT_IO_DEPTH)
+        print(f"rep {rep}: disk {disk:.0f} MB/s (direct, {DEFAULT_MAX_READ_BYTES >> 10} KiB "
+              f"reads, depth {DEFAULT_IO_DEPTH}); load average {os.getloadavg()[0]:.2f}")
+        for cap, frac, load, spec in configs:
+            loops = busy_loops(load)
+            try:
                 r = measure(spec, cap, args.timeout)
-                r.update(cap_mb=cap / MB, frac=frac, threads=n_threads,
-                         name=spec["kind"] if spec["kind"] != "flash" else f"flash {spec['mode']}",
-                         budget_mb=spec.get("budget", 0) / MB)
-                results.append(r)
-                _print_row(r, disk)
+            finally:
+                for proc in loops:
+                    proc.kill()
+                    proc.wait()
+            r.update(cap_mb=(cap or 0) / MB, frac=frac, threads=spec["threads"], busy=load,
+                     rep=rep, disk_mb_s=disk, budget_mb=spec.get("budget", 0) / MB,
+                     name=spec["kind"] if spec["kind"] != "flash" else f"flash {spec['mode']}")
+            results.append(r)
+            _print_row(r)
     print(f"load average at end: {os.getloadavg()}")
-    _print_ratios(results)
+    _print_medians(results)
     if args.json:
-        args.json.write_text(json.dumps(dict(overhead=overhead, disk_mb_s=disk,
+        args.json.write_text(json.dumps(dict(overhead=overhead, flash_overhead=flash_overhead,
                                              results=results), indent=1))
     return 0
 
 
-def _print_row(r: dict, disk: float) -> None:
-    head = f"cap {r['cap_mb']:7.1f} MB ({r['frac']:.2f}) t{r['threads']} {r['name']:<16}"
+def _where(r: dict) -> str:
+    cap = "no cap" if r["frac"] is None else f"cap {r['cap_mb']:6.1f} MB ({r['frac']:.2f})"
+    return f"{cap} t{r['threads']}" + (f" busy{r['busy']}" if r["busy"] else "")
+
+
+def _print_row(r: dict) -> None:
+    head = f"{_where(r)} {r['name']:<16}"
     if "error" in r:
-        print(f"{head} {r['error']}")
+        print(f"{head} {r['error']}", flush=True)
         return
     line = (f"{head} {r['tok_s']:6.3f} tok/s  device {r['device_mb_per_token']:7.1f} MB/tok  "
             f"anon {r['rss_anon_mb']:6.1f} MB")
     if "flash_mb_per_token" in r:
-        bound = max(r["ffn_s"], r["flash_mb_per_token"] / disk)
+        bound = max(r["ffn_s"], r["flash_mb_per_token"] / r["disk_mb_s"])
         line += (f"  budget {r['budget_mb']:.0f} MB  flash read {r['flash_mb_per_token']:.1f} "
                  f"needed {r['needed_mb_per_token']:.1f} MB/tok (x{_f(r['over_fetch'], '.3f')})"
                  f"  io wait {1e3 * r['io_wait_s']:.0f} ms  ffn {1e3 * r['ffn_s']:.0f} ms"
@@ -241,18 +299,33 @@ def _print_row(r: dict, disk: float) -> None:
     print(line, flush=True)
 
 
-def _print_ratios(results: list[dict]) -> None:
-    print("\nflash / better stock (tok/s):")
-    keys = sorted({(r["frac"], r["threads"]) for r in results})
-    for frac, n_threads in keys:
-        rows = [r for r in results if (r["frac"], r["threads"]) == (frac, n_threads)]
-        stock = [r.get("tok_s", 0.0) for r in rows if r["name"].startswith("stock")]
-        best = max(stock, default=0.0)
-        for r in rows:
-            if r["name"].startswith("flash") and "tok_s" in r:
-                ratio = r["tok_s"] / best if best > 0 else float("inf")
-                print(f"  cap {frac:.2f} t{n_threads} {r['name']:<16} "
-                      f"{_f(ratio, '.2f')}x (better stock {best:.3f} tok/s)")
+def _print_medians(results: list[dict]) -> None:
+    """Per configuration: median tok/s (min-max over reps); flash against the better stock."""
+    print("\nmedians over reps (tok/s, min-max); flash / better stock of the same cap, "
+          "threads and load:")
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["frac"] if r["frac"] is not None else -1.0, r["threads"],
+                           r["busy"], r["name"]), []).append(r)
+
+    def median_tok_s(rows: list[dict]) -> float | None:
+        got = sorted(r["tok_s"] for r in rows if "tok_s" in r)
+        return statistics.median(got) if got else None
+
+    for (frac, n_threads, busy, name), rows in sorted(groups.items()):
+        med = median_tok_s(rows)
+        got = [r["tok_s"] for r in rows if "tok_s" in r]
+        text = "failed: " + rows[0]["error"] if med is None else (
+            f"{med:6.3f} ({min(got):.3f}-{max(got):.3f})")
+        if name.startswith("flash") and med is not None:
+            stock = [median_tok_s(v) for (f2, t2, b2, n2), v in groups.items()
+                     if (f2, t2, b2) == (frac, n_threads, busy) and n2.startswith("stock")]
+            best = max([s for s in stock if s is not None], default=None)
+            mb = statistics.median(r["flash_mb_per_token"] for r in rows if "tok_s" in r)
+            text += f"  read {mb:.1f} MB/tok"
+            if best:
+                text += f"  {med / best:.2f}x the better stock ({best:.3f})"
+        print(f"  {_where(rows[0])} {name:<16} {text}")
 
 
 if __name__ == "__main__":
