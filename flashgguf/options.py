@@ -21,10 +21,11 @@ IO_BACKENDS = ("auto", "threads", "io_uring")
 # 75%, and only 0.25 fits at 25% (with rank-32 predictors).
 DEFAULT_PINNED_SHARE = 0.25
 # flash_coalesce_gap "auto": misses are read in one read when the bytes between them cost
-# less than a read's fixed cost, DEFAULT_COALESCE_BYTES of transfer (measured on this
-# machine's disk with tools/bench_caps.py's probe: see BENCHMARKS.md).
+# less than a read's fixed cost, DEFAULT_COALESCE_BYTES of transfer (this machine's disk,
+# `tools/bench_caps.py --read-cost`, three runs: break-even gaps 18.8, 21.9 and 33.9 KiB,
+# 24-48 us per read at 611-806 MB/s; see BENCHMARKS.md).
 DEFAULT_COALESCE_GAP = "auto"
-DEFAULT_COALESCE_BYTES = 32 << 10
+DEFAULT_COALESCE_BYTES = 22 << 10
 DEFAULT_IO_DEPTH = 16
 DEFAULT_MAX_READ_BYTES = 256 << 10
 # No budget given: the budget is this share of the RAM available at load (cgroup limits

@@ -4,7 +4,9 @@
     python tools/bench_caps.py --model SRC.gguf --flash SRC.flash.gguf
                                [--caps 0.5,0.65,0.8] [--threads 1,2] [--tokens 8]
                                [--modes hybrid,predicted] [--stock shipped,mmap]
-                               [--timeout 300] [--json FILE]
+                               [--timeout 300] [--json FILE] [--reps N] [--busy N]
+                               [--caps none --budget FRACTION]
+    python tools/bench_caps.py --model SRC.gguf --flash SRC.flash.gguf --read-cost
 
 1. The true process overhead: stock llama.cpp with weight repacking off (pure mmap), no
    cap, its anonymous memory after a short decode (KV cache, compute buffers, interpreter).
@@ -167,6 +169,26 @@ def disk_mb_s(path: Path, offset: int, nbytes: int, read_bytes: int, depth: int)
     return nbytes / dt / MB
 
 
+def read_cost(path: Path, offset: int, depth: int, reps: int = 3) -> None:
+    """Print the per-read time of direct reads of 4-256 KiB at depth, and the fit
+    t(s) = c + s / B from the 4 KiB and 256 KiB medians: c * B is the break-even gap, the
+    bytes worth reading through rather than issuing one more read (coalesce_bytes)."""
+    sizes = (4 << 10, 16 << 10, 64 << 10, 256 << 10)
+    per_read: dict[int, list[float]] = {size: [] for size in sizes}
+    for rep in range(reps):
+        for size in sizes:
+            nbytes = min(64 << 20, size * 1024)
+            mb_s = disk_mb_s(path, offset + rep * (128 << 20), nbytes, size, depth)
+            per_read[size].append(size / (mb_s * MB))
+            print(f"rep {rep} read {size >> 10:3d} KiB: {mb_s:6.0f} MB/s, "
+                  f"{per_read[size][-1] * 1e6:6.1f} us per read", flush=True)
+    t_small, t_big = (statistics.median(per_read[s]) for s in (sizes[0], sizes[-1]))
+    bandwidth = (sizes[-1] - sizes[0]) / (t_big - t_small)
+    fixed = t_small - sizes[0] / bandwidth
+    print(f"fixed cost per read {fixed * 1e6:.1f} us, bandwidth {bandwidth / MB:.0f} MB/s: "
+          f"break-even gap {fixed * bandwidth / 1024:.1f} KiB")
+
+
 def _f(v, spec: str) -> str:
     return "-" if v is None or v != v else format(v, spec)
 
@@ -196,6 +218,8 @@ def main() -> int:
     p.add_argument("--stock", default="shipped,mmap")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=None, help="also write every result here")
+    p.add_argument("--read-cost", action="store_true",
+                   help="only measure the device's per-read cost and break-even gap")
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
@@ -211,6 +235,9 @@ def main() -> int:
     flash = open_flash_file(args.flash)
     model_bytes = args.model.stat().st_size
     trunk = flash.file_size - flash.payload_nbytes
+    if args.read_cost:
+        read_cost(args.flash, trunk, DEFAULT_IO_DEPTH)
+        return 0
     threads = [int(t) for t in args.threads.split(",")]
     print(f"load average at start: {os.getloadavg()}")
     print(f"model {args.model.name}: {model_bytes / MB:.1f} MB; flash file trunk "
