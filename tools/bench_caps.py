@@ -48,21 +48,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
+from bench_dense import greedy_next_token  # noqa: E402
 from bench_flash import _proc_io, _rss_anon, drop_file_cache, memory_cgroup  # noqa: E402
 from quality import no_weight_repacking  # noqa: E402
 
 MB = 1e6
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
-
-
-def next_token(llm) -> int:
-    """Greedy next token from the last evaluated position (llama_cpp.Llama.scores is only
-    filled with logits_all=True)."""
-    import llama_cpp
-    import numpy as np
-
-    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
 
 
 def run_child(spec: dict) -> dict:
@@ -84,7 +75,7 @@ def run_child(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     prompt = llm.tokenize(PROMPT.encode())
     llm.eval(prompt)
-    tok = next_token(llm)
+    tok = greedy_next_token(llm)
     if kind == "flash":
         llm.flash_stats(reset=True)
     io0 = _proc_io()
@@ -93,7 +84,7 @@ def run_child(spec: dict) -> dict:
     for _ in range(spec["tokens"]):
         llm.eval([tok])
         generated.append(tok)
-        tok = next_token(llm)
+        tok = greedy_next_token(llm)
     dt = time.perf_counter() - t0
     io1 = _proc_io()
     out = {"load_s": load_s, "text": llm.detokenize(generated).decode(errors="replace"),

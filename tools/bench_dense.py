@@ -33,19 +33,26 @@ from flashgguf.models import smollm2_gguf  # noqa: E402
 PROMPT = "The history of the city begins in the twelfth century, when"
 
 
+def greedy_next_token(llm) -> int:
+    """Greedy next token from the last evaluated position: llama_cpp.Llama.scores is only
+    filled with logits_all=True (llama-cpp-python 0.3.36), so read llama.cpp's logits."""
+    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+
 def decode_tokens_per_s(llm, n_tokens: int, before_timing=None) -> float:
     """Greedy decode of n_tokens one at a time after the prompt; only decode is timed.
     before_timing: called between the prompt and the timed decode (e.g. to reset stats)."""
     llm.reset()
     prompt = llm.tokenize(PROMPT.encode())
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = greedy_next_token(llm)
     if before_timing is not None:
         before_timing()
     t0 = time.perf_counter()
     for _ in range(n_tokens):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = greedy_next_token(llm)
     return n_tokens / (time.perf_counter() - t0)
 
 
