@@ -5,8 +5,8 @@
  * Eviction: a free slot if any, else the least recently used unpinned slot. Ordering by
  * last use is exactly "rows used outside the window first, then within the window the
  * least recent": a row used within the last window tokens is only evicted when every
- * unpinned slot holds such a row (counted in fg_stats.window_evictions). Slots still
- * needed by the running read round are never taken. Every operation is O(1), so a token
+ * unpinned slot holds such a row (counted in fg_stats.window_evictions). Slots used by
+ * the running call (its round stamp) are never taken. Every operation is O(1), so a token
  * costs O(rows it touches), never O(n_ff).
  */
 #include <stdlib.h>
@@ -70,15 +70,6 @@ static void append_slot(fg_cache *c, int32_t s) {
     c->tail = s;
 }
 
-void fg_cache_release_all(fg_cache *c) {
-    for (int32_t s = c->head; s >= 0; s = c->next[s]) {
-        c->slot_of[c->row_of[s]] = -1;
-        c->row_of[s] = -1;
-        c->free_list[c->n_free++] = s;
-    }
-    c->head = c->tail = -1;
-}
-
 void fg_cache_touch(fg_cache *c, int32_t slot, uint64_t round) {
     c->last_used[slot] = c->clock;
     c->busy[slot] = round;
@@ -95,10 +86,11 @@ int32_t fg_cache_take(fg_cache *c, int32_t row, uint64_t round, int32_t window,
         s = c->free_list[--c->n_free];
     } else {
         s = c->head;
-        /* the LRU list ends with this round's slots: if the head is one, all are */
+        /* the LRU list ends with this call's slots: if the head is one, all are */
         if (s < 0 || c->busy[s] == round) return -1;
         unlink_slot(c, s);
-        /* rows of this call read in an earlier round are done: not a window eviction */
+        /* a row last used by this call is never evicted (busy above); older ones within
+         * the window are window evictions */
         *in_window = window > 0 && c->last_used[s] < c->clock &&
                      c->last_used[s] + (uint64_t)window >= c->clock;
         c->slot_of[c->row_of[s]] = -1;

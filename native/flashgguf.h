@@ -184,11 +184,8 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 int fg_runtime_load(fg_runtime *rt);
 /* Smallest dram_budget the streaming modes accept with this config (bytes): the
  * predictors. Every row beyond them is optional: a miss is computed from the staging
- * buffer it was read into. */
+ * buffer it was read into (io_depth x max_read_bytes, beside the budget, not in it). */
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
-/* Bytes of the read engine's staging buffers (io_depth x max_read_bytes rounded up to
- * FG_IO_ALIGN): working memory beside the budget, not taken from it. */
-int64_t fg_runtime_staging_bytes(const fg_runtime *rt);
 /* What load would give each layer (streaming modes), without allocating or reading:
  * capacity[n_layer] slots and pinned[n_layer] rows. FG_ERR_BUDGET as load. */
 int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned);
@@ -224,7 +221,8 @@ int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t 
 void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after);
 /* Every every-th read of a call (from its first) lands delay_us late: threads engine, its
  * worker sleeps before reading; io_uring, its completion is held back until nothing else
- * can land. Reorders completions (after load; 0 disables). */
+ * can land. Reorders completions (after load of a streaming mode, else ignored; 0
+ * disables). */
 void fg_runtime_debug_delay_reads(fg_runtime *rt, int64_t delay_us, int32_t every);
 /* First error raised inside the eval callback since the last call (then cleared);
  * FG_OK if none. msg receives a description (may be NULL). */

@@ -114,7 +114,6 @@ int fg_runtime_set_predictor_sigma(fg_runtime *rt, int32_t layer, const float *s
 int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 int fg_runtime_load(fg_runtime *rt);
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
-int64_t fg_runtime_staging_bytes(const fg_runtime *rt);
 int fg_runtime_plan(const fg_runtime *rt, int32_t *capacity, int32_t *pinned);
 int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capacity,
                               int32_t *pinned);

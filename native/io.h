@@ -65,7 +65,7 @@ typedef struct fg_read {
     int32_t n_copy;
 } fg_read;
 
-/* Where a row of a read goes: bytes [src, src + row_bytes) of the read are row idx, kept
+/* Where a row of a read goes: bytes [src, src + row_bytes) of the read are the row, kept
  * in cache slot dst afterwards (NULL: computed from the staging buffer, not kept). */
 typedef struct fg_copy {
     uint64_t src;

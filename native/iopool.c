@@ -80,6 +80,13 @@ static void stop_threads(fg_io *io) {
     io->n_threads = 0;
 }
 
+static void free_buffers(fg_io *io) {
+    free(io->landed);
+    free(io->free_buf);
+    free(io->staging);
+    memset(io, 0, sizeof *io);
+}
+
 int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t staging_cap,
                int32_t max_reads) {
     memset(io, 0, sizeof *io);
@@ -98,22 +105,14 @@ int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t stag
     io->staging = p;
     io->landed = malloc((size_t)max_reads * sizeof *io->landed);
     io->free_buf = malloc((size_t)depth * sizeof *io->free_buf);
-    if (io->landed == NULL || io->free_buf == NULL) {
-        free(io->landed);
-        free(io->free_buf);
-        free(io->staging);
-        memset(io, 0, sizeof *io);
-        return FG_ERR_NOMEM;
+    int rc = io->landed == NULL || io->free_buf == NULL ? FG_ERR_NOMEM : FG_OK;
+    if (rc == FG_OK && pthread_mutex_init(&io->mu, NULL) != 0) rc = FG_ERR_THREADS;
+    if (rc != FG_OK) { /* nothing started yet: free what was allocated */
+        free_buffers(io);
+        return rc;
     }
     for (int i = 0; i < depth; i++) io->free_buf[i] = depth - 1 - i;
     io->n_free = depth;
-    if (pthread_mutex_init(&io->mu, NULL) != 0) {
-        free(io->landed);
-        free(io->free_buf);
-        free(io->staging);
-        memset(io, 0, sizeof *io);
-        return FG_ERR_THREADS;
-    }
     pthread_cond_init(&io->cv_work, NULL);
     pthread_cond_init(&io->cv_landed, NULL);
     if (backend == FG_IO_URING && fg_uring_create(&io->ring, reader->fd, depth) == FG_OK) {
@@ -144,10 +143,7 @@ void fg_io_destroy(fg_io *io) {
     pthread_cond_destroy(&io->cv_work);
     pthread_cond_destroy(&io->cv_landed);
     pthread_mutex_destroy(&io->mu);
-    free(io->landed);
-    free(io->free_buf);
-    free(io->staging);
-    memset(io, 0, sizeof *io);
+    free_buffers(io);
 }
 
 int fg_io_submit(fg_io *io, const fg_read *reads, int32_t n_reads) {

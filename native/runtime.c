@@ -278,18 +278,11 @@ static int32_t pinned_rows(const fg_config *c, int32_t capacity) {
     }
 }
 
-/* Bytes of the read engine's staging buffers: every miss is read into one and computed
- * from it. They are working memory next to the budget (as llama.cpp's compute buffers are
- * next to its weights), not part of it: a fixed 4 MiB would be most of a small model's
- * budget. */
-static int64_t staging_bytes(const fg_config *c) {
-    const int64_t cap = ((int64_t)c->max_read_bytes + FG_IO_ALIGN - 1) / FG_IO_ALIGN * FG_IO_ALIGN;
-    return (int64_t)c->io_depth * cap;
-}
-
+/* The predictors are a budget's only minimum: a miss without a slot is computed from the
+ * read engine's staging buffer, which is working memory beside the budget (as llama.cpp's
+ * compute buffers are beside its weights), not part of it: a fixed 4 MiB would be most of a
+ * small model's budget. */
 int64_t fg_runtime_min_budget(const fg_runtime *rt) { return predictor_bytes(rt); }
-
-int64_t fg_runtime_staging_bytes(const fg_runtime *rt) { return staging_bytes(&rt->cfg); }
 
 /* Split the budget left after the predictors into per-layer capacities by layer
  * weight (expected active rows), a layer never past n_ff, what a full layer cannot take
@@ -544,8 +537,6 @@ static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *c
                 ffn_rows(rt, L, rows, idx, k0, k0 + FG_CHUNK_ROWS < n ? k0 + FG_CHUNK_ROWS : n,
                          n_tokens, acc, gate_vals, up_vals);
             }
-        }
-        if (with_reads) {
             const double w = consume_reads(rt, L, n_tokens, acc, gate_vals, up_vals);
             if (tid == 0) waited = w;
         }
@@ -870,6 +861,7 @@ int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t 
 }
 
 void fg_runtime_debug_delay_reads(fg_runtime *rt, int64_t delay_us, int32_t every) {
+    if (rt->io.staging == NULL) return; /* no read engine yet (before load, dense mode) */
     pthread_mutex_lock(&rt->io.mu);
     rt->io.delay_us = delay_us > 0 ? delay_us : 0;
     rt->io.delay_every = every > 0 ? every : 0;

@@ -92,7 +92,7 @@ struct fg_runtime {
     int32_t *miss_idx;
     fg_read *reads;
     fg_copy *copies;
-    uint64_t round;                  /* read round counter (fg_cache.busy stamps) */
+    uint64_t round;                  /* streaming call counter (fg_cache.busy stamps) */
 
     /* predictor scratch, sized for the largest rank */
     int32_t max_rank;
@@ -111,11 +111,10 @@ double fg_now_seconds(void);
 int fg_cache_alloc(fg_cache *c, int32_t n_ff, int32_t capacity, int32_t n_pinned,
                    size_t stride);
 void fg_cache_free(fg_cache *c);
-/* Release every unpinned slot (modes without a cache, between calls). */
-void fg_cache_release_all(fg_cache *c);
 /* Mark a resident unpinned slot used now by round; moves it to the LRU tail. */
 void fg_cache_touch(fg_cache *c, int32_t slot, uint64_t round);
-/* A slot for row (free, else the LRU slot not busy in round); -1 when none is left.
+/* A slot for row (free, else the LRU slot not busy in round); -1 when every slot is in
+ * use by round (the caller then computes the row without keeping it).
  * *in_window is set when the evicted row was used within window tokens. */
 int32_t fg_cache_take(fg_cache *c, int32_t row, uint64_t round, int32_t window,
                       int *in_window);

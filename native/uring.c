@@ -193,22 +193,33 @@ static void drain(fg_uring *r, fg_io *io) {
     }
 }
 
+/* Hand out the completions the test hook held back. */
+static void land_deferred(fg_uring *r, fg_io *io) {
+    for (int i = 0; i < r->n_deferred; i++) {
+        fg_io_push_landed(io, r->deferred[i].read, r->deferred[i].buf, r->deferred[i].status);
+    }
+    r->n_deferred = 0;
+}
+
+/* The ring failed (errno in last_errno): every read in flight, held back or not started
+ * lands as failed, so that the job's consumers all return. */
+static void fail_job(fg_uring *r, fg_io *io) {
+    if (io->err == FG_OK) io->err = FG_ERR_IO;
+    drain(r, io);
+    land_deferred(r, io);
+    while (io->next < io->n_reads) fg_io_push_landed(io, io->next++, -1, io->err);
+}
+
 int fg_uring_progress(fg_uring *r, fg_io *io) {
     if (submit_more(r, io) != FG_OK) {
-        if (io->err == FG_OK) io->err = FG_ERR_IO;
-        drain(r, io);
-        while (io->next < io->n_reads) fg_io_push_landed(io, io->next++, -1, io->err);
+        fail_job(r, io);
         return 1;
     }
     const int in_flight = r->in_flight;
     if (in_flight == 0) {
         if (r->n_deferred > 0) { /* nothing else can land now: the delayed reads do */
             fg_io_sleep_us(io->delay_us);
-            for (int i = 0; i < r->n_deferred; i++) {
-                fg_io_push_landed(io, r->deferred[i].read, r->deferred[i].buf,
-                                  r->deferred[i].status);
-            }
-            r->n_deferred = 0;
+            land_deferred(r, io);
             return 1;
         }
         return io->n_landed > io->n_taken; /* landed by injection: no wait needed */
@@ -217,9 +228,7 @@ int fg_uring_progress(fg_uring *r, fg_io *io) {
     if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) &&
         sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
         io->reader->last_errno = errno;
-        if (io->err == FG_OK) io->err = FG_ERR_IO;
-        drain(r, io);
-        while (io->next < io->n_reads) fg_io_push_landed(io, io->next++, -1, io->err);
+        fail_job(r, io);
         return in_flight;
     }
     while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
