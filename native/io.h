@@ -111,6 +111,8 @@ typedef struct fg_io {
 
     /* io_uring backend */
     fg_uring *ring;
+    fg_landed *deferred;       /* test hook: delayed completions held back (depth entries) */
+    int n_deferred;
 } fg_io;
 
 /* Start the engine: backend FG_IO_AUTO picks the default (threads; see BENCHMARKS.md),
@@ -133,15 +135,4 @@ void fg_io_release(fg_io *io, const fg_landed *l);
 /* After every read has been handed out and released: the job's first error (FG_ERR_IO
  * with errno in reader->last_errno, FG_ERR_SHORT_READ) or FG_OK; the engine is idle. */
 int fg_io_end(fg_io *io);
-/* Check a read's result (got bytes or -errno) and count it; FG_OK, FG_ERR_IO or
- * FG_ERR_SHORT_READ. The caller holds io->mu. */
-int fg_io_check_read(fg_io *io, const fg_read *rd, int64_t got);
-/* Append a finished read (buffer -1 when it has none) to the landed list and wake a
- * consumer; the first failure becomes the job's error. The caller holds io->mu. */
-void fg_io_push_landed(fg_io *io, int32_t k, int buf, int status);
-/* The test hook's delay for read k of the job, in microseconds (0: none). */
-int64_t fg_io_delay_of(const fg_io *io, int32_t k);
-/* Sleep for us microseconds (a blocking sleep: no CPU while it lasts). */
-void fg_io_sleep_us(int64_t us);
-
 #endif

@@ -5,8 +5,9 @@
  * reads and arithmetic overlap for the whole call, not only for its first batch.
  *
  * Threads backend: depth workers, each taking the next read and a free buffer, pread-ing
- * (blocking) and appending the result to the landed list. io_uring backend (uring.c): the
- * consumer that finds nothing landed submits what fits and waits in io_uring_enter.
+ * (blocking) and appending the result to the landed list. io_uring backend (the ring is
+ * uring.c's): the consumer that finds nothing landed submits what fits and waits in
+ * io_uring_enter.
  * Every wait is a blocking one (condition variable, io_uring_enter): a consumer waiting on
  * the device takes no CPU from llama.cpp's threads or the read workers.
  */
@@ -19,7 +20,9 @@
 #include "io.h"
 #include "uring.h"
 
-int fg_io_check_read(fg_io *io, const fg_read *rd, int64_t got) {
+/* Check a read's result (got bytes or -errno) and count it; FG_OK, FG_ERR_IO or
+ * FG_ERR_SHORT_READ. The caller holds io->mu. */
+static int check_read(fg_io *io, const fg_read *rd, int64_t got) {
     if (got < 0) {
         io->reader->last_errno = (int)-got;
         return FG_ERR_IO;
@@ -28,17 +31,21 @@ int fg_io_check_read(fg_io *io, const fg_read *rd, int64_t got) {
     return (uint64_t)got < rd->need ? FG_ERR_SHORT_READ : FG_OK;
 }
 
-int64_t fg_io_delay_of(const fg_io *io, int32_t k) {
+/* The test hook's delay for read k of the job, in microseconds (0: none). */
+static int64_t delay_of(const fg_io *io, int32_t k) {
     return io->delay_every > 0 && k % io->delay_every == 0 ? io->delay_us : 0;
 }
 
-void fg_io_sleep_us(int64_t us) {
+/* A blocking sleep: no CPU while it lasts. */
+static void sleep_us(int64_t us) {
     struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }
 
-void fg_io_push_landed(fg_io *io, int32_t k, int buf, int status) {
+/* Append a finished read (buffer -1 when it has none) to the landed list and wake a
+ * consumer; the first failure becomes the job's error. The caller holds io->mu. */
+static void push_landed(fg_io *io, int32_t k, int buf, int status) {
     if (status != FG_OK && io->err == FG_OK) io->err = status;
     io->landed[io->n_landed++] = (fg_landed){k, buf, status};
     pthread_cond_signal(&io->cv_landed);
@@ -55,21 +62,129 @@ static void *worker_main(void *arg) {
         const int32_t k = io->next++;
         const fg_read *rd = &io->reads[k];
         if (io->err != FG_OK) { /* the job has failed: hand the rest out unread */
-            fg_io_push_landed(io, k, -1, io->err);
+            push_landed(io, k, -1, io->err);
             continue;
         }
         const int buf = io->free_buf[--io->n_free];
-        const int64_t delay = fg_io_delay_of(io, k);
+        const int64_t delay = delay_of(io, k);
         pthread_mutex_unlock(&io->mu);
-        if (delay > 0) fg_io_sleep_us(delay);
+        if (delay > 0) sleep_us(delay);
         const int64_t got = fg_reader_pread(io->reader, io->staging + (size_t)buf * io->staging_cap,
                                             (size_t)rd->len, rd->offset);
         pthread_mutex_lock(&io->mu);
-        fg_io_push_landed(io, k, buf, fg_io_check_read(io, rd, got));
+        push_landed(io, k, buf, check_read(io, rd, got));
     }
     pthread_mutex_unlock(&io->mu);
     return NULL;
 }
+
+
+/* ---- io_uring backend: the job driven through the ring ---------------------------- */
+
+static uint64_t uring_tag(int32_t k, int buf) {
+    return ((uint64_t)(uint32_t)k << 32) | (uint32_t)buf;
+}
+
+/* Queue reads while the job has some left, a staging buffer is free and the ring has
+ * room; tell the kernel. 0 or -errno. */
+static int uring_submit_more(fg_io *io) {
+    while (io->next < io->n_reads && io->n_free > 0 && fg_uring_room(io->ring) > 0) {
+        const int32_t k = io->next++;
+        const fg_read *rd = &io->reads[k];
+        const int injected = fg_reader_injected(io->reader);
+        if (injected != 0 || io->err != FG_OK) { /* test hook, or the job already failed */
+            push_landed(io, k, -1,
+                        injected != 0 ? check_read(io, rd, -(int64_t)injected) : io->err);
+            continue;
+        }
+        const int buf = io->free_buf[--io->n_free];
+        fg_uring_queue(io->ring, io->staging + (size_t)buf * io->staging_cap, (uint32_t)rd->len,
+                       rd->offset, uring_tag(k, buf));
+    }
+    return fg_uring_submit(io->ring);
+}
+
+/* Hand a completion to the landed list; the test hook's delayed reads wait in deferred
+ * until nothing else can land (that reorders completions as a slow device would). */
+static void uring_complete(fg_io *io, int32_t k, int buf, int64_t got) {
+    const fg_read *rd = &io->reads[k];
+    uint8_t *dst = io->staging + (size_t)buf * io->staging_cap;
+    if (got >= 0 && (uint64_t)got < rd->need && got % FG_IO_ALIGN == 0) {
+        /* a short completion that is not the end of the file: read the rest */
+        const int64_t more = fg_reader_pread(io->reader, dst + got,
+                                             (size_t)(rd->len - (uint64_t)got),
+                                             rd->offset + (uint64_t)got);
+        got = more < 0 ? more : got + more;
+    }
+    const int status = check_read(io, rd, got);
+    if (delay_of(io, k) > 0 && io->n_deferred < io->depth) {
+        io->deferred[io->n_deferred++] = (fg_landed){k, buf, status};
+        return;
+    }
+    push_landed(io, k, buf, status);
+}
+
+/* Hand out the completions the test hook held back. */
+static void uring_land_deferred(fg_io *io) {
+    for (int i = 0; i < io->n_deferred; i++) {
+        push_landed(io, io->deferred[i].read, io->deferred[i].buf, io->deferred[i].status);
+    }
+    io->n_deferred = 0;
+}
+
+/* The ring failed with -err: every read in flight (waited for, so that no late completion
+ * lands in a staging buffer during a later job), held back or not started lands as failed,
+ * so that the job's consumers all return. */
+static void uring_fail_job(fg_io *io, int err) {
+    io->reader->last_errno = -err;
+    if (io->err == FG_OK) io->err = FG_ERR_IO;
+    uint64_t tag;
+    int32_t res;
+    while (fg_uring_in_flight(io->ring) > 0) {
+        while (fg_uring_reap(io->ring, &tag, &res)) {
+            push_landed(io, (int32_t)(tag >> 32), (int)(tag & 0xffffffffu), FG_ERR_IO);
+        }
+        if (fg_uring_in_flight(io->ring) > 0 && fg_uring_wait(io->ring) != 0) {
+            break; /* the ring is unusable; fg_uring_destroy closes it */
+        }
+    }
+    uring_land_deferred(io);
+    while (io->next < io->n_reads) push_landed(io, io->next++, -1, io->err);
+}
+
+/* With io->mu held and nothing landed: submit the job's reads that have a free staging
+ * buffer, wait in the kernel for at least one completion and land every completion.
+ * Returns the reads in flight before waiting (0: nothing to wait for, the caller waits for
+ * a buffer to be released). */
+static int uring_progress(fg_io *io) {
+    int err = uring_submit_more(io);
+    if (err != 0) {
+        uring_fail_job(io, err);
+        return 1;
+    }
+    const int in_flight = fg_uring_in_flight(io->ring);
+    if (in_flight == 0) {
+        if (io->n_deferred > 0) { /* nothing else can land now: the delayed reads do */
+            sleep_us(io->delay_us);
+            uring_land_deferred(io);
+            return 1;
+        }
+        return io->n_landed > io->n_taken; /* landed by injection: no wait needed */
+    }
+    err = fg_uring_wait(io->ring);
+    if (err != 0) {
+        uring_fail_job(io, err);
+        return in_flight;
+    }
+    uint64_t tag;
+    int32_t res;
+    while (fg_uring_reap(io->ring, &tag, &res)) {
+        uring_complete(io, (int32_t)(tag >> 32), (int)(tag & 0xffffffffu), res);
+    }
+    return in_flight;
+}
+
+/* ---- the engine --------------------------------------------------------------------- */
 
 static void stop_threads(fg_io *io) {
     pthread_mutex_lock(&io->mu);
@@ -117,6 +232,11 @@ int fg_io_init(fg_io *io, fg_reader *reader, int backend, int depth, size_t stag
     pthread_cond_init(&io->cv_landed, NULL);
     if (backend == FG_IO_URING && fg_uring_create(&io->ring, reader->fd, depth) == FG_OK) {
         io->backend = FG_IO_URING;
+        io->deferred = calloc((size_t)depth, sizeof *io->deferred);
+        if (io->deferred == NULL) {
+            fg_io_destroy(io);
+            return FG_ERR_NOMEM;
+        }
         return FG_OK;
     }
     io->backend = FG_IO_THREADS;
@@ -140,6 +260,7 @@ void fg_io_destroy(fg_io *io) {
     stop_threads(io);
     free(io->threads);
     fg_uring_destroy(io->ring);
+    free(io->deferred);
     pthread_cond_destroy(&io->cv_work);
     pthread_cond_destroy(&io->cv_landed);
     pthread_mutex_destroy(&io->mu);
@@ -168,7 +289,7 @@ int fg_io_next(fg_io *io, fg_landed *out) {
     while (io->n_taken == io->n_landed && io->n_taken < io->n_reads) {
         /* io_uring: submit what fits and wait in the kernel; when nothing is in flight
          * (every buffer is being computed), wait for a release like the threads do */
-        if (io->backend != FG_IO_URING || fg_uring_progress(io->ring, io) == 0) {
+        if (io->backend != FG_IO_URING || uring_progress(io) == 0) {
             pthread_cond_wait(&io->cv_landed, &io->mu);
         }
     }

@@ -1,18 +1,19 @@
 /*
- * io_uring through raw syscalls: one submission queue entry per read (IORING_OP_READ into
- * a staging buffer), depth in flight, completions reaped by the thread that waits.
+ * io_uring through raw syscalls: one submission queue entry per read (IORING_OP_READ),
+ * completions reaped by the thread that waits. This file knows rings, not jobs: which read
+ * goes next and where its completion lands is the read engine's (iopool.c).
  * Ring memory ordering: we publish the SQ tail with a release store and read the CQ tail
  * with an acquire load, as the kernel's io_uring(7) documentation describes.
  */
 #include "uring.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "flashgguf.h"
 
 #if defined(__linux__) && __has_include(<linux/io_uring.h>)
-#include <errno.h>
 #include <linux/io_uring.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -35,9 +36,8 @@ struct fg_uring {
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
     unsigned *cq_head, *cq_tail, *cq_mask;
     struct io_uring_cqe *cqes;
-    int in_flight;
-    fg_landed *deferred; /* test hook: delayed completions held back (depth entries) */
-    int n_deferred;
+    int in_flight;  /* submitted to the kernel, not reaped */
+    unsigned queued; /* in the submission queue, not yet told to the kernel */
 };
 
 static int sys_setup(unsigned entries, struct io_uring_params *p) {
@@ -52,11 +52,6 @@ int fg_uring_create(fg_uring **out, int fd, int depth) {
     *out = NULL;
     fg_uring *r = calloc(1, sizeof *r);
     if (r == NULL) return FG_ERR_NOMEM;
-    r->deferred = calloc((size_t)depth, sizeof *r->deferred);
-    if (r->deferred == NULL) {
-        free(r);
-        return FG_ERR_NOMEM;
-    }
     r->file_fd = fd;
     r->sq_map = r->cq_map = MAP_FAILED;
     r->sqes = MAP_FAILED;
@@ -64,7 +59,6 @@ int fg_uring_create(fg_uring **out, int fd, int depth) {
     memset(&p, 0, sizeof p);
     r->ring_fd = sys_setup((unsigned)depth, &p);
     if (r->ring_fd < 0) { /* ENOSYS, EPERM (seccomp, io_uring_disabled): threads then */
-        free(r->deferred);
         free(r);
         return FG_ERR_IO;
     }
@@ -108,143 +102,66 @@ void fg_uring_destroy(fg_uring *r) {
     if (r->cq_map != MAP_FAILED && r->cq_map != r->sq_map) munmap(r->cq_map, r->cq_map_len);
     if (r->sq_map != MAP_FAILED) munmap(r->sq_map, r->sq_map_len);
     if (r->ring_fd >= 0) close(r->ring_fd);
-    free(r->deferred);
     free(r);
 }
 
-/* Queue reads while the job has some left and a staging buffer is free; tell the kernel. */
-static int submit_more(fg_uring *r, fg_io *io) {
-    unsigned queued = 0;
-    unsigned tail = *r->sq_tail;
-    while (io->next < io->n_reads && io->n_free > 0 && r->in_flight + queued < r->depth) {
-        const int32_t k = io->next++;
-        const fg_read *rd = &io->reads[k];
-        const int injected = fg_reader_injected(io->reader);
-        if (injected != 0 || io->err != FG_OK) { /* test hook, or the job already failed */
-            const int rc = injected != 0 ? fg_io_check_read(io, rd, -(int64_t)injected) : io->err;
-            fg_io_push_landed(io, k, -1, rc);
-            continue;
-        }
-        const int buf = io->free_buf[--io->n_free];
-        struct io_uring_sqe *sqe = &r->sqes[tail & *r->sq_mask];
-        memset(sqe, 0, sizeof *sqe);
-        sqe->opcode = IORING_OP_READ;
-        sqe->fd = r->file_fd;
-        sqe->addr = (uint64_t)(uintptr_t)(io->staging + (size_t)buf * io->staging_cap);
-        sqe->len = (uint32_t)rd->len;
-        sqe->off = rd->offset;
-        sqe->user_data = ((uint64_t)(uint32_t)k << 32) | (uint32_t)buf;
-        r->sq_array[tail & *r->sq_mask] = tail & *r->sq_mask;
-        tail++;
-        queued++;
-    }
-    if (queued == 0) return FG_OK;
-    __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
+int fg_uring_room(const fg_uring *r) {
+    return (int)r->depth - r->in_flight - (int)r->queued;
+}
+
+int fg_uring_in_flight(const fg_uring *r) { return r->in_flight; }
+
+void fg_uring_queue(fg_uring *r, void *buf, uint32_t len, uint64_t offset, uint64_t user_data) {
+    const unsigned tail = *r->sq_tail + r->queued;
+    struct io_uring_sqe *sqe = &r->sqes[tail & *r->sq_mask];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_READ;
+    sqe->fd = r->file_fd;
+    sqe->addr = (uint64_t)(uintptr_t)buf;
+    sqe->len = len;
+    sqe->off = offset;
+    sqe->user_data = user_data;
+    r->sq_array[tail & *r->sq_mask] = tail & *r->sq_mask;
+    r->queued++;
+}
+
+int fg_uring_submit(fg_uring *r) {
+    unsigned queued = r->queued;
+    if (queued == 0) return 0;
+    __atomic_store_n(r->sq_tail, *r->sq_tail + queued, __ATOMIC_RELEASE);
     r->in_flight += (int)queued;
+    r->queued = 0;
     while (queued > 0) {
         const int n = sys_enter(r->ring_fd, queued, 0, 0);
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN || errno == EBUSY) continue;
-            io->reader->last_errno = errno;
-            return FG_ERR_IO;
+            return -errno;
         }
         queued -= (unsigned)n;
     }
-    return FG_OK;
+    return 0;
 }
 
-/* Hand a completion to the landed list; the test hook's delayed reads wait in deferred
- * until nothing else can land (that reorders completions as a slow device would). */
-static void complete(fg_uring *r, fg_io *io, int32_t k, int buf, int64_t got) {
-    const fg_read *rd = &io->reads[k];
-    uint8_t *dst = io->staging + (size_t)buf * io->staging_cap;
-    if (got >= 0 && (uint64_t)got < rd->need && got % FG_IO_ALIGN == 0) {
-        /* a short completion that is not the end of the file: read the rest */
-        const int64_t more = fg_reader_pread(io->reader, dst + got,
-                                             (size_t)(rd->len - (uint64_t)got),
-                                             rd->offset + (uint64_t)got);
-        got = more < 0 ? more : got + more;
+int fg_uring_wait(fg_uring *r) {
+    if (*r->cq_head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) return 0;
+    if (sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
+        return -errno;
     }
-    const int status = fg_io_check_read(io, rd, got);
-    if (fg_io_delay_of(io, k) > 0 && r->n_deferred < io->depth) {
-        r->deferred[r->n_deferred++] = (fg_landed){k, buf, status};
-        return;
-    }
-    fg_io_push_landed(io, k, buf, status);
+    return 0;
 }
 
-/* Wait for what is in flight (after a failed submission) so that no late completion lands
- * in a staging buffer during a later job. */
-static void drain(fg_uring *r, fg_io *io) {
-    while (r->in_flight > 0) {
-        unsigned head = *r->cq_head;
-        while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
-            const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
-            fg_io_push_landed(io, (int32_t)(cqe->user_data >> 32),
-                              (int)(cqe->user_data & 0xffffffffu), FG_ERR_IO);
-            r->in_flight--;
-            head++;
-        }
-        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
-        if (r->in_flight > 0 && sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 &&
-            errno != EINTR) {
-            return; /* the ring is unusable; fg_uring_destroy closes it */
-        }
-    }
+int fg_uring_reap(fg_uring *r, uint64_t *user_data, int32_t *res) {
+    const unsigned head = *r->cq_head;
+    if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) return 0;
+    const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
+    *user_data = cqe->user_data;
+    *res = cqe->res;
+    __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+    r->in_flight--;
+    return 1;
 }
 
-/* Hand out the completions the test hook held back. */
-static void land_deferred(fg_uring *r, fg_io *io) {
-    for (int i = 0; i < r->n_deferred; i++) {
-        fg_io_push_landed(io, r->deferred[i].read, r->deferred[i].buf, r->deferred[i].status);
-    }
-    r->n_deferred = 0;
-}
-
-/* The ring failed (errno in last_errno): every read in flight, held back or not started
- * lands as failed, so that the job's consumers all return. */
-static void fail_job(fg_uring *r, fg_io *io) {
-    if (io->err == FG_OK) io->err = FG_ERR_IO;
-    drain(r, io);
-    land_deferred(r, io);
-    while (io->next < io->n_reads) fg_io_push_landed(io, io->next++, -1, io->err);
-}
-
-int fg_uring_progress(fg_uring *r, fg_io *io) {
-    if (submit_more(r, io) != FG_OK) {
-        fail_job(r, io);
-        return 1;
-    }
-    const int in_flight = r->in_flight;
-    if (in_flight == 0) {
-        if (r->n_deferred > 0) { /* nothing else can land now: the delayed reads do */
-            fg_io_sleep_us(io->delay_us);
-            land_deferred(r, io);
-            return 1;
-        }
-        return io->n_landed > io->n_taken; /* landed by injection: no wait needed */
-    }
-    unsigned head = *r->cq_head;
-    if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) &&
-        sys_enter(r->ring_fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
-        io->reader->last_errno = errno;
-        fail_job(r, io);
-        return in_flight;
-    }
-    while (head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
-        const struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
-        const int32_t k = (int32_t)(cqe->user_data >> 32);
-        const int buf = (int)(cqe->user_data & 0xffffffffu);
-        const int64_t got = cqe->res;
-        r->in_flight--;
-        head++;
-        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
-        complete(r, io, k, buf, got);
-    }
-    return in_flight;
-}
-
-#else /* no io_uring at build time */
+#else /* no io_uring at build time: create fails, so nothing else is ever called */
 
 int fg_uring_create(fg_uring **out, int fd, int depth) {
     (void)fd;
@@ -252,10 +169,22 @@ int fg_uring_create(fg_uring **out, int fd, int depth) {
     *out = NULL;
     return FG_ERR_IO;
 }
-void fg_uring_destroy(fg_uring *ring) { (void)ring; }
-int fg_uring_progress(fg_uring *ring, fg_io *io) {
-    (void)ring;
-    (void)io;
+void fg_uring_destroy(fg_uring *r) { (void)r; }
+int fg_uring_room(const fg_uring *r) { (void)r; return 0; }
+int fg_uring_in_flight(const fg_uring *r) { (void)r; return 0; }
+void fg_uring_queue(fg_uring *r, void *buf, uint32_t len, uint64_t offset, uint64_t user_data) {
+    (void)r;
+    (void)buf;
+    (void)len;
+    (void)offset;
+    (void)user_data;
+}
+int fg_uring_submit(fg_uring *r) { (void)r; return -ENOSYS; }
+int fg_uring_wait(fg_uring *r) { (void)r; return -ENOSYS; }
+int fg_uring_reap(fg_uring *r, uint64_t *user_data, int32_t *res) {
+    (void)r;
+    (void)user_data;
+    (void)res;
     return 0;
 }
 
