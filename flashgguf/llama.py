@@ -7,18 +7,13 @@ from the payload. Every high-level llama-cpp-python API works unchanged on top.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import llama_cpp
-from llama_cpp import _internals
-
 from .archs import get_arch
-from .errors import NotFlashGGUFError, OptionError, VersionMismatchError
+from .errors import NotFlashGGUFError, OptionError
 from .format import is_flash_gguf, open_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
@@ -27,57 +22,9 @@ from .options import (
     predictors_at_recall,
 )
 from .predictor import LayerPredictor
-from .runtime import Runtime, RuntimeOptions
+from .runtime import Runtime, installed_context_class, llama_cpp_module
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-
-if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
-    raise VersionMismatchError(
-        f"flashgguf needs llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (its eval-callback ABI and "
-        f"graph node names are pinned), but {llama_cpp.__version__} is installed: "
-        f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
-    )
-
-# llama_cpp.Llama creates its context inside __init__ with no way to pass cb_eval, so the
-# context class is swapped for the duration of that call; the lock keeps two threads that
-# load models at once from seeing each other's swap.
-_context_swap_lock = threading.Lock()
-
-
-def callback_context_class(callback_address: int, user_data_address: int,
-                           after_decode: Callable[[], None]) -> type[_internals.LlamaContext]:
-    """A LlamaContext whose graph runs the C eval callback at callback_address with
-    user_data_address; after_decode runs after each decode (to raise the callback's errors)."""
-    callback = llama_cpp.ggml_backend_sched_eval_callback(callback_address)
-
-    class CallbackContext(_internals.LlamaContext):
-        def __init__(self, *, model, params, verbose: bool = True) -> None:
-            params.cb_eval = callback
-            params.cb_eval_user_data = user_data_address
-            self._eval_callback = callback  # the ctypes pointer lives as long as the context
-            super().__init__(model=model, params=params, verbose=verbose)
-
-        def decode(self, batch) -> None:
-            super().decode(batch)
-            after_decode()
-
-    return CallbackContext
-
-
-def _flash_context_class(runtime: Runtime) -> type[_internals.LlamaContext]:
-    return callback_context_class(runtime.callback_address, runtime.handle_address,
-                                  runtime.raise_pending_error)
-
-
-@contextlib.contextmanager
-def installed_context_class(cls: type[_internals.LlamaContext]) -> Iterator[None]:
-    with _context_swap_lock:
-        original = _internals.LlamaContext
-        _internals.LlamaContext = cls
-        try:
-            yield
-        finally:
-            _internals.LlamaContext = original
+llama_cpp = llama_cpp_module()
 
 
 class Llama(llama_cpp.Llama):
@@ -86,8 +33,9 @@ class Llama(llama_cpp.Llama):
     flash_offload=True: the FFN payload is read with direct I/O by flashgguf's runtime and
     kept under flash_dram_budget: bytes, a "48MiB"/"1.5GiB" string, or a float fraction in
     (0, 1] of the FFN payload. Without a budget the whole payload stays resident when it fits
-    in half the RAM available at load, else half that RAM is the budget. A budget that
-    holds the whole payload keeps every bundle resident (read once at load).
+    in 80% (options.DEFAULT_RAM_SHARE) of the RAM available at load (cgroup limits included)
+    after the trunk, else that share is the budget. A budget that holds the whole payload
+    keeps every bundle resident in predicted mode (read once at load).
     flash_mode: "predicted" (default: predictor + window cache + pinned hot rows; the file
     must store a predictor), "naive" (each layer's whole FFN read every token) or "hybrid"
     (the rows the budget holds pinned, the rest read every token): the paper's baselines.
@@ -134,28 +82,19 @@ class Llama(llama_cpp.Llama):
         n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
         opts = flash_options(flash.payload_nbytes, flash_dram_budget, flash_mode, flash_window,
                              flash_pinned_share, flash_coalesce_gap, flash_io,
-                             trunk_nbytes=flash.file_size - flash.payload_nbytes)
-        streaming = flash_offload and opts.budget is not None
+                             trunk_nbytes=flash.file_size - flash.payload_nbytes,
+                             offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
+                             n_threads=n_threads, n_threads_batch=n_threads_batch)
         layer_weights = None
         if flash_predictor_recall is not None:
             if flash_predictors is not None:
                 raise OptionError("give flash_predictor_recall or flash_predictors, not both")
             flash_predictors, layer_weights = predictors_at_recall(flash, flash_predictor_recall)
-        runtime = Runtime(flash, spec, RuntimeOptions(
-            max_tokens=max(1, min(n_batch, n_ubatch)),
-            n_threads=n_threads,
-            n_threads_batch=n_threads_batch,
-            direct_io=flash_offload,
-            mode=opts.mode if streaming else "dense",
-            dram_budget=opts.budget if streaming else 0,
-            pinned_share=opts.pinned_share,
-            window=opts.window,
-            coalesce_gap=opts.coalesce_gap,
-            io=opts.io,
-        ), predictors=flash_predictors, layer_weights=layer_weights)
+        runtime = Runtime(flash, spec, opts, predictors=flash_predictors,
+                          layer_weights=layer_weights)
         self._flash_runtime = runtime
         try:
-            with installed_context_class(_flash_context_class(runtime)):
+            with installed_context_class(runtime.context_class()):
                 super().__init__(path, *args, kv_overrides=overrides, **kwargs)
         except BaseException:
             runtime.close()

@@ -135,35 +135,73 @@ def available_ram() -> int:
 
 @dataclass(frozen=True)
 class FlashOptions:
-    """Checked flash_* options; budget None = everything resident."""
+    """The one options record, from flashgguf.Llama's flash_* arguments to the C runtime's
+    fg_config: defaults here and nowhere else, checked once when the record is made (C
+    still refuses bad values by code). Build it from user values with flash_options()."""
 
-    budget: int | None
-    mode: str
-    window: int
-    pinned_share: float
-    coalesce_gap: int          # rows; -1: "auto" (by bytes, DEFAULT_COALESCE_BYTES)
-    io: str
+    # "dense": every bundle resident (read once at load); else streamed under dram_budget
+    mode: str = "dense"
+    dram_budget: int = 0  # bytes for cache slots + predictors (streaming modes)
+    window: int = 4  # tokens an unused row is kept before it is the first to go
+    pinned_share: float = DEFAULT_PINNED_SHARE
+    coalesce_gap: int | str = DEFAULT_COALESCE_GAP  # rows, or "auto" (by bytes)
+    coalesce_bytes: int = DEFAULT_COALESCE_BYTES
+    io: str = "auto"
+    io_depth: int = DEFAULT_IO_DEPTH
+    max_read_bytes: int = DEFAULT_MAX_READ_BYTES
+    direct_io: bool = True
+    max_tokens: int = 512  # most rows one FFN call may get (llama.cpp's n_ubatch)
+    n_threads: int = 1
+    n_threads_batch: int = 1
+    read_log: int = 0  # tests: keep (offset, length) of the first N reads
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", *MODES):
+            raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not _is_int(self.window) or self.window < 1:
+            raise OptionError(f"flash_window must be an int >= 1 (tokens), got {self.window!r}")
+        if isinstance(self.pinned_share, bool) or not isinstance(self.pinned_share, (int, float)) \
+                or not 0.0 <= self.pinned_share <= 1.0:
+            raise OptionError(f"flash_pinned_share must be in [0, 1], got {self.pinned_share!r}")
+        if self.coalesce_gap != "auto" and (not _is_int(self.coalesce_gap)
+                                            or self.coalesce_gap < 0):
+            raise OptionError("flash_coalesce_gap must be 'auto' or an int >= 0 (rows), got "
+                              f"{self.coalesce_gap!r}")
+        if self.io not in IO_BACKENDS:
+            raise OptionError(f"flash_io must be one of {', '.join(IO_BACKENDS)}, "
+                              f"got {self.io!r}")
+        for name, low in (("dram_budget", 0), ("coalesce_bytes", 0), ("io_depth", 1),
+                          ("max_read_bytes", 4096), ("max_tokens", 1), ("n_threads", 1),
+                          ("n_threads_batch", 1), ("read_log", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise OptionError(f"{name} must be an int >= {low}, got {value!r}")
+        if self.mode != "dense" and self.dram_budget < 1:
+            raise OptionError(f"flash_mode={self.mode!r} streams the payload and needs a "
+                              "positive dram_budget")
+
+    @property
+    def budget(self) -> int | None:
+        """Bytes the payload streams under; None when every bundle is resident."""
+        return None if self.mode == "dense" else self.dram_budget
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
-                  mode: str = "predicted", window: int = 4,
+                  mode: str = "predicted", window: int = FlashOptions.window,
                   pinned_share: float = DEFAULT_PINNED_SHARE,
-                  coalesce_gap: int | str = DEFAULT_COALESCE_GAP, io: str = "auto",
-                  trunk_nbytes: int = 0) -> FlashOptions:
-    if mode not in MODES:
+                  coalesce_gap: int | str = DEFAULT_COALESCE_GAP, io: str = FlashOptions.io,
+                  trunk_nbytes: int = 0, offload: bool = True, **runtime: int) -> FlashOptions:
+    """flashgguf.Llama's flash_* values -> the record. The one rule for what stays resident:
+    nothing is streamed without offload; no budget means the default share of the RAM left
+    after the trunk, and everything resident when the payload fits in it; predicted mode with
+    a budget that holds the whole payload keeps it resident too (the baselines stream, to be
+    measured). runtime: the record's other fields (threads, max_tokens, ...)."""
+    if mode not in MODES:  # "dense" is the outcome of the rule below, not a user's choice
         raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise OptionError(f"flash_window must be an int >= 1 (tokens), got {window!r}")
-    if isinstance(pinned_share, bool) or not isinstance(pinned_share, (int, float)) \
-            or not 0.0 <= pinned_share <= 1.0:
-        raise OptionError(f"flash_pinned_share must be in [0, 1], got {pinned_share!r}")
-    if coalesce_gap == "auto":
-        coalesce_gap = -1
-    elif isinstance(coalesce_gap, bool) or not isinstance(coalesce_gap, int) or coalesce_gap < 0:
-        raise OptionError(
-            f"flash_coalesce_gap must be 'auto' or an int >= 0 (rows), got {coalesce_gap!r}")
-    if io not in IO_BACKENDS:
-        raise OptionError(f"flash_io must be one of {', '.join(IO_BACKENDS)}, got {io!r}")
     if budget is None:
         room = int(DEFAULT_RAM_SHARE * max(available_ram() - trunk_nbytes, 0))
         nbytes = None if payload_nbytes <= room else max(room, 1)
@@ -171,7 +209,11 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
         nbytes = parse_budget(budget, payload_nbytes)
     if nbytes is not None and nbytes >= payload_nbytes and mode == "predicted":
         nbytes = None  # the whole payload fits: nothing to predict or stream
-    return FlashOptions(nbytes, mode, window, float(pinned_share), coalesce_gap, io)
+    streaming = offload and nbytes is not None
+    return FlashOptions(mode=mode if streaming else "dense",
+                        dram_budget=nbytes if streaming else 0, window=window,
+                        pinned_share=pinned_share, coalesce_gap=coalesce_gap, io=io,
+                        direct_io=offload, **runtime)
 
 
 def predictors_at_recall(flash: FlashFile, recall: float

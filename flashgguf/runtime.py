@@ -1,10 +1,15 @@
-"""Thin layer over the C core: a Runtime owns one fg_runtime handle; error codes -> exceptions."""
+"""The one door to the C core and to llama.cpp's eval callback: the FFN runtime and the
+calibration capture own their fg_* handles here, every C error code becomes an exception
+through one table, and llama.cpp contexts get the callback through one context swap.
+Nothing else in flashgguf imports the compiled module."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -12,16 +17,21 @@ from gguf import GGMLQuantizationType
 from . import constants as C
 from ._native import ffi, lib
 from .archs import ArchSpec
-from .errors import BudgetError, FlashGGUFError, MissingPredictorError, NativeError, OptionError
-from .format import BundleLayout, FlashFile
-from .options import (
-    DEFAULT_COALESCE_BYTES,
-    DEFAULT_IO_DEPTH,
-    DEFAULT_MAX_READ_BYTES,
-    DEFAULT_PINNED_SHARE,
+from .errors import (
+    BudgetError,
+    FlashGGUFError,
+    MissingPredictorError,
+    NativeError,
+    OptionError,
+    VersionMismatchError,
 )
+from .format import BundleLayout, FlashFile
+from .options import FlashOptions
 from .predictor import PREDICTOR_BLOCK, LayerPredictor
 from .quants import row_nbytes
+
+# llama.cpp's eval-callback ABI and graph node names are those of this release
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
 _ACTIVATIONS = {
     "silu": lib.FG_ACT_SILU,
@@ -39,45 +49,27 @@ _IO_NAMES = {lib.FG_IO_THREADS: "threads", lib.FG_IO_URING: "io_uring", 0: "none
 _STATS = ("tokens", "bytes_read", "reads", "bytes_needed", "cache_hits", "cache_misses",
           "neurons_computed", "pinned_neurons", "window_evictions", "time_predict_s",
           "time_io_wait_s", "time_ffn_s", "time_total_s")
+# C error code -> exception; a code not listed is a NativeError
+_ERRORS: dict[int, type[FlashGGUFError]] = {lib.FG_ERR_BUDGET: BudgetError}
 
 
 def strerror(code: int) -> str:
     return ffi.string(lib.fg_strerror(code)).decode()
 
 
-def check(code: int, what: str) -> None:
+def check(code: int, what: str, detail: str = "") -> None:
+    """Raise the exception for a C error code: "what: [detail ](code's message)"."""
     if code != lib.FG_OK:
-        raise NativeError(f"{what}: {strerror(code)}")
+        message = f"{detail} ({strerror(code)})" if detail else strerror(code)
+        raise _ERRORS.get(code, NativeError)(f"{what}: {message}")
 
 
 class DirectIOWarning(UserWarning):
     """The payload's filesystem refuses direct I/O; reads go through the page cache."""
 
 
-@dataclass(frozen=True)
-class RuntimeOptions:
-    max_tokens: int = 512  # most rows one FFN call may get (llama.cpp's n_ubatch)
-    n_threads: int = 1
-    n_threads_batch: int = 1
-    direct_io: bool = True
-    # "dense": every bundle resident (read once at load); else streamed under dram_budget
-    mode: str = "dense"
-    dram_budget: int = 0  # bytes for cache slots + predictors (streaming modes)
-    pinned_share: float = DEFAULT_PINNED_SHARE
-    window: int = 4
-    coalesce_gap: int = -1  # rows; -1: by bytes, coalesce_bytes
-    coalesce_bytes: int = DEFAULT_COALESCE_BYTES
-    io: str = "auto"
-    io_depth: int = DEFAULT_IO_DEPTH
-    max_read_bytes: int = DEFAULT_MAX_READ_BYTES
-    read_log: int = 0  # tests: keep (offset, length) of the first N reads
-
-
-def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
-    if opts.mode not in _MODES:
-        raise OptionError(f"mode must be one of {', '.join(_MODES)}, got {opts.mode!r}")
-    if opts.io not in _IO:
-        raise OptionError(f"io must be one of {', '.join(_IO)}, got {opts.io!r}")
+def _config(flash: FlashFile, spec: ArchSpec, opts: FlashOptions):
+    """The record as fg_config (checked when it was made; C checks again)."""
     cfg = ffi.new("fg_config *")
     cfg.n_layer = flash.n_layer
     cfg.n_embd = flash.n_embd
@@ -90,9 +82,9 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     for p in range(3):
         cfg.part_type[p], cfg.part_offset[p] = types[p], offsets[p]
     cfg.bundle_stride = flash.layers[0].layout.stride
-    cfg.max_tokens = max(1, opts.max_tokens)
-    cfg.n_threads = max(1, opts.n_threads)
-    cfg.n_threads_batch = max(1, opts.n_threads_batch)
+    cfg.max_tokens = opts.max_tokens
+    cfg.n_threads = opts.n_threads
+    cfg.n_threads_batch = opts.n_threads_batch
     cfg.use_direct_io = int(opts.direct_io)
     cfg.input_node = spec.ffn_input_node.encode()
     cfg.output_node = spec.ffn_output_node.encode()
@@ -100,7 +92,7 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions):
     cfg.dram_budget = opts.dram_budget
     cfg.pinned_share = opts.pinned_share
     cfg.window_tokens = opts.window
-    cfg.coalesce_gap = opts.coalesce_gap
+    cfg.coalesce_gap = -1 if opts.coalesce_gap == "auto" else opts.coalesce_gap
     cfg.coalesce_bytes = opts.coalesce_bytes
     cfg.io_backend = _IO[opts.io]
     cfg.io_depth = opts.io_depth
@@ -136,7 +128,7 @@ class Runtime:
     predictor's expected active share per layer when the file stores it (predicted mode),
     else an even split. load=False: configured but nothing allocated or read (plan())."""
 
-    def __init__(self, flash: FlashFile, spec: ArchSpec, opts: RuntimeOptions,
+    def __init__(self, flash: FlashFile, spec: ArchSpec, opts: FlashOptions,
                  predictors: Sequence[LayerPredictor | None] | None = None,
                  layer_weights: Sequence[float] | None = None, load: bool = True) -> None:
         self.flash = flash
@@ -157,12 +149,8 @@ class Runtime:
         self.max_tokens = cfg.max_tokens
         self._rt = None
         out = ffi.new("fg_runtime **")
-        code = lib.fg_runtime_create(cfg, str(flash.path).encode(), out)
-        if code == lib.FG_ERR_IO:
-            raise NativeError(f"cannot open {flash.path} for reading: {strerror(code)}")
-        if code == lib.FG_ERR_ARG and opts.mode != "dense":
-            raise OptionError(f"runtime options out of range: {opts}")
-        check(code, "creating the flash runtime")
+        check(lib.fg_runtime_create(cfg, str(flash.path).encode(), out),
+              f"opening {flash.path} for the flash runtime")
         self._rt = ffi.gc(out[0], lib.fg_runtime_destroy)
         self._keep: list[np.ndarray] = []  # buffers stay alive until C has copied them
         for layer in flash.layers:
@@ -198,12 +186,11 @@ class Runtime:
                               "cached reads", DirectIOWarning, stacklevel=3)
 
     def _check_budget(self, code: int, what: str) -> None:
-        opts = self._opts
         if code == lib.FG_ERR_BUDGET:
-            need = int(lib.fg_runtime_min_budget(self._rt))
-            raise BudgetError(
-                f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
-                f"flash_mode={opts.mode!r}: the minimum is {need:,} bytes (the predictors)")
+            opts, need = self._opts, int(lib.fg_runtime_min_budget(self._rt))
+            what = (f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
+                    f"flash_mode={opts.mode!r}")
+            check(code, what, f"the minimum is {need:,} bytes (the predictors)")
         check(code, what)
 
     def plan(self) -> list[tuple[int, int]]:
@@ -232,8 +219,6 @@ class Runtime:
         return ffi.from_buffer(arr)
 
     def _set_predictor(self, layer: int, pred: LayerPredictor) -> None:
-        from gguf import GGMLQuantizationType
-
         q8 = GGMLQuantizationType.Q8_0
         n_ff, n_embd = self.flash.n_ff, self.flash.n_embd
         if pred.rank <= 0 or pred.rank % PREDICTOR_BLOCK:
@@ -266,14 +251,6 @@ class Runtime:
         if self._rt is None:
             raise FlashGGUFError("the flash runtime is closed")
         return self._rt
-
-    @property
-    def callback_address(self) -> int:
-        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "fg_eval_callback")))
-
-    @property
-    def handle_address(self) -> int:
-        return int(ffi.cast("uintptr_t", self.handle))
 
     @property
     def io_backend(self) -> str:
@@ -368,9 +345,8 @@ class Runtime:
         """Raise what went wrong inside the eval callback during the last decode, if anything."""
         msg = ffi.new("char[256]")
         code = lib.fg_runtime_take_error(self.handle, msg, 256)
-        if code != lib.FG_OK:
-            raise NativeError(f"flash FFN failed during llama_decode: "
-                              f"{ffi.string(msg).decode(errors='replace')} ({strerror(code)})")
+        check(code, "flash FFN failed during llama_decode",
+              ffi.string(msg).decode(errors="replace"))
 
     def stats(self, reset: bool = False) -> dict[str, float]:
         s = ffi.new("fg_stats *")
@@ -386,3 +362,103 @@ class Runtime:
         if self._rt is not None:
             ffi.release(self._rt)
             self._rt = None
+
+    def context_class(self) -> type:
+        """A llama.cpp context class whose graph runs this runtime's FFN callback and raises
+        what went wrong in it after each decode (install it with installed_context_class)."""
+        return _callback_context_class(_address(ffi.addressof(lib, "fg_eval_callback")),
+                                      _address(self.handle), self.raise_pending_error)
+
+
+class Capture:
+    """Records each layer's FFN input rows (the node named node) while llama.cpp evaluates
+    a batch of at most max_rows tokens: the calibration's view of the source model."""
+
+    def __init__(self, n_layer: int, n_embd: int, node: str, max_rows: int) -> None:
+        out = ffi.new("fg_capture **")
+        check(lib.fg_capture_create(n_layer, n_embd, node.encode(), max_rows, out),
+              "creating the calibration capture")
+        self.handle = ffi.gc(out[0], lib.fg_capture_destroy)
+        self.n_embd = n_embd
+        self.max_rows = max_rows
+
+    def context_class(self) -> type:
+        return _callback_context_class(_address(ffi.addressof(lib, "fg_capture_callback")),
+                                      _address(self.handle), lambda: None)
+
+    def take(self, layer: int) -> np.ndarray:
+        """The rows captured for layer in the last batch, float32 [rows, n_embd]."""
+        out = np.empty((self.max_rows, self.n_embd), dtype=np.float32)
+        rows = lib.fg_capture_rows(self.handle, layer)
+        code = lib.fg_capture_take(self.handle, layer,
+                                   ffi.cast("float *", ffi.from_buffer(out)), self.max_rows)
+        if code != lib.FG_OK:
+            msg = ffi.new("char[200]")
+            lib.fg_capture_take_error(self.handle, msg, 200)
+            check(code, "calibration capture", ffi.string(msg).decode(errors="replace"))
+        return out[:rows]
+
+    def close(self) -> None:
+        ffi.release(self.handle)
+
+
+def _address(pointer: Any) -> int:
+    return int(ffi.cast("uintptr_t", pointer))
+
+
+# ---- llama.cpp's eval callback -------------------------------------------------------
+
+def llama_cpp_module() -> Any:
+    """llama_cpp, imported (it loads llama.cpp's libraries) and checked against the pinned
+    release whose eval-callback ABI and graph node names the runtime relies on."""
+    import llama_cpp
+
+    if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
+        raise VersionMismatchError(
+            f"flashgguf needs llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (its eval-callback "
+            f"ABI and graph node names are pinned), but {llama_cpp.__version__} is installed: "
+            f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}")
+    return llama_cpp
+
+
+def _callback_context_class(callback_address: int, user_data_address: int,
+                           after_decode: Callable[[], None]) -> type:
+    """A LlamaContext whose graph runs the C eval callback at callback_address with
+    user_data_address; after_decode runs after each decode (to raise the callback's errors)."""
+    llama_cpp = llama_cpp_module()
+    from llama_cpp import _internals
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(callback_address)
+
+    class CallbackContext(_internals.LlamaContext):
+        def __init__(self, *, model, params, verbose: bool = True) -> None:
+            params.cb_eval = callback
+            params.cb_eval_user_data = user_data_address
+            self._eval_callback = callback  # the ctypes pointer lives as long as the context
+            super().__init__(model=model, params=params, verbose=verbose)
+
+        def decode(self, batch) -> None:
+            super().decode(batch)
+            after_decode()
+
+    return CallbackContext
+
+
+# llama_cpp.Llama creates its context inside __init__ with no way to pass cb_eval, so the
+# context class is swapped for the duration of that call; the lock keeps two threads that
+# load models at once from seeing each other's swap.
+_context_swap_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def installed_context_class(cls: type) -> Iterator[None]:
+    """llama_cpp.Llama objects made inside this block get contexts of class cls."""
+    from llama_cpp import _internals
+
+    with _context_swap_lock:
+        original = _internals.LlamaContext
+        _internals.LlamaContext = cls
+        try:
+            yield
+        finally:
+            _internals.LlamaContext = original

@@ -11,9 +11,10 @@ from gguf import GGMLQuantizationType
 from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.format import FlashFile, open_flash_file
+from flashgguf.options import FlashOptions
 from flashgguf.predictor import LayerPredictor, predictor_scores
 from flashgguf.quants import dequantize_rows, quantize_rows, row_nbytes
-from flashgguf.runtime import Runtime, RuntimeOptions
+from flashgguf.runtime import Runtime
 
 Q8_0 = GGMLQuantizationType.Q8_0
 
@@ -77,5 +78,5 @@ def exact_relu_predictor(flash: FlashFile, layer: int) -> LayerPredictor:
 def runtime(flash: FlashFile, predictors=None, layer_weights=None, **opts) -> Runtime:
     base = dict(max_tokens=64, n_threads=2, n_threads_batch=2, direct_io=True)
     base.update(opts)
-    return Runtime(flash, get_arch(flash.arch), RuntimeOptions(**base), predictors=predictors,
+    return Runtime(flash, get_arch(flash.arch), FlashOptions(**base), predictors=predictors,
                    layer_weights=layer_weights)

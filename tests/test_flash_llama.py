@@ -54,7 +54,7 @@ def test_bad_options_name_the_parameter(kw, name):
 
 
 def test_coalesce_gap_auto_is_by_bytes():
-    assert flash_options(1000, budget=500).coalesce_gap == -1  # the default, "auto"
+    assert flash_options(1000, budget=500).coalesce_gap == "auto"  # the default (by bytes)
     assert flash_options(1000, budget=500, coalesce_gap=8).coalesce_gap == 8
 
 

@@ -400,7 +400,7 @@ def test_auto_coalescing_reads_through_gaps_cheaper_than_a_read(silu):
     x = np.ones((1, flash.n_embd), np.float32)
     counts = {}
     for nbytes in (0, 2 * stride, 2 * stride - 1):
-        rt = streaming(flash, preds, mode="naive", share=0.4, coalesce_gap=-1,
+        rt = streaming(flash, preds, mode="naive", share=0.4, coalesce_gap="auto",
                        coalesce_bytes=nbytes, direct_io=False)
         rt.stats(reset=True)
         rt.ffn(0, x, mask)

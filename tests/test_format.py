@@ -458,7 +458,8 @@ def test_malformed_threshold_curves(pred_flash, tmp_path, case, match):
 
 @pytest.mark.native
 def test_report_stores_expected_bytes_read_per_token(tiny_models, tmp_path):
-    from flashgguf.runtime import Runtime, RuntimeOptions
+    from flashgguf.options import FlashOptions
+    from flashgguf.runtime import Runtime
 
     logs: list[str] = []
     out = tmp_path / "wide.flash.gguf"
@@ -468,7 +469,7 @@ def test_report_stores_expected_bytes_read_per_token(tiny_models, tmp_path):
     assert ff.payload.get(C.KEY_PREDICTOR_EXPECTED_BUDGET) == pytest.approx(C.REPORT_BUDGET_SHARE)
     stored = ff.payload.get(C.KEY_PREDICTOR_EXPECTED_READ)
     assert stored.shape == (ff.n_layer,)
-    runtime = Runtime(ff, get_arch(ff.arch), RuntimeOptions(
+    runtime = Runtime(ff, get_arch(ff.arch), FlashOptions(
         mode="predicted", dram_budget=int(C.REPORT_BUDGET_SHARE * ff.payload_nbytes)),
         load=False)
     plan = runtime.plan()

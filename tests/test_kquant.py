@@ -19,8 +19,9 @@ from flashgguf.convert.output import patch_key
 from flashgguf.errors import FormatError, UnsupportedError
 from flashgguf.format import open_flash_file
 from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.options import FlashOptions
 from flashgguf.quants import dequantize_rows, row_nbytes
-from flashgguf.runtime import Runtime, RuntimeOptions
+from flashgguf.runtime import Runtime
 
 Q = GGMLQuantizationType
 
@@ -232,7 +233,7 @@ def test_c_refuses_bad_layer_layouts(tiny_models, folder):
         return lib.fg_runtime_set_layer_layout(rt.handle, layer, types, offsets, stride)
 
     assert set_layout(*good) == lib.FG_ERR_STATE  # after load: the slots are allocated
-    rt = Runtime(flash, get_arch(flash.arch), RuntimeOptions(
+    rt = Runtime(flash, get_arch(flash.arch), FlashOptions(
         mode="naive", dram_budget=flash.payload_nbytes // 2), load=False)
     assert set_layout(*good) == lib.FG_OK
     assert set_layout([q4k, q4k, int(Q.Q3_K)], good[1], good[2]) == lib.FG_ERR_TYPE

@@ -156,13 +156,13 @@ def test_close_and_gc(tiny_models, folder):
 
 def test_callback_errors_surface_as_exceptions(tiny_models, folder, monkeypatch):
     path = convert(tiny_models(TinyModel()), folder)
-    original = flash_llama.RuntimeOptions
+    original = flash_llama.flash_options
 
-    def small(**kw):
+    def small(*args, **kw):
         kw["max_tokens"] = 4  # smaller than the batches llama.cpp will send
-        return original(**kw)
+        return original(*args, **kw)
 
-    monkeypatch.setattr(flash_llama, "RuntimeOptions", small)
+    monkeypatch.setattr(flash_llama, "flash_options", small)
     llm = Llama(str(path), flash_offload=True, **KW)
     tokens = llm.tokenize(TEXT.encode())
     with pytest.raises(NativeError, match="rows; the runtime was sized for 4"):

@@ -15,7 +15,8 @@ from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.format import open_flash_file
 from flashgguf.gguf_stream import open_gguf, tensor_array
-from flashgguf.runtime import DirectIOWarning, Runtime, RuntimeOptions
+from flashgguf.options import FlashOptions
+from flashgguf.runtime import DirectIOWarning, Runtime
 
 Q = GGMLQuantizationType
 pytestmark = pytest.mark.native
@@ -65,7 +66,7 @@ def make_runtime(src: Path, folder: Path, threads: int = 2, direct_io: bool = Fa
     out = folder / f"m-{len(list(folder.iterdir()))}.flash.gguf"
     convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None, **convert_kw))
     ff = open_flash_file(out)
-    return Runtime(ff, get_arch(ff.arch), RuntimeOptions(max_tokens=max_tokens, n_threads=threads,
+    return Runtime(ff, get_arch(ff.arch), FlashOptions(max_tokens=max_tokens, n_threads=threads,
                                                          n_threads_batch=threads,
                                                          direct_io=direct_io))
 
@@ -162,7 +163,7 @@ def test_truncated_payload_is_an_error_not_a_crash(tiny_models, tmp_path):
     from flashgguf.errors import NativeError
 
     with pytest.raises(NativeError, match="ended before"):
-        Runtime(ff, get_arch(ff.arch), RuntimeOptions(direct_io=True))
+        Runtime(ff, get_arch(ff.arch), FlashOptions(direct_io=True))
 
 
 def test_closed_runtime_raises(tiny_models, tmp_path):

@@ -28,11 +28,12 @@ from flashgguf.archs import get_arch  # noqa: E402
 from flashgguf.convert import ConvertOptions, convert_gguf  # noqa: E402
 from flashgguf.format import open_flash_file  # noqa: E402
 from flashgguf.models import smollm2_gguf  # noqa: E402
-from flashgguf.runtime import Runtime, RuntimeOptions  # noqa: E402
+from flashgguf.options import FlashOptions  # noqa: E402
+from flashgguf.runtime import Runtime  # noqa: E402
 
 
 def run(flash, io: str, gap: int, depth: int, masks: np.ndarray, x: np.ndarray) -> dict:
-    rt = Runtime(flash, get_arch(flash.arch), RuntimeOptions(
+    rt = Runtime(flash, get_arch(flash.arch), FlashOptions(
         max_tokens=1, mode="naive", dram_budget=flash.payload_nbytes // 2, coalesce_gap=gap,
         io=io, io_depth=depth))
     if not rt.direct_io:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._native import ffi, lib
 from ..archs import ArchSpec
 from ..errors import CalibrationError, NativeError
-from ..runtime import strerror
+from ..runtime import Capture, installed_context_class, llama_cpp_module
 
 
 @dataclass(frozen=True)
@@ -69,40 +68,6 @@ class FFNInputs:
         return x[:-n_held], x[-n_held:]
 
 
-class _Capture:
-    def __init__(self, n_layer: int, n_embd: int, node: str, max_rows: int) -> None:
-        out = ffi.new("fg_capture **")
-        code = lib.fg_capture_create(n_layer, n_embd, node.encode(), max_rows, out)
-        if code != lib.FG_OK:
-            raise NativeError(f"creating the calibration capture: {strerror(code)}")
-        self.handle = ffi.gc(out[0], lib.fg_capture_destroy)
-        self.n_embd = n_embd
-        self.max_rows = max_rows
-
-    @property
-    def callback_address(self) -> int:
-        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "fg_capture_callback")))
-
-    @property
-    def handle_address(self) -> int:
-        return int(ffi.cast("uintptr_t", self.handle))
-
-    def take(self, layer: int) -> np.ndarray:
-        out = np.empty((self.max_rows, self.n_embd), dtype=np.float32)
-        rows = lib.fg_capture_rows(self.handle, layer)
-        code = lib.fg_capture_take(self.handle, layer,
-                                   ffi.cast("float *", ffi.from_buffer(out)), self.max_rows)
-        if code != lib.FG_OK:
-            msg = ffi.new("char[200]")
-            lib.fg_capture_take_error(self.handle, msg, 200)
-            raise NativeError(f"calibration capture: {ffi.string(msg).decode(errors='replace')} "
-                              f"({strerror(code)})")
-        return out[:rows]
-
-    def close(self) -> None:
-        ffi.release(self.handle)
-
-
 def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_layer: int,
                        n_embd: int, text: str, folder: Path,
                        opts: CalibrationOptions) -> FFNInputs:
@@ -110,15 +75,10 @@ def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_la
     context, so every position is seen) and store up to opts.tokens FFN inputs per layer."""
     max_tokens, window_tokens = opts.tokens, opts.window_tokens
     min_tokens, n_threads = opts.min_tokens, opts.n_threads
-    import llama_cpp
-
-    from ..llama import callback_context_class, installed_context_class
-
-    capture = _Capture(n_layer, n_embd, spec.ffn_input_node, window_tokens)
-    context_class = callback_context_class(capture.callback_address, capture.handle_address,
-                                           lambda: None)
+    llama_cpp = llama_cpp_module()
+    capture = Capture(n_layer, n_embd, spec.ffn_input_node, window_tokens)
     threads = n_threads or max(os.cpu_count() or 1, 1)
-    with installed_context_class(context_class):
+    with installed_context_class(capture.context_class()):
         llm = llama_cpp.Llama(os.fspath(source_gguf), n_ctx=window_tokens, n_batch=window_tokens,
                               n_ubatch=window_tokens, n_threads=threads,
                               n_threads_batch=threads, verbose=False,

@@ -25,8 +25,8 @@ from ..calibrate.text import read_calibration_text
 from ..errors import BudgetError, ConvertError, FormatError, UnsupportedError
 from ..format import BundleLayout, open_flash_file
 from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
-from ..options import DEFAULT_PINNED_SHARE
-from ..runtime import Runtime, RuntimeOptions
+from ..options import DEFAULT_PINNED_SHARE, FlashOptions
+from ..runtime import Runtime
 from .blas import single_threaded_blas
 from .bundle import (
     LayerBundle,
@@ -540,7 +540,7 @@ def _expected_read_bytes(path: Path, spec: ArchSpec,
     inputs beyond the pinned prefix the runtime's budget split gives (NaN: too small a budget).
     """
     flash = open_flash_file(path)
-    runtime = Runtime(flash, spec, RuntimeOptions(
+    runtime = Runtime(flash, spec, FlashOptions(
         mode="predicted", direct_io=False,
         dram_budget=int(C.REPORT_BUDGET_SHARE * flash.payload_nbytes)), load=False)
     try:
