@@ -53,7 +53,7 @@ const char *fg_build_info(void);
 #define FG_ACT_FATRELU 4 /* x if x > threshold else 0 (ProSparse) */
 #define FG_ACT_DRELU  5  /* dReLU (TurboSparse, Bamboo): relu on the gate and on up */
 
-/* ---- kernels (kernels_ref.c: scalar reference; kernels_simd.c: dispatch) ----------- */
+/* ---- kernels (kernels.c: dispatch; kernels_ref.c: scalar reference; kernels_x86.c) -- */
 
 /* Bytes taken by n values of a type; 0 when the type is unsupported or n is not a whole
  * number of blocks. */
@@ -82,7 +82,7 @@ int fg_axpy_ref(int type, const void *col, float a, float *y, int64_t n);
 /* Apply an activation in place; threshold is FG_ACT_FATRELU's (the others ignore it).
  * FG_ACT_DRELU applies relu: the FFN applies it to the gate and to up. */
 int fg_activate(int activation, float threshold, float *x, int64_t n);
-/* Name of the SIMD path compiled in ("avx512", "avx2", "neon" or "scalar"). */
+/* Name of the SIMD path compiled in: "avx512", "avx2" (x86) or "scalar". */
 const char *fg_simd_name(void);
 
 /* ---- runtime --------------------------------------------------------------------- */

@@ -134,6 +134,19 @@ fg_vec_dot_fn fg_vec_dot_ref_fn(int weight_type);
 fg_axpy_fn fg_axpy_ref_fn(int type);
 fg_quantize_fn fg_quantize_ref_fn(int type);
 
+/* An architecture's SIMD kernels, compiled in when the target has them (and the build does
+ * not force the scalar reference); they provide only what they speed up (NULL for the
+ * rest). x86: AVX2 + FMA + F16C, kernels_x86.c. */
+#if !defined(FG_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define FG_SIMD_X86 1
+#endif
+#if defined(FG_SIMD_X86)
+fg_vec_dot_fn fg_vec_dot_simd_fn(int weight_type);
+fg_axpy_fn fg_axpy_simd_fn(int type);
+fg_quantize_fn fg_quantize_simd_fn(int type);
+const char *fg_simd_path(void); /* "avx512" or "avx2" */
+#endif
+
 /* Fastest available implementation (SIMD where compiled in, else the reference). */
 fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type);
 fg_axpy_fn fg_axpy_fast_fn(int type);

@@ -1,5 +1,5 @@
 /*
- * Scalar reference kernels. Every SIMD kernel in kernels_simd.c is checked against these
+ * Scalar reference kernels. Every SIMD kernel in kernels_x86.c is checked against these
  * (tests/test_kernels.py). Arithmetic follows ggml's reference code (ggml-quants.c) so
  * that results track llama.cpp: activations are quantized to the weight's vec_dot_type.
  */

@@ -1,4 +1,4 @@
-"""Kernels of the C core (native/kernels_ref.c, native/kernels_simd.c) against numpy.
+"""Kernels of the C core (native/kernels_ref.c, native/kernels_x86.c) against numpy.
 
 Three layers are checked: the scalar reference against llama.cpp's gguf-py numpy code and
 float64 numpy arithmetic; the fast (SIMD) entry points against the reference; and the

@@ -1,6 +1,7 @@
 /*
- * Fast kernels: SIMD paths chosen at build time, falling back by name to the scalar
- * reference for anything not written here.
+ * x86 SIMD kernels (AVX2 + FMA + F16C, some AVX-512): only what they speed up; the
+ * dispatch (kernels.c) takes the scalar reference for everything else, and on builds
+ * without them (FG_SIMD_X86 undefined: another architecture, or FG_FORCE_SCALAR).
  *
  * Paths (compile-time, from the compiler's target macros; the build passes -march=native):
  *   AVX2 + FMA + F16C  every kernel below, whole ggml blocks per step;
@@ -17,25 +18,21 @@
  * the reference (same scale, same 1/d, roundf's half-away-from-zero rounding, RNE fp16), and
  * so is Q8_K (ggml's nearest-even rounding of iscale * x).
  */
-#include <string.h>
-
 #include "kernels.h"
 
-#if !defined(FG_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define FG_SIMD_AVX2 1
+#if defined(FG_SIMD_X86)
 #include <immintrin.h>
-#endif
+#include <string.h>
 
-#if defined(FG_SIMD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
-    defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
 #define FG_SIMD_VNNI 1
 #endif
 
-#if defined(FG_SIMD_AVX2) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #define FG_SIMD_AVX512F 1
 #endif
 
-#if defined(FG_SIMD_AVX2)
 
 /* ---- helpers ------------------------------------------------------------------------ */
 
@@ -699,12 +696,9 @@ static void axpy_f32_avx2(const void *col, float a, float *y, int64_t n) {
     }
 }
 
-#endif /* FG_SIMD_AVX2 */
+/* ---- what this file provides ------------------------------------------------------ */
 
-/* ---- dispatch ----------------------------------------------------------------------- */
-
-fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type) {
-#if defined(FG_SIMD_AVX2)
+fg_vec_dot_fn fg_vec_dot_simd_fn(int weight_type) {
     switch (weight_type) {
     case FG_TYPE_F32: return vec_dot_f32_avx2;
     case FG_TYPE_F16: return vec_dot_f16_avx2;
@@ -716,14 +710,11 @@ fg_vec_dot_fn fg_vec_dot_fast_fn(int weight_type) {
     case FG_TYPE_Q5_K: return vec_dot_q5_K_avx2;
     case FG_TYPE_Q6_K: return vec_dot_q6_K_avx2;
     case FG_TYPE_Q8_0: return vec_dot_q8_0_avx2;
-    default: break;
+    default: return NULL;
     }
-#endif
-    return fg_vec_dot_ref_fn(weight_type);
 }
 
-fg_axpy_fn fg_axpy_fast_fn(int type) {
-#if defined(FG_SIMD_AVX2)
+fg_axpy_fn fg_axpy_simd_fn(int type) {
     switch (type) {
     case FG_TYPE_F32: return axpy_f32_avx2;
     case FG_TYPE_F16: return axpy_f16_avx2;
@@ -739,55 +730,26 @@ fg_axpy_fn fg_axpy_fast_fn(int type) {
 #else
     case FG_TYPE_Q8_0: return axpy_q8_0_avx2;
 #endif
-    default: break;
+    default: return NULL;
     }
-#endif
-    return fg_axpy_ref_fn(type);
 }
 
-fg_quantize_fn fg_quantize_fast_fn(int type) {
-#if defined(FG_SIMD_AVX2)
+fg_quantize_fn fg_quantize_simd_fn(int type) {
     switch (type) {
     case FG_TYPE_F16: return quantize_f16_avx2;
     case FG_TYPE_Q8_0: return quantize_q8_0_avx2;
     case FG_TYPE_Q8_1: return quantize_q8_1_avx2;
     case FG_TYPE_Q8_K: return quantize_q8_K_avx2;
-    default: break;
+    default: return NULL;
     }
-#endif
-    return fg_quantize_ref_fn(type);
 }
 
-const char *fg_simd_name(void) {
+const char *fg_simd_path(void) {
 #if defined(FG_SIMD_AVX512F)
     return "avx512";
-#elif defined(FG_SIMD_AVX2)
-    return "avx2";
 #else
-    return "scalar";
+    return "avx2";
 #endif
 }
 
-int fg_quantize_row(int type, const float *x, void *out, int64_t n) {
-    const fg_quantize_fn fn = fg_quantize_fast_fn(type);
-    if (fn == NULL) return FG_ERR_TYPE;
-    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
-    fn(x, out, n);
-    return FG_OK;
-}
-
-int fg_vec_dot(int weight_type, const void *w, const void *xq, int64_t n, float *out) {
-    const fg_vec_dot_fn fn = fg_vec_dot_fast_fn(weight_type);
-    if (fn == NULL) return FG_ERR_TYPE;
-    if (fg_row_size(weight_type, n) == 0 && n != 0) return FG_ERR_ARG;
-    fn(w, xq, n, out);
-    return FG_OK;
-}
-
-int fg_axpy(int type, const void *col, float a, float *y, int64_t n) {
-    const fg_axpy_fn fn = fg_axpy_fast_fn(type);
-    if (fn == NULL) return FG_ERR_TYPE;
-    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
-    fn(col, a, y, n);
-    return FG_OK;
-}
+#endif /* FG_SIMD_X86 */
