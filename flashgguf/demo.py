@@ -13,6 +13,7 @@ from .calibrate.collect import CalibrationOptions
 from .convert import ConvertOptions, convert_gguf
 from .errors import FlashGGUFError
 from .models import smollm2_gguf
+from .options import budget_argument
 
 
 def default_cache() -> Path:
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from .llama import Llama
 
-        budget = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
         llm = Llama(str(out), flash_offload=True, n_ctx=512, n_threads=args.threads,
-                    flash_dram_budget=budget, flash_mode=args.mode, verbose=False)
+                    flash_dram_budget=budget_argument(args.budget), flash_mode=args.mode,
+                    verbose=False)
         flash = llm.flash_runtime.flash
         load = llm.flash_stats(reset=True)
         print(f"FFN payload {flash.payload_nbytes / 2**20:.1f} MiB on disk; DRAM budget "

@@ -65,6 +65,18 @@ def parse_budget(value: int | float | str, payload_nbytes: int) -> int:
     raise OptionError(f"{what} must be bytes, a size string or a fraction, got {value!r}")
 
 
+def budget_argument(text: str) -> int | float | str:
+    """A flash_dram_budget typed on a command line: digits are bytes ("50000000"), a
+    decimal number is a fraction of the payload ("0.5"), anything else a size ("32MiB")."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text().strip()

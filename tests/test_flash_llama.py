@@ -13,7 +13,7 @@ from model_factory import TinyModel
 from flashgguf import Llama
 from flashgguf.errors import BudgetError, MissingPredictorError, OptionError
 from flashgguf.evaluate import teacher_forced_logits
-from flashgguf.options import cgroup_room, flash_options, parse_budget
+from flashgguf.options import budget_argument, cgroup_room, flash_options, parse_budget
 
 Q = GGMLQuantizationType
 TEXT = ("The old man looked at the sea and thought about the long day ahead of him, "
@@ -34,6 +34,16 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 ])
 def test_budget_values(value, want):
     assert parse_budget(value, payload_nbytes=1000) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("50000000", 50_000_000), ("0.5", 0.5), ("1.0", 1.0), ("32MiB", "32MiB"), (" 7 ", 7),
+])
+def test_command_line_budgets(text, want):
+    """flashgguf-demo --budget: digits are bytes (once read as a fraction > 1 and refused)."""
+    got = budget_argument(text)
+    assert got == want and type(got) is type(want)
+    parse_budget(got, payload_nbytes=1000)  # each is a valid budget
 
 
 @pytest.mark.parametrize("value", [0, -5, 0.0, 1.5, "lots", "12 parsecs", "-3MiB", True, [1]])
