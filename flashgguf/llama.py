@@ -17,7 +17,10 @@ from .errors import NotFlashGGUFError, OptionError
 from .format import is_flash_gguf, open_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_IO,
+    DEFAULT_MODE,
     DEFAULT_PINNED_SHARE,
+    DEFAULT_WINDOW,
     flash_options,
     predictors_at_recall,
 )
@@ -55,9 +58,10 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args: Any, flash_offload: bool = False,
-                 flash_dram_budget: int | float | str | None = None, flash_window: int = 4,
-                 flash_mode: str = "predicted", flash_pinned_share: float = DEFAULT_PINNED_SHARE,
-                 flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = "auto",
+                 flash_dram_budget: int | float | str | None = None,
+                 flash_window: int = DEFAULT_WINDOW, flash_mode: str = DEFAULT_MODE,
+                 flash_pinned_share: float = DEFAULT_PINNED_SHARE,
+                 flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,
                  flash_predictors: Sequence[LayerPredictor | None] | None = None,
                  **kwargs: Any) -> None:

@@ -14,7 +14,10 @@ from .format import FlashFile
 from .predictor import LayerPredictor
 
 MODES = ("naive", "hybrid", "predicted")
+DEFAULT_MODE = "predicted"
 IO_BACKENDS = ("auto", "threads", "io_uring")
+DEFAULT_IO = "auto"  # threads (BENCHMARKS.md: io_uring was not faster on this machine)
+DEFAULT_WINDOW = 4
 # Measured on this machine (tools/bench_modes.py, SmolLM2, decode tok/s): at a 50% budget,
 # coalescing gap 2 / 8 / 32 rows -> 10-13 / 17 / 19 tok/s (fewer, larger reads win even
 # though more bytes are read); pinned share 0.25 vs 0.5: tied at 50%, 27.7 vs 21.9 tok/s at
@@ -154,11 +157,11 @@ class FlashOptions:
     # "dense": every bundle resident (read once at load); else streamed under dram_budget
     mode: str = "dense"
     dram_budget: int = 0  # bytes for cache slots + predictors (streaming modes)
-    window: int = 4  # tokens an unused row is kept before it is the first to go
+    window: int = DEFAULT_WINDOW  # tokens an unused row is kept before it is the first to go
     pinned_share: float = DEFAULT_PINNED_SHARE
     coalesce_gap: int | str = DEFAULT_COALESCE_GAP  # rows, or "auto" (by bytes)
     coalesce_bytes: int = DEFAULT_COALESCE_BYTES
-    io: str = "auto"
+    io: str = DEFAULT_IO
     io_depth: int = DEFAULT_IO_DEPTH
     max_read_bytes: int = DEFAULT_MAX_READ_BYTES
     direct_io: bool = True
@@ -182,12 +185,14 @@ class FlashOptions:
         if self.io not in IO_BACKENDS:
             raise OptionError(f"flash_io must be one of {', '.join(IO_BACKENDS)}, "
                               f"got {self.io!r}")
-        for name, low in (("dram_budget", 0), ("coalesce_bytes", 0), ("io_depth", 1),
-                          ("max_read_bytes", 4096), ("max_tokens", 1), ("n_threads", 1),
-                          ("n_threads_batch", 1), ("read_log", 0)):
+        int32 = (1 << 31) - 1
+        for name, low, high in (("dram_budget", 0, 1 << 62), ("coalesce_bytes", 0, int32),
+                                ("io_depth", 1, 1024), ("max_read_bytes", 4096, int32),
+                                ("max_tokens", 1, int32), ("n_threads", 1, 1024),
+                                ("n_threads_batch", 1, 1024), ("read_log", 0, int32)):
             value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise OptionError(f"{name} must be an int >= {low}, got {value!r}")
+            if not _is_int(value) or not low <= value <= high:
+                raise OptionError(f"{name} must be an int in [{low}, {high}], got {value!r}")
         if self.mode != "dense" and self.dram_budget < 1:
             raise OptionError(f"flash_mode={self.mode!r} streams the payload and needs a "
                               "positive dram_budget")
@@ -203,9 +208,9 @@ def _is_int(value: object) -> bool:
 
 
 def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
-                  mode: str = "predicted", window: int = FlashOptions.window,
+                  mode: str = DEFAULT_MODE, window: int = DEFAULT_WINDOW,
                   pinned_share: float = DEFAULT_PINNED_SHARE,
-                  coalesce_gap: int | str = DEFAULT_COALESCE_GAP, io: str = FlashOptions.io,
+                  coalesce_gap: int | str = DEFAULT_COALESCE_GAP, io: str = DEFAULT_IO,
                   trunk_nbytes: int = 0, offload: bool = True, **runtime: int) -> FlashOptions:
     """flashgguf.Llama's flash_* values -> the record. The one rule for what stays resident:
     nothing is streamed without offload; no budget means the default share of the RAM left
