@@ -16,6 +16,7 @@ Run as a script to build the module in place (``python native/build_ffi.py``).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -84,12 +85,35 @@ def compile_objects(cflags: list[str], out_dir: Path) -> list[str]:
     return objects
 
 
+_INT_DEFINE = re.compile(r"#define\s+(FG_\w+)\s+-?[0-9]+\b")
+
+
+def cdef_from_header(header: str) -> str:
+    """cffi's declarations are the public header itself, so that there is one list of the
+    API: preprocessor lines go (the C++ guard with what it encloses), and each integer
+    #define becomes "#define NAME ...", its value read from the compiled header."""
+    lines, in_cplusplus = [], False
+    for line in header.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#ifdef __cplusplus"):
+            in_cplusplus = True
+        elif in_cplusplus:
+            in_cplusplus = not stripped.startswith("#endif")
+        elif stripped.startswith("#"):
+            define = _INT_DEFINE.match(stripped)
+            if define:
+                lines.append(f"#define {define.group(1)} ...")
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def make_builder() -> cffi.FFI:
     cflags, ldflags = native_flags()
     obj_dir = Path(tempfile.mkdtemp(prefix="flashgguf-native-"))
     objects = compile_objects(cflags, obj_dir)
     builder = cffi.FFI()
-    builder.cdef((NATIVE_DIR / "flashgguf_cdef.h").read_text())
+    builder.cdef(cdef_from_header((NATIVE_DIR / "flashgguf.h").read_text()))
     builder.set_source(
         "flashgguf._native",
         '#include "flashgguf.h"\n',

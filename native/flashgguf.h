@@ -1,5 +1,6 @@
 /*
- * flashgguf native core: the one public header (wrapped by cffi, see flashgguf_cdef.h).
+ * flashgguf native core: the one public header, also cffi's declarations (native/build_ffi.py
+ * reads it).
  *
  * Everything hangs off a handle (fg_runtime); there is no global state. Functions return
  * FG_OK (0) or a negative FG_ERR_* code and print nothing; fg_strerror() names a code.
