@@ -492,6 +492,23 @@ static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
 static double consume_reads(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, float *acc,
                             float *gate_vals, float *up_vals);
 
+/* This thread's place in the current OpenMP team (0 of 1 without OpenMP). */
+static inline int team_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* The per-thread partial sums of a call, from zero: n rows of a list split across the
  * threads, then (streaming) every thread computes the engine's reads as they land. Small
  * calls run on the calling thread: a parallel region costs more than it saves there, and
@@ -514,13 +531,7 @@ static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *c
     num_threads(rt->partial_threads)
 #endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num();
-        const int nth = omp_get_num_threads();
-#else
-        const int tid = 0;
-        const int nth = 1;
-#endif
+        const int tid = team_index(), nth = team_size();
         float *acc = rt->partial + (size_t)tid * (size_t)c->max_tokens * embd;
         float *gate_vals = rt->hidden + (size_t)tid * 2 * (size_t)c->max_tokens;
         float *up_vals = gate_vals + c->max_tokens;
@@ -554,13 +565,7 @@ static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_to
 #pragma omp parallel if (n_out >= FG_MIN_PARALLEL_OUT) num_threads(parts)
 #endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num();
-        const int nth = omp_get_num_threads();
-#else
-        const int tid = 0;
-        const int nth = 1;
-#endif
+        const int tid = team_index(), nth = team_size();
         const size_t e0 = n_out * (size_t)tid / (size_t)nth;
         const size_t e1 = n_out * (size_t)(tid + 1) / (size_t)nth;
         for (size_t e = e0; e < e1; e++) {
