@@ -529,6 +529,8 @@ static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *c
 #ifdef _OPENMP
 #pragma omp parallel if (n_work * n_tokens >= FG_MIN_PARALLEL_ROWS) \
     num_threads(rt->partial_threads)
+#else
+    (void)n_work; /* it only decides whether the OpenMP region forks */
 #endif
     {
         const int tid = team_index(), nth = team_size();
