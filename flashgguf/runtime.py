@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import constants as C
 from ._native import ffi, lib
 from .archs import ArchSpec
 from .errors import BudgetError, FlashGGUFError, MissingPredictorError, NativeError, OptionError
 from .format import BundleLayout, FlashFile
+from .format import constants as C
 from .options import (
     DEFAULT_COALESCE_BYTES,
     DEFAULT_IO_DEPTH,

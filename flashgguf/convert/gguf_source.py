@@ -18,13 +18,23 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from .. import constants as C
 from ..archs import ArchSpec, get_arch
 from ..calibrate.collect import CalibrationOptions, FFNInputs, collect_ffn_inputs
 from ..calibrate.text import read_calibration_text
 from ..errors import BudgetError, ConvertError, FormatError, UnsupportedError
-from ..format import BundleLayout, open_flash_file
-from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
+from ..format import (
+    BundleLayout,
+    GGUFStream,
+    TensorInfo,
+    atomic_output,
+    open_flash_file,
+    open_gguf,
+    release_pages,
+    scratch_file,
+    tensor_array,
+)
+from ..format import constants as C
+from ..format.output import GGUFFileWriter, patch_key, patch_u64_key
 from ..options import DEFAULT_PINNED_SHARE
 from ..runtime import Runtime, RuntimeOptions
 from .blas import single_threaded_blas
@@ -36,7 +46,6 @@ from .bundle import (
     choose_part_type,
     make_layout,
 )
-from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
 Q8_0 = GGMLQuantizationType.Q8_0

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-from .. import constants as C
 from ..errors import ConvertError, FormatError, UnsupportedError
+from ..format import constants as C
+from ..format import scratch_file
 from ..quants import quantize_rows, row_nbytes
 from .gguf_source import ConvertOptions, ConvertReport, convert_gguf
 from .hf import HFModel, TensorSource, hf_architecture
 from .hf.base import KIND_FFN_DOWN, KIND_FFN_GATE, KIND_FFN_UP, KIND_FLOAT
 from .hf.tokenizer import add_tokenizer
-from .output import scratch_file
 from .safetensors import Checkpoint, open_checkpoint, widen
 
 Q = GGMLQuantizationType
