@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UnsupportedError
+from .format import constants as C
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,13 @@ class ArchSpec:
     # as this weight times a unit-RMS vector.
     ffn_norm: str = "blk.{bid}.ffn_norm.weight"
 
-    def ffn_tensor_names(self, bid: int) -> tuple[str, ...]:
-        names = (self.ffn_up, self.ffn_down, self.ffn_up_bias, self.ffn_down_bias)
+    def ffn_tensor_parts(self, bid: int) -> dict[str, str]:
+        """Layer bid's llama.cpp FFN tensor names (weights and biases) -> their bundle part."""
+        names = [(self.ffn_up, C.PART_UP), (self.ffn_down, C.PART_DOWN),
+                 (self.ffn_up_bias, C.PART_UP), (self.ffn_down_bias, C.PART_DOWN)]
         if self.gated:
-            names += (self.ffn_gate, self.ffn_gate_bias)
-        return tuple(n.format(bid=bid) for n in names)
+            names += [(self.ffn_gate, C.PART_GATE), (self.ffn_gate_bias, C.PART_GATE)]
+        return {template.format(bid=bid): part for template, part in names}
 
 
 ARCHS: dict[str, ArchSpec] = {

@@ -49,3 +49,7 @@ class BudgetError(OptionError):
 
 class MissingPredictorError(FlashGGUFError, ValueError):
     """flash_mode="predicted" on a file whose payload stores no predictor."""
+
+
+class WriterStateError(FlashGGUFError, RuntimeError):
+    """A GGUF writer's step was called out of order (a bug in the caller, not in the data)."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gq
+from gguf_patch import patch_key, patch_u64_key
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
@@ -24,7 +25,6 @@ from flashgguf.errors import (
 )
 from flashgguf.format import constants as C
 from flashgguf.format import is_flash_gguf, open_flash_file, open_gguf, tensor_array
-from flashgguf.format.output import patch_key, patch_u64_key
 
 Q = GGMLQuantizationType
 QUIET = ConvertOptions(progress=False, log=lambda _m: None)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flash_helpers import bundle_rows, convert, runtime
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf_patch import patch_key
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
@@ -17,7 +18,6 @@ from flashgguf.convert.bundle import choose_down_type, choose_part_type
 from flashgguf.errors import FormatError, UnsupportedError
 from flashgguf.format import constants as C
 from flashgguf.format import open_flash_file, open_gguf, tensor_array
-from flashgguf.format.output import patch_key
 from flashgguf.quants import dequantize_rows, row_nbytes
 from flashgguf.runtime import Runtime, RuntimeOptions
 

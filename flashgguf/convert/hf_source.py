@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ Q = GGMLQuantizationType
 OUTTYPES = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 _FILE_TYPES = {Q.F16: 1, Q.Q8_0: 7, Q.Q4_0: 2}  # llama.cpp's general.file_type (LLAMA_FTYPE_*)
 _QUANT_CHUNK_VALUES = 1 << 22  # rows quantized per step: bounds the quantizer's temporaries
+
+# gguf's writer logs an endianness line per file; the converter prints its own summary.
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
 
 @dataclasses.dataclass(frozen=True)
