@@ -1,14 +1,21 @@
-"""Per-architecture facts: one table entry per llama.cpp architecture flashgguf runs.
+"""Per-architecture facts: the one registry. One table entry per llama.cpp architecture
+flashgguf runs, and the Hugging Face checkpoint classes that convert to one of them.
 
-Nothing architecture-specific lives anywhere else: the converter and the runtime ask
-this table for node names, the FFN's activation and its tensor names.
+Nothing architecture-specific lives anywhere else: the converter and the runtime ask this
+registry for node names, the FFN's activation and its tensor names. It lives here, beside
+the runtime, rather than in the converter, so that the runtime and flashgguf/format import
+no converter code: each flashgguf/convert/hf module registers its builder for the HF classes
+it reads (register_hf_class), against an architecture of this table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UnsupportedError
+from .format import constants as C
 
 
 @dataclass(frozen=True)
@@ -30,11 +37,13 @@ class ArchSpec:
     # as this weight times a unit-RMS vector.
     ffn_norm: str = "blk.{bid}.ffn_norm.weight"
 
-    def ffn_tensor_names(self, bid: int) -> tuple[str, ...]:
-        names = (self.ffn_up, self.ffn_down, self.ffn_up_bias, self.ffn_down_bias)
+    def ffn_tensor_parts(self, bid: int) -> dict[str, str]:
+        """Layer bid's llama.cpp FFN tensor names (weights and biases) -> their bundle part."""
+        names = [(self.ffn_up, C.PART_UP), (self.ffn_down, C.PART_DOWN),
+                 (self.ffn_up_bias, C.PART_UP), (self.ffn_down_bias, C.PART_DOWN)]
         if self.gated:
-            names += (self.ffn_gate, self.ffn_gate_bias)
-        return tuple(n.format(bid=bid) for n in names)
+            names += [(self.ffn_gate, C.PART_GATE), (self.ffn_gate_bias, C.PART_GATE)]
+        return {template.format(bid=bid): part for template, part in names}
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -60,3 +69,31 @@ def get_arch(name: str) -> ArchSpec:
         raise UnsupportedError(
             f"architecture {name!r} is not supported (supported: {supported})"
         ) from None
+
+
+@dataclass(frozen=True)
+class HFClass:
+    name: str  # config.json's architectures entry
+    arch: ArchSpec  # the llama.cpp architecture its checkpoints convert to
+    # the converter's builder (flashgguf/convert/hf: config, tensors -> HFModel), typed there
+    build: Callable[..., Any]
+
+
+HF_CLASSES: dict[str, HFClass] = {}
+
+
+def register_hf_class(name: str, arch: str, build: Callable[..., Any]) -> None:
+    """Called by a flashgguf/convert/hf module for each HF class it converts."""
+    if name in HF_CLASSES:
+        raise UnsupportedError(f"Hugging Face class {name!r} is registered twice")
+    HF_CLASSES[name] = HFClass(name, get_arch(arch), build)
+
+
+def get_hf_class(names: object) -> HFClass:
+    """The entry of config.json's `architectures` (a list of one registered class)."""
+    if not isinstance(names, list) or len(names) != 1 or names[0] not in HF_CLASSES:
+        raise UnsupportedError(
+            f"config.json: architectures {names!r} is not supported (supported: "
+            f"{', '.join(sorted(HF_CLASSES))})"
+        )
+    return HF_CLASSES[names[0]]

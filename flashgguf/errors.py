@@ -40,7 +40,7 @@ class CalibrationError(FlashGGUFError, ValueError):
 
 
 class OptionError(FlashGGUFError, ValueError):
-    """A flash_* option of flashgguf.Llama (or a RuntimeOptions field) has a bad value."""
+    """A flash_* option of flashgguf.Llama (or a FlashOptions field) has a bad value."""
 
 
 class BudgetError(OptionError):
@@ -49,3 +49,7 @@ class BudgetError(OptionError):
 
 class MissingPredictorError(FlashGGUFError, ValueError):
     """flash_mode="predicted" on a file whose payload stores no predictor."""
+
+
+class WriterStateError(FlashGGUFError, RuntimeError):
+    """A GGUF writer's step was called out of order (a bug in the caller, not in the data)."""

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import constants as C
 from ._native import ffi, lib
 from .archs import ArchSpec
 from .errors import (
@@ -26,6 +25,7 @@ from .errors import (
     VersionMismatchError,
 )
 from .format import BundleLayout, FlashFile
+from .format import constants as C
 from .options import FlashOptions
 from .predictor import PREDICTOR_BLOCK, LayerPredictor
 from .quants import row_nbytes

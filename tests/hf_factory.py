@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from gguf import TokenType
 
-from flashgguf.gguf_stream import GGUFStream, open_gguf, tensor_array
+from flashgguf.format import GGUFStream, open_gguf, tensor_array
 from flashgguf.quants import dequantize_rows
 
 # ---- safetensors writer -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf import quants as gq
 
-from flashgguf.gguf_stream import open_gguf
+from flashgguf.format import open_gguf
 from flashgguf.quants import quantize_rows
 
 Q = GGMLQuantizationType

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.format import open_gguf, tensor_array
 from flashgguf.quants import dequantize_rows
 
 

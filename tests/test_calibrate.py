@@ -11,7 +11,7 @@ from flashgguf.archs import get_arch
 from flashgguf.calibrate.collect import CalibrationOptions, collect_ffn_inputs
 from flashgguf.calibrate.text import read_calibration_text
 from flashgguf.errors import CalibrationError, NativeError
-from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.format import open_gguf, tensor_array
 
 # ---- text ---------------------------------------------------------------------------------------
 
@@ -96,8 +96,8 @@ def test_capture_shape_mismatch_is_an_error(tiny_models, tmp_path):
 ], ids=["q8_0", "q4_k_m"])
 def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path, spec):
 
-    from flashgguf import constants as C
     from flashgguf.convert import ConvertOptions, convert_gguf
+    from flashgguf.format import constants as C
     from flashgguf.format import open_flash_file
     from flashgguf.predictor import predicted_active
 

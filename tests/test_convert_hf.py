@@ -230,7 +230,7 @@ def test_index_naming_a_missing_shard_is_refused(tiny_hf, tmp_path):
 
 
 def test_fatrelu_payload_without_its_threshold_is_refused(tiny_hf, tmp_path, monkeypatch):
-    import flashgguf.constants as C
+    import flashgguf.format.constants as C
 
     folder, _ = tiny_hf(TinyHF(kind="prosparse"))
     out = tmp_path / "no-threshold.flash.gguf"

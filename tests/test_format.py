@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gq
+from gguf_patch import patch_key, patch_u64_key
 from model_factory import TinyModel
 
-from flashgguf import constants as C
 from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
-from flashgguf.convert.output import patch_key, patch_u64_key
 from flashgguf.errors import (
     ConvertError,
     FlashGGUFError,
@@ -24,8 +23,8 @@ from flashgguf.errors import (
     UnsupportedError,
     VersionError,
 )
-from flashgguf.format import is_flash_gguf, open_flash_file
-from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.format import constants as C
+from flashgguf.format import is_flash_gguf, open_flash_file, open_gguf, tensor_array
 
 Q = GGMLQuantizationType
 QUIET = ConvertOptions(progress=False, log=lambda _m: None)

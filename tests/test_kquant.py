@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 from flash_helpers import bundle_rows, convert, runtime
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf_patch import patch_key
 from model_factory import TinyModel
 
-from flashgguf import constants as C
 from flashgguf.archs import get_arch
 from flashgguf.convert.bundle import choose_down_type, choose_part_type
-from flashgguf.convert.output import patch_key
 from flashgguf.errors import FormatError, UnsupportedError
-from flashgguf.format import open_flash_file
-from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.format import constants as C
+from flashgguf.format import open_flash_file, open_gguf, tensor_array
 from flashgguf.options import FlashOptions
 from flashgguf.quants import dequantize_rows, row_nbytes
 from flashgguf.runtime import Runtime

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from model_factory import TinyModel
 
-from flashgguf import constants as C
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
@@ -24,6 +23,7 @@ from flashgguf.convert.predictor_fit import (
     random_inputs,
 )
 from flashgguf.errors import ConvertError
+from flashgguf.format import constants as C
 from flashgguf.predictor import ThresholdCurve, activate, predicted_active
 
 N_EMBD, N_FF = 128, 384

@@ -12,13 +12,12 @@ from conftest import SHARED_BROWN
 from numpy_llama import llama_forward
 from test_predictor_fit import MIN_AGREEMENT
 
-from flashgguf import constants as C
 from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import needed_neurons
 from flashgguf.evaluate import perplexity, teacher_forced_logits, top1_agreement
-from flashgguf.format import open_flash_file
-from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.format import constants as C
+from flashgguf.format import open_flash_file, open_gguf, tensor_array
 from flashgguf.predictor import predicted_active
 from flashgguf.quants import dequantize_rows
 

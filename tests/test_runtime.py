@@ -13,8 +13,7 @@ from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
 from flashgguf.convert import ConvertOptions, convert_gguf
-from flashgguf.format import open_flash_file
-from flashgguf.gguf_stream import open_gguf, tensor_array
+from flashgguf.format import open_flash_file, open_gguf, tensor_array
 from flashgguf.options import FlashOptions
 from flashgguf.runtime import DirectIOWarning, Runtime
 

@@ -14,8 +14,7 @@ from quality import compare_with_stock
 
 from flashgguf import Llama
 from flashgguf.convert.cli import main as convert_main
-from flashgguf.format import open_flash_file
-from flashgguf.gguf_stream import open_gguf
+from flashgguf.format import open_flash_file, open_gguf
 
 pytestmark = [pytest.mark.model, pytest.mark.native]
 N_EVAL_TOKENS = 1000

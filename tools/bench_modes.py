@@ -37,8 +37,7 @@ from flashgguf.evaluate import (  # noqa: E402
     teacher_forced_logits,
     top1_agreement,
 )
-from flashgguf.format import open_flash_file  # noqa: E402
-from flashgguf.gguf_stream import map_file, tensor_array  # noqa: E402
+from flashgguf.format import map_file, open_flash_file, tensor_array  # noqa: E402
 from flashgguf.models import smollm2_gguf  # noqa: E402
 
 EVALUATION = ROOT.parent / "shared" / "data" / "brown" / "evaluation.txt"

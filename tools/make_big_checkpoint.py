@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hf_factory import export_tokenizer_json, to_bf16_bits  # noqa: E402
 
-from flashgguf.gguf_stream import open_gguf  # noqa: E402
+from flashgguf.format import open_gguf  # noqa: E402
 from flashgguf.models import smollm2_gguf  # noqa: E402
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .. import constants as C
 from ..errors import UnsupportedError
 from ..format import BundleLayout
+from ..format import constants as C
 from ..quants import bits_per_weight, dequantize_rows, quantize_rows, raw_rows, row_nbytes
 
 # neurons (or matrix rows) converted per step: bounds the quantizer's temporaries

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import constants as C
 from ..calibrate.collect import CalibrationOptions
 from ..errors import ConvertError, FlashGGUFError
+from ..format import constants as C
 from .gguf_source import ConvertOptions, convert_gguf
 from .hf_source import OUTTYPES, convert_hf
 from .predictor_fit import PredictorOptions

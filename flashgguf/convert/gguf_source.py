@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,15 +14,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
 
-from .. import constants as C
 from ..archs import ArchSpec, get_arch
 from ..calibrate.collect import CalibrationOptions, FFNInputs, collect_ffn_inputs
 from ..calibrate.text import read_calibration_text
 from ..errors import BudgetError, ConvertError, FormatError, UnsupportedError
-from ..format import BundleLayout, open_flash_file
-from ..gguf_stream import GGUFStream, TensorInfo, open_gguf, release_pages, tensor_array
+from ..format import (
+    BundleLayout,
+    CalibrationRecord,
+    FlashWriter,
+    GGUFStream,
+    PayloadLayer,
+    PayloadRecord,
+    PredictorRecord,
+    SourceKey,
+    TensorInfo,
+    TrunkRecord,
+    TrunkTensor,
+    atomic_output,
+    open_flash_file,
+    open_gguf,
+    release_pages,
+    tensor_array,
+)
+from ..format import constants as C
 from ..options import DEFAULT_PINNED_SHARE, FlashOptions
 from ..runtime import Runtime
 from .blas import single_threaded_blas
@@ -36,13 +49,7 @@ from .bundle import (
     choose_part_type,
     make_layout,
 )
-from .output import GGUFFileWriter, atomic_output, patch_key, patch_u64_key, scratch_file
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
-
-Q8_0 = GGMLQuantizationType.Q8_0
-
-# Keys the trunk does not copy from the source: the writer adds its own.
-_SKIPPED_KEYS = ("GGUF.", C.KEY_ARCHITECTURE, C.KEY_ALIGNMENT)
 
 
 @dataclass
@@ -236,7 +243,7 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     n_embd = _scalar_int(stream, f"{spec.name}.embedding_length")
     n_ff = _scalar_int(stream, f"{spec.name}.feed_forward_length")
     tensors = stream.tensors
-    ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_names(bid)}
+    ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_parts(bid)}
     layouts = [_layer_layout(tensors, spec, bid, n_embd, opts) for bid in range(n_layer)]
     opts.log(f"flashgguf-convert: {opts.source_name or src.name}: {spec.name}, {n_layer} layers, "
              f"n_embd {n_embd}, n_ff {n_ff}; bundles:\n"
@@ -245,8 +252,7 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     # the calibration's FFN inputs live in a scratch folder beside the output, only when asked
     calib_folder = contextlib.nullcontext(None) if opts.calibration is None else \
         tempfile.TemporaryDirectory(dir=out.parent, prefix=".flashgguf-calib-")
-    with atomic_output(out) as final_tmp, scratch_file(out.parent, ".payload") as payload_tmp, \
-            calib_folder as calib_dir:
+    with atomic_output(out) as final_tmp, calib_folder as calib_dir:
         inputs = None
         if opts.calibration is not None:
             t0 = time.perf_counter()
@@ -254,22 +260,26 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
                                         Path(calib_dir), opts.calibration)
             opts.log(f"flashgguf-convert: calibration: FFN inputs of {inputs.n_tokens} tokens "
                      f"collected from llama.cpp in {time.perf_counter() - t0:.1f} s")
-        payload_nbytes, down_err, fitted = _write_payload(payload_tmp, source, spec, layouts,
-                                                          n_layer, n_embd, n_ff, opts, src,
-                                                          inputs)
-        trunk_nbytes = _write_trunk(final_tmp, source, spec, ffn_names, n_embd)
-        offset = -(-trunk_nbytes // C.PAYLOAD_ALIGNMENT) * C.PAYLOAD_ALIGNMENT
-        with open(final_tmp, "r+b") as fout, open(payload_tmp, "rb") as fin:
-            fout.seek(offset)
-            shutil.copyfileobj(fin, fout, 1 << 24)
-        patch_u64_key(final_tmp, C.KEY_PAYLOAD_OFFSET, offset)
-        patch_u64_key(final_tmp, C.KEY_PAYLOAD_SIZE, payload_nbytes)
-        if fitted is not None:
-            expected = _expected_read_bytes(final_tmp, spec, fitted)
-            patch_key(final_tmp, C.KEY_PREDICTOR_EXPECTED_READ, GGUFValueType.ARRAY,
-                      struct.pack("<IQ", GGUFValueType.FLOAT32, len(expected))
-                      + np.asarray(expected, np.float32).tobytes(), offset)
-            _log_report(fitted, expected, inputs is not None, opts.log)
+        # Without calibration neurons keep their original order and have no measured
+        # frequency; with it, each layer's rows go hottest first (unless hot_first is off) and
+        # store their measured frequencies (the fitted order and frequencies).
+        order = np.arange(n_ff, dtype=np.int32)
+        fitted = None
+        if opts.predictor is not None:
+            fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff,
+                                     [n_ff * layout.stride for layout in layouts], order,
+                                     opts.predictor, opts, inputs)
+        trunk = _trunk_record(stream, spec, n_layer)
+        payload = _payload_record(source, spec, layouts, n_embd, n_ff, opts, src, inputs, fitted)
+        with FlashWriter(final_tmp, trunk, payload) as writer:
+            _write_trunk(writer, source)
+            down_err = _write_payload(writer, source, spec, layouts, n_embd, n_ff, order, opts,
+                                      fitted if inputs is not None else None)
+            if fitted is not None:
+                expected = _expected_read_bytes(final_tmp, spec, fitted)
+                writer.set_expected_read(expected)
+                _log_report(fitted, expected, inputs is not None, opts.log)
+        trunk_nbytes, payload_nbytes = writer.trunk_nbytes, writer.payload_nbytes
     report = ConvertReport(out, spec.name, n_layer, n_embd, n_ff, tuple(layouts), trunk_nbytes,
                            payload_nbytes, down_err, fitted, source_ffn_nbytes=sum(
                                tensors[n].nbytes for n in ffn_names if n in tensors))
@@ -283,133 +293,67 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     return report
 
 
-def _write_trunk(path: Path, source: _Source, spec: ArchSpec, ffn_names: set[str],
-                 n_embd: int) -> int:
-    stream = source.stream
-    w = GGUFFileWriter(path, C.TRUNK_ARCH)
-    # the payload location goes first, patched once the payload is written
-    w.add_uint64(C.KEY_PAYLOAD_OFFSET, 0)
-    w.add_uint64(C.KEY_PAYLOAD_SIZE, 0)
-    w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
-    w.add_string(C.KEY_ARCH, spec.name)
-    if C.KEY_ALIGNMENT in stream.fields:
-        w.add_custom_alignment(stream.alignment)
-    for key, value in stream.fields.items():
-        if key.startswith(_SKIPPED_KEYS):
-            continue
-        if key == f"{spec.name}.feed_forward_length":
-            value = C.DUMMY_FFN_WIDTH
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        w.add_key_value(key, value, stream.value_types[key], stream.array_types.get(key))
-
-    dummy = C.DUMMY_FFN_WIDTH
-    sources: list[tuple[TensorInfo | None, np.ndarray]] = []
-    for t in stream.tensors.values():
-        if t.name in ffn_names:
-            # llama.cpp's own FFN: zero weights of the dummy width (computes nothing of value)
-            shape = _dummy_shape(spec, t.name, n_embd, dummy)
-            data = np.zeros(shape, dtype=np.float32)
-            w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes)
-        else:
-            data = source.data(t)
-            w.add_tensor_info(t.name, data.shape, data.dtype, t.nbytes, raw_dtype=t.ggml_type)
-        sources.append((None if t.name in ffn_names else t, data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for t, data in sources:
-        w.write_tensor_data(data)
-        source.release(t)
-    w.close()
-    return path.stat().st_size
+def _trunk_record(stream: GGUFStream, spec: ArchSpec, n_layer: int) -> TrunkRecord:
+    """The source's keys and tensors as the trunk copies them; FFN tensors become dummies."""
+    parts = {name: part for bid in range(n_layer)
+             for name, part in spec.ffn_tensor_parts(bid).items()}
+    keys = tuple(SourceKey(key, value, stream.value_types[key], stream.array_types.get(key))
+                 for key, value in stream.fields.items())
+    tensors = tuple(TrunkTensor(t.name, t.shape, t.ggml_type, parts.get(t.name))
+                    for t in stream.tensors.values())
+    alignment = stream.alignment if C.KEY_ALIGNMENT in stream.fields else None
+    return TrunkRecord(spec.name, keys, tensors, alignment)
 
 
-def _dummy_shape(spec: ArchSpec, name: str, n_embd: int, dummy: int) -> tuple[int, ...]:
-    """numpy shape (reversed ggml order) of a dummy-width FFN tensor."""
-    for template, shape in ((spec.ffn_gate, (dummy, n_embd)), (spec.ffn_up, (dummy, n_embd)),
-                            (spec.ffn_down, (n_embd, dummy)), (spec.ffn_gate_bias, (dummy,)),
-                            (spec.ffn_up_bias, (dummy,)), (spec.ffn_down_bias, (n_embd,))):
-        if name.endswith(template.split("}", 1)[1]):
-            return shape
-    raise AssertionError(name)
+def _write_trunk(writer: FlashWriter, source: _Source) -> None:
+    while (t := writer.next_trunk_tensor) is not None:
+        info = source.stream.tensors[t.name]
+        writer.write_trunk_tensor(source.data(info))
+        source.release(info)
 
 
-def _write_payload(path: Path, source: _Source, spec: ArchSpec,
-                   layouts: list[BundleLayout], n_layer: int, n_embd: int, n_ff: int,
-                   opts: ConvertOptions, src: Path, inputs: FFNInputs | None
-                   ) -> tuple[int, float, tuple[FittedLayer, ...] | None]:
+def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout], n_embd: int,
+                    n_ff: int, opts: ConvertOptions, src: Path, inputs: FFNInputs | None,
+                    fitted: tuple[FittedLayer, ...] | None) -> PayloadRecord:
     tensors = source.stream.tensors
-    # Without calibration neurons keep their original order and have no measured frequency;
-    # with it, each layer's rows go hottest first (unless hot_first is off) and store their
-    # measured frequencies (the fitted order and frequencies).
-    order = np.arange(n_ff, dtype=np.int32)
-    freq = np.zeros(n_ff, dtype=np.float32)
-    fitted = None
-    if opts.predictor is not None:
-        fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff,
-                                 [n_ff * layout.stride for layout in layouts], order,
-                                 opts.predictor, opts, inputs)
-    w = GGUFFileWriter(path, C.PAYLOAD_ARCH)
-    w.add_custom_alignment(C.PAYLOAD_ALIGNMENT)
-    w.add_uint32(C.KEY_VERSION, C.FORMAT_VERSION)
-    w.add_string(C.KEY_ARCH, spec.name)
-    w.add_uint32(C.KEY_BLOCK_COUNT, n_layer)
-    w.add_uint32(C.KEY_EMBEDDING_LENGTH, n_embd)
-    w.add_uint32(C.KEY_FEED_FORWARD_LENGTH, n_ff)
-    w.add_string(C.KEY_ACTIVATION, spec.activation)
-    if spec.activation in C.THRESHOLD_ACTIVATIONS:
-        w.add_float32(C.KEY_ACTIVATION_THRESHOLD, opts.activation_threshold)
-    w.add_bool(C.KEY_GATED, spec.gated)
-    # one layout for all layers as before version 3, else per layer (layer-major)
-    uniform = all(la == layouts[0] for la in layouts)
-    stored = layouts[:1] if uniform else layouts
-    w.add_array(C.KEY_BUNDLE_PARTS, list(layouts[0].parts))
-    w.add_key_value(C.KEY_BUNDLE_TYPES, [int(t) for la in stored for t in la.types],
-                    GGUFValueType.ARRAY, GGUFValueType.UINT32)
-    w.add_key_value(C.KEY_BUNDLE_OFFSETS, [o for la in stored for o in la.offsets],
-                    GGUFValueType.ARRAY, GGUFValueType.UINT32)
-    if uniform:
-        w.add_uint32(C.KEY_BUNDLE_STRIDE, layouts[0].stride)
-    else:
-        w.add_key_value(C.KEY_BUNDLE_STRIDE, [la.stride for la in layouts],
-                        GGUFValueType.ARRAY, GGUFValueType.UINT32)
-    w.add_string(C.KEY_SOURCE_NAME, opts.source_name or src.name)
-    w.add_string(C.KEY_SOURCE_SHA256, _sha256(src))
-    # placeholder, patched below (a float32 needs no re-layout)
-    w.add_float32(C.KEY_DOWN_REQUANT_ERROR, 0.0)
-    if fitted is not None:
-        assert opts.predictor is not None
-        _add_predictor_keys(w, fitted, opts.predictor, inputs, opts.calibration)
-
-    biases = {}
-    for bid in range(n_layer):
-        stride = layouts[bid].stride
-        w.add_tensor_info(C.TENSOR_BUNDLE.format(bid=bid), (n_ff, stride), np.dtype(np.int8),
-                          n_ff * stride)
-        w.add_tensor_info(C.TENSOR_ORDER.format(bid=bid), (n_ff,), np.dtype(np.int32), n_ff * 4)
-        w.add_tensor_info(C.TENSOR_FREQ.format(bid=bid), (n_ff,), np.dtype(np.float32), n_ff * 4)
-        for src_t, dst_t, n in ((spec.ffn_up_bias, C.TENSOR_UP_BIAS, n_ff),
-                                (spec.ffn_gate_bias, C.TENSOR_GATE_BIAS, n_ff),
-                                (spec.ffn_down_bias, C.TENSOR_DOWN_BIAS, n_embd)):
-            t = tensors.get(src_t.format(bid=bid))
-            if t is None or (dst_t == C.TENSOR_GATE_BIAS and not spec.gated):
+    layers = []
+    for bid, layout in enumerate(layouts):
+        biases: dict[str, np.ndarray] = {}
+        for name, template, n in (("up_bias", spec.ffn_up_bias, n_ff),
+                                  ("gate_bias", spec.ffn_gate_bias, n_ff),
+                                  ("down_bias", spec.ffn_down_bias, n_embd)):
+            t = tensors.get(template.format(bid=bid))
+            if t is None or (name == "gate_bias" and not spec.gated):
                 continue
             data = np.asarray(source.data(t), dtype=np.float32).reshape(-1)
             if data.size != n:
                 raise FormatError(f"bias {t.name!r} has {data.size} values, expected {n}")
-            biases[(bid, dst_t)] = data
-            w.add_tensor_info(dst_t.format(bid=bid), (n,), np.dtype(np.float32), n * 4)
-        if fitted is not None:
-            for name, data in _predictor_tensors(bid, fitted[bid]):
-                w.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
-                                  raw_dtype=None if data.dtype == np.float32 else Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+            biases[name] = data
+        f = None if fitted is None else fitted[bid]
+        layers.append(PayloadLayer(layout, **biases) if f is None else PayloadLayer(
+            layout, **biases, predictor=f.predictor, predictor_recall=f.recall,
+            predictor_density=f.density, predictor_precision=f.precision,
+            predictor_curve=f.curve))
+    predictor = None
+    if opts.predictor is not None:
+        calibration = None
+        if inputs is not None and opts.calibration is not None:
+            calibration = CalibrationRecord(inputs.n_tokens, inputs.text_sha256)
+        predictor = PredictorRecord(opts.predictor.keep, calibration)
+    return PayloadRecord(spec.name, n_embd, n_ff, spec.activation, spec.gated, tuple(layers),
+                         opts.source_name or src.name, _sha256(src),
+                         activation_threshold=opts.activation_threshold, predictor=predictor)
 
+
+def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
+                   layouts: list[BundleLayout], n_embd: int, n_ff: int, order: np.ndarray,
+                   opts: ConvertOptions, calibrated: tuple[FittedLayer, ...] | None) -> float:
+    """Each layer's bundle, built from the source's FFN rows, in `order` or (calibrated) the
+    fitted order; returns the down columns' max relative re-quantization error."""
+    tensors = source.stream.tensors
+    freq = np.zeros(n_ff, dtype=np.float32)
     down_err = 0.0
-    layers = range(n_layer)
+    layers = range(len(layouts))
     if opts.progress:
         from tqdm import tqdm
 
@@ -419,26 +363,17 @@ def _write_payload(path: Path, source: _Source, spec: ArchSpec,
             if spec.gated else None
         up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False)
         down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True)
-        if inputs is not None:
-            assert fitted is not None
-            order, freq = fitted[bid].order, fitted[bid].freq
-        bundle: LayerBundle = build_layer_bundle(layouts[bid], gate, up, down, order)
+        layer_order, layer_freq = order, freq
+        if calibrated is not None:
+            layer_order, layer_freq = calibrated[bid].order, calibrated[bid].freq
+        bundle: LayerBundle = build_layer_bundle(layouts[bid], gate, up, down, layer_order)
         down_err = max(down_err, bundle.down_rel_error)
-        w.write_tensor_data(bundle.rows.view(np.int8))
+        writer.write_layer(bid, bundle.rows.view(np.int8), layer_order, layer_freq)
         del bundle  # not alive while the next layer's bundle is built
-        w.write_tensor_data(order)
-        w.write_tensor_data(freq)
-        for dst_t in (C.TENSOR_UP_BIAS, C.TENSOR_GATE_BIAS, C.TENSOR_DOWN_BIAS):
-            if (bid, dst_t) in biases:
-                w.write_tensor_data(biases[(bid, dst_t)])
         source.release(*(tensors.get(template.format(bid=bid))
                          for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
-        if fitted is not None:
-            for _name, data in _predictor_tensors(bid, fitted[bid]):
-                w.write_tensor_data(data)
-    w.close()
-    patch_key(path, C.KEY_DOWN_REQUANT_ERROR, GGUFValueType.FLOAT32, np.float32(down_err).tobytes())
-    return path.stat().st_size, down_err, fitted
+    writer.finish(down_err)
+    return down_err
 
 
 def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_ff: int
@@ -572,52 +507,3 @@ def _log_report(fitted: tuple[FittedLayer, ...], expected: list[float], calibrat
         + ("the budget is too small for the predictors" if not np.isfinite(total) else
            f"{total / 2**20:.2f} MiB before window-cache hits (pinned share "
            f"{DEFAULT_PINNED_SHARE:g})"))
-
-
-def _add_predictor_keys(w: GGUFFileWriter, fitted: tuple[FittedLayer, ...],
-                        popts: PredictorOptions, inputs: FFNInputs | None,
-                        calibration: CalibrationOptions | None) -> None:
-    if inputs is not None and calibration is not None:
-        w.add_string(C.KEY_PREDICTOR_KIND, C.PREDICTOR_CALIBRATED_SVD)
-        w.add_uint32(C.KEY_CALIBRATION_TOKENS, inputs.n_tokens)
-        w.add_string(C.KEY_CALIBRATION_TEXT_SHA256, inputs.text_sha256)
-        w.add_key_value(C.KEY_PREDICTOR_PRECISION, [float(f.precision) for f in fitted],
-                        GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
-    else:
-        w.add_string(C.KEY_PREDICTOR_KIND, C.PREDICTOR_WEIGHT_SVD)
-    w.add_float32(C.KEY_PREDICTOR_KEEP, popts.keep)
-    w.add_key_value(C.KEY_PREDICTOR_RANK, [f.predictor.rank for f in fitted],
-                    GGUFValueType.ARRAY, GGUFValueType.UINT32)
-    for key, values in ((C.KEY_PREDICTOR_THRESHOLD, [f.predictor.threshold for f in fitted]),
-                        (C.KEY_PREDICTOR_RECALL, [f.recall for f in fitted]),
-                        (C.KEY_PREDICTOR_DENSITY, [f.density for f in fitted])):
-        w.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY,
-                        GGUFValueType.FLOAT32)
-    w.add_float32(C.KEY_PREDICTOR_EXPECTED_BUDGET, C.REPORT_BUDGET_SHARE)
-    # placeholder, patched once the file is whole (the budget split needs the written file)
-    w.add_key_value(C.KEY_PREDICTOR_EXPECTED_READ, [0.0] * len(fitted), GGUFValueType.ARRAY,
-                    GGUFValueType.FLOAT32)
-    curves = [f.curve for f in fitted]
-    if all(c is not None for c in curves):
-        w.add_key_value(C.KEY_PREDICTOR_CURVE_RECALL, [float(r) for r in C.PREDICTOR_CURVE_RECALLS],
-                        GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
-        for key, field_name in ((C.KEY_PREDICTOR_CURVE_THRESHOLD, "threshold"),
-                                (C.KEY_PREDICTOR_CURVE_DENSITY, "density"),
-                                (C.KEY_PREDICTOR_CURVE_ERROR, "error")):
-            values = np.concatenate([getattr(c, field_name) for c in curves])
-            w.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY,
-                            GGUFValueType.FLOAT32)
-
-
-def _predictor_tensors(bid: int, fitted: FittedLayer) -> list[tuple[str, np.ndarray]]:
-    """(name, data) of a layer's predictor tensors, in the order they are written."""
-    p = fitted.predictor
-    out = [(C.TENSOR_PRED_A.format(bid=bid), p.a), (C.TENSOR_PRED_B.format(bid=bid), p.b)]
-    if p.b_up is not None:
-        out.append((C.TENSOR_PRED_B_UP.format(bid=bid), p.b_up))
-    out.append((C.TENSOR_PRED_SCALE.format(bid=bid), p.scale))
-    for template, sigma in ((C.TENSOR_PRED_SIGMA_G, p.sigma_g), (C.TENSOR_PRED_SIGMA_U, p.sigma_u)):
-        if sigma is not None:
-            out.append((template.format(bid=bid), sigma))
-    return out
-

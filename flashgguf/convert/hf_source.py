@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,23 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-from .. import constants as C
 from ..errors import ConvertError, FormatError, UnsupportedError
+from ..format import constants as C
+from ..format import scratch_file
 from ..quants import quantize_rows, row_nbytes
 from .gguf_source import ConvertOptions, ConvertReport, convert_gguf
 from .hf import HFModel, TensorSource, hf_architecture
 from .hf.base import KIND_FFN_DOWN, KIND_FFN_GATE, KIND_FFN_UP, KIND_FLOAT
 from .hf.tokenizer import add_tokenizer
-from .output import scratch_file
 from .safetensors import Checkpoint, open_checkpoint, widen
 
 Q = GGMLQuantizationType
 OUTTYPES = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 _FILE_TYPES = {Q.F16: 1, Q.Q8_0: 7, Q.Q4_0: 2}  # llama.cpp's general.file_type (LLAMA_FTYPE_*)
 _QUANT_CHUNK_VALUES = 1 << 22  # rows quantized per step: bounds the quantizer's temporaries
+
+# gguf's writer logs an endianness line per file; the converter prints its own summary.
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .. import constants as C
 from ..errors import ConvertError
+from ..format import constants as C
 from ..predictor import (
     PREDICTOR_BLOCK,
     LayerPredictor,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConvertError, FormatError, UnsupportedError
-from ..gguf_stream import release_pages
+from ..format import release_pages
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -1,31 +1,21 @@
-"""Hugging Face architectures the safetensors converter knows: one module each."""
+"""Hugging Face architectures the safetensors converter knows: one module each, which
+registers its classes in flashgguf/archs.py's registry when imported here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import UnsupportedError
-from . import llama, opt, qwen2
+from ...archs import get_hf_class
+from . import llama, opt, qwen2  # noqa: F401 (they register their classes)
 from .base import HFModel, TensorSource
 
 Builder = Callable[[str, dict[str, Any], TensorSource], HFModel]
 
-ARCHITECTURES: dict[str, Builder] = {
-    **{name: llama.build_llama for name in llama.ARCHITECTURES},
-    **{name: qwen2.build_qwen2 for name in qwen2.ARCHITECTURES},
-    **{name: opt.build_opt for name in opt.ARCHITECTURES},
-}
-
 
 def hf_architecture(config: dict[str, Any]) -> tuple[str, Builder]:
-    names = config.get("architectures") or []
-    if not isinstance(names, list) or len(names) != 1 or names[0] not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"config.json: architectures {names!r} is not supported (supported: "
-            f"{', '.join(sorted(ARCHITECTURES))})"
-        )
-    return names[0], ARCHITECTURES[names[0]]
+    entry = get_hf_class(config.get("architectures") or [])
+    return entry.name, entry.build
 
 
-__all__ = ["ARCHITECTURES", "HFModel", "TensorSource", "hf_architecture"]
+__all__ = ["HFModel", "TensorSource", "hf_architecture"]

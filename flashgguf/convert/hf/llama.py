@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
+from ...archs import register_hf_class
 from ...errors import FormatError, UnsupportedError
 from .base import (
     KIND_FFN_DOWN,
@@ -180,3 +181,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "BambooForCausalLM")
 
 def build_llama(arch_name: str, config: dict[str, Any], src: TensorSource) -> HFModel:
     return build(arch_name, config, src, LLAMA)
+
+
+for _name in ARCHITECTURES:
+    register_hf_class(_name, LLAMA.gguf_arch, build_llama)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
+from ...archs import register_hf_class
 from ...errors import UnsupportedError
 from ..safetensors import widen
 from .base import (
@@ -34,6 +35,7 @@ from .base import (
 
 U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
 ARCHITECTURES = ("OPTForCausalLM",)
+GGUF_ARCH = "gpt2"  # llama.cpp has no OPT graph: see above
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding's offset
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which OPT uses
 
@@ -60,7 +62,7 @@ def build_opt(arch_name: str, config: dict[str, Any], src: TensorSource) -> HFMo
     n_head = config_int(config, "num_attention_heads")
     n_vocab = config_int(config, "vocab_size")
     n_ctx = config_int(config, "max_position_embeddings")
-    a = "gpt2"
+    a = GGUF_ARCH
     keys: list[tuple[str, Any, GGUFValueType]] = [
         (f"{a}.context_length", n_ctx, U32),
         (f"{a}.embedding_length", n_embd, U32),
@@ -108,3 +110,7 @@ def build_opt(arch_name: str, config: dict[str, Any], src: TensorSource) -> HFMo
             add(f"{blk}{name}.bias", f"{hf}{hf_name}.bias", (rows,), KIND_FLOAT)
     src.check_all_used()
     return HFModel(a, keys, tensors, n_vocab, "relu")
+
+
+for _name in ARCHITECTURES:
+    register_hf_class(_name, GGUF_ARCH, build_opt)

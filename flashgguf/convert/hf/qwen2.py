@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...archs import register_hf_class
 from .base import HFModel, TensorSource
 from .llama import LlamaLayout, build
 
@@ -14,3 +15,7 @@ ARCHITECTURES = ("Qwen2ForCausalLM",)
 
 def build_qwen2(arch_name: str, config: dict[str, Any], src: TensorSource) -> HFModel:
     return build(arch_name, config, src, QWEN2)
+
+
+for _name in ARCHITECTURES:
+    register_hf_class(_name, QWEN2.gguf_arch, build_qwen2)

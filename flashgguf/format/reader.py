@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..errors import FormatError, NotFlashGGUFError, VersionError
+from ..predictor import PREDICTOR_BLOCK, LayerPredictor, ThresholdCurve
 from . import constants as C
-from .errors import FormatError, NotFlashGGUFError, VersionError
 from .gguf_stream import GGUFStream, TensorInfo, map_file, read_gguf, tensor_array, tensor_nbytes
-from .predictor import PREDICTOR_BLOCK, LayerPredictor, ThresholdCurve
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import FormatError
+from ..errors import FormatError
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
 
-_SCALAR_FORMATS = {
+SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
     GGUFValueType.INT8: "<b",
     GGUFValueType.UINT16: "<H",
@@ -35,7 +35,7 @@ _SCALAR_FORMATS = {
     GGUFValueType.INT64: "<q",
     GGUFValueType.FLOAT64: "<d",
 }
-_NUMPY_DTYPES = {
+NUMPY_DTYPES = {
     GGUFValueType.UINT8: np.uint8,
     GGUFValueType.INT8: np.int8,
     GGUFValueType.UINT16: np.uint16,
@@ -130,13 +130,13 @@ class _Cursor:
                 # every string needs at least its 8-byte length: bound the count first
                 self.need(count * 8, f"array {key!r}")
                 return [self.string(f"item of {key!r}") for _ in range(count)]
-            dtype = np.dtype(_NUMPY_DTYPES[item_type]).newbyteorder("<")
+            dtype = np.dtype(NUMPY_DTYPES[item_type]).newbyteorder("<")
             nbytes = count * dtype.itemsize
             self.need(nbytes, f"array {key!r}")
             arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
             self.pos += nbytes
             return arr
-        return self.unpack(_SCALAR_FORMATS[vtype], f"value of {key!r}")
+        return self.unpack(SCALAR_FORMATS[vtype], f"value of {key!r}")
 
 
 def tensor_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:

@@ -1,0 +1,28 @@
+"""Corrupt a written GGUF header in place (the validation tests' tool; the writer itself
+never edits bytes it has not laid out)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from gguf import GGUFValueType
+
+
+def patch_key(path: Path, key: str, vtype: GGUFValueType, raw_value: bytes,
+              offset: int = 0) -> None:
+    """Overwrite the value of a fixed-size key in a written GGUF header (the GGUF starting at
+    `offset` of the file), in place."""
+    pattern = struct.pack("<Q", len(key.encode())) + key.encode() + struct.pack("<I", vtype)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        head = f.read(1 << 20)
+        pos = head.find(pattern)
+        if pos < 0 or head.find(pattern, pos + 1) >= 0:
+            raise AssertionError(f"{path}: cannot locate key {key!r} exactly once to patch it")
+        f.seek(offset + pos + len(pattern))
+        f.write(raw_value)
+
+
+def patch_u64_key(path: Path, key: str, value: int) -> None:
+    patch_key(path, key, GGUFValueType.UINT64, struct.pack("<Q", value))
