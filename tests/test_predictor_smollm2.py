@@ -90,4 +90,8 @@ def test_predictor_recall_on_real_ffn_inputs(smollm2_gguf, real_text, tmp_path):
     assert np.all(np.abs(table[:, 2] - C.DEFAULT_WEIGHT_ONLY_RECALL) < 0.02)
     # storing the predictor in Q8_0 keeps its decisions on real inputs too
     assert table[:, 6].min() >= MIN_AGREEMENT
-    assert np.all((table[:, 3] > 0) & (table[:, 3] <= 1))
+    # the recall on real text: measured mean 0.992, worst layer 0.973 (30 layers, 384 tokens
+    # of the calibration text); a predictor that misses more needed neurons falls below
+    assert table[:, 3].mean() >= 0.985, table[:, 3].mean()
+    assert table[:, 3].min() >= 0.96, table[:, 3].min()
+    assert np.all(table[:, 3] <= 1)
