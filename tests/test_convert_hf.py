@@ -36,7 +36,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory, smollm2_gguf):
+def tiny_hf(tmp_path_factory, tiny_tokenizer_gguf):
     """Factory: TinyHF -> (checkpoint folder, its weights), cached per spec."""
     root = tmp_path_factory.mktemp("hf")
     made: dict[TinyHF, tuple[Path, dict]] = {}
@@ -44,7 +44,7 @@ def tiny_hf(tmp_path_factory, smollm2_gguf):
     def make(spec: TinyHF) -> tuple[Path, dict]:
         if spec not in made:
             folder = root / f"{spec.kind}-{len(made)}"
-            made[spec] = folder, write_tiny_checkpoint(folder, spec, smollm2_gguf)
+            made[spec] = folder, write_tiny_checkpoint(folder, spec, tiny_tokenizer_gguf)
         return made[spec]
 
     return make
