@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -133,8 +134,8 @@ def test_direct_io_and_buffered_load_the_same_bytes(tiny_models, tmp_path):
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
 def test_direct_io_falls_back_on_tmpfs(tiny_models, tmp_path):
     src = tiny_models(TinyModel())
-    folder = Path("/dev/shm") / f"flashgguf-test-{tmp_path.name}"
-    folder.mkdir()
+    # a fresh name: tmp_path's name repeats across pytest runs sharing this machine
+    folder = Path(tempfile.mkdtemp(prefix="flashgguf-test-", dir="/dev/shm"))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
