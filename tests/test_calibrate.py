@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flash_helpers import convert
 from gguf import GGMLQuantizationType as Q
 from model_factory import TinyModel
 
@@ -131,21 +132,18 @@ def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path, s
 
 @pytest.mark.native
 def test_calibration_with_bad_text_leaves_no_output(tiny_models, tmp_path):
-    from flashgguf.convert import ConvertOptions, convert_gguf
-
     text = tmp_path / "latin1.txt"
     text.write_bytes(b"na\xefve " * 1000)
     out = tmp_path / "never.flash.gguf"
     with pytest.raises(CalibrationError, match="not UTF-8"):
-        convert_gguf(tiny_models(TinyModel(n_layer=2)), out, ConvertOptions(
-            progress=False, log=lambda _m: None, calibration=CalibrationOptions(text=text)))
+        convert(tiny_models(TinyModel(n_layer=2)), out,
+                calibration=CalibrationOptions(text=text))
     assert list(tmp_path.iterdir()) == [text]
 
 
 @pytest.mark.native
 def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
 
-    from flashgguf.convert import ConvertOptions, convert_gguf
     from flashgguf.format import open_flash_file
     from flashgguf.predictor import predicted_active
 
@@ -156,9 +154,7 @@ def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
         out = tmp_path / f"hot_first_{hot_first}.flash.gguf"
         calibration = CalibrationOptions(tokens=640, min_tokens=500, window_tokens=128,
                                          n_threads=1, hot_first=hot_first)
-        convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None,
-                                              calibration=calibration))
-        files[hot_first] = open_flash_file(out)
+        files[hot_first] = open_flash_file(convert(src, out, calibration=calibration))
     hot, kept = files[True], files[False]
     stream, buf = open_gguf(src)
     x = np.random.default_rng(1).standard_normal((64, spec.n_embd)).astype(np.float32)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flash_helpers import rel_err
 from hf_factory import (
     TinyHF,
     llama_forward,
@@ -29,10 +30,6 @@ TEXT = ("The old man looked at the sea and thought about the long day ahead of h
         "the boat, the line and the fish that would come.")
 KW = dict(n_ctx=128, n_batch=64, n_ubatch=64, logits_all=True, verbose=False, n_threads=2)
 QUIET = ConvertOptions(progress=False, log=lambda _m: None)
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flash_helpers import convert
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gq
 from model_factory import TinyModel
@@ -29,12 +30,6 @@ from flashgguf.gguf_stream import open_gguf, tensor_array
 
 Q = GGMLQuantizationType
 QUIET = ConvertOptions(progress=False, log=lambda _m: None)
-
-
-def convert(src: Path, out: Path, **kw) -> Path:
-    opts = ConvertOptions(progress=False, log=lambda _m: None, **kw)
-    convert_gguf(src, out, opts)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flash_helpers import convert
 from model_factory import TinyModel
 
 from flashgguf import constants as C
-from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.predictor_fit import (
     PredictorOptions,
     _factors,
@@ -164,9 +164,7 @@ def test_fit_is_deterministic():
 def test_bad_options_fail_before_writing(tiny_models, tmp_path, kw, match):
     out = tmp_path / "x.flash.gguf"
     with pytest.raises(ConvertError, match=match):
-        convert_gguf(tiny_models(TinyModel()), out,
-                     ConvertOptions(progress=False, log=lambda _m: None,
-                                    predictor=PredictorOptions(**kw)))
+        convert(tiny_models(TinyModel()), out, predictor=PredictorOptions(**kw))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flash_helpers import convert, convert_open, rel_err, runtime
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
-from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.format import open_flash_file
 from flashgguf.gguf_stream import open_gguf, tensor_array
 from flashgguf.runtime import DirectIOWarning, Runtime, RuntimeOptions
@@ -57,18 +57,11 @@ def numpy_ffn(w: dict[str, np.ndarray], x: np.ndarray, act: str) -> np.ndarray:
     return y
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def make_runtime(src: Path, folder: Path, threads: int = 2, direct_io: bool = False,
                  max_tokens: int = 64, **convert_kw) -> Runtime:
-    out = folder / f"m-{len(list(folder.iterdir()))}.flash.gguf"
-    convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None, **convert_kw))
-    ff = open_flash_file(out)
-    return Runtime(ff, get_arch(ff.arch), RuntimeOptions(max_tokens=max_tokens, n_threads=threads,
-                                                         n_threads_batch=threads,
-                                                         direct_io=direct_io))
+    """Convert src into folder and open a runtime on it (buffered reads unless asked)."""
+    return runtime(convert_open(src, folder, **convert_kw), n_threads=threads,
+                   n_threads_batch=threads, direct_io=direct_io, max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("ffn_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.F16])
@@ -154,8 +147,7 @@ def test_direct_io_falls_back_on_tmpfs(tiny_models, tmp_path):
 
 def test_truncated_payload_is_an_error_not_a_crash(tiny_models, tmp_path):
     src = tiny_models(TinyModel())
-    out = tmp_path / "t.flash.gguf"
-    convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None))
+    out = convert(src, tmp_path / "t.flash.gguf")
     ff = open_flash_file(out)
     # validated at open, then cut under the runtime's feet: the C reader must report it
     with open(out, "r+b") as f:

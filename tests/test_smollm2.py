@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flash_helpers import convert
 from quality import compare_with_stock
 
 from flashgguf import Llama
-from flashgguf.convert import ConvertOptions, convert_gguf
 
 pytestmark = [pytest.mark.model, pytest.mark.native]
 N_EVAL_TOKENS = 1000
@@ -18,9 +18,7 @@ KW = dict(n_ctx=1024, n_batch=512, logits_all=True, verbose=False, n_threads=2)
 
 @pytest.fixture(scope="module")
 def smollm2_flash(smollm2_gguf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2.flash.gguf"
-    convert_gguf(smollm2_gguf, out, ConvertOptions(progress=False, log=lambda _m: None))
-    return out
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2.flash.gguf")
 
 
 def test_quality_matches_stock(smollm2_gguf, smollm2_flash, evaluation_text):
