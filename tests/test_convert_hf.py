@@ -10,14 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flash_helpers import rel_err
-from hf_factory import (
-    TinyHF,
-    llama_forward,
-    opt_forward,
-    to_bf16_bits,
-    write_safetensors,
-    write_tiny_checkpoint,
-)
+from hf_factory import TinyHF, to_bf16_bits, write_safetensors, write_tiny_checkpoint
+from numpy_reference import hf_llama_logits, hf_opt_logits
 
 from flashgguf import Llama
 from flashgguf.convert import ConvertOptions, convert_hf
@@ -69,7 +63,7 @@ def test_tiny_checkpoint_matches_reference(tiny_hf, tmp_path, kind, activation):
     # flashgguf's runtime computed every FFN (the hook found this architecture's nodes)
     assert llm.flash_stats()["neurons_computed"] == len(tokens) * spec.n_ff * spec.n_layer
     llm.close()
-    forward = opt_forward if kind == "opt" else llama_forward
+    forward = hf_opt_logits if kind == "opt" else hf_llama_logits
     want = forward(spec, weights, tokens)
     # trunk in F16, gate/up bundles F16, down columns Q8_0, activations quantized to F16/Q8_0
     print(f"{kind}: relative error {rel_err(got, want):.2e}")
@@ -77,7 +71,7 @@ def test_tiny_checkpoint_matches_reference(tiny_hf, tmp_path, kind, activation):
     assert top1_agreement(got, want) >= 0.9
     if kind in ("prosparse", "turbosparse"):
         # the test can tell the activation apart: plain ReLU would be far off
-        wrong = llama_forward(spec, weights, tokens, act_kind="relullama")
+        wrong = hf_llama_logits(spec, weights, tokens, act_kind="relullama")
         assert rel_err(got, wrong) > 5 * rel_err(got, want)
 
 
@@ -211,7 +205,7 @@ def test_sharded_bf16_checkpoint_through_the_cli(tiny_hf, tmp_path):
     tokens = llm.tokenize(TEXT.encode(), add_bos=False)[:24]
     got = teacher_forced_logits(llm, tokens)
     llm.close()
-    want = llama_forward(spec, bf16, tokens)
+    want = hf_llama_logits(spec, bf16, tokens)
     assert rel_err(got, want) < 0.03, rel_err(got, want)
     assert top1_agreement(got, want) >= 0.9
 
