@@ -123,8 +123,12 @@ def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path, s
         _, off = layer.layout.part("gate")
         gate = tensor_array(buf, stream.tensors[f"blk.{layer.index}.ffn_gate.weight"])
         np.testing.assert_array_equal(rows[:, off:off + gate.shape[1]], gate[layer.order])
-        # the stored predictor decides on real-looking inputs, and lets most needed through
-        assert 0.0 < layer.predictor_recall <= 1.0
+        # the stored recall (held-out calibration tokens, threshold set for 0.95 on the fit
+        # tokens) is near its target: measured 0.947 and 0.939 (q8_0), 0.935 and 0.932
+        # (q4_k_m) with the generated tokenizer, the same on every run; a predictor that lets
+        # everything through would be near 1.0, a broken one far below
+        assert 0.92 <= layer.predictor_recall <= 0.98, (layer.index, layer.predictor_recall)
+        # the stored predictor decides on real-looking inputs
         x = np.random.default_rng(0).standard_normal((8, spec.n_embd)).astype(np.float32)
         active = predicted_active(layer.predictor, ff.activation, x)
         assert active.shape == (8, spec.n_ff)
