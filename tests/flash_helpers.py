@@ -1,5 +1,6 @@
-"""Helpers for the streaming-runtime tests: a converted tiny model, its bundle rows as the
-file holds them, and predictors built from the weights (until files store their own)."""
+"""Helpers shared by the tests: relative error, quiet conversion of a source GGUF to a flash
+GGUF, a runtime on it, its bundle rows as the file holds them, and predictors built from the
+weights (until files store their own)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,21 @@ from flashgguf.runtime import Runtime
 Q8_0 = GGMLQuantizationType.Q8_0
 
 
-def convert(src: Path, folder: Path, **convert_kw) -> FlashFile:
-    out = folder / f"m-{len(list(folder.iterdir()))}.flash.gguf"
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """|a - b| / |b| (Frobenius norms): b is the reference."""
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def convert(src: Path, out: Path, **convert_kw) -> Path:
+    """Convert the GGUF src to the flash GGUF out without progress or log output."""
     convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None, **convert_kw))
-    return open_flash_file(out)
+    return out
+
+
+def convert_open(src: Path, folder: Path, **convert_kw) -> FlashFile:
+    """Convert src to a new file in folder (m-0, m-1, ...) and open it."""
+    out = folder / f"m-{len(list(folder.iterdir()))}.flash.gguf"
+    return open_flash_file(convert(src, out, **convert_kw))
 
 
 def bundle_rows(flash: FlashFile, layer: int) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Hugging Face-style checkpoints made by the tests (never committed), and numpy reference
-forward passes written from the published architectures (HF's modeling_llama, modeling_qwen2,
-modeling_opt and the ProSparse / TurboSparse model cards), independent of the converter."""
+"""Hugging Face-style checkpoints made by the tests (never committed). Their numpy reference
+forward passes (tests/numpy_reference.py: hf_llama_logits, hf_opt_logits) are written from the
+published architectures (HF's modeling_llama, modeling_qwen2, modeling_opt and the ProSparse /
+TurboSparse model cards), independent of the converter."""
 
 from __future__ import annotations
 
@@ -298,101 +299,3 @@ def write_tiny_checkpoint(folder: Path, spec: TinyHF, tokenizer_gguf: Path,
     else:
         export_tokenizer_json(stream, folder)
     return weights
-
-
-# ---- numpy reference forward passes ---------------------------------------------------------
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """q [T, H, hd], k/v [T, Hkv, hd] -> [T, H * hd] (grouped heads share k/v)."""
-    n_tok, n_head, hd = q.shape
-    group = n_head // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
-    scores = scores + np.triu(np.full((n_tok, n_tok), -np.inf), 1)
-    return np.einsum("hts,shd->thd", _softmax(scores), v).reshape(n_tok, n_head * hd)
-
-
-def _rope_half(x: np.ndarray, theta: float) -> np.ndarray:
-    """HF's rotary embedding (rotate_half) on x [T, H, hd] at positions 0..T-1."""
-    n_tok, _, hd = x.shape
-    inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-    ang = np.arange(n_tok)[:, None] * inv[None, :]
-    cos = np.concatenate([np.cos(ang), np.cos(ang)], axis=-1)[:, None, :]
-    sin = np.concatenate([np.sin(ang), np.sin(ang)], axis=-1)[:, None, :]
-    rot = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], axis=-1)
-    return x * cos + rot * sin
-
-
-def ffn_activation(kind: str, gate: np.ndarray, up: np.ndarray, threshold: float) -> np.ndarray:
-    if kind in ("llama", "mistral", "qwen2"):  # SwiGLU
-        return gate / (1.0 + np.exp(-gate)) * up
-    if kind == "relullama":
-        return np.maximum(gate, 0) * up
-    if kind == "prosparse":  # FATReLU: below the threshold is zero
-        return np.where(gate > threshold, gate, 0) * up
-    if kind == "turbosparse":  # dReLU
-        return np.maximum(gate, 0) * np.maximum(up, 0)
-    raise ValueError(kind)
-
-
-def llama_forward(spec: TinyHF, w: dict[str, np.ndarray], tokens: list[int],
-                  act_kind: str | None = None) -> np.ndarray:
-    """Logits [T, n_vocab] of a Llama/Mistral/Bamboo/Qwen2 decoder (HF semantics)."""
-    w = {k: v.astype(np.float64) for k, v in w.items()}
-    hd, n_tok = spec.head_dim, len(tokens)
-
-    def rms(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * g
-
-    h = w["model.embed_tokens.weight"][tokens]
-    for i in range(spec.n_layer):
-        p = f"model.layers.{i}."
-        x = rms(h, w[p + "input_layernorm.weight"])
-        proj = {}
-        for name in "qkv":
-            y = x @ w[f"{p}self_attn.{name}_proj.weight"].T
-            if f"{p}self_attn.{name}_proj.bias" in w:
-                y = y + w[f"{p}self_attn.{name}_proj.bias"]
-            proj[name] = y.reshape(n_tok, -1, hd)
-        q, k = _rope_half(proj["q"], 10000.0), _rope_half(proj["k"], 10000.0)
-        h = h + _causal_attention(q, k, proj["v"]) @ w[p + "self_attn.o_proj.weight"].T
-        x = rms(h, w[p + "post_attention_layernorm.weight"])
-        act = ffn_activation(act_kind or spec.kind, x @ w[p + "mlp.gate_proj.weight"].T,
-                             x @ w[p + "mlp.up_proj.weight"].T, spec.threshold)
-        h = h + act @ w[p + "mlp.down_proj.weight"].T
-    h = rms(h, w["model.norm.weight"])
-    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-    return h @ head.T
-
-
-def opt_forward(spec: TinyHF, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
-    """Logits [T, n_vocab] of a pre-norm OPT decoder (HF's modeling_opt)."""
-    w = {k: v.astype(np.float64) for k, v in w.items()}
-    p, hd, n_tok = "model.decoder.", spec.head_dim, len(tokens)
-
-    def ln(x: np.ndarray, name: str) -> np.ndarray:
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
-
-    def linear(x: np.ndarray, name: str) -> np.ndarray:
-        return x @ w[name + ".weight"].T + w[name + ".bias"]
-
-    # OPTLearnedPositionalEmbedding: position t reads row t + 2
-    h = w[p + "embed_tokens.weight"][tokens] + w[p + "embed_positions.weight"][
-        np.arange(n_tok) + 2]
-    for i in range(spec.n_layer):
-        lp = f"{p}layers.{i}."
-        x = ln(h, lp + "self_attn_layer_norm")
-        q, k, v = (linear(x, f"{lp}self_attn.{n}_proj").reshape(n_tok, -1, hd) for n in "qkv")
-        h = h + linear(_causal_attention(q, k, v), lp + "self_attn.out_proj")
-        x = ln(h, lp + "final_layer_norm")
-        h = h + linear(np.maximum(linear(x, lp + "fc1"), 0), lp + "fc2")
-    return ln(h, p + "final_layer_norm") @ w[p + "embed_tokens.weight"].T
-

@@ -1,5 +1,6 @@
 """Small seeded GGUF models made by the tests (never committed): real llama.cpp
-architectures with random weights and SmolLM2's tokenizer."""
+architectures with random weights and a tokenizer copied from a GGUF (the tests give
+them tiny_tokenizer's generated one)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flash_helpers import convert
 from gguf import GGMLQuantizationType as Q
 from model_factory import TinyModel
 
@@ -122,8 +123,12 @@ def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path, s
         _, off = layer.layout.part("gate")
         gate = tensor_array(buf, stream.tensors[f"blk.{layer.index}.ffn_gate.weight"])
         np.testing.assert_array_equal(rows[:, off:off + gate.shape[1]], gate[layer.order])
-        # the stored predictor decides on real-looking inputs, and lets most needed through
-        assert 0.0 < layer.predictor_recall <= 1.0
+        # the stored recall (held-out calibration tokens, threshold set for 0.95 on the fit
+        # tokens) is near its target: measured 0.947 and 0.939 (q8_0), 0.935 and 0.932
+        # (q4_k_m) with the generated tokenizer, the same on every run; a predictor that lets
+        # everything through would be near 1.0, a broken one far below
+        assert 0.92 <= layer.predictor_recall <= 0.98, (layer.index, layer.predictor_recall)
+        # the stored predictor decides on real-looking inputs
         x = np.random.default_rng(0).standard_normal((8, spec.n_embd)).astype(np.float32)
         active = predicted_active(layer.predictor, ff.activation, x)
         assert active.shape == (8, spec.n_ff)
@@ -131,21 +136,18 @@ def test_calibrated_conversion_orders_neurons_hot_first(tiny_models, tmp_path, s
 
 @pytest.mark.native
 def test_calibration_with_bad_text_leaves_no_output(tiny_models, tmp_path):
-    from flashgguf.convert import ConvertOptions, convert_gguf
-
     text = tmp_path / "latin1.txt"
     text.write_bytes(b"na\xefve " * 1000)
     out = tmp_path / "never.flash.gguf"
     with pytest.raises(CalibrationError, match="not UTF-8"):
-        convert_gguf(tiny_models(TinyModel(n_layer=2)), out, ConvertOptions(
-            progress=False, log=lambda _m: None, calibration=CalibrationOptions(text=text)))
+        convert(tiny_models(TinyModel(n_layer=2)), out,
+                calibration=CalibrationOptions(text=text))
     assert list(tmp_path.iterdir()) == [text]
 
 
 @pytest.mark.native
 def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
 
-    from flashgguf.convert import ConvertOptions, convert_gguf
     from flashgguf.format import open_flash_file
     from flashgguf.predictor import predicted_active
 
@@ -156,9 +158,7 @@ def test_no_hot_first_keeps_the_source_order(tiny_models, tmp_path):
         out = tmp_path / f"hot_first_{hot_first}.flash.gguf"
         calibration = CalibrationOptions(tokens=640, min_tokens=500, window_tokens=128,
                                          n_threads=1, hot_first=hot_first)
-        convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None,
-                                              calibration=calibration))
-        files[hot_first] = open_flash_file(out)
+        files[hot_first] = open_flash_file(convert(src, out, calibration=calibration))
     hot, kept = files[True], files[False]
     stream, buf = open_gguf(src)
     x = np.random.default_rng(1).standard_normal((64, spec.n_embd)).astype(np.float32)

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_factory import (
-    TinyHF,
-    llama_forward,
-    opt_forward,
-    to_bf16_bits,
-    write_safetensors,
-    write_tiny_checkpoint,
-)
+from flash_helpers import rel_err
+from hf_factory import TinyHF, to_bf16_bits, write_safetensors, write_tiny_checkpoint
+from numpy_reference import hf_llama_logits, hf_opt_logits
 
 from flashgguf import Llama
 from flashgguf.convert import ConvertOptions, convert_hf
@@ -31,12 +26,8 @@ KW = dict(n_ctx=128, n_batch=64, n_ubatch=64, logits_all=True, verbose=False, n_
 QUIET = ConvertOptions(progress=False, log=lambda _m: None)
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory, smollm2_gguf):
+def tiny_hf(tmp_path_factory, tiny_tokenizer_gguf):
     """Factory: TinyHF -> (checkpoint folder, its weights), cached per spec."""
     root = tmp_path_factory.mktemp("hf")
     made: dict[TinyHF, tuple[Path, dict]] = {}
@@ -44,7 +35,7 @@ def tiny_hf(tmp_path_factory, smollm2_gguf):
     def make(spec: TinyHF) -> tuple[Path, dict]:
         if spec not in made:
             folder = root / f"{spec.kind}-{len(made)}"
-            made[spec] = folder, write_tiny_checkpoint(folder, spec, smollm2_gguf)
+            made[spec] = folder, write_tiny_checkpoint(folder, spec, tiny_tokenizer_gguf)
         return made[spec]
 
     return make
@@ -72,7 +63,7 @@ def test_tiny_checkpoint_matches_reference(tiny_hf, tmp_path, kind, activation):
     # flashgguf's runtime computed every FFN (the hook found this architecture's nodes)
     assert llm.flash_stats()["neurons_computed"] == len(tokens) * spec.n_ff * spec.n_layer
     llm.close()
-    forward = opt_forward if kind == "opt" else llama_forward
+    forward = hf_opt_logits if kind == "opt" else hf_llama_logits
     want = forward(spec, weights, tokens)
     # trunk in F16, gate/up bundles F16, down columns Q8_0, activations quantized to F16/Q8_0
     print(f"{kind}: relative error {rel_err(got, want):.2e}")
@@ -80,7 +71,7 @@ def test_tiny_checkpoint_matches_reference(tiny_hf, tmp_path, kind, activation):
     assert top1_agreement(got, want) >= 0.9
     if kind in ("prosparse", "turbosparse"):
         # the test can tell the activation apart: plain ReLU would be far off
-        wrong = llama_forward(spec, weights, tokens, act_kind="relullama")
+        wrong = hf_llama_logits(spec, weights, tokens, act_kind="relullama")
         assert rel_err(got, wrong) > 5 * rel_err(got, want)
 
 
@@ -214,7 +205,7 @@ def test_sharded_bf16_checkpoint_through_the_cli(tiny_hf, tmp_path):
     tokens = llm.tokenize(TEXT.encode(), add_bos=False)[:24]
     got = teacher_forced_logits(llm, tokens)
     llm.close()
-    want = llama_forward(spec, bf16, tokens)
+    want = hf_llama_logits(spec, bf16, tokens)
     assert rel_err(got, want) < 0.03, rel_err(got, want)
     assert top1_agreement(got, want) >= 0.9
 

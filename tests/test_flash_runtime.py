@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from flash_helpers import bundle_rows, convert, runtime, svd_predictor
+from flash_helpers import bundle_rows, convert_open, runtime, svd_predictor
 from gguf import GGMLQuantizationType
 from model_factory import TinyModel
 
@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def silu(tiny_models, folder):
     """A gated SiLU model with SVD predictors keeping about half the rows."""
-    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1, n_ff=320)), folder)
+    flash = convert_open(tiny_models(TinyModel(ffn_type=Q.Q4_1, n_ff=320)), folder)
     return flash, [svd_predictor(flash, i, 32, 0.5) for i in range(flash.n_layer)]
 
 
@@ -42,7 +42,7 @@ def layouts(request, silu, tiny_models, folder):
     """The SiLU model, and a model whose layers have different bundle layouts."""
     if request.param == "q4_1":
         return silu
-    flash = convert(tiny_models(KQUANT_MIX), folder)
+    flash = convert_open(tiny_models(KQUANT_MIX), folder)
     assert flash.layers[0].layout != flash.layers[1].layout
     return flash, [svd_predictor(flash, i, 32, 0.5) for i in range(flash.n_layer)]
 
@@ -133,7 +133,7 @@ def test_bad_residuals_are_refused(silu):
 
 
 def test_relu_predictor_matches_the_reference(tiny_models, folder):
-    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q8_0)), folder, activation="relu")
+    flash = convert_open(tiny_models(TinyModel(ffn_type=Q.Q8_0)), folder, activation="relu")
     preds = [svd_predictor(flash, i, 32, 0.3, with_up=False) for i in range(flash.n_layer)]
     rt = streaming(flash, preds)
     x = np.random.default_rng(8).standard_normal((200, flash.n_embd)).astype(np.float32)
@@ -504,7 +504,7 @@ def _with_pinned(rt, layer, x):
 
 @pytest.mark.parametrize("io", ["threads", "io_uring"])
 def test_file_truncated_under_the_runtime_is_a_short_read(tiny_models, folder, io):
-    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1, n_ff=320)), folder)
+    flash = convert_open(tiny_models(TinyModel(ffn_type=Q.Q4_1, n_ff=320)), folder)
     rt = runtime(flash, mode="naive", dram_budget=flash.payload_nbytes // 2, io=io)
     with open(flash.path, "r+b") as f:
         f.truncate(flash.layers[-1].bundle.offset + 100)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flash_helpers import convert
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gq
 from gguf_patch import patch_key, patch_u64_key
@@ -28,12 +29,6 @@ from flashgguf.format import is_flash_gguf, open_flash_file, open_gguf, tensor_a
 
 Q = GGMLQuantizationType
 QUIET = ConvertOptions(progress=False, log=lambda _m: None)
-
-
-def convert(src: Path, out: Path, **kw) -> Path:
-    opts = ConvertOptions(progress=False, log=lambda _m: None, **kw)
-    convert_gguf(src, out, opts)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -76,10 +76,10 @@ def tiny_opt_as_gpt2(folder: Path, tokenizer_gguf: Path) -> tuple[Path, int]:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_ffn_nodes_bracket_the_ffn(tiny_models, smollm2_gguf, tmp_path, arch):
+def test_ffn_nodes_bracket_the_ffn(tiny_models, tiny_tokenizer_gguf, tmp_path, arch):
     arch_spec = ARCHS[arch]
     if arch == "gpt2":
-        path, n_layer = tiny_opt_as_gpt2(tmp_path / "opt", smollm2_gguf)
+        path, n_layer = tiny_opt_as_gpt2(tmp_path / "opt", tiny_tokenizer_gguf)
     else:
         path, n_layer = tiny_models(SPECS[arch]), SPECS[arch].n_layer
     names = graph_node_names(path, n_tokens=5)

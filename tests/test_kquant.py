@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flash_helpers import bundle_rows, convert, runtime
+from flash_helpers import bundle_rows, convert_open, runtime
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf_patch import patch_key
 from model_factory import TinyModel
@@ -98,7 +98,7 @@ def _source_tensors(src: Path) -> dict:
 @pytest.mark.parametrize("spec", [Q4_K_M, GEMMA_Q5_0], ids=["q4_k_m", "gemma-q5_0"])
 def test_gate_up_rows_are_the_sources_bytes(tiny_models, folder, spec):
     src = tiny_models(spec)
-    flash = convert(src, folder, predictor=None)
+    flash = convert_open(src, folder, predictor=None)
     tensors = _source_tensors(src)
     for layer in flash.layers:
         rows = bundle_rows(flash, layer.index)
@@ -124,7 +124,7 @@ def test_gate_up_rows_are_the_sources_bytes(tiny_models, folder, spec):
 
 
 def test_k_quant_mix_stores_per_layer_layouts(tiny_models, folder):
-    flash = convert(tiny_models(Q4_K_M), folder, predictor=None)
+    flash = convert_open(tiny_models(Q4_K_M), folder, predictor=None)
     downs = [layer.layout.part("down")[0] for layer in flash.layers]
     assert downs == [Q.Q6_K, Q.Q4_K, Q.Q6_K]
     strides = [layer.layout.stride for layer in flash.layers]
@@ -138,14 +138,14 @@ def test_k_quant_mix_stores_per_layer_layouts(tiny_models, folder):
 
 
 def test_uniform_layout_is_stored_once(tiny_models, folder):
-    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q4_K, n_embd=256, n_ff=256)), folder,
+    flash = convert_open(tiny_models(TinyModel(ffn_type=Q.Q4_K, n_embd=256, n_ff=256)), folder,
                     predictor=None)
     assert isinstance(flash.payload.fields[C.KEY_BUNDLE_STRIDE], int)
     assert flash.layout == flash.layers[1].layout
 
 
 def test_per_layer_layouts_in_an_older_version_are_refused(tiny_models, folder, tmp_path):
-    flash = convert(tiny_models(Q4_K_M), folder, predictor=None)
+    flash = convert_open(tiny_models(Q4_K_M), folder, predictor=None)
     bad = tmp_path / "v2.flash.gguf"
     bad.write_bytes(flash.path.read_bytes())
     for offset in (0, flash.payload.base):  # the trunk's version and the payload's
@@ -156,7 +156,7 @@ def test_per_layer_layouts_in_an_older_version_are_refused(tiny_models, folder, 
 
 def test_per_layer_layout_of_a_block_type_that_does_not_fit_is_refused(tiny_models, folder,
                                                                         tmp_path):
-    flash = convert(tiny_models(GEMMA_Q5_0), folder, predictor=None)
+    flash = convert_open(tiny_models(GEMMA_Q5_0), folder, predictor=None)
     bad = tmp_path / "bad.flash.gguf"
     bad.write_bytes(flash.path.read_bytes())
     # a Q4_K gate where n_embd (64) is not a whole 256-value block
@@ -173,7 +173,7 @@ def test_payload_of_a_k_quant_mix_is_the_sources_ffn_plus_padding(tiny_models, f
     """The bundles hold the source's gate/up bytes and K-quant down columns of the same bits:
     the payload is the source's FFN bytes plus the row padding."""
     src = tiny_models(Q4_K_M)
-    flash = convert(src, folder, predictor=None)
+    flash = convert_open(src, folder, predictor=None)
     stream, _ = open_gguf(src)
     ffn = sum(t.nbytes for name, t in stream.tensors.items() if ".ffn_" in name and
               name.endswith(".weight") and "norm" not in name)
@@ -186,7 +186,7 @@ def test_payload_of_a_k_quant_mix_is_the_sources_ffn_plus_padding(tiny_models, f
 
 @pytest.mark.native
 def test_budget_split_counts_each_layers_stride(tiny_models, folder):
-    flash = convert(tiny_models(Q4_K_M), folder, predictor=None)
+    flash = convert_open(tiny_models(Q4_K_M), folder, predictor=None)
     budget = int(0.5 * flash.payload_nbytes)
     rt = runtime(flash, [None] * flash.n_layer, mode="hybrid", dram_budget=budget)
     caps = [rt.capacity(i)[0] for i in range(flash.n_layer)]
@@ -199,7 +199,7 @@ def test_budget_split_counts_each_layers_stride(tiny_models, folder):
 
 @pytest.mark.native
 def test_dense_runtime_computes_each_layer_with_its_own_types(tiny_models, folder):
-    flash = convert(tiny_models(Q4_K_M), folder, predictor=None)
+    flash = convert_open(tiny_models(Q4_K_M), folder, predictor=None)
     rt = runtime(flash)
     x = np.random.default_rng(3).standard_normal((2, flash.n_embd)).astype(np.float32)
     for layer in flash.layers:
@@ -221,7 +221,7 @@ def test_dense_runtime_computes_each_layer_with_its_own_types(tiny_models, folde
 def test_c_refuses_bad_layer_layouts(tiny_models, folder):
     from flashgguf._native import lib
 
-    flash = convert(tiny_models(Q4_K_M), folder, predictor=None)
+    flash = convert_open(tiny_models(Q4_K_M), folder, predictor=None)
     rt = runtime(flash, [None] * flash.n_layer, mode="naive",
                  dram_budget=flash.payload_nbytes // 2)
     q4k = int(Q.Q4_K)

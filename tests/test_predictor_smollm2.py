@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from conftest import SHARED_BROWN
-from numpy_llama import llama_forward
+from numpy_reference import gguf_llama_forward
 from test_predictor_fit import MIN_AGREEMENT
 
 from flashgguf.archs import get_arch
@@ -40,7 +40,7 @@ def test_numpy_forward_matches_stock_llama_cpp(smollm2_gguf, real_text):
     tokens = stock.tokenize(real_text.encode("utf-8"), add_bos=True, special=False)[:192]
     want = teacher_forced_logits(stock, tokens)
     stock.close()
-    got = llama_forward(smollm2_gguf, tokens).logits
+    got = gguf_llama_forward(smollm2_gguf, tokens).logits
     ratio = perplexity(got, tokens) / perplexity(want, tokens)
     assert abs(ratio - 1.0) < 0.02, ratio
     assert top1_agreement(got, want) >= 0.93
@@ -54,7 +54,7 @@ def test_predictor_recall_on_real_ffn_inputs(smollm2_gguf, real_text, tmp_path):
     vocab = llama_cpp.Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
     tokens = vocab.tokenize(real_text.encode("utf-8"), add_bos=True, special=False)[:N_TOKENS]
     assert len(tokens) == N_TOKENS
-    forward = llama_forward(smollm2_gguf, tokens)
+    forward = gguf_llama_forward(smollm2_gguf, tokens)
     ff = open_flash_file(out)
     spec = get_arch(ff.arch)
     stream, buf = open_gguf(smollm2_gguf)
@@ -89,4 +89,8 @@ def test_predictor_recall_on_real_ffn_inputs(smollm2_gguf, real_text, tmp_path):
     assert np.all(np.abs(table[:, 2] - C.DEFAULT_WEIGHT_ONLY_RECALL) < 0.02)
     # storing the predictor in Q8_0 keeps its decisions on real inputs too
     assert table[:, 6].min() >= MIN_AGREEMENT
-    assert np.all((table[:, 3] > 0) & (table[:, 3] <= 1))
+    # the recall on real text: measured mean 0.992, worst layer 0.973 (30 layers, 384 tokens
+    # of the calibration text); a predictor that misses more needed neurons falls below
+    assert table[:, 3].mean() >= 0.985, table[:, 3].mean()
+    assert table[:, 3].min() >= 0.96, table[:, 3].min()
+    assert np.all(table[:, 3] <= 1)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import warnings
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flash_helpers import convert, convert_open, rel_err, runtime
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
-from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.format import open_flash_file, open_gguf, tensor_array
 from flashgguf.options import FlashOptions
-from flashgguf.runtime import DirectIOWarning, Runtime
+from flashgguf.runtime import Runtime
 
 Q = GGMLQuantizationType
 pytestmark = pytest.mark.native
@@ -56,18 +60,11 @@ def numpy_ffn(w: dict[str, np.ndarray], x: np.ndarray, act: str) -> np.ndarray:
     return y
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def make_runtime(src: Path, folder: Path, threads: int = 2, direct_io: bool = False,
                  max_tokens: int = 64, **convert_kw) -> Runtime:
-    out = folder / f"m-{len(list(folder.iterdir()))}.flash.gguf"
-    convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None, **convert_kw))
-    ff = open_flash_file(out)
-    return Runtime(ff, get_arch(ff.arch), FlashOptions(max_tokens=max_tokens, n_threads=threads,
-                                                         n_threads_batch=threads,
-                                                         direct_io=direct_io))
+    """Convert src into folder and open a runtime on it (buffered reads unless asked)."""
+    return runtime(convert_open(src, folder, **convert_kw), n_threads=threads,
+                   n_threads_batch=threads, direct_io=direct_io, max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("ffn_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.F16])
@@ -130,31 +127,86 @@ def test_direct_io_and_buffered_load_the_same_bytes(tiny_models, tmp_path):
     assert buffered.stats()["bytes_read"] == payload
 
 
-@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
-def test_direct_io_falls_back_on_tmpfs(tiny_models, tmp_path):
-    src = tiny_models(TinyModel())
-    folder = Path("/dev/shm") / f"flashgguf-test-{tmp_path.name}"
-    folder.mkdir()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rt = make_runtime(src, folder, direct_io=True)
-        warned = any(issubclass(w.category, DirectIOWarning) for w in caught)
-        # Linux >= 6.6 accepts O_DIRECT on tmpfs; older kernels refuse it (then: warn, buffered)
-        assert warned == (not rt.direct_io)
-        x = np.ones((1, 64), dtype=np.float32)
-        np.testing.assert_array_equal(rt.ffn(0, x), make_runtime(src, tmp_path).ffn(0, x))
-        rt.close()
-    finally:
-        for p in folder.iterdir():
-            p.unlink()
-        folder.rmdir()
+# Run in a child process in a private mount namespace (unshare -m), over a ramfs mounted on
+# argv[2]: ramfs refuses open(O_DIRECT) with EINVAL (tmpfs accepts it since Linux 6.6). Prints
+# JSON for the parent to check.
+RAMFS_CHILD = r"""
+import errno, json, os, shutil, sys, warnings
+from pathlib import Path
+
+import numpy as np
+from flash_helpers import runtime
+
+from flashgguf.format import open_flash_file
+from flashgguf.runtime import DirectIOWarning
+
+flash, mount = Path(sys.argv[1]), Path(sys.argv[2])
+copy = Path(shutil.copyfile(flash, mount / flash.name))
+try:
+    os.close(os.open(copy, os.O_RDONLY | os.O_DIRECT))
+    refused = None
+except OSError as exc:
+    refused = errno.errorcode[exc.errno]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    rt = runtime(open_flash_file(copy), direct_io=True)
+ref = runtime(open_flash_file(flash), direct_io=False)
+x = np.random.default_rng(6).standard_normal((3, rt.flash.n_embd)).astype(np.float32)
+same = all(np.array_equal(rt.ffn(b, x), ref.ffn(b, x)) for b in range(rt.flash.n_layer))
+print(json.dumps(dict(
+    refused=refused, direct_io=rt.direct_io, same=same,
+    warnings=[str(w.message) for w in caught if issubclass(w.category, DirectIOWarning)],
+    other_warnings=[str(w.message) for w in caught
+                    if not issubclass(w.category, DirectIOWarning)],
+    bytes_read=rt.stats()["bytes_read"], payload=rt.flash.payload_nbytes)))
+rt.close()
+ref.close()
+"""
+NO_MOUNT = 77  # the child shell's exit status when mount is refused
+
+
+def run_on_ramfs(flash: Path, folder: Path) -> dict:
+    """RAMFS_CHILD on flash under `unshare -m` with a ramfs on folder; skips (with the reason)
+    where this process may not make a mount namespace or mount a ramfs."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs unshare(1) and mount(8) (util-linux) to mount a ramfs")
+    why = ("mounting a ramfs in a private mount namespace (unshare -m; mount -t ramfs) needs "
+           "root or CAP_SYS_ADMIN, which this process lacks")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{why}: {probe.stderr.strip()}")
+    import flashgguf
+
+    path = [str(Path(flashgguf.__file__).resolve().parent.parent), str(Path(__file__).parent),
+            os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+    script = f'mount -t ramfs none "$1" || exit {NO_MOUNT}; exec "$2" -c "$3" "$4" "$1"'
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(folder),
+                           sys.executable, RAMFS_CHILD, str(flash)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode == NO_MOUNT:
+        pytest.skip(f"{why}: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_direct_io_falls_back_where_the_filesystem_refuses_it(tiny_models, tmp_path):
+    flash = convert(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path / "m.flash.gguf")
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    got = run_on_ramfs(flash, mount)
+    assert got["refused"] == "EINVAL"  # the filesystem really refuses O_DIRECT
+    assert got["direct_io"] is False
+    assert len(got["warnings"]) == 1 and "refuses direct I/O" in got["warnings"][0]
+    assert got["other_warnings"] == []
+    assert got["same"]  # every layer's FFN as from a buffered runtime on the disk copy
+    assert got["bytes_read"] == got["payload"]  # page-cache reads: no alignment padding
+    assert list(mount.iterdir()) == []  # the ramfs went with the namespace
 
 
 def test_truncated_payload_is_an_error_not_a_crash(tiny_models, tmp_path):
     src = tiny_models(TinyModel())
-    out = tmp_path / "t.flash.gguf"
-    convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None))
+    out = convert(src, tmp_path / "t.flash.gguf")
     ff = open_flash_file(out)
     # validated at open, then cut under the runtime's feet: the C reader must report it
     with open(out, "r+b") as f:

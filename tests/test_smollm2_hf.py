@@ -10,15 +10,13 @@ import llama_cpp
 import numpy as np
 import pytest
 from hf_factory import export_llama_gguf
-from quality import compare_with_stock
+from quality import check_matches_stock
 
 from flashgguf import Llama
 from flashgguf.convert.cli import main as convert_main
 from flashgguf.format import open_flash_file, open_gguf
 
 pytestmark = [pytest.mark.model, pytest.mark.native]
-N_EVAL_TOKENS = 1000
-KW = dict(n_ctx=1024, n_batch=512, logits_all=True, verbose=False, n_threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +50,6 @@ def test_tokenizer_and_metadata_round_trip(smollm2_gguf, smollm2_hf_flash, evalu
 
 
 def test_perplexity_matches_stock(smollm2_gguf, smollm2_hf_flash, evaluation_text):
-    c = compare_with_stock(smollm2_gguf, smollm2_hf_flash, evaluation_text, N_EVAL_TOKENS, **KW)
-    assert len(c.tokens) == N_EVAL_TOKENS
-    assert c.flash_tokens == c.tokens
-    print(f"\nSmolLM2 via safetensors (BF16 -> q8_0 trunk), first {N_EVAL_TOKENS} tokens of "
-          f"evaluation.txt: perplexity stock {c.ppl_stock:.3f}, flash {c.ppl_flash:.3f} (ratio "
-          f"{c.ratio:.4f}); top-1 agreement {c.agreement:.4f}")
-    assert abs(c.ratio - 1.0) <= 0.02
-    assert c.agreement >= 0.9
+    check_matches_stock(smollm2_gguf, smollm2_hf_flash, evaluation_text,
+                        "SmolLM2 via safetensors (BF16 -> q8_0 trunk)",
+                        max_ratio_change=0.02, min_agreement=0.9)
