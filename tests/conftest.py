@@ -58,12 +58,6 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_gguf):
     return _tiny_model_factory(tmp_path_factory.mktemp("tiny"), tiny_tokenizer_gguf)
 
 
-@pytest.fixture(scope="session")
-def smollm2_tiny_models(tmp_path_factory, smollm2_gguf):
-    """Generated models with SmolLM2's tokenizer (tests marked model only)."""
-    return _tiny_model_factory(tmp_path_factory.mktemp("tiny-smollm2"), smollm2_gguf)
-
-
 def pytest_configure(config):
     # tools/test_sanitized.sh runs the suite on an ASan/UBSan build: make sure it is that
     # build that got imported, not the regular one.

@@ -107,6 +107,23 @@ def test_thread_counts_agree(tiny_models, tmp_path):
     np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", [
+    TinyModel(arch="gemma3", ffn_type=Q.Q4_0),
+    TinyModel(ffn_type=Q.Q4_K, n_embd=256, n_ff=512, down_types=(Q.Q6_K, Q.Q4_K)),
+], ids=["q4_0-gelu", "q4_k"])
+def test_row_alone_equals_row_in_batch(tiny_models, tmp_path, spec):
+    # The decode path (one row) and a batch give a row the same bits: each row's input is
+    # quantized on its own and its sums run in the same order. (With the same thread count
+    # for both, and enough rows that both take the parallel split: n_ff >= 128 here; below
+    # that one row runs on one thread and differs from the batch in the last bit.)
+    rt = make_runtime(tiny_models(spec), tmp_path)
+    x = np.random.default_rng(5).standard_normal((12, spec.n_embd)).astype(np.float32)
+    for bid in range(2):
+        batch = rt.ffn(bid, x)
+        for i in range(len(x)):
+            np.testing.assert_array_equal(rt.ffn(bid, x[i:i + 1])[0], batch[i])
+
+
 def test_rows_beyond_capacity_are_refused(tiny_models, tmp_path):
     rt = make_runtime(tiny_models(TinyModel()), tmp_path, max_tokens=4)
     with pytest.raises(ValueError, match="1..4"):
