@@ -33,14 +33,8 @@ from .quants import row_nbytes
 # llama.cpp's eval-callback ABI and graph node names are those of this release
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
-_ACTIVATIONS = {
-    "silu": lib.FG_ACT_SILU,
-    "gelu": lib.FG_ACT_GELU,
-    "relu": lib.FG_ACT_RELU,
-    "relu2": lib.FG_ACT_RELU2,
-    "fatrelu": lib.FG_ACT_FATRELU,
-    "drelu": lib.FG_ACT_DRELU,
-}
+# the format's activation names are the C core's FG_ACT_* constants in lower case
+_ACTIVATIONS = {name: getattr(lib, f"FG_ACT_{name.upper()}") for name in C.ACTIVATIONS}
 _PARTS = {C.PART_GATE: lib.FG_PART_GATE, C.PART_UP: lib.FG_PART_UP, C.PART_DOWN: lib.FG_PART_DOWN}
 _MODES = {"dense": lib.FG_MODE_DENSE, "naive": lib.FG_MODE_NAIVE,
           "hybrid": lib.FG_MODE_HYBRID, "predicted": lib.FG_MODE_PREDICTED}

@@ -658,30 +658,6 @@ fg_axpy_fn fg_axpy_ref_fn(int type) {
 
 /* ---- public entry points (checked arguments) --------------------------------------- */
 
-int fg_quantize_row_ref(int type, const float *x, void *out, int64_t n) {
-    const fg_quantize_fn fn = fg_quantize_ref_fn(type);
-    if (fn == NULL) return FG_ERR_TYPE;
-    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
-    fn(x, out, n);
-    return FG_OK;
-}
-
-int fg_vec_dot_ref(int weight_type, const void *w, const void *xq, int64_t n, float *out) {
-    const fg_vec_dot_fn fn = fg_vec_dot_ref_fn(weight_type);
-    if (fn == NULL) return FG_ERR_TYPE;
-    if (fg_row_size(weight_type, n) == 0 && n != 0) return FG_ERR_ARG;
-    fn(w, xq, n, out);
-    return FG_OK;
-}
-
-int fg_axpy_ref(int type, const void *col, float a, float *y, int64_t n) {
-    const fg_axpy_fn fn = fg_axpy_ref_fn(type);
-    if (fn == NULL) return FG_ERR_TYPE;
-    if (fg_row_size(type, n) == 0 && n != 0) return FG_ERR_ARG;
-    fn(col, a, y, n);
-    return FG_OK;
-}
-
 int fg_dequantize_row(int type, const void *src, float *out, int64_t n) {
     /* Dequantizing is an axpy with a = 1 into zeros: one code path for both. */
     const fg_axpy_fn fn = fg_axpy_ref_fn(type);
