@@ -660,7 +660,8 @@ def test_sizes_and_vec_dot_types():
 
 def test_simd_name():
     name = ffi.string(lib.fg_simd_name()).decode()
-    # the names native/kernels_simd.c returns: x86 AVX-512/AVX2 builds, else the scalar code
+    # what fg_simd_name can return (native/kernels.c, kernels_x86.c): x86 AVX-512/AVX2
+    # builds, else the scalar reference
     assert name in {"avx512", "avx2", "scalar"}
     if name == "scalar":
         # without SIMD the fast entry points are the reference: identical results
