@@ -37,7 +37,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -259,7 +259,6 @@ class Result:
     reuse: float
     miss: float
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def measure(model: ReferenceModel, stats: list[LayerStats], windows: list[list[int]],
