@@ -18,11 +18,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
-    """exp(mean NLL) of tokens[1:] given the logits at positions [0, n-1)."""
+def token_nll(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """Negative log-likelihood [n-1] of each of tokens[1:] given the logits at [0, n-1)."""
     lp = log_softmax(logits[:-1].astype(np.float64))
     target = np.asarray(tokens[1:])
-    return float(np.exp(-lp[np.arange(len(target)), target].mean()))
+    return -lp[np.arange(len(target)), target]
+
+
+def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
+    """exp(mean NLL) of tokens[1:] given the logits at positions [0, n-1)."""
+    return float(np.exp(token_nll(logits, tokens).mean()))
 
 
 def top1_agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:

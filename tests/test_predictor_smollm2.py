@@ -9,7 +9,6 @@ import llama_cpp
 import numpy as np
 import pytest
 from conftest import SHARED_BROWN
-from numpy_reference import gguf_llama_forward
 from test_predictor_fit import MIN_AGREEMENT
 
 from flashgguf.archs import get_arch
@@ -20,6 +19,7 @@ from flashgguf.format import constants as C
 from flashgguf.format import open_flash_file, open_gguf, tensor_array
 from flashgguf.predictor import predicted_active
 from flashgguf.quants import dequantize_rows
+from flashgguf.reference import forward_recording_ffn_inputs
 
 pytestmark = pytest.mark.model
 N_TOKENS = 384
@@ -40,7 +40,7 @@ def test_numpy_forward_matches_stock_llama_cpp(smollm2_gguf, real_text):
     tokens = stock.tokenize(real_text.encode("utf-8"), add_bos=True, special=False)[:192]
     want = teacher_forced_logits(stock, tokens)
     stock.close()
-    got = gguf_llama_forward(smollm2_gguf, tokens).logits
+    got = forward_recording_ffn_inputs(smollm2_gguf, tokens).logits
     ratio = perplexity(got, tokens) / perplexity(want, tokens)
     assert abs(ratio - 1.0) < 0.02, ratio
     assert top1_agreement(got, want) >= 0.93
@@ -54,7 +54,7 @@ def test_predictor_recall_on_real_ffn_inputs(smollm2_gguf, real_text, tmp_path):
     vocab = llama_cpp.Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
     tokens = vocab.tokenize(real_text.encode("utf-8"), add_bos=True, special=False)[:N_TOKENS]
     assert len(tokens) == N_TOKENS
-    forward = gguf_llama_forward(smollm2_gguf, tokens)
+    forward = forward_recording_ffn_inputs(smollm2_gguf, tokens)
     ff = open_flash_file(out)
     spec = get_arch(ff.arch)
     stream, buf = open_gguf(smollm2_gguf)
