@@ -9,8 +9,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${FLASHGGUF_VENV:-$repo/.venv}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -r "$repo/flashgguf" "$repo/native" "$repo/tests" "$repo/pyproject.toml" "$repo/README.md" \
-    "$work/"  # README.md: the package metadata reads it, and tests/test_docs.py checks it
+cp -r "$repo/flashgguf" "$repo/native" "$repo/tests" "$repo/tools" "$repo/pyproject.toml" \
+    "$repo/README.md" "$work/"  # tests read README.md and load tools/selection.py
 find "$work/flashgguf" \( -name '*.so' -o -name '*.o' -o -name '_native.c' \) -delete
 (cd "$work" && FLASHGGUF_SANITIZE=1 "$venv/bin/python" native/build_ffi.py)
 
