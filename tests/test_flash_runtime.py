@@ -47,6 +47,15 @@ def layouts(request, silu, tiny_models, folder):
     return flash, [svd_predictor(flash, i, 32, 0.5) for i in range(flash.n_layer)]
 
 
+def assert_same_sum(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to the order of float32 sums: streaming adds the rows in the order their reads
+    land, the dense engine in a static split, so the same terms are summed in another order.
+    That moves a result by ~1e-7 of the outputs' scale, not of each element: an output that
+    cancels to near 0 can differ from the dense one by more than 1e-6 relatively (seen: 1.1e-6
+    absolute on -1.09e-3, among outputs of order 1)."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 def streaming(flash, preds, mode="predicted", share=0.5, **kw):
     """A runtime whose cache holds `share` of each layer's rows (predictors on top)."""
     pred_bytes = 0 if mode != "predicted" else sum(
@@ -179,8 +188,7 @@ def test_a_budget_without_slots_still_computes_exactly(layouts, mode):
     mask = np.random.default_rng(5).random(flash.n_ff) < 0.5
     x = np.random.default_rng(6).standard_normal((3, flash.n_embd)).astype(np.float32)
     for layer in range(flash.n_layer):
-        np.testing.assert_allclose(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask),
-                                   rtol=1e-5, atol=1e-6)
+        assert_same_sum(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask))
 
 
 def test_predictors_count_in_the_budget_of_predicted_mode_only(silu):
@@ -308,8 +316,7 @@ def test_oracle_mask_equals_dense_restricted(layouts, mode, n_tokens):
         x = rng.standard_normal((n_tokens, flash.n_embd)).astype(np.float32)
         mask = rng.random(flash.n_ff) < (0.9 if step % 4 == 3 else 0.3)  # some exceed the cache
         layer = step % 2
-        np.testing.assert_allclose(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask),
-                                   rtol=1e-5, atol=1e-6)
+        assert_same_sum(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask))
     full = np.ones(flash.n_ff, dtype=bool)  # the whole mask is the dense FFN itself
     np.testing.assert_allclose(dense.ffn(0, x, full), dense.ffn(0, x), rtol=1e-5, atol=1e-6)
 
@@ -321,7 +328,7 @@ def test_baselines_compute_the_whole_layer(silu, mode):
     rt = streaming(flash, preds, mode=mode, share=0.6)
     x = np.random.default_rng(12).standard_normal((3, flash.n_embd)).astype(np.float32)
     for _ in range(3):
-        np.testing.assert_allclose(rt.ffn(1, x), dense.ffn(1, x), rtol=1e-5, atol=1e-6)
+        assert_same_sum(rt.ffn(1, x), dense.ffn(1, x))
     s = rt.stats()
     _, pinned = rt.capacity(1)
     assert s["cache_hits"] == 0 and s["cache_misses"] == 3 * (flash.n_ff - pinned)
@@ -338,7 +345,7 @@ def test_predicted_mode_computes_pinned_and_predicted_rows(silu, n_tokens):
     mask = rt.predict(0, x).any(axis=0)  # a prompt loads the union of its rows' predictions
     assert mask.mean() < 0.95
     mask[:pinned] = True
-    np.testing.assert_allclose(rt.ffn(0, x), dense.ffn(0, x, mask), rtol=1e-5, atol=1e-6)
+    assert_same_sum(rt.ffn(0, x), dense.ffn(0, x, mask))
 
 
 # ---- reads -------------------------------------------------------------------------
@@ -357,8 +364,7 @@ def test_reader_paths_load_the_files_bytes(layouts, direct_io, gap, io):
     for step in range(10):
         x = rng.standard_normal((2, flash.n_embd)).astype(np.float32)
         mask = rng.random(flash.n_ff) < 0.25
-        np.testing.assert_allclose(rt.ffn(step % 2, x, mask), dense.ffn(step % 2, x, mask),
-                                   rtol=1e-5, atol=1e-6)
+        assert_same_sum(rt.ffn(step % 2, x, mask), dense.ffn(step % 2, x, mask))
     off, length, n = rt.read_log()
     s = rt.stats()
     load_reads = n - s["reads"]
@@ -424,8 +430,7 @@ def test_read_errors_surface_and_leave_the_cache_consistent(silu, io):
     for r in rows[rows >= 0]:  # rows whose read failed were dropped, not kept as garbage
         assert rt.resident_row(0, int(r)) == file_rows[r].tobytes()
     dense = runtime(flash)
-    np.testing.assert_allclose(rt.ffn(0, x), dense.ffn(0, x, _with_pinned(rt, 0, x)),
-                               rtol=1e-5, atol=1e-6)
+    assert_same_sum(rt.ffn(0, x), dense.ffn(0, x, _with_pinned(rt, 0, x)))
 
 
 @pytest.mark.parametrize("io", ["threads", "io_uring"])
@@ -447,8 +452,7 @@ def test_reordered_completions_compute_exactly_at_every_budget(layouts, io, mode
             x = rng.standard_normal((n_tokens, flash.n_embd)).astype(np.float32)
             mask = rng.random(flash.n_ff) < (0.8 if step % 2 else 0.3)
             layer = step % flash.n_layer
-            np.testing.assert_allclose(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask),
-                                       rtol=1e-5, atol=1e-6)
+            assert_same_sum(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask))
         assert rt.stats()["reads"] > 6  # many reads per call: completions were reordered
         for layer in range(flash.n_layer):  # what the cache kept is the file's bytes
             rows, _, _ = rt.slots(layer)
