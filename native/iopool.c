@@ -81,9 +81,13 @@ static void *worker_main(void *arg) {
 
 /* ---- io_uring backend: the job driven through the ring ---------------------------- */
 
+/* A read's ring tag: its index in the job and its staging buffer. */
 static uint64_t uring_tag(int32_t k, int buf) {
     return ((uint64_t)(uint32_t)k << 32) | (uint32_t)buf;
 }
+
+static int32_t tag_read(uint64_t tag) { return (int32_t)(tag >> 32); }
+static int tag_buf(uint64_t tag) { return (int)(tag & 0xffffffffu); }
 
 /* Queue reads while the job has some left, a staging buffer is free and the ring has
  * room; tell the kernel. 0 or -errno. */
@@ -142,7 +146,7 @@ static void uring_fail_job(fg_io *io, int err) {
     int32_t res;
     while (fg_uring_in_flight(io->ring) > 0) {
         while (fg_uring_reap(io->ring, &tag, &res)) {
-            push_landed(io, (int32_t)(tag >> 32), (int)(tag & 0xffffffffu), FG_ERR_IO);
+            push_landed(io, tag_read(tag), tag_buf(tag), FG_ERR_IO);
         }
         if (fg_uring_in_flight(io->ring) > 0 && fg_uring_wait(io->ring) != 0) {
             break; /* the ring is unusable; fg_uring_destroy closes it */
@@ -179,7 +183,7 @@ static int uring_progress(fg_io *io) {
     uint64_t tag;
     int32_t res;
     while (fg_uring_reap(io->ring, &tag, &res)) {
-        uring_complete(io, (int32_t)(tag >> 32), (int)(tag & 0xffffffffu), res);
+        uring_complete(io, tag_read(tag), tag_buf(tag), res);
     }
     return in_flight;
 }
