@@ -180,12 +180,14 @@ class Runtime:
                               "cached reads", DirectIOWarning, stacklevel=3)
 
     def _check_budget(self, code: int, what: str) -> None:
+        """check(), naming the budget and its minimum when the budget is what failed."""
+        detail = ""
         if code == lib.FG_ERR_BUDGET:
             opts, need = self._opts, int(lib.fg_runtime_min_budget(self._rt))
             what = (f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
                     f"flash_mode={opts.mode!r}")
-            check(code, what, f"the minimum is {need:,} bytes (the predictors)")
-        check(code, what)
+            detail = f"the minimum is {need:,} bytes (the predictors)"
+        check(code, what, detail)
 
     def plan(self) -> list[tuple[int, int]]:
         """(slots, pinned rows) per layer that loading would give (streaming modes): for a
