@@ -17,6 +17,8 @@ from .errors import NotFlashGGUFError, OptionError
 from .format import is_flash_gguf, open_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_GATE_KEEP,
+    DEFAULT_GATE_MODE,
     DEFAULT_IO,
     DEFAULT_MODE,
     DEFAULT_PINNED_SHARE,
@@ -39,8 +41,11 @@ class Llama(llama_cpp.Llama):
     in 80% (options.DEFAULT_RAM_SHARE) of the RAM available at load (cgroup limits included)
     after the trunk, else that share is the budget. A budget that holds the whole payload
     keeps every bundle resident in predicted mode (read once at load).
-    flash_mode: "predicted" (default: predictor + window cache + pinned hot rows; the file
-    must store a predictor), "naive" (each layer's whole FFN read every token) or "hybrid"
+    flash_mode: "gate" (the default for files converted with --gate-resident: the gate
+    matrix stays in DRAM and each token's exact gate picks the rows whose up and down are
+    read: its top flash_gate_keep share by |act(gate)|), "predicted" (the default for other
+    files: predictor + window cache + pinned hot rows; the file must store a predictor),
+    "naive" (each layer's whole FFN read every token) or "hybrid"
     (the rows the budget holds pinned, the rest read every token): the paper's baselines.
     flash_window: tokens a loaded row is kept without being used before it is the first to
     go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
@@ -59,7 +64,8 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args: Any, flash_offload: bool = False,
                  flash_dram_budget: int | float | str | None = None,
-                 flash_window: int = DEFAULT_WINDOW, flash_mode: str = DEFAULT_MODE,
+                 flash_window: int = DEFAULT_WINDOW, flash_mode: str | None = None,
+                 flash_gate_keep: float = DEFAULT_GATE_KEEP,
                  flash_pinned_share: float = DEFAULT_PINNED_SHARE,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,
@@ -84,11 +90,14 @@ class Llama(llama_cpp.Llama):
         n_ubatch = int(kwargs.get("n_ubatch", 512))
         n_threads = kwargs.get("n_threads") or max(multiprocessing.cpu_count() // 2, 1)
         n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
+        if flash_mode is None:
+            flash_mode = DEFAULT_GATE_MODE if flash.gate_resident else DEFAULT_MODE
         opts = flash_options(flash.payload_nbytes, flash_dram_budget, flash_mode, flash_window,
                              flash_pinned_share, flash_coalesce_gap, flash_io,
                              trunk_nbytes=flash.file_size - flash.payload_nbytes,
                              offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
-                             n_threads=n_threads, n_threads_batch=n_threads_batch)
+                             n_threads=n_threads, n_threads_batch=n_threads_batch,
+                             gate_keep=flash_gate_keep)
         layer_weights = None
         if flash_predictor_recall is not None:
             if flash_predictors is not None:

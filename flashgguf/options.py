@@ -13,8 +13,14 @@ from .errors import OptionError
 from .format import FlashFile
 from .predictor import LayerPredictor
 
-MODES = ("naive", "hybrid", "predicted")
+MODES = ("naive", "hybrid", "predicted", "gate")
 DEFAULT_MODE = "predicted"
+# the default of files whose gate is resident (flashgguf-convert --gate-resident)
+DEFAULT_GATE_MODE = "gate"
+# flash_gate_keep: each token keeps the rows of its top 80% of |act(gate)| (CATS's score):
+# SmolLM2, first 2,000 tokens of evaluation.txt, numpy forward (tools/selection.py,
+# BENCHMARKS.md): 1.001x stock perplexity, reading 0.53 of the FFN's bytes per token.
+DEFAULT_GATE_KEEP = 0.8
 IO_BACKENDS = ("auto", "threads", "io_uring")
 DEFAULT_IO = "auto"  # threads (BENCHMARKS.md: io_uring was not faster on this machine)
 DEFAULT_WINDOW = 4
@@ -169,10 +175,14 @@ class FlashOptions:
     n_threads: int = 1
     n_threads_batch: int = 1
     read_log: int = 0  # tests: keep (offset, length) of the first N reads
+    gate_keep: float = DEFAULT_GATE_KEEP  # mode "gate": share of rows each token keeps
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", *MODES):
             raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.gate_keep, bool) or not isinstance(self.gate_keep, (int, float)) \
+                or not 0.0 < self.gate_keep <= 1.0:
+            raise OptionError(f"flash_gate_keep must be in (0, 1], got {self.gate_keep!r}")
         if not _is_int(self.window) or self.window < 1:
             raise OptionError(f"flash_window must be an int >= 1 (tokens), got {self.window!r}")
         if isinstance(self.pinned_share, bool) or not isinstance(self.pinned_share, (int, float)) \
@@ -216,7 +226,8 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
     nothing is streamed without offload; no budget means the default share of the RAM left
     after the trunk, and everything resident when the payload fits in it; predicted mode with
     a budget that holds the whole payload keeps it resident too (the baselines stream, to be
-    measured). runtime: the record's other fields (threads, max_tokens, ...)."""
+    measured), and so does gate mode. runtime: the record's other fields (threads,
+    max_tokens, gate_keep, ...)."""
     if mode not in MODES:  # "dense" is the outcome of the rule below, not a user's choice
         raise OptionError(f"flash_mode must be one of {', '.join(MODES)}, got {mode!r}")
     if budget is None:
@@ -224,7 +235,7 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
         nbytes = None if payload_nbytes <= room else max(room, 1)
     else:
         nbytes = parse_budget(budget, payload_nbytes)
-    if nbytes is not None and nbytes >= payload_nbytes and mode == "predicted":
+    if nbytes is not None and nbytes >= payload_nbytes and mode in ("predicted", "gate"):
         nbytes = None  # the whole payload fits: nothing to predict or stream
     streaming = offload and nbytes is not None
     return FlashOptions(mode=mode if streaming else "dense",

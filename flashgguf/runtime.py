@@ -24,7 +24,7 @@ from .errors import (
     OptionError,
     VersionMismatchError,
 )
-from .format import BundleLayout, FlashFile
+from .format import FlashFile, LayerInfo
 from .format import constants as C
 from .options import FlashOptions
 from .predictor import PREDICTOR_BLOCK, LayerPredictor
@@ -37,7 +37,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 _ACTIVATIONS = {name: getattr(lib, f"FG_ACT_{name.upper()}") for name in C.ACTIVATIONS}
 _PARTS = {C.PART_GATE: lib.FG_PART_GATE, C.PART_UP: lib.FG_PART_UP, C.PART_DOWN: lib.FG_PART_DOWN}
 _MODES = {"dense": lib.FG_MODE_DENSE, "naive": lib.FG_MODE_NAIVE,
-          "hybrid": lib.FG_MODE_HYBRID, "predicted": lib.FG_MODE_PREDICTED}
+          "hybrid": lib.FG_MODE_HYBRID, "predicted": lib.FG_MODE_PREDICTED,
+          "gate": lib.FG_MODE_GATE}
 _IO = {"auto": lib.FG_IO_AUTO, "threads": lib.FG_IO_THREADS, "io_uring": lib.FG_IO_URING}
 _IO_NAMES = {lib.FG_IO_THREADS: "threads", lib.FG_IO_URING: "io_uring", 0: "none"}
 _STATS = ("tokens", "bytes_read", "reads", "bytes_needed", "cache_hits", "cache_misses",
@@ -69,10 +70,12 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: FlashOptions):
     cfg.n_embd = flash.n_embd
     cfg.n_ff = flash.n_ff
     cfg.gated = int(flash.gated)
+    cfg.gate_resident = int(flash.gate_resident)
+    cfg.gate_keep = opts.gate_keep
     cfg.activation = _ACTIVATIONS[flash.activation]
     cfg.activation_threshold = flash.activation_threshold
     # layer 0's layout is every layer's until Runtime gives each its own
-    types, offsets = _layout_arrays(flash.layers[0].layout)
+    types, offsets = _layout_arrays(flash.layers[0])
     for p in range(3):
         cfg.part_type[p], cfg.part_offset[p] = types[p], offsets[p]
     cfg.bundle_stride = flash.layers[0].layout.stride
@@ -95,11 +98,15 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: FlashOptions):
     return cfg
 
 
-def _layout_arrays(layout: BundleLayout) -> tuple[list[int], list[int]]:
-    """A layout's part types and offsets indexed by FG_PART_* (an absent gate: F32 at 0)."""
+def _layout_arrays(layer: LayerInfo) -> tuple[list[int], list[int]]:
+    """A layer's part types and offsets indexed by FG_PART_* (an absent gate: F32 at 0; a
+    resident gate: its matrix's type at 0)."""
+    layout = layer.layout
     types, offsets = [int(GGMLQuantizationType.F32)] * 3, [0] * 3
     for part, ggml_type, offset in zip(layout.parts, layout.types, layout.offsets, strict=True):
         types[_PARTS[part]], offsets[_PARTS[part]] = int(ggml_type), offset
+    if layer.gate_rows is not None:
+        types[_PARTS[C.PART_GATE]] = int(layer.gate_rows.ggml_type)
     return types, offsets
 
 
@@ -139,6 +146,10 @@ class Runtime:
                 f"{flash.path}: flash_mode='predicted' needs a predictor per layer, and layer "
                 f"{missing[0]} has none: convert the model again with this flashgguf, or use "
                 "flash_mode='naive' or 'hybrid', or a budget that holds the whole FFN payload")
+        if opts.mode == "gate" and not flash.gate_resident:
+            raise OptionError(f"{flash.path}: flash_mode='gate' needs a file whose gate is "
+                              "resident: convert the model with flashgguf-convert "
+                              "--gate-resident")
         cfg = _config(flash, spec, opts)
         self.max_tokens = cfg.max_tokens
         self._rt = None
@@ -148,13 +159,16 @@ class Runtime:
         self._rt = ffi.gc(out[0], lib.fg_runtime_destroy)
         self._keep: list[np.ndarray] = []  # buffers stay alive until C has copied them
         for layer in flash.layers:
-            types, offsets = _layout_arrays(layer.layout)
+            types, offsets = _layout_arrays(layer)
             check(lib.fg_runtime_set_layer_layout(self._rt, layer.index, types, offsets,
                                                   layer.layout.stride),
                   f"bundle layout of layer {layer.index}")
             biases = [self._floats(b) for b in (layer.up_bias, layer.gate_bias, layer.down_bias)]
             check(lib.fg_runtime_set_layer(self._rt, layer.index, layer.bundle.offset, *biases),
                   f"layer {layer.index}")
+            if layer.gate_rows is not None:
+                check(lib.fg_runtime_set_gate_rows(self._rt, layer.index, layer.gate_rows.offset),
+                      f"gate matrix of layer {layer.index}")
         if opts.mode == "predicted":  # the baselines use none: their DRAM stays with the cache
             for i, pred in enumerate(predictors):
                 if pred is not None:
@@ -186,7 +200,7 @@ class Runtime:
             opts, need = self._opts, int(lib.fg_runtime_min_budget(self._rt))
             what = (f"flash_dram_budget of {opts.dram_budget:,} bytes is too small for "
                     f"flash_mode={opts.mode!r}")
-            detail = f"the minimum is {need:,} bytes (the predictors)"
+            detail = f"the minimum is {need:,} bytes (the predictors and resident gates)"
         check(code, what, detail)
 
     def plan(self) -> list[tuple[int, int]]:

@@ -99,6 +99,9 @@ typedef struct fg_runtime fg_runtime;
 #define FG_MODE_NAIVE     1  /* the whole FFN of a layer read every token, nothing kept */
 #define FG_MODE_HYBRID    2  /* the budget's rows pinned, the rest read every token */
 #define FG_MODE_PREDICTED 3  /* predictor + window cache + pinned hot rows */
+/* gate matrix resident (needs gate_resident): each token's exact gate picks its top
+ * gate_keep share of rows by |act(gate)|; their up/down through window cache + pinned rows */
+#define FG_MODE_GATE      4
 
 /* Read engine (fg_config.io_backend). */
 #define FG_IO_AUTO     0  /* the measured default (threads) */
@@ -110,10 +113,14 @@ typedef struct fg_config {
     int32_t n_embd;
     int32_t n_ff;
     int32_t gated;                 /* 1: gate part present, h = act(gate) * up */
+    int32_t gate_resident;         /* 1 (gated): the gate is not in the bundle rows but one
+                                    * matrix per layer (fg_runtime_set_gate_rows), kept in
+                                    * DRAM in every mode and counted in the budget */
     int32_t activation;            /* FG_ACT_* */
     float activation_threshold;    /* FG_ACT_FATRELU: values <= this become 0 */
     /* every layer's layout until fg_runtime_set_layer_layout gives it its own */
-    int32_t part_type[3];          /* ggml type of gate/up/down parts (gate ignored if !gated) */
+    int32_t part_type[3];          /* ggml type of gate/up/down parts (gate ignored if !gated;
+                                    * with gate_resident, the gate matrix's type) */
     int64_t part_offset[3];        /* byte offset of each part inside a bundle row */
     int64_t bundle_stride;         /* bytes per bundle row (one neuron) */
     int32_t max_tokens;            /* most rows the FFN input may have (llama.cpp's n_ubatch) */
@@ -128,6 +135,8 @@ typedef struct fg_config {
                                     * (the read engine's staging buffers come on top) */
     float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first */
     int32_t window_tokens;         /* a row used within this many tokens is evicted last */
+    float gate_keep;               /* FG_MODE_GATE: share of a layer's rows each token keeps,
+                                    * in (0, 1] (rows whose activation is exactly 0 never) */
     int32_t coalesce_gap;          /* misses at most this many rows apart share one read;
                                     * -1: as many rows as fit in coalesce_bytes */
     int32_t coalesce_bytes;        /* coalesce_gap -1: the largest gap worth reading through
@@ -166,6 +175,9 @@ int fg_runtime_set_layer_layout(fg_runtime *rt, int32_t layer, const int32_t *pa
  * down; NULL when absent; copied). */
 int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
                          const float *up_bias, const float *gate_bias, const float *down_bias);
+/* Where layer's gate matrix lives in the file (cfg.gate_resident): n_ff rows of n_embd
+ * values of the layout's gate type, in bundle row order; read at load. */
+int fg_runtime_set_gate_rows(fg_runtime *rt, int32_t layer, uint64_t offset);
 /* Layer's low-rank predictor (flashgguf/predictor.py): a = rank Q8_0 rows of n_embd, b and
  * b_up (NULL if absent) = n_ff Q8_0 rows of rank, scale = n_ff floats; all copied. Call
  * before fg_runtime_load; counted in the DRAM budget. */
@@ -184,8 +196,9 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
  * pinned rows. FG_ERR_BUDGET when the budget is too small (fg_runtime_min_budget). */
 int fg_runtime_load(fg_runtime *rt);
 /* Smallest dram_budget the streaming modes accept with this config (bytes): the
- * predictors. Every row beyond them is optional: a miss is computed from the staging
- * buffer it was read into (io_depth x max_read_bytes, beside the budget, not in it). */
+ * predictors and resident gate matrices. Every row beyond them is optional: a miss is
+ * computed from the staging buffer it was read into (io_depth x max_read_bytes, beside the
+ * budget, not in it). */
 int64_t fg_runtime_min_budget(const fg_runtime *rt);
 /* What load would give each layer (streaming modes), without allocating or reading:
  * capacity[n_layer] slots and pinned[n_layer] rows. FG_ERR_BUDGET as load. */
@@ -204,7 +217,8 @@ int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int3
  * dense weights already resident). */
 int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *y,
                           int32_t n_tokens, const uint8_t *mask);
-/* The predictor's decisions for n_tokens rows of x: out is n_tokens x n_ff bytes (0/1). */
+/* The mode's decisions for n_tokens rows of x: out is n_tokens x n_ff bytes (0/1): the
+ * predictor's, or in FG_MODE_GATE the gate's (pinned rows not included). */
 int fg_runtime_predict(fg_runtime *rt, int32_t layer, const float *x, int32_t n_tokens,
                        uint8_t *out);
 

@@ -45,7 +45,12 @@ static void *alloc_zeroed(size_t n) {
 static int check_layout(const fg_config *c, const int32_t *part_type, const int64_t *part_offset,
                         int64_t stride) {
     if (stride <= 0) return FG_ERR_ARG;
-    const int first = c->gated ? FG_PART_GATE : FG_PART_UP;
+    /* a resident gate matrix: its type must have kernels, it takes no place in the row */
+    if (c->gate_resident && (fg_vec_dot_ref_fn(part_type[FG_PART_GATE]) == NULL ||
+                             fg_row_size(part_type[FG_PART_GATE], c->n_embd) == 0)) {
+        return FG_ERR_TYPE;
+    }
+    const int first = c->gated && !c->gate_resident ? FG_PART_GATE : FG_PART_UP;
     int64_t end[3] = {0, 0, 0};
     for (int p = first; p <= FG_PART_DOWN; p++) {
         if (fg_vec_dot_ref_fn(part_type[p]) == NULL || fg_axpy_ref_fn(part_type[p]) == NULL) {
@@ -69,7 +74,11 @@ static int check_layout(const fg_config *c, const int32_t *part_type, const int6
 
 static int check_streaming_config(const fg_config *c) {
     if (c->mode == FG_MODE_DENSE) return FG_OK;
-    if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_PREDICTED) return FG_ERR_ARG;
+    if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_GATE) return FG_ERR_ARG;
+    if (c->mode == FG_MODE_GATE && (!c->gate_resident || !(c->gate_keep > 0.0f) ||
+                                    !(c->gate_keep <= 1.0f))) {
+        return FG_ERR_ARG;
+    }
     if (c->dram_budget <= 0 || !(c->pinned_share >= 0.0f && c->pinned_share <= 1.0f) ||
         c->window_tokens < 0 || c->coalesce_gap < -1 || c->coalesce_bytes < 0 ||
         c->io_depth < 1 || c->io_depth > 1024 || c->io_backend < FG_IO_AUTO ||
@@ -86,6 +95,7 @@ static int check_config(const fg_config *c) {
     }
     if (c->activation < FG_ACT_SILU || c->activation > FG_ACT_DRELU) return FG_ERR_ARG;
     if (c->activation == FG_ACT_DRELU && !c->gated) return FG_ERR_ARG;
+    if (c->gate_resident != 0 && (c->gate_resident != 1 || !c->gated)) return FG_ERR_ARG;
     if (!isfinite(c->activation_threshold)) return FG_ERR_ARG;
     if (memchr(c->input_node, 0, sizeof c->input_node) == NULL ||
         memchr(c->output_node, 0, sizeof c->output_node) == NULL || c->input_node[0] == 0 ||
@@ -129,6 +139,7 @@ static int apply_layout(fg_runtime *rt, fg_layer *L, const int32_t *part_type,
     lay->quant_up = fg_quantize_fast_fn(up_vt);
     lay->axpy_down = fg_axpy_fast_fn(part_type[FG_PART_DOWN]);
     lay->xq_gate_row = c->gated ? fg_row_size(gate_vt, c->n_embd) : 0;
+    L->gate_row_bytes = c->gate_resident ? fg_row_size(part_type[FG_PART_GATE], c->n_embd) : 0;
     lay->xq_up_row = fg_row_size(up_vt, c->n_embd);
     const size_t rows = (size_t)c->max_tokens;
     int rc = ensure_capacity(&rt->xq_up, &rt->xq_up_cap, rows * lay->xq_up_row);
@@ -196,6 +207,7 @@ void fg_runtime_destroy(fg_runtime *rt) {
         for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
             fg_layer *L = &rt->layers[l];
             free(L->bundles);
+            free(L->gate_rows);
             free(L->up_bias);
             free(L->gate_bias);
             free(L->down_bias);
@@ -218,6 +230,8 @@ void fg_runtime_destroy(fg_runtime *rt) {
     free(rt->miss_idx);
     free(rt->reads);
     free(rt->copies);
+    free(rt->gate_act);
+    free(rt->select_scratch);
     free(rt->pred_xq);
     free(rt->pred_z);
     free(rt->pred_zq);
@@ -259,11 +273,24 @@ int fg_runtime_set_layer(fg_runtime *rt, int32_t layer, uint64_t bundle_offset,
     return FG_OK;
 }
 
+int fg_runtime_set_gate_rows(fg_runtime *rt, int32_t layer, uint64_t offset) {
+    if (layer < 0 || layer >= rt->cfg.n_layer) return FG_ERR_ARG;
+    if (!rt->cfg.gate_resident) return FG_ERR_STATE;
+    if (rt->loaded) return FG_ERR_STATE;
+    rt->layers[layer].gate_offset = offset;
+    rt->layers[layer].has_gate_offset = 1;
+    return FG_OK;
+}
+
 /* ---- budget plan ------------------------------------------------------------------ */
 
-static int64_t predictor_bytes(const fg_runtime *rt) {
+/* What stays in DRAM whatever the budget: the predictors and resident gate matrices. */
+static int64_t fixed_bytes(const fg_runtime *rt) {
     int64_t total = 0;
-    for (int32_t l = 0; l < rt->cfg.n_layer; l++) total += (int64_t)rt->layers[l].pred.nbytes;
+    for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
+        const fg_layer *L = &rt->layers[l];
+        total += (int64_t)L->pred.nbytes + (int64_t)L->gate_row_bytes * rt->cfg.n_ff;
+    }
     return total;
 }
 
@@ -273,16 +300,17 @@ static int64_t predictor_bytes(const fg_runtime *rt) {
 static int32_t pinned_rows(const fg_config *c, int32_t capacity) {
     switch (c->mode) {
     case FG_MODE_HYBRID: return capacity;
-    case FG_MODE_PREDICTED: return (int32_t)((double)c->pinned_share * capacity);
+    case FG_MODE_PREDICTED:
+    case FG_MODE_GATE: return (int32_t)((double)c->pinned_share * capacity);
     default: return 0;
     }
 }
 
-/* The predictors are a budget's only minimum: a miss without a slot is computed from the
- * read engine's staging buffer, which is working memory beside the budget (as llama.cpp's
- * compute buffers are beside its weights), not part of it: a fixed 4 MiB would be most of a
- * small model's budget. */
-int64_t fg_runtime_min_budget(const fg_runtime *rt) { return predictor_bytes(rt); }
+/* The predictors and gate matrices are a budget's only minimum: a miss without a slot is
+ * computed from the read engine's staging buffer, which is working memory beside the budget
+ * (as llama.cpp's compute buffers are beside its weights), not part of it: a fixed 4 MiB
+ * would be most of a small model's budget. */
+int64_t fg_runtime_min_budget(const fg_runtime *rt) { return fixed_bytes(rt); }
 
 /* Split the budget left after the predictors into per-layer capacities by layer
  * weight (expected active rows), a layer never past n_ff, what a full layer cannot take
@@ -336,19 +364,37 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight) {
 
 /* ---- load ------------------------------------------------------------------------- */
 
+/* Read bytes at offset into *buf, allocated (aligned for direct I/O) on first use. */
+static int read_resident(fg_runtime *rt, uint64_t offset, size_t bytes, uint8_t **buf) {
+    if (*buf == NULL) {
+        void *p = NULL;
+        if (posix_memalign(&p, FG_IO_ALIGN, bytes ? bytes : FG_IO_ALIGN) != 0) {
+            return FG_ERR_NOMEM;
+        }
+        *buf = p;
+    }
+    return fg_reader_read(&rt->reader, offset, bytes, *buf);
+}
+
+/* Every layer's resident gate matrix (cfg.gate_resident), whatever the mode. */
+static int load_gate_rows(fg_runtime *rt) {
+    for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
+        fg_layer *L = &rt->layers[l];
+        const int rc = read_resident(rt, L->gate_offset, (size_t)rt->cfg.n_ff * L->gate_row_bytes,
+                                     &L->gate_rows);
+        if (rc != FG_OK) return rc;
+    }
+    return FG_OK;
+}
+
 static int load_dense(fg_runtime *rt) {
     /* the row list of masked calls (fg_runtime_ffn_masked) */
     rt->miss_idx = malloc((size_t)rt->cfg.n_ff * sizeof *rt->miss_idx);
     if (rt->miss_idx == NULL) return FG_ERR_NOMEM;
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
         fg_layer *L = &rt->layers[l];
-        const size_t bytes = (size_t)rt->cfg.n_ff * (size_t)L->lay.stride;
-        if (L->bundles == NULL) {
-            void *p = NULL;
-            if (posix_memalign(&p, FG_IO_ALIGN, bytes) != 0) return FG_ERR_NOMEM;
-            L->bundles = p;
-        }
-        const int rc = fg_reader_read(&rt->reader, L->bundle_offset, bytes, L->bundles);
+        const int rc = read_resident(rt, L->bundle_offset,
+                                     (size_t)rt->cfg.n_ff * (size_t)L->lay.stride, &L->bundles);
         if (rc != FG_OK) return rc;
     }
     return FG_OK;
@@ -364,6 +410,14 @@ static int alloc_streaming_scratch(fg_runtime *rt) {
     rt->miss_idx = malloc(n_ff * sizeof *rt->miss_idx);
     rt->reads = malloc(n_ff * sizeof *rt->reads);
     rt->copies = malloc(n_ff * sizeof *rt->copies);
+    if (rt->cfg.mode == FG_MODE_GATE) {
+        const size_t threads = (size_t)rt->cfg.n_threads_batch > (size_t)rt->cfg.n_threads
+                                   ? (size_t)rt->cfg.n_threads_batch
+                                   : (size_t)rt->cfg.n_threads;
+        rt->gate_act = malloc((size_t)rt->cfg.max_tokens * n_ff * sizeof *rt->gate_act);
+        rt->select_scratch = malloc(threads * n_ff * sizeof *rt->select_scratch);
+        if (!rt->gate_act || !rt->select_scratch) return FG_ERR_NOMEM;
+    }
     if (!rt->need_mask || !rt->need || !rt->res_rows || !rt->res_idx || !rt->miss_rows ||
         !rt->miss_idx || !rt->reads || !rt->copies) {
         return FG_ERR_NOMEM;
@@ -403,10 +457,12 @@ static int load_streaming(fg_runtime *rt) {
 int fg_runtime_load(fg_runtime *rt) {
     if (rt->loaded) return FG_ERR_STATE;
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
-        if (!rt->layers[l].has_offset) return FG_ERR_STATE;
+        const fg_layer *L = &rt->layers[l];
+        if (!L->has_offset || (rt->cfg.gate_resident && !L->has_gate_offset)) return FG_ERR_STATE;
     }
     const double t0 = fg_now_seconds();
-    const int rc = rt->cfg.mode == FG_MODE_DENSE ? load_dense(rt) : load_streaming(rt);
+    int rc = rt->cfg.gate_resident ? load_gate_rows(rt) : FG_OK;
+    if (rc == FG_OK) rc = rt->cfg.mode == FG_MODE_DENSE ? load_dense(rt) : load_streaming(rt);
     rt->stats.time_io_wait_s += fg_now_seconds() - t0;
     rt->stats.bytes_read = rt->reader.bytes_read;
     rt->stats.reads = rt->reader.reads;
@@ -460,8 +516,16 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
         if (L->up_bias != NULL) {
             for (int32_t t = 0; t < n_tokens; t++) up_vals[t] += L->up_bias[i];
         }
-        if (c->gated) {
-            const uint8_t *gate_w = row + lay->part_offset[FG_PART_GATE];
+        if (rt->gate_act_now != NULL) { /* FG_MODE_GATE computed act(gate) to choose rows */
+            for (int32_t t = 0; t < n_tokens; t++) {
+                gate_vals[t] = rt->gate_act_now[(size_t)t * (size_t)c->n_ff + (size_t)i];
+            }
+            if (c->activation == FG_ACT_DRELU) fg_activate(FG_ACT_RELU, 0.0f, up_vals, n_tokens);
+            for (int32_t t = 0; t < n_tokens; t++) up_vals[t] *= gate_vals[t];
+        } else if (c->gated) {
+            const uint8_t *gate_w = L->gate_rows != NULL
+                                        ? L->gate_rows + (size_t)i * L->gate_row_bytes
+                                        : row + lay->part_offset[FG_PART_GATE];
             for (int32_t t = 0; t < n_tokens; t++) {
                 lay->dot_gate(gate_w, rt->xq_gate + (size_t)t * lay->xq_gate_row, embd,
                               &gate_vals[t]);
@@ -491,23 +555,6 @@ static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
 
 static double consume_reads(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, float *acc,
                             float *gate_vals, float *up_vals);
-
-/* This thread's place in the current OpenMP team (0 of 1 without OpenMP). */
-static inline int team_index(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-static inline int team_size(void) {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
 
 /* The per-thread partial sums of a call, from zero: n rows of a list split across the
  * threads, then (streaming) every thread computes the engine's reads as they land. Small
@@ -607,13 +654,18 @@ static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
         }
         return n;
     }
-    if (c->mode != FG_MODE_PREDICTED) { /* naive and hybrid read the whole layer */
+    if (c->mode != FG_MODE_PREDICTED && c->mode != FG_MODE_GATE) { /* naive, hybrid: all */
         for (int32_t i = 0; i < c->n_ff; i++) rt->need[n++] = i;
         return n;
     }
     const int32_t pinned = L->cache.n_pinned;
     memset(rt->need_mask + pinned, 0, (size_t)(c->n_ff - pinned));
-    fg_predict_rows(rt, L, x, n_tokens, pinned, rt->need_mask, 0);
+    if (c->mode == FG_MODE_GATE) {
+        fg_gate_select(rt, L, n_tokens, pinned, rt->need_mask, 0);
+        rt->gate_act_now = rt->gate_act;
+    } else {
+        fg_predict_rows(rt, L, x, n_tokens, pinned, rt->need_mask, 0);
+    }
     for (int32_t i = 0; i < pinned; i++) rt->need[n++] = i;
     for (int32_t i = pinned; i < c->n_ff; i++) {
         if (rt->need_mask[i]) rt->need[n++] = i;
@@ -798,6 +850,7 @@ int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *
     } else {
         quantize_inputs(rt, &rt->layers[layer], x, n_tokens);
         rc = ffn_streaming(rt, layer, x, y, n_tokens, mask);
+        rt->gate_act_now = NULL;
     }
     if (rc == FG_OK && layer == 0) rt->stats.tokens += (uint64_t)n_tokens;
     rt->stats.time_total_s += fg_now_seconds() - t0;

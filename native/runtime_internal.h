@@ -3,6 +3,10 @@
 #ifndef FLASHGGUF_RUNTIME_INTERNAL_H
 #define FLASHGGUF_RUNTIME_INTERNAL_H
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "error_slot.h"
 #include "flashgguf.h"
 #include "io.h"
@@ -55,6 +59,10 @@ typedef struct fg_layer {
     int has_offset;
     fg_layout lay;
     uint8_t *bundles;         /* dense mode: n_ff rows of lay.stride bytes */
+    uint64_t gate_offset;     /* cfg.gate_resident: file offset of the gate matrix */
+    int has_gate_offset;
+    uint8_t *gate_rows;       /* cfg.gate_resident: n_ff rows of gate_row_bytes, resident */
+    size_t gate_row_bytes;
     float *up_bias;           /* n_ff or NULL */
     float *gate_bias;         /* n_ff or NULL */
     float *down_bias;         /* n_embd or NULL */
@@ -94,6 +102,11 @@ struct fg_runtime {
     fg_copy *copies;
     uint64_t round;                  /* streaming call counter (fg_cache.busy stamps) */
 
+    /* FG_MODE_GATE scratch (allocated at load) */
+    float *gate_act;                 /* max_tokens x n_ff: act(gate) of the current call */
+    const float *gate_act_now;       /* gate_act while a call's rows take their gate from it */
+    float *select_scratch;           /* n_threads_batch x n_ff: |act| copies for selection */
+
     /* predictor scratch, sized for the largest rank */
     int32_t max_rank;
     uint8_t *pred_xq;                /* one Q8_0 row of n_embd */
@@ -105,6 +118,23 @@ struct fg_runtime {
 };
 
 void fg_runtime_set_error(fg_runtime *rt, int code, const char *msg);
+
+/* This thread's place in the current OpenMP team (0 of 1 without OpenMP). */
+static inline int team_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
 double fg_now_seconds(void);
 
 /* cache.c */
@@ -129,5 +159,12 @@ void fg_predictor_release(fg_predictor *p);
  * mask is OR-ed into, not cleared. */
 void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens,
                      int32_t from, uint8_t *mask, int32_t mask_stride);
+
+/* gate.c (FG_MODE_GATE; the inputs quantized by the caller into rt->xq_gate) */
+/* act(gate) of every row for n_tokens rows into rt->gate_act; set mask[i] for rows >= from
+ * in a token's top cfg.gate_keep share by |act| (never an exact 0); token t's decisions go
+ * to mask + t * mask_stride (stride 0: their union). mask is OR-ed into, not cleared. */
+void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t from,
+                    uint8_t *mask, int32_t mask_stride);
 
 #endif

@@ -26,3 +26,21 @@ def patch_key(path: Path, key: str, vtype: GGUFValueType, raw_value: bytes,
 
 def patch_u64_key(path: Path, key: str, value: int) -> None:
     patch_key(path, key, GGUFValueType.UINT64, struct.pack("<Q", value))
+
+
+def copy_to(path: Path, folder: Path) -> Path:
+    """A copy of path in folder, to be corrupted (bad.flash.gguf)."""
+    dst = folder / "bad.flash.gguf"
+    dst.write_bytes(path.read_bytes())
+    return dst
+
+
+def rename_in_payload(path: Path, old: bytes, new: bytes) -> None:
+    """Rename a key or tensor of a flash GGUF's payload header in place (same length)."""
+    from flashgguf.format import open_flash_file
+
+    data = bytearray(path.read_bytes())
+    pos = data.find(old, open_flash_file(path).payload.base)
+    assert pos > 0 and len(old) == len(new)
+    data[pos:pos + len(old)] = new
+    path.write_bytes(bytes(data))

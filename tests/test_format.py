@@ -11,7 +11,7 @@ import pytest
 from flash_helpers import convert
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gq
-from gguf_patch import patch_key, patch_u64_key
+from gguf_patch import copy_to, patch_key, patch_u64_key, rename_in_payload
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
@@ -129,14 +129,8 @@ def test_bundle_types(tiny_models, tmp_path, bundle_type):
 
 # ---- validation failures: each names the problem ------------------------------------
 
-def _copy(out: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "bad.flash.gguf"
-    dst.write_bytes(out.read_bytes())
-    return dst
-
-
 def test_truncated_file(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
+    bad = copy_to(tiny_flash[1], tmp_path)
     with open(bad, "r+b") as f:
         f.truncate(bad.stat().st_size - 5000)
     with pytest.raises(FormatError, match="past the end"):
@@ -144,7 +138,7 @@ def test_truncated_file(tiny_flash, tmp_path):
 
 
 def test_truncated_in_trunk_header(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
+    bad = copy_to(tiny_flash[1], tmp_path)
     with open(bad, "r+b") as f:
         f.truncate(3000)
     with pytest.raises(FormatError, match="ends at byte 3000"):
@@ -152,14 +146,14 @@ def test_truncated_in_trunk_header(tiny_flash, tmp_path):
 
 
 def test_payload_offset_past_end(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
+    bad = copy_to(tiny_flash[1], tmp_path)
     patch_u64_key(bad, C.KEY_PAYLOAD_OFFSET, 1 << 40)
     with pytest.raises(FormatError, match="payload .* runs past the end"):
         open_flash_file(bad)
 
 
 def test_payload_offset_unaligned(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
+    bad = copy_to(tiny_flash[1], tmp_path)
     ff = open_flash_file(bad)
     patch_u64_key(bad, C.KEY_PAYLOAD_OFFSET, ff.payload.base + 8)
     with pytest.raises(FormatError, match="not 4096-aligned"):
@@ -167,30 +161,21 @@ def test_payload_offset_unaligned(tiny_flash, tmp_path):
 
 
 def test_wrong_version(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
-    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 4))
-    with pytest.raises(VersionError, match="version 4.*reads versions 1, 2, 3"):
+    bad = copy_to(tiny_flash[1], tmp_path)
+    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 5))
+    with pytest.raises(VersionError, match="version 5.*reads versions 1, 2, 3, 4"):
         open_flash_file(bad)
 
 
-def _rename_in_payload(path: Path, old: bytes, new: bytes) -> None:
-    data = bytearray(path.read_bytes())
-    base = open_flash_file(path).payload.base
-    pos = data.find(old, base)
-    assert pos > 0 and len(old) == len(new)
-    data[pos:pos + len(old)] = new
-    path.write_bytes(bytes(data))
-
-
 def test_missing_bundle_tensor(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
-    _rename_in_payload(bad, b"blk.1.ffn_bundle", b"blk.1.ffn_bundlX")
+    bad = copy_to(tiny_flash[1], tmp_path)
+    rename_in_payload(bad, b"blk.1.ffn_bundle", b"blk.1.ffn_bundlX")
     with pytest.raises(FormatError, match="'blk.1.ffn_bundle' is missing"):
         open_flash_file(bad)
 
 
 def test_shape_mismatch(tiny_flash, tmp_path):
-    bad = _copy(tiny_flash[1], tmp_path)
+    bad = copy_to(tiny_flash[1], tmp_path)
     base = open_flash_file(bad).payload.base
     data = bytearray(bad.read_bytes())
     key = C.KEY_FEED_FORWARD_LENGTH.encode()
@@ -360,12 +345,12 @@ def test_calibrated_predictor_stores_its_residuals(cal_flash):
     ("sigma_in_v1", "tensor 'blk.0.pred_sigma_g' in a version 1 file"),
 ])
 def test_malformed_residuals(cal_flash, tmp_path, case, match):
-    bad = _copy(cal_flash[0], tmp_path)
+    bad = copy_to(cal_flash[0], tmp_path)
     if case == "sigma_negative":
         _poke(bad, _tensor_offset(bad, "blk.1.pred_sigma_g") + 4, struct.pack("<f", -1.0))
     elif case == "sigma_u_alone":
         n = struct.pack("<Q", len("blk.0.pred_sigma_g"))
-        _rename_in_payload(bad, n + b"blk.0.pred_sigma_g", n + b"blk.0.pred_sigma_X")
+        rename_in_payload(bad, n + b"blk.0.pred_sigma_g", n + b"blk.0.pred_sigma_X")
     elif case == "sigma_in_v1":
         ff = open_flash_file(bad)
         for offset in (0, ff.payload.base):
@@ -387,9 +372,9 @@ def test_malformed_residuals(cal_flash, tmp_path, case, match):
     ("q8_scale_inf", "'blk.0.pred_a' has a non-finite Q8_0 block scale"),
 ])
 def test_malformed_predictor(pred_flash, tmp_path, case, match):
-    bad = _copy(pred_flash[0], tmp_path)
+    bad = copy_to(pred_flash[0], tmp_path)
     if case == "kind":
-        _rename_in_payload(bad, b"weight-svd", b"weight-xyz")
+        rename_in_payload(bad, b"weight-svd", b"weight-xyz")
     elif case == "keep":
         _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_KEEP), struct.pack("<f", 1.5))
     elif case in ("rank_odd", "rank_shape"):
@@ -403,9 +388,9 @@ def test_malformed_predictor(pred_flash, tmp_path, case, match):
         _poke(bad, off, struct.pack("<f", 1.25))
     elif case == "missing_b":
         n = struct.pack("<Q", 12)  # the name's length prefix tells pred_b from pred_b_up
-        _rename_in_payload(bad, n + b"blk.1.pred_b", n + b"blk.1.pred_X")
+        rename_in_payload(bad, n + b"blk.1.pred_b", n + b"blk.1.pred_X")
     elif case == "stray":
-        _rename_in_payload(bad, C.KEY_PREDICTOR_KIND.encode(), b"flashgguf.predictor.kinX")
+        rename_in_payload(bad, C.KEY_PREDICTOR_KIND.encode(), b"flashgguf.predictor.kinX")
     elif case == "scale_nan":
         _poke(bad, _tensor_offset(bad, "blk.1.pred_scale") + 8, struct.pack("<f", float("nan")))
     elif case == "q8_scale_inf":
@@ -433,7 +418,7 @@ def test_threshold_curves_round_trip(pred_flash):
                     "'flashgguf.predictor.curve.error'"),
 ])
 def test_malformed_threshold_curves(pred_flash, tmp_path, case, match):
-    bad = _copy(pred_flash[0], tmp_path)
+    bad = copy_to(pred_flash[0], tmp_path)
     f32 = GGUFValueType.FLOAT32
     if case == "targets_order":
         _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_CURVE_RECALL, f32) + 4,
@@ -444,7 +429,7 @@ def test_malformed_threshold_curves(pred_flash, tmp_path, case, match):
     elif case == "density_range":
         _poke(bad, _value_offset(bad, C.KEY_PREDICTOR_CURVE_DENSITY, f32), struct.pack("<f", 2.0))
     elif case == "missing_key":
-        _rename_in_payload(bad, C.KEY_PREDICTOR_CURVE_ERROR.encode(),
+        rename_in_payload(bad, C.KEY_PREDICTOR_CURVE_ERROR.encode(),
                            b"flashgguf.predictor.curve.errox")
     with pytest.raises(FormatError, match=match):
         open_flash_file(bad)

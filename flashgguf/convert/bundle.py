@@ -117,17 +117,26 @@ class SourceMatrix:
 class LayerBundle:
     rows: np.ndarray  # uint8 [n_ff, stride]
     down_rel_error: float  # ||down' - down|| / ||down|| from re-quantizing the columns
+    gate_rows: np.ndarray | None = None  # uint8 [n_ff, row bytes]: a resident gate's rows
 
 
 def build_layer_bundle(layout: BundleLayout, gate: SourceMatrix | None, up: SourceMatrix,
-                       down: SourceMatrix, order: np.ndarray) -> LayerBundle:
-    """Bundle rows for neurons in `order` (row k holds original neuron order[k]).
+                       down: SourceMatrix, order: np.ndarray,
+                       gate_type: GGMLQuantizationType | None = None) -> LayerBundle:
+    """Bundle rows for neurons in `order` (row k holds original neuron order[k]); with
+    gate_type (a resident gate: the layout has no gate part) the gate's rows in that type
+    and the same order, apart.
 
     Works through the neurons a block at a time: besides the bundle rows, only the dense
     down matrix is held whole (its columns are the neurons), so a conversion's memory stays
     near the size of one layer."""
     n_ff = len(order)
     rows = np.zeros((n_ff, layout.stride), dtype=np.uint8)
+    gate_rows = None
+    if gate_type is not None:
+        assert gate is not None and C.PART_GATE not in layout.parts
+        gate_rows = np.concatenate([gate.rows_as(gate_type, order[k:k + _CHUNK_ROWS])
+                                    for k in range(0, n_ff, _CHUNK_ROWS)])
     # down is [n_embd rows of n_ff]: neuron i's column becomes a row of n_embd values
     down_dense = down.dense()
     dtype, down_off = layout.part(C.PART_DOWN)
@@ -148,4 +157,4 @@ def build_layer_bundle(layout: BundleLayout, gate: SourceMatrix | None, up: Sour
         err_sq += float(np.sum((back - columns) ** 2, dtype=np.float64))
         norm_sq += float(np.sum(columns.astype(np.float64) ** 2))
     err = float(np.sqrt(err_sq) / max(np.sqrt(norm_sq), 1e-30))
-    return LayerBundle(rows, err)
+    return LayerBundle(rows, err, gate_rows)

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "safetensors input: instead of the one config.json names)")
     p.add_argument("--activation-threshold", type=float, default=0.0,
                    help="threshold of --activation fatrelu (values at or below it become 0)")
+    p.add_argument("--gate-resident", action="store_true",
+                   help="gated FFNs: keep each layer's gate matrix apart from the bundles, to "
+                   "be held in DRAM so that each token's exact gate picks the rows to read "
+                   "(flash_mode='gate', the default for such files)")
     p.add_argument("--no-predictor", action="store_true",
                    help="store no activity predictor (the runtime then cannot use "
                    "flash_mode='predicted')")
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             text=None if args.calibration_text is None else Path(args.calibration_text),
             tokens=args.calibration_tokens, hot_first=args.hot_first)
         if args.calibrate or args.calibration_text else None,
+        gate_resident=args.gate_resident,
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,

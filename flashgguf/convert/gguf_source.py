@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from ..archs import ArchSpec, get_arch
 from ..calibrate.collect import CalibrationOptions, FFNInputs, collect_ffn_inputs
@@ -39,6 +40,7 @@ from ..format import (
 )
 from ..format import constants as C
 from ..options import DEFAULT_PINNED_SHARE, FlashOptions
+from ..quants import row_nbytes
 from ..runtime import Runtime
 from .blas import single_threaded_blas
 from .bundle import (
@@ -70,6 +72,9 @@ class ConvertOptions:
     # llama.cpp (and order neurons hot-first unless calibration.hot_first is off); None:
     # weight-only.
     calibration: CalibrationOptions | None = None
+    # Keep each layer's gate matrix apart from the bundles (format version 4): the runtime
+    # holds it in DRAM and picks each token's rows from the exact gate (flash_mode "gate").
+    gate_resident: bool = False
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
@@ -89,11 +94,15 @@ class ConvertReport:
     predictor: tuple[FittedLayer, ...] | None = None
     seconds: float = 0.0
     source_ffn_nbytes: int = 0  # the source's FFN tensors (weights and biases)
+    gate_types: tuple[GGMLQuantizationType | None, ...] = ()  # per layer: a resident gate's
 
     @property
     def bundle_nbytes(self) -> int:
-        """Bytes of bundle rows: what the payload holds besides order, biases, predictors."""
-        return sum(self.n_ff * layout.stride for layout in self.layouts)
+        """Bytes of bundle rows and resident gate rows: what the payload holds besides
+        order, biases, predictors."""
+        gates = sum(row_nbytes(t, self.n_embd) * self.n_ff for t in self.gate_types
+                    if t is not None)
+        return gates + sum(self.n_ff * layout.stride for layout in self.layouts)
 
 
 @dataclass(frozen=True)
@@ -150,9 +159,10 @@ def _part_sources(spec: ArchSpec) -> tuple[tuple[str, str], ...]:
 
 
 def _layer_layout(tensors: dict[str, TensorInfo], spec: ArchSpec, bid: int, n_embd: int,
-                  opts: ConvertOptions) -> BundleLayout:
+                  opts: ConvertOptions) -> tuple[BundleLayout, GGMLQuantizationType | None]:
     """Layer bid's bundle layout: each part's type from its source tensor's (choose_part_type);
-    K-quant mixes differ by layer (Q4_K_M keeps some layers' down tensors in Q6_K)."""
+    K-quant mixes differ by layer (Q4_K_M keeps some layers' down tensors in Q6_K). With
+    opts.gate_resident the gate is no bundle part: its type comes second (else None)."""
     types = {}
     for part, template in _part_sources(spec):
         requested = opts.down_type if part == C.PART_DOWN else opts.bundle_type
@@ -161,27 +171,38 @@ def _layer_layout(tensors: dict[str, TensorInfo], spec: ArchSpec, bid: int, n_em
             raise FormatError(f"source tensor {template.format(bid=bid)!r} is missing")
         choose = choose_down_type if part == C.PART_DOWN else choose_part_type
         types[part] = choose(t.ggml_type, n_embd, requested)
-    return make_layout(n_embd, spec.gated, types, opts.bundle_align)
+    if opts.gate_resident:
+        gate_type = types.pop(C.PART_GATE)
+        return make_layout(n_embd, False, types, opts.bundle_align), gate_type
+    return make_layout(n_embd, spec.gated, types, opts.bundle_align), None
 
 
 def _describe_layouts(tensors: dict[str, TensorInfo], spec: ArchSpec,
-                      layouts: list[BundleLayout]) -> str:
-    """One line per distinct layout: its parts, which source types they came from, whether
-    gate/up rows are the source's bytes, its stride and the layers that use it."""
+                      layouts: list[BundleLayout],
+                      gate_types: list[GGMLQuantizationType | None]) -> str:
+    """One line per distinct layout: its parts (and a resident gate), which source types
+    they came from, whether gate/up rows are the source's bytes, its stride and the layers
+    that use it."""
     groups: dict[tuple, list[int]] = {}
-    for bid, layout in enumerate(layouts):
-        sources = tuple(tensors[template.format(bid=bid)].ggml_type
-                        for _part, template in _part_sources(spec))
-        groups.setdefault((layout, sources), []).append(bid)
+    for bid, (layout, gate_type) in enumerate(zip(layouts, gate_types, strict=True)):
+        sources = {part: tensors[template.format(bid=bid)].ggml_type
+                   for part, template in _part_sources(spec)}
+        groups.setdefault((layout, gate_type, tuple(sources.items())), []).append(bid)
     lines = []
-    for (layout, sources), bids in groups.items():
+    for (layout, gate_type, sources), bids in groups.items():
+        source_of = dict(sources)
+        typed = list(zip(layout.parts, layout.types, strict=True))
+        if gate_type is not None:
+            typed.insert(0, (C.PART_GATE, gate_type))
         parts = []
-        for part, t, src_t in zip(layout.parts, layout.types, sources, strict=True):
+        for part, t in typed:
+            src_t = source_of[part]
             if part == C.PART_DOWN:
                 how = "columns re-quantized" + ("" if t == src_t else f" from {src_t.name}")
             else:
                 how = "rows copied" if t == src_t else f"rows re-quantized from {src_t.name}"
-            parts.append(f"{part} {t.name} ({how})")
+            where = ", resident" if part == C.PART_GATE and gate_type is not None else ""
+            parts.append(f"{part} {t.name} ({how}{where})")
         lines.append(f"  layers {_ranges(bids)}: {', '.join(parts)}; stride {layout.stride} B")
     return "\n".join(lines)
 
@@ -244,10 +265,13 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     n_ff = _scalar_int(stream, f"{spec.name}.feed_forward_length")
     tensors = stream.tensors
     ffn_names = {n for bid in range(n_layer) for n in spec.ffn_tensor_parts(bid)}
-    layouts = [_layer_layout(tensors, spec, bid, n_embd, opts) for bid in range(n_layer)]
+    if opts.gate_resident and not spec.gated:
+        raise ConvertError(f"--gate-resident needs a gated FFN; {spec.name}'s is not")
+    layouts, gate_types = map(list, zip(*(_layer_layout(tensors, spec, bid, n_embd, opts)
+                                          for bid in range(n_layer)), strict=True))
     opts.log(f"flashgguf-convert: {opts.source_name or src.name}: {spec.name}, {n_layer} layers, "
              f"n_embd {n_embd}, n_ff {n_ff}; bundles:\n"
-             + _describe_layouts(tensors, spec, layouts))
+             + _describe_layouts(tensors, spec, layouts, gate_types))
 
     # the calibration's FFN inputs live in a scratch folder beside the output, only when asked
     calib_folder = contextlib.nullcontext(None) if opts.calibration is None else \
@@ -270,11 +294,12 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
                                      [n_ff * layout.stride for layout in layouts], order,
                                      opts.predictor, opts, inputs)
         trunk = _trunk_record(stream, spec, n_layer)
-        payload = _payload_record(source, spec, layouts, n_embd, n_ff, opts, src, inputs, fitted)
+        payload = _payload_record(source, spec, layouts, gate_types, n_embd, n_ff, opts, src,
+                                  inputs, fitted)
         with FlashWriter(final_tmp, trunk, payload) as writer:
             _write_trunk(writer, source)
-            down_err = _write_payload(writer, source, spec, layouts, n_embd, n_ff, order, opts,
-                                      fitted if inputs is not None else None)
+            down_err = _write_payload(writer, source, spec, layouts, gate_types, n_embd, n_ff,
+                                      order, opts, fitted if inputs is not None else None)
             if fitted is not None:
                 expected = _expected_read_bytes(final_tmp, spec, fitted)
                 writer.set_expected_read(expected)
@@ -282,7 +307,8 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         trunk_nbytes, payload_nbytes = writer.trunk_nbytes, writer.payload_nbytes
     report = ConvertReport(out, spec.name, n_layer, n_embd, n_ff, tuple(layouts), trunk_nbytes,
                            payload_nbytes, down_err, fitted, source_ffn_nbytes=sum(
-                               tensors[n].nbytes for n in ffn_names if n in tensors))
+                               tensors[n].nbytes for n in ffn_names if n in tensors),
+                           gate_types=tuple(gate_types))
     bundles = report.bundle_nbytes
     opts.log(f"flashgguf-convert: wrote {out} (trunk {trunk_nbytes / 2**20:.1f} MiB, payload "
              f"{payload_nbytes / 2**20:.1f} MiB: bundles {bundles / 2**20:.1f} MiB = "
@@ -312,7 +338,8 @@ def _write_trunk(writer: FlashWriter, source: _Source) -> None:
         source.release(info)
 
 
-def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout], n_embd: int,
+def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout],
+                    gate_types: list[GGMLQuantizationType | None], n_embd: int,
                     n_ff: int, opts: ConvertOptions, src: Path, inputs: FFNInputs | None,
                     fitted: tuple[FittedLayer, ...] | None) -> PayloadRecord:
     tensors = source.stream.tensors
@@ -330,10 +357,11 @@ def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout]
                 raise FormatError(f"bias {t.name!r} has {data.size} values, expected {n}")
             biases[name] = data
         f = None if fitted is None else fitted[bid]
-        layers.append(PayloadLayer(layout, **biases) if f is None else PayloadLayer(
-            layout, **biases, predictor=f.predictor, predictor_recall=f.recall,
-            predictor_density=f.density, predictor_precision=f.precision,
-            predictor_curve=f.curve))
+        layers.append(PayloadLayer(layout, **biases, gate_type=gate_types[bid]) if f is None
+                      else PayloadLayer(layout, **biases, gate_type=gate_types[bid],
+                                        predictor=f.predictor, predictor_recall=f.recall,
+                                        predictor_density=f.density,
+                                        predictor_precision=f.precision, predictor_curve=f.curve))
     predictor = None
     if opts.predictor is not None:
         calibration = None
@@ -342,11 +370,13 @@ def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout]
         predictor = PredictorRecord(opts.predictor.keep, calibration)
     return PayloadRecord(spec.name, n_embd, n_ff, spec.activation, spec.gated, tuple(layers),
                          opts.source_name or src.name, _sha256(src),
-                         activation_threshold=opts.activation_threshold, predictor=predictor)
+                         activation_threshold=opts.activation_threshold, predictor=predictor,
+                         gate_resident=opts.gate_resident)
 
 
 def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
-                   layouts: list[BundleLayout], n_embd: int, n_ff: int, order: np.ndarray,
+                   layouts: list[BundleLayout], gate_types: list[GGMLQuantizationType | None],
+                   n_embd: int, n_ff: int, order: np.ndarray,
                    opts: ConvertOptions, calibrated: tuple[FittedLayer, ...] | None) -> float:
     """Each layer's bundle, built from the source's FFN rows, in `order` or (calibrated) the
     fitted order; returns the down columns' max relative re-quantization error."""
@@ -366,9 +396,11 @@ def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
         layer_order, layer_freq = order, freq
         if calibrated is not None:
             layer_order, layer_freq = calibrated[bid].order, calibrated[bid].freq
-        bundle: LayerBundle = build_layer_bundle(layouts[bid], gate, up, down, layer_order)
+        bundle: LayerBundle = build_layer_bundle(layouts[bid], gate, up, down, layer_order,
+                                                 gate_types[bid])
         down_err = max(down_err, bundle.down_rel_error)
-        writer.write_layer(bid, bundle.rows.view(np.int8), layer_order, layer_freq)
+        writer.write_layer(bid, bundle.rows.view(np.int8), layer_order, layer_freq,
+                           gate_rows=bundle.gate_rows)
         del bundle  # not alive while the next layer's bundle is built
         source.release(*(tensors.get(template.format(bid=bid))
                          for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))

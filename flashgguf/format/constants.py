@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType
 
-# Version 3 (this converter writes it): K-quant and Q5 bundle parts, and layers may have
+# Version 4 (this converter writes it): the gate may be resident (flashgguf.gate.resident):
+# then bundle rows hold only up and down, and each layer's gate matrix is its own tensor
+# (ffn_gate_rows), rows in bundle order, which the runtime keeps in DRAM to choose each
+# token's rows from its exact gate values.
+# Version 3: K-quant and Q5 bundle parts, and layers may have
 # their own bundle layouts (K-quant mixes such as Q4_K_M keep some layers' down tensors in
 # Q6_K, others in Q4_K): then bundle.types and .offsets hold n_layer x n_parts values,
 # layer-major, and bundle.stride is an array with one per layer.
 # Version 2: the predictor may store per-neuron residuals (pred_sigma_g/u) that change its
 # score. Versions 1 and 2 (one layout for every layer) are still read; an older reader
 # refuses a newer file.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 PER_LAYER_LAYOUT_VERSION = 3
+GATE_RESIDENT_VERSION = 4
 
 # Trunk (GGUF #1): a llama.cpp model whose architecture name stock llama.cpp refuses.
 TRUNK_ARCH = "flashgguf"
@@ -35,6 +40,7 @@ KEY_FEED_FORWARD_LENGTH = "flashgguf.feed_forward_length"
 KEY_ACTIVATION = "flashgguf.ffn.activation"
 KEY_ACTIVATION_THRESHOLD = "flashgguf.ffn.activation_threshold"  # fatrelu's (float32)
 KEY_GATED = "flashgguf.ffn.gated"
+KEY_GATE_RESIDENT = "flashgguf.gate.resident"  # bool, version 4: gate rows not in the bundle
 KEY_BUNDLE_PARTS = "flashgguf.bundle.parts"
 KEY_BUNDLE_TYPES = "flashgguf.bundle.types"
 KEY_BUNDLE_OFFSETS = "flashgguf.bundle.offsets"
@@ -44,6 +50,7 @@ KEY_SOURCE_SHA256 = "flashgguf.source.sha256"
 KEY_DOWN_REQUANT_ERROR = "flashgguf.bundle.down_requant_rel_error"
 
 TENSOR_BUNDLE = "blk.{bid}.ffn_bundle"
+TENSOR_GATE_ROWS = "blk.{bid}.ffn_gate_rows"  # gate.resident: [n_embd, n_ff], bundle order
 TENSOR_ORDER = "blk.{bid}.ffn_order"
 TENSOR_FREQ = "blk.{bid}.ffn_freq"
 TENSOR_UP_BIAS = "blk.{bid}.ffn_up_b"

@@ -49,6 +49,8 @@ class LayerInfo:
     predictor_recall: float | None = None
     predictor_density: float | None = None  # share of neurons predicted active
     predictor_curve: ThresholdCurve | None = None  # optional: thresholds per recall target
+    # gate-resident files (version 4): the gate matrix, rows in bundle order, kept in DRAM
+    gate_rows: TensorInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class FlashFile:
     activation_threshold: float = 0.0  # fatrelu's threshold (0 for the other activations)
     predictor_kind: str | None = None  # flashgguf.predictor.kind, None without a predictor
     predictor_keep: float | None = None
+    gate_resident: bool = False  # the gate is not in the bundles: layers[i].gate_rows
 
     @property
     def layout(self) -> BundleLayout:
@@ -80,8 +83,10 @@ class FlashFile:
 
     @property
     def payload_nbytes(self) -> int:
-        """Bytes of FFN bundles (what the DRAM budget is a share of)."""
-        return sum(layer.bundle.nbytes for layer in self.layers)
+        """Bytes of FFN bundles and resident gate matrices (what the DRAM budget is a
+        share of)."""
+        return sum(layer.bundle.nbytes + (0 if layer.gate_rows is None else
+                                          layer.gate_rows.nbytes) for layer in self.layers)
 
 
 def _int_key(stream: GGUFStream, key: str, what: str) -> int:
@@ -174,14 +179,23 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
                 f"{pwhat}: {activation} threshold {threshold!r} is not a finite float")
     if activation == "drelu" and not gated:
         raise FormatError(f"{pwhat}: activation drelu needs a gated FFN")
-    layouts = _read_layouts(payload, pwhat, n_layer, n_embd, gated, version)
+    gate_resident = payload.get(C.KEY_GATE_RESIDENT, False)
+    if not isinstance(gate_resident, bool):
+        raise FormatError(f"{pwhat}: key {C.KEY_GATE_RESIDENT!r} must be a bool")
+    if gate_resident and version < C.GATE_RESIDENT_VERSION:
+        raise FormatError(f"{pwhat}: a resident gate in a version {version} file (it needs "
+                          f"version {C.GATE_RESIDENT_VERSION})")
+    if gate_resident and not gated:
+        raise FormatError(f"{pwhat}: a resident gate in an FFN that is not gated")
+    layouts = _read_layouts(payload, pwhat, n_layer, n_embd, gated, version, gate_resident)
 
-    layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layouts[bid], gated)
-                   for bid in range(n_layer))
+    layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layouts[bid], gated,
+                               gate_resident) for bid in range(n_layer))
     keys = _read_predictor_keys(payload, pwhat, n_layer, n_embd)
     if keys is None:
         return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
-                         gated, layers, activation_threshold=threshold)
+                         gated, layers, activation_threshold=threshold,
+                         gate_resident=gate_resident)
     layers = tuple(
         dataclasses.replace(
             layer, predictor=_read_predictor(buf, payload, pwhat, layer.index, n_embd, n_ff,
@@ -193,19 +207,22 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
         for layer in layers)
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
                      gated, layers, activation_threshold=threshold,
-                     predictor_kind=keys.kind, predictor_keep=keys.keep)
+                     predictor_kind=keys.kind, predictor_keep=keys.keep,
+                     gate_resident=gate_resident)
 
 
 def _read_layouts(payload: GGUFStream, what: str, n_layer: int, n_embd: int, gated: bool,
-                  version: int) -> tuple[BundleLayout, ...]:
+                  version: int, gate_resident: bool) -> tuple[BundleLayout, ...]:
     """Each layer's bundle layout. One layout for every layer: bundle.types and .offsets hold
     one value per part and bundle.stride is an integer. Per layer (version 3, for K-quant
     mixes whose layers differ): types and offsets hold n_layer x n_parts values, layer-major,
-    and bundle.stride is an array of n_layer."""
+    and bundle.stride is an array of n_layer. A resident gate is not a bundle part."""
     parts = tuple(payload.require(C.KEY_BUNDLE_PARTS, what))
-    want = (C.PART_GATE, C.PART_UP, C.PART_DOWN) if gated else (C.PART_UP, C.PART_DOWN)
+    in_bundle = gated and not gate_resident
+    want = (C.PART_GATE, C.PART_UP, C.PART_DOWN) if in_bundle else (C.PART_UP, C.PART_DOWN)
     if parts != want:
-        raise FormatError(f"{what}: bundle parts {parts} != {want} for gated={gated}")
+        raise FormatError(f"{what}: bundle parts {parts} != {want} for gated={gated}, "
+                          f"gate resident={gate_resident}")
     per_layer = isinstance(payload.require(C.KEY_BUNDLE_STRIDE, what), np.ndarray)
     if per_layer and version < C.PER_LAYER_LAYOUT_VERSION:
         raise FormatError(f"{what}: per-layer bundle layouts in a version {version} file "
@@ -236,22 +253,25 @@ def _int_list(stream: GGUFStream, key: str, what: str) -> list[int]:
     return [int(v) for v in value]
 
 
+def _row_type(what: str, part: str, raw: int, n_embd: int) -> GGMLQuantizationType:
+    """A part's ggml type: one the kernels implement, whose blocks divide n_embd."""
+    try:
+        t = GGMLQuantizationType(raw)
+    except ValueError:
+        t = None
+    if t not in set(C.BUNDLE_TYPES.values()):
+        raise FormatError(f"{what}: {part!r} has unsupported type {raw}")
+    block = GGML_QUANT_SIZES[t][0]
+    if n_embd % block:
+        raise FormatError(f"{what}: {part!r} is {t.name}, whose {block}-value "
+                          f"blocks do not divide n_embd {n_embd}")
+    return t
+
+
 def _check_layout(what: str, parts: tuple[str, ...], raw_types: list[int],
                   offsets: tuple[int, ...], stride: int, n_embd: int) -> BundleLayout:
-    allowed = set(C.BUNDLE_TYPES.values())
-    types = []
-    for part, raw in zip(parts, raw_types, strict=True):
-        try:
-            t = GGMLQuantizationType(raw)
-        except ValueError:
-            t = None
-        if t not in allowed:
-            raise FormatError(f"{what}: bundle part {part!r} has unsupported type {raw}")
-        block = GGML_QUANT_SIZES[t][0]
-        if n_embd % block:
-            raise FormatError(f"{what}: bundle part {part!r} is {t.name}, whose {block}-value "
-                              f"blocks do not divide n_embd {n_embd}")
-        types.append(t)
+    types = [_row_type(what, f"bundle part {part}", raw, n_embd)
+             for part, raw in zip(parts, raw_types, strict=True)]
     if stride <= 0:
         raise FormatError(f"{what}: bundle stride {stride} is not positive")
     spans = sorted((off, off + tensor_nbytes(t, (n_embd,)), part)
@@ -284,7 +304,7 @@ def _f32(buf: memoryview, t: TensorInfo, dtype: type = np.float32) -> np.ndarray
 
 
 def _read_layer(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_embd: int,
-                n_ff: int, layout: BundleLayout, gated: bool) -> LayerInfo:
+                n_ff: int, layout: BundleLayout, gated: bool, gate_resident: bool) -> LayerInfo:
     F32, I32 = GGMLQuantizationType.F32, GGMLQuantizationType.I32
     name = C.TENSOR_BUNDLE.format(bid=bid)
     bundle = _expect(payload.tensors.get(name), name, what, (layout.stride, n_ff),
@@ -304,8 +324,17 @@ def _read_layer(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_emb
     gate_bias = bias(C.TENSOR_GATE_BIAS, n_ff)
     if gate_bias is not None and not gated:
         raise FormatError(f"{what}: layer {bid} has a gate bias but the FFN is not gated")
+    name = C.TENSOR_GATE_ROWS.format(bid=bid)
+    gate_rows = payload.tensors.get(name)
+    if gate_rows is not None and not gate_resident:
+        raise FormatError(f"{what}: {name!r} in a file whose gate is not resident")
+    if gate_resident:
+        if gate_rows is None:
+            raise FormatError(f"{what}: tensor {name!r} is missing")
+        t = _row_type(what, name, int(gate_rows.ggml_type), n_embd)
+        _expect(gate_rows, name, what, (n_embd, n_ff), t)
     return LayerInfo(bid, layout, bundle, order, freq, bias(C.TENSOR_UP_BIAS, n_ff), gate_bias,
-                     bias(C.TENSOR_DOWN_BIAS, n_embd))
+                     bias(C.TENSOR_DOWN_BIAS, n_embd), gate_rows=gate_rows)
 
 
 # ---- the activity predictor (flashgguf/predictor.py) ---------------------------------

@@ -73,6 +73,9 @@ class PayloadLayer:
     predictor_density: float = 0.0
     predictor_precision: float = 0.0  # stored for calibrated predictors
     predictor_curve: ThresholdCurve | None = None
+    # the resident gate matrix's type (PayloadRecord.gate_resident); its rows come with
+    # write_layer
+    gate_type: GGMLQuantizationType | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class PayloadRecord:
     source_sha256: str
     activation_threshold: float = 0.0
     predictor: PredictorRecord | None = None  # every layer has one exactly when set
+    # the gate is kept apart from the bundles (ffn_gate_rows), resident at run time
+    gate_resident: bool = False
 
 
 def dummy_shape(part: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -174,6 +179,10 @@ class FlashWriter:
             raise FormatError("predictors need the predictor record and one for every layer")
         if not payload.gated and any(la.gate_bias is not None for la in payload.layers):
             raise FormatError("a gate bias in an FFN that is not gated")
+        if payload.gate_resident and not payload.gated:
+            raise FormatError("a resident gate in an FFN that is not gated")
+        if any((la.gate_type is not None) != payload.gate_resident for la in payload.layers):
+            raise FormatError("a resident gate needs a gate type for every layer, and only then")
 
     # ---- the trunk ----------------------------------------------------------------------
 
@@ -239,6 +248,8 @@ class FlashWriter:
         if p.activation in C.THRESHOLD_ACTIVATIONS:
             w.add_key(C.KEY_ACTIVATION_THRESHOLD, p.activation_threshold, F32)
         w.add_key(C.KEY_GATED, p.gated, GGUFValueType.BOOL)
+        if p.gate_resident:
+            w.add_key(C.KEY_GATE_RESIDENT, True, GGUFValueType.BOOL)
         self._add_layout_keys(w, [layer.layout for layer in p.layers])
         w.add_key(C.KEY_SOURCE_NAME, p.source_name, GGUFValueType.STRING)
         w.add_key(C.KEY_SOURCE_SHA256, p.source_sha256, GGUFValueType.STRING)
@@ -247,7 +258,7 @@ class FlashWriter:
             self._add_predictor_keys(w, p.predictor, p.layers)
         for bid, layer in enumerate(p.layers):
             for name, shape, ggml_type, _data in self._layer_tensors(bid, layer, None, None,
-                                                                     None):
+                                                                     None, None):
                 w.add_tensor(name, shape, ggml_type)
         return w
 
@@ -302,15 +313,19 @@ class FlashWriter:
                 f32_array(key, list(np.concatenate([getattr(c, field_name) for c in curves])))
 
     def _layer_tensors(self, bid: int, layer: PayloadLayer, rows: np.ndarray | None,
-                       order: np.ndarray | None, freq: np.ndarray | None
+                       gate_rows: np.ndarray | None, order: np.ndarray | None,
+                       freq: np.ndarray | None
                        ) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType,
                                        np.ndarray | None]]:
         """(name, ggml shape, type, data) of a layer's tensors, in the order they are
-        written; the bundle rows, order and frequencies come with write_layer."""
+        written; the bundle rows, gate rows, order and frequencies come with write_layer."""
         n_ff, n_embd = self._payload_record.n_ff, self._payload_record.n_embd
-        out = [(C.TENSOR_BUNDLE.format(bid=bid), (layer.layout.stride, n_ff), Q.I8, rows),
-               (C.TENSOR_ORDER.format(bid=bid), (n_ff,), Q.I32, order),
-               (C.TENSOR_FREQ.format(bid=bid), (n_ff,), Q.F32, freq)]
+        out = [(C.TENSOR_BUNDLE.format(bid=bid), (layer.layout.stride, n_ff), Q.I8, rows)]
+        if layer.gate_type is not None:
+            out.append((C.TENSOR_GATE_ROWS.format(bid=bid), (n_embd, n_ff), layer.gate_type,
+                        gate_rows))
+        out += [(C.TENSOR_ORDER.format(bid=bid), (n_ff,), Q.I32, order),
+                (C.TENSOR_FREQ.format(bid=bid), (n_ff,), Q.F32, freq)]
         for template, bias, n in ((C.TENSOR_UP_BIAS, layer.up_bias, n_ff),
                                   (C.TENSOR_GATE_BIAS, layer.gate_bias, n_ff),
                                   (C.TENSOR_DOWN_BIAS, layer.down_bias, n_embd)):
@@ -331,15 +346,20 @@ class FlashWriter:
         return out
 
     def write_layer(self, bid: int, rows: np.ndarray, order: np.ndarray,
-                    freq: np.ndarray) -> None:
+                    freq: np.ndarray, gate_rows: np.ndarray | None = None) -> None:
         """Layer bid's bundle rows [n_ff, stride], row order (int32) and frequencies
-        (float32); its biases and predictor come from the record. Layers go in order."""
+        (float32), and with a resident gate its gate rows (uint8 [n_ff, row bytes], bundle
+        order); its biases and predictor come from the record. Layers go in order."""
         self._expect(_State.PAYLOAD, f"writing layer {bid}")
         if bid != self._next_layer:
             raise WriterStateError(f"{self.path.name}: layer {bid} written where layer "
                                    f"{self._next_layer} is due")
         layer = self._payload_record.layers[bid]
-        for name, _shape, ggml_type, data in self._layer_tensors(bid, layer, rows, order, freq):
+        if (gate_rows is None) != (layer.gate_type is None):
+            raise FormatError(f"layer {bid}: gate rows are given exactly when the gate is "
+                              "resident")
+        for name, _shape, ggml_type, data in self._layer_tensors(bid, layer, rows, gate_rows,
+                                                                 order, freq):
             assert data is not None
             if ggml_type in (Q.I32, Q.F32) and data.dtype != (np.int32 if ggml_type == Q.I32
                                                               else np.float32):
