@@ -12,7 +12,12 @@ matmul kernels): its agreement with stock as shipped is the floor that kernel ro
 sets on top-1 agreement.
 
 The model is converted into a temporary file, once per --down-type (a comma-separated list:
-the candidates compared against one stock run); one result line per conversion.
+the candidates compared against one stock run), or --flash names a converted file; each
+conversion runs dense (every bundle resident), or once per --run with those flash_* options
+(streaming: perplexity, agreement, and per token the FFN bytes read and neurons computed):
+
+    python tools/quality.py --gate-resident --n-batch 1 \
+        --run mode=gate,dram_budget=0.5,gate_keep=0.8 --run mode=hybrid,dram_budget=0.5
 """
 
 from __future__ import annotations
@@ -72,6 +77,13 @@ def main() -> int:
                    "(empty: no conversion, with --stock-floor)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch")
+    p.add_argument("--gate-resident", action="store_true",
+                   help="convert with flashgguf-convert --gate-resident")
+    p.add_argument("--flash", type=Path, default=None,
+                   help="a flash GGUF of the model to evaluate instead of converting")
+    p.add_argument("--run", action="append", default=[], metavar="KEY=VALUE,...",
+                   help="flash_* options (without the prefix) of one streaming run; repeat "
+                   "for several (default: one dense run)")
     p.add_argument("--stock-floor", action="store_true",
                    help="also compare stock with repacking off against stock as shipped")
     args = p.parse_args()
@@ -96,26 +108,76 @@ def main() -> int:
         print(f"stock without repacking: perplexity {perplexity(got, tokens):.3f} (ratio "
               f"{perplexity(got, tokens) / perplexity(want, tokens):.4f}); top-1 agreement "
               f"{top1_agreement(got, want):.4f}")
+    runs = [_run_options(text) for text in args.run] or [{}]
+    if args.flash is not None:
+        for options in runs:
+            line = _evaluate(args.flash, options, kw, text, tokens, want)
+            if line is None:
+                return 1
+            print(f"{args.flash.name} {_describe(options)}: {line}")
+        return 0
     # beside a model given by path (it may be big); the packaged SmolLM2 in the system's tmp
     for down_type in filter(None, args.down_type.split(",")):
         with tempfile.TemporaryDirectory(dir=src.parent if args.model else None) as tmp:
             flash_path = Path(tmp) / "quality.flash.gguf"
             report = convert_gguf(src, flash_path, ConvertOptions(
                 bundle_type=args.bundle_type, down_type=down_type, predictor=None,
-                progress=False, log=lambda _msg: None))
-            flash = Llama(str(flash_path), flash_offload=True, **kw)
-            if evaluation_tokens(flash, text, args.tokens) != tokens:
-                print("error: the flash GGUF tokenizes the text differently", file=sys.stderr)
-                return 1
-            got = teacher_forced_logits(flash, tokens)
-            flash.close()
-        ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
-        types = sorted({"/".join(t.name for t in la.types) for la in report.layouts})
-        print(f"down {down_type} ({', '.join(types)}; payload {report.payload_nbytes / 2**20:.1f} "
-              f"MiB, down error {report.down_rel_error_max:.4f}): perplexity {ppl_flash:.3f} "
-              f"(ratio {ppl_flash / ppl_stock:.4f}); top-1 agreement "
-              f"{top1_agreement(got, want):.4f}")
+                gate_resident=args.gate_resident, progress=False, log=lambda _msg: None))
+            types = sorted({"/".join(t.name for t in la.types) for la in report.layouts})
+            for options in runs:
+                line = _evaluate(flash_path, options, kw, text, tokens, want)
+                if line is None:
+                    return 1
+                print(f"down {down_type} ({', '.join(types)}; payload "
+                      f"{report.payload_nbytes / 2**20:.1f} MiB, down error "
+                      f"{report.down_rel_error_max:.4f}) {_describe(options)}: {line}")
     return 0
+
+
+def _run_options(text: str) -> dict[str, object]:
+    """"mode=gate,dram_budget=0.5" -> {"flash_mode": "gate", "flash_dram_budget": 0.5}."""
+    out: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--run {text!r}: {item!r} is not KEY=VALUE")
+        parsed: object = value
+        for kind in (int, float):
+            try:
+                parsed = kind(value)
+                break
+            except ValueError:
+                pass
+        out[f"flash_{key.strip()}"] = parsed
+    return out
+
+
+def _describe(options: dict[str, object]) -> str:
+    return ("[" + ", ".join(f"{k.removeprefix('flash_')}={v}" for k, v in options.items()) + "]"
+            if options else "[dense]")
+
+
+def _evaluate(flash_path: Path, options: dict[str, object], kw: dict, text: str,
+              tokens: list[int], want) -> str | None:
+    """One flash run's perplexity, agreement and per-token reads against stock's logits."""
+    flash = Llama(str(flash_path), flash_offload=True, **options, **kw)
+    try:
+        if evaluation_tokens(flash, text, len(tokens)) != tokens:
+            print("error: the flash GGUF tokenizes the text differently", file=sys.stderr)
+            return None
+        flash.flash_stats(reset=True)
+        got = teacher_forced_logits(flash, tokens)
+        stats = flash.flash_stats()
+        neurons = flash.flash_runtime.flash.n_layer * flash.flash_runtime.flash.n_ff
+    finally:
+        flash.close()
+    ppl_stock, ppl_flash = perplexity(want, tokens), perplexity(got, tokens)
+    n = max(int(stats["tokens"]), 1)
+    return (f"perplexity {ppl_flash:.3f} (ratio {ppl_flash / ppl_stock:.4f}); top-1 agreement "
+            f"{top1_agreement(got, want):.4f}; per token: FFN read "
+            f"{stats['bytes_read'] / n / 2**20:.3f} MiB (missed rows "
+            f"{stats['bytes_needed'] / n / 2**20:.3f} MiB), neurons computed "
+            f"{stats['neurons_computed'] / n / neurons:.3f}")
 
 
 if __name__ == "__main__":
