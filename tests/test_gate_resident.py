@@ -17,7 +17,8 @@ from model_factory import TinyModel
 from test_flash_runtime import assert_same_sum
 
 from flashgguf import Llama
-from flashgguf.convert import ConvertOptions
+from flashgguf.convert import ConvertOptions, convert_gguf
+from flashgguf.convert.gate_order import gate_frequency
 from flashgguf.convert.hf_source import convert_hf
 from flashgguf.errors import BudgetError, ConvertError, FormatError, OptionError, VersionError
 from flashgguf.format import constants as C
@@ -291,3 +292,49 @@ def test_llama_defaults_to_gate_mode_and_matches_the_page_cache_engine(gate_file
     assert stats["mode"] == "gate"
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     assert stats["bytes_read"] > 0 and stats["neurons_computed"] > 0
+
+
+# ---- calibration: rows hottest first by the gate's picks -----------------------------
+
+def test_gate_frequency_counts_each_tokens_top_share():
+    rng = np.random.default_rng(8)
+    gate = rng.standard_normal((40, 16)).astype(np.float32)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    freq = gate_frequency("silu", gate, x, 0.25)
+    g = x @ gate.T
+    a = np.abs(g / (1 + np.exp(-g)))
+    want = np.zeros(40)
+    for row in a:
+        want[np.argsort(-row)[:10]] += 1
+    np.testing.assert_allclose(freq, want / len(x), atol=1e-6)
+    assert freq.sum() == pytest.approx(10.0)
+    # an exact 0 is never picked (relu): rows never positive have frequency 0
+    gate[:5] = -np.abs(gate[:5])
+    relu = gate_frequency("relu", gate, np.abs(x), 1.0)
+    np.testing.assert_allclose(relu, ((np.abs(x) @ gate.T) > 0).mean(axis=0), atol=1e-6)
+    assert (relu[:5] == 0).all()
+
+
+def test_calibrated_gate_resident_file_is_hottest_first_without_a_predictor(tiny_models,
+                                                                            tmp_path):
+    from flashgguf.calibrate.collect import CalibrationOptions
+
+    src = tiny_models(TinyModel(n_layer=2, ffn_type=Q.Q8_0))
+    calibration = CalibrationOptions(tokens=640, min_tokens=500, window_tokens=128, n_threads=1)
+    logs: list[str] = []
+    out = tmp_path / "gate-cal.flash.gguf"
+    convert_gguf(src, out, ConvertOptions(progress=False, log=logs.append, gate_resident=True,
+                                          calibration=calibration))
+    ff = open_flash_file(out)
+    assert ff.gate_resident and ff.predictor_kind is None  # no low-rank predictor is fitted
+    assert any("ordered by the gate's picks on 640" in line for line in logs)
+    stream, buf = open_gguf(src)
+    for layer in ff.layers:
+        assert (layer.order != np.arange(ff.n_ff)).any()
+        assert (np.diff(layer.freq) <= 0).all() and layer.freq[0] > 0
+        # the default keep's picks per token, summed over rows (ties aside)
+        assert layer.freq.sum() == pytest.approx(math.ceil(0.8 * ff.n_ff), rel=0.01)
+        t = layer.gate_rows
+        rows = np.fromfile(out, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        gate = tensor_array(buf, stream.tensors[f"blk.{layer.index}.ffn_gate.weight"])
+        np.testing.assert_array_equal(rows.reshape(ff.n_ff, -1), gate[layer.order])

@@ -39,7 +39,7 @@ from ..format import (
     tensor_array,
 )
 from ..format import constants as C
-from ..options import DEFAULT_PINNED_SHARE, FlashOptions
+from ..options import DEFAULT_GATE_KEEP, DEFAULT_PINNED_SHARE, FlashOptions
 from ..quants import row_nbytes
 from ..runtime import Runtime
 from .blas import single_threaded_blas
@@ -51,6 +51,7 @@ from .bundle import (
     choose_part_type,
     make_layout,
 )
+from .gate_order import gate_frequency, order_by_frequency
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
 
@@ -74,6 +75,8 @@ class ConvertOptions:
     calibration: CalibrationOptions | None = None
     # Keep each layer's gate matrix apart from the bundles (format version 4): the runtime
     # holds it in DRAM and picks each token's rows from the exact gate (flash_mode "gate").
+    # No low-rank predictor is fitted then (predictor is ignored); calibration orders each
+    # layer's rows by how often the gate picks them.
     gate_resident: bool = False
     force: bool = False
     progress: bool = True
@@ -237,10 +240,12 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         raise ConvertError(f"{out} exists; pass --force to overwrite it")
     if out.resolve() == src.resolve():
         raise ConvertError("the output would overwrite the input")
+    if opts.gate_resident:
+        opts = dataclasses.replace(opts, predictor=None)  # the gate picks the rows
     if opts.predictor is not None:
         opts.predictor.check()
     if opts.calibration is not None:
-        if opts.predictor is None:
+        if opts.predictor is None and not opts.gate_resident:
             raise ConvertError("calibration fits the predictor: it cannot go with --no-predictor")
         opts.calibration.check()
         calibration_text = read_calibration_text(opts.calibration.text)
@@ -293,13 +298,18 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
             fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff,
                                      [n_ff * layout.stride for layout in layouts], order,
                                      opts.predictor, opts, inputs)
+        orders = None
+        if fitted is not None and inputs is not None:
+            orders = [(f.order, f.freq) for f in fitted]
+        elif opts.gate_resident and inputs is not None:
+            orders = _gate_orders(source, spec, n_layer, n_embd, n_ff, inputs, opts)
         trunk = _trunk_record(stream, spec, n_layer)
         payload = _payload_record(source, spec, layouts, gate_types, n_embd, n_ff, opts, src,
                                   inputs, fitted)
         with FlashWriter(final_tmp, trunk, payload) as writer:
             _write_trunk(writer, source)
             down_err = _write_payload(writer, source, spec, layouts, gate_types, n_embd, n_ff,
-                                      order, opts, fitted if inputs is not None else None)
+                                      order, opts, orders)
             if fitted is not None:
                 expected = _expected_read_bytes(final_tmp, spec, fitted)
                 writer.set_expected_read(expected)
@@ -377,9 +387,11 @@ def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout]
 def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
                    layouts: list[BundleLayout], gate_types: list[GGMLQuantizationType | None],
                    n_embd: int, n_ff: int, order: np.ndarray,
-                   opts: ConvertOptions, calibrated: tuple[FittedLayer, ...] | None) -> float:
+                   opts: ConvertOptions,
+                   calibrated: list[tuple[np.ndarray, np.ndarray]] | None) -> float:
     """Each layer's bundle, built from the source's FFN rows, in `order` or (calibrated) the
-    fitted order; returns the down columns' max relative re-quantization error."""
+    measured (order, frequencies) of each layer; returns the down columns' max relative
+    re-quantization error."""
     tensors = source.stream.tensors
     freq = np.zeros(n_ff, dtype=np.float32)
     down_err = 0.0
@@ -395,7 +407,7 @@ def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
         down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True)
         layer_order, layer_freq = order, freq
         if calibrated is not None:
-            layer_order, layer_freq = calibrated[bid].order, calibrated[bid].freq
+            layer_order, layer_freq = calibrated[bid]
         bundle: LayerBundle = build_layer_bundle(layouts[bid], gate, up, down, layer_order,
                                                  gate_types[bid])
         down_err = max(down_err, bundle.down_rel_error)
@@ -422,6 +434,28 @@ def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_
         raise FormatError(f"source tensor {name!r} is missing: the weight-only predictor "
                           "needs the FFN norm weight (or convert with --no-predictor)")
     return gate, up, down, np.asarray(source.data(t), dtype=np.float32).reshape(-1)
+
+
+def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
+                 inputs: FFNInputs, opts: ConvertOptions) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Gate-resident files: each layer's rows hottest first by how often the gate's top
+    share (flash_gate_keep's default) picks them on the calibration inputs."""
+    t0 = time.perf_counter()
+    out = []
+    for bid in range(n_layer):
+        t = source.stream.tensors.get(spec.ffn_gate_bias.format(bid=bid))
+        bias = None if t is None else np.asarray(source.data(t), np.float32).reshape(-1)
+        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False).dense()
+        freq = gate_frequency(spec.activation, gate, inputs.layer(bid), DEFAULT_GATE_KEEP, bias,
+                              opts.activation_threshold)
+        source.release(source.stream.tensors.get(spec.ffn_gate.format(bid=bid)))
+        assert opts.calibration is not None
+        order = order_by_frequency(freq) if opts.calibration.hot_first \
+            else np.arange(n_ff, dtype=np.int32)
+        out.append((order, freq[order]))
+    opts.log(f"flashgguf-convert: rows ordered by the gate's picks on {inputs.n_tokens} "
+             f"calibration tokens in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def _fit_workers() -> int:
