@@ -17,6 +17,7 @@ from .errors import NotFlashGGUFError, OptionError
 from .format import is_flash_gguf, open_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
     DEFAULT_GATE_MODE,
     DEFAULT_IO,
@@ -43,7 +44,8 @@ class Llama(llama_cpp.Llama):
     keeps every bundle resident in predicted mode (read once at load).
     flash_mode: "gate" (the default for files converted with --gate-resident: the gate
     matrix stays in DRAM and each token's exact gate picks the rows whose up and down are
-    read: its top flash_gate_keep share by |act(gate)|), "predicted" (the default for other
+    read: its top flash_gate_keep share by |act(gate)|; flash_gate_cache_bonus > 0 scores
+    a row already in DRAM by (1 + bonus) |act|), "predicted" (the default for other
     files: predictor + window cache + pinned hot rows; the file must store a predictor),
     "naive" (each layer's whole FFN read every token) or "hybrid"
     (the rows the budget holds pinned, the rest read every token): the paper's baselines.
@@ -66,6 +68,7 @@ class Llama(llama_cpp.Llama):
                  flash_dram_budget: int | float | str | None = None,
                  flash_window: int = DEFAULT_WINDOW, flash_mode: str | None = None,
                  flash_gate_keep: float = DEFAULT_GATE_KEEP,
+                 flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
                  flash_pinned_share: float = DEFAULT_PINNED_SHARE,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,
@@ -97,7 +100,7 @@ class Llama(llama_cpp.Llama):
                              trunk_nbytes=flash.file_size - flash.payload_nbytes,
                              offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
                              n_threads=n_threads, n_threads_batch=n_threads_batch,
-                             gate_keep=flash_gate_keep)
+                             gate_keep=flash_gate_keep, gate_cache_bonus=flash_gate_cache_bonus)
         layer_weights = None
         if flash_predictor_recall is not None:
             if flash_predictors is not None:

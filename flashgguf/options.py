@@ -21,6 +21,9 @@ DEFAULT_GATE_MODE = "gate"
 # SmolLM2, first 2,000 tokens of evaluation.txt, numpy forward (tools/selection.py,
 # BENCHMARKS.md): 1.001x stock perplexity, reading 0.53 of the FFN's bytes per token.
 DEFAULT_GATE_KEEP = 0.8
+# flash_gate_cache_bonus: a row already in DRAM is chosen by (1 + bonus) x |act(gate)|
+# (cache-aware choice, as DIP-CA): 0 chooses by |act| alone.
+DEFAULT_GATE_CACHE_BONUS = 0.0
 IO_BACKENDS = ("auto", "threads", "io_uring")
 DEFAULT_IO = "auto"  # threads (BENCHMARKS.md: io_uring was not faster on this machine)
 DEFAULT_WINDOW = 4
@@ -176,6 +179,7 @@ class FlashOptions:
     n_threads_batch: int = 1
     read_log: int = 0  # tests: keep (offset, length) of the first N reads
     gate_keep: float = DEFAULT_GATE_KEEP  # mode "gate": share of rows each token keeps
+    gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS  # mode "gate": rows in DRAM preferred
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", *MODES):
@@ -183,6 +187,10 @@ class FlashOptions:
         if isinstance(self.gate_keep, bool) or not isinstance(self.gate_keep, (int, float)) \
                 or not 0.0 < self.gate_keep <= 1.0:
             raise OptionError(f"flash_gate_keep must be in (0, 1], got {self.gate_keep!r}")
+        bonus = self.gate_cache_bonus
+        if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) \
+                or not 0.0 <= bonus <= 1e6:
+            raise OptionError(f"flash_gate_cache_bonus must be a number >= 0, got {bonus!r}")
         if not _is_int(self.window) or self.window < 1:
             raise OptionError(f"flash_window must be an int >= 1 (tokens), got {self.window!r}")
         if isinstance(self.pinned_share, bool) or not isinstance(self.pinned_share, (int, float)) \

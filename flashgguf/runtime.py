@@ -72,6 +72,7 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: FlashOptions):
     cfg.gated = int(flash.gated)
     cfg.gate_resident = int(flash.gate_resident)
     cfg.gate_keep = opts.gate_keep
+    cfg.gate_cache_bonus = opts.gate_cache_bonus
     cfg.activation = _ACTIVATIONS[flash.activation]
     cfg.activation_threshold = flash.activation_threshold
     # layer 0's layout is every layer's until Runtime gives each its own

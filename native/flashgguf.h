@@ -137,6 +137,9 @@ typedef struct fg_config {
     int32_t window_tokens;         /* a row used within this many tokens is evicted last */
     float gate_keep;               /* FG_MODE_GATE: share of a layer's rows each token keeps,
                                     * in (0, 1] (rows whose activation is exactly 0 never) */
+    float gate_cache_bonus;        /* FG_MODE_GATE, >= 0: a resident row (pinned or cached)
+                                    * is chosen by (1 + bonus) x |act|, a row to read by |act|:
+                                    * near the cut, rows in DRAM win over rows to read */
     int32_t coalesce_gap;          /* misses at most this many rows apart share one read;
                                     * -1: as many rows as fit in coalesce_bytes */
     int32_t coalesce_bytes;        /* coalesce_gap -1: the largest gap worth reading through

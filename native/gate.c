@@ -41,6 +41,11 @@ static float kth_largest(float *v, int64_t n, int64_t k) {
     return v[want];
 }
 
+/* A row's score factor: 1 + bonus when it is in DRAM (pinned or cached), else 1. */
+static inline float resident_boost(const fg_layer *L, float bonus, int64_t i) {
+    return L->cache.slot_of != NULL && L->cache.slot_of[i] >= 0 ? bonus : 1.0f;
+}
+
 void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t from,
                     uint8_t *mask, int32_t mask_stride) {
     const fg_config *c = &rt->cfg;
@@ -52,6 +57,7 @@ void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t
     if (keep < 1) keep = 1;
     if (keep > n_ff) keep = n_ff;
     float *act = rt->gate_act;
+    const float bonus = 1.0f + c->gate_cache_bonus;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (n_ff * n_tokens >= FG_GATE_MIN_PARALLEL)
 #else
@@ -75,17 +81,18 @@ void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-        /* each token's cut: its keep-th largest |act|; tokens split across the team */
+        /* each token's cut: its keep-th largest score, |act| or for a row in DRAM
+         * (1 + bonus) |act|; tokens split across the team */
         float *mag = rt->select_scratch + (size_t)tid * (size_t)n_ff;
         for (int32_t t = (int32_t)tid; t < n_tokens; t += team) {
             const float *a = act + (size_t)t * (size_t)n_ff;
-            for (int64_t i = 0; i < n_ff; i++) mag[i] = fabsf(a[i]);
+            for (int64_t i = 0; i < n_ff; i++) mag[i] = fabsf(a[i]) * resident_boost(L, bonus, i);
             const float cut = kth_largest(mag, n_ff, keep);
             uint8_t *m = mask + (size_t)t * (size_t)mask_stride;
             for (int64_t i = from; i < n_ff; i++) {
                 /* stride 0: every token ORs into one mask; a byte store of 1 races benignly
                  * in practice but not by the C memory model, hence the atomic store */
-                if (a[i] != 0.0f && fabsf(a[i]) >= cut) {
+                if (a[i] != 0.0f && fabsf(a[i]) * resident_boost(L, bonus, i) >= cut) {
                     __atomic_store_n(&m[i], 1, __ATOMIC_RELAXED);
                 }
             }

@@ -76,7 +76,8 @@ static int check_streaming_config(const fg_config *c) {
     if (c->mode == FG_MODE_DENSE) return FG_OK;
     if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_GATE) return FG_ERR_ARG;
     if (c->mode == FG_MODE_GATE && (!c->gate_resident || !(c->gate_keep > 0.0f) ||
-                                    !(c->gate_keep <= 1.0f))) {
+                                    !(c->gate_keep <= 1.0f) || !(c->gate_cache_bonus >= 0.0f) ||
+                                    !isfinite(c->gate_cache_bonus))) {
         return FG_ERR_ARG;
     }
     if (c->dram_budget <= 0 || !(c->pinned_share >= 0.0f && c->pinned_share <= 1.0f) ||

@@ -187,6 +187,39 @@ def test_gate_choice_is_each_tokens_top_share_by_act(gate_file, keep):
             assert a[t][chosen[t]].min() >= a[t][~chosen[t]].max() - 1e-4 * scale
 
 
+@pytest.mark.parametrize("bonus", [0.1, 0.5])
+def test_cache_aware_choice_never_drops_a_row_above_its_margin(gate_file, bonus):
+    """With a bonus, rows in DRAM score (1 + bonus) |act|: a row to read is still chosen
+    whenever |act| >= (1 + bonus) x the plain cut, and the choice keeps its size."""
+    flash = open_flash_file(gate_file[1])
+    keep = 0.5
+    rt = gate_runtime(flash, share=0.6, gate_keep=keep, gate_cache_bonus=bonus)
+    plain = gate_runtime(flash, share=0.6, gate_keep=keep)
+    rng = np.random.default_rng(9)
+    k = math.ceil(keep * flash.n_ff)
+    preferred = 0
+    for _ in range(4):  # fill the cache, so that residency differs from row to row
+        x = rng.standard_normal((1, flash.n_embd)).astype(np.float32)
+        for layer in range(flash.n_layer):
+            rt.ffn(layer, x)
+    x = rng.standard_normal((4, flash.n_embd)).astype(np.float32)
+    for layer in range(flash.n_layer):
+        resident = np.zeros(flash.n_ff, dtype=bool)
+        rows, _, _ = rt.slots(layer)
+        resident[rows[rows >= 0]] = True
+        assert 0 < resident.sum() < flash.n_ff
+        chosen = rt.predict(layer, x).astype(bool)
+        a = np.abs(_gate_act(flash, layer, x))
+        for t in range(len(x)):
+            assert abs(int(chosen[t].sum()) - k) <= 1  # ties of boosted scores aside
+            cut = np.sort(a[t])[::-1][k - 1]  # the plain choice's k-th largest |act|
+            must = ~resident & (a[t] >= (1 + bonus) * cut * (1 + 1e-3))
+            assert chosen[t][must].all()
+        plain_chosen = plain.predict(layer, x).astype(bool)
+        preferred += int((chosen & resident).sum() - (plain_chosen & resident).sum())
+    assert preferred > 0  # the bonus does move the choice towards rows in DRAM
+
+
 def test_relu_gate_never_chooses_an_inactive_row(relu_gate_file):
     flash = open_flash_file(relu_gate_file)
     rt = gate_runtime(flash, gate_keep=1.0)
@@ -265,10 +298,12 @@ def test_gate_mode_needs_a_resident_gate(gate_file, tmp_path):
         gate_runtime(plain)
 
 
-@pytest.mark.parametrize("keep", [0.0, 1.5, True])
-def test_bad_gate_keep_is_refused(gate_file, keep):
-    with pytest.raises(OptionError, match="flash_gate_keep"):
-        gate_runtime(open_flash_file(gate_file[1]), gate_keep=keep)
+@pytest.mark.parametrize("option, value", [("gate_keep", 0.0), ("gate_keep", 1.5),
+                                           ("gate_keep", True), ("gate_cache_bonus", -0.1),
+                                           ("gate_cache_bonus", float("nan"))])
+def test_bad_gate_options_are_refused(gate_file, option, value):
+    with pytest.raises(OptionError, match=f"flash_{option}"):
+        gate_runtime(open_flash_file(gate_file[1]), **{option: value})
 
 
 # ---- end to end ----------------------------------------------------------------------
