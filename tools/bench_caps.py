@@ -3,7 +3,8 @@
 
     python tools/bench_caps.py --model SRC.gguf --flash SRC.flash.gguf
                                [--caps 0.5,0.65,0.8] [--threads 1,2] [--tokens 8]
-                               [--modes hybrid,predicted] [--stock shipped,mmap]
+                               [--modes hybrid,predicted,gate:pinned_share=1.0]
+                           [--stock shipped,mmap]
                                [--timeout 300] [--json FILE] [--reps N] [--busy N]
                                [--caps none --budget FRACTION]
     python tools/bench_caps.py --model SRC.gguf --flash SRC.flash.gguf --read-cost
@@ -70,8 +71,11 @@ def run_child(spec: dict) -> dict:
         from flashgguf import Llama
 
         with no_weight_repacking() if spec.get("no_repack") else contextlib.nullcontext():
+            mode, _, extra = spec["mode"].partition(":")
+            options = {f"flash_{k}": float(v) for k, v in
+                       (item.split("=", 1) for item in extra.split(":") if item)}
             llm = Llama(spec["flash"], flash_offload=True, flash_dram_budget=spec["budget"],
-                        flash_mode=spec["mode"], **kw)
+                        flash_mode=mode, **options, **kw)
     load_s = time.perf_counter() - t0
     prompt = llm.tokenize(PROMPT.encode())
     llm.eval(prompt)
@@ -205,7 +209,8 @@ def main() -> int:
                    help="repeat every configuration (alternating); tables give medians")
     p.add_argument("--busy", type=int, default=0,
                    help="also measure with this many busy-loop processes running")
-    p.add_argument("--modes", default="hybrid,predicted")
+    p.add_argument("--modes", default="hybrid,predicted",
+                   help="flash modes, each optionally with flash_* options: gate:pinned_share=1.0")
     p.add_argument("--stock", default="shipped,mmap")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=None, help="also write every result here")
@@ -244,12 +249,15 @@ def main() -> int:
     # its runtime scratch, staging buffers and the flashgguf imports. (With repacking on,
     # llama.cpp's copies of the trunk's Q4_K weights are anonymous memory that stands in for
     # their mmapped pages: the same bytes, so the trunk's size below covers them.)
-    fover = measure(dict(base, kind="flash", mode="naive", budget=1, threads=threads[0],
-                         no_repack=True), None, args.timeout)
+    # (a gate-resident file keeps its gate matrices whatever the budget: they are the budget's
+    # minimum, counted in it, not overhead)
+    gates = sum(layer.gate_rows.nbytes for layer in flash.layers if layer.gate_rows is not None)
+    fover = measure(dict(base, kind="flash", mode="naive", budget=max(gates, 1),
+                         threads=threads[0], no_repack=True), None, args.timeout)
     if "error" in fover:
         print(f"flash overhead run failed: {fover['error']}")
         return 1
-    flash_overhead = int(fover["rss_anon_mb"] * MB)
+    flash_overhead = int(fover["rss_anon_mb"] * MB) - gates
     print(f"process overhead (RssAnon, no cap): stock pure mmap {overhead / MB:.1f} MB, "
           f"flashgguf with no rows kept (repacking off) {flash_overhead / MB:.1f} MB")
     configs = []
