@@ -100,7 +100,8 @@ typedef struct fg_runtime fg_runtime;
 #define FG_MODE_HYBRID    2  /* the budget's rows pinned, the rest read every token */
 #define FG_MODE_PREDICTED 3  /* predictor + window cache + pinned hot rows */
 /* gate matrix resident (needs gate_resident): each token's exact gate picks its top
- * gate_keep share of rows by |act(gate)|; their up/down through window cache + pinned rows */
+ * gate_keep share of rows by |act(gate)|; the budget's rows pinned hot-first, the chosen
+ * others read */
 #define FG_MODE_GATE      4
 
 /* Read engine (fg_config.io_backend). */
@@ -133,7 +134,8 @@ typedef struct fg_config {
     int32_t mode;                  /* FG_MODE_* */
     int64_t dram_budget;           /* bytes for cache slots + predictors, split across layers
                                     * (the read engine's staging buffers come on top) */
-    float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first */
+    float pinned_share;            /* predicted mode: share of a layer's slots pinned hot-first
+                                    * (hybrid and gate pin every slot) */
     int32_t window_tokens;         /* a row used within this many tokens is evicted last */
     float gate_keep;               /* FG_MODE_GATE: share of a layer's rows each token keeps,
                                     * in (0, 1] (rows whose activation is exactly 0 never) */
