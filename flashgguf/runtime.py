@@ -268,6 +268,11 @@ class Runtime:
         """The read engine in use: "threads", "io_uring", or "none" (dense mode)."""
         return _IO_NAMES[int(lib.fg_runtime_io_backend(self.handle))]
 
+    @property
+    def io_alignment(self) -> int:
+        """Alignment of streaming reads: the file's direct-I/O alignment, 1 if buffered."""
+        return int(lib.fg_runtime_io_alignment(self.handle))
+
     def capacity(self, layer: int) -> tuple[int, int]:
         """(slots, pinned rows) of a layer; (n_ff, n_ff) in dense mode."""
         cap, pinned = ffi.new("int32_t *"), ffi.new("int32_t *")

@@ -215,6 +215,9 @@ int fg_runtime_layer_capacity(const fg_runtime *rt, int32_t layer, int32_t *capa
 int fg_runtime_io_backend(const fg_runtime *rt);
 /* 1 when the payload is read with direct I/O, 0 when buffered (refused by the fs). */
 int fg_runtime_direct_io(const fg_runtime *rt);
+/* Alignment of the streaming reads' offsets and lengths: the file's direct-I/O alignment
+ * (statx; 4096 where the kernel does not say), 1 for buffered reads. */
+int fg_runtime_io_alignment(const fg_runtime *rt);
 /* Compute one layer's FFN: x and y are n_tokens rows of n_embd floats. */
 int fg_runtime_ffn(fg_runtime *rt, int32_t layer, const float *x, float *y, int32_t n_tokens);
 /* The same over exactly the rows where mask[i] != 0 (n_ff bytes, row order) instead of the

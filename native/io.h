@@ -21,6 +21,9 @@ typedef struct fg_read_log {
 typedef struct fg_reader {
     int fd;
     int direct;           /* 1 while reads bypass the page cache */
+    uint32_t dio_align;   /* offset and length alignment of direct reads: the file's
+                           * (statx STATX_DIOALIGN, e.g. 512 on disks with 512-byte logical
+                           * sectors), else FG_IO_ALIGN */
     uint8_t *bounce;      /* FG_IO_ALIGN-aligned staging buffer for unaligned ranges */
     size_t bounce_cap;
     uint64_t bytes_read;  /* bytes transferred from the device (aligned sizes) */

@@ -113,7 +113,7 @@ static int uring_submit_more(fg_io *io) {
 static void uring_complete(fg_io *io, int32_t k, int buf, int64_t got) {
     const fg_read *rd = &io->reads[k];
     uint8_t *dst = io->staging + (size_t)buf * io->staging_cap;
-    if (got >= 0 && (uint64_t)got < rd->need && got % FG_IO_ALIGN == 0) {
+    if (got >= 0 && (uint64_t)got < rd->need && got % io->reader->dio_align == 0) {
         /* a short completion that is not the end of the file: read the rest */
         const int64_t more = fg_reader_pread(io->reader, dst + got,
                                              (size_t)(rd->len - (uint64_t)got),

@@ -492,6 +492,10 @@ int fg_runtime_io_backend(const fg_runtime *rt) { return rt->loaded ? rt->io.bac
 
 int fg_runtime_direct_io(const fg_runtime *rt) { return rt->reader.direct; }
 
+int fg_runtime_io_alignment(const fg_runtime *rt) {
+    return rt->reader.direct ? (int)rt->reader.dio_align : 1;
+}
+
 /* ---- FFN arithmetic --------------------------------------------------------------- */
 
 /* Rows [k0, k1) of a list for every token, summed into acc: row k is rows[k] (neuron
@@ -686,7 +690,7 @@ static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
 static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows,
                           const uint8_t *const *dst, int32_t n) {
     const fg_config *c = &rt->cfg;
-    const uint64_t align = rt->reader.direct ? FG_IO_ALIGN : 1;
+    const uint64_t align = rt->reader.direct ? rt->reader.dio_align : 1;
     const uint64_t stride = (uint64_t)L->lay.stride;
     const uint64_t cap = rt->io.staging_cap;
     int32_t n_reads = 0;
