@@ -72,7 +72,7 @@ def run_child(spec: dict) -> dict:
 
         with no_weight_repacking() if spec.get("no_repack") else contextlib.nullcontext():
             mode, _, extra = spec["mode"].partition(":")
-            options = {f"flash_{k}": float(v) for k, v in
+            options = {f"flash_{k}": int(v) if v.isdigit() else float(v) for k, v in
                        (item.split("=", 1) for item in extra.split(":") if item)}
             llm = Llama(spec["flash"], flash_offload=True, flash_dram_budget=spec["budget"],
                         flash_mode=mode, **options, **kw)
