@@ -175,10 +175,7 @@ int fg_runtime_predict(fg_runtime *rt, int32_t layer, const float *x, int32_t n_
     if (c->mode == FG_MODE_GATE) { /* the gate's choice, from the resident gate matrix */
         if (!rt->loaded) return FG_ERR_STATE;
         if (n_tokens > c->max_tokens) return FG_ERR_ARG;
-        for (int32_t t = 0; t < n_tokens; t++) {
-            L->lay.quant_gate(x + (size_t)t * (size_t)c->n_embd,
-                              rt->xq_gate + (size_t)t * L->lay.xq_gate_row, c->n_embd);
-        }
+        fg_quantize_inputs(rt, L, x, n_tokens);
         memset(out, 0, (size_t)n_tokens * (size_t)c->n_ff);
         fg_gate_select(rt, L, n_tokens, 0, out, c->n_ff);
         return FG_OK;

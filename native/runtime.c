@@ -170,8 +170,7 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
 
     const size_t rows = (size_t)c->max_tokens;
     const size_t embd = (size_t)c->n_embd;
-    const size_t max_threads =
-        (size_t)(c->n_threads > c->n_threads_batch ? c->n_threads : c->n_threads_batch);
+    const size_t max_threads = fg_max_threads(c);
     rt->layers = calloc((size_t)c->n_layer, sizeof *rt->layers);
     rt->pending_rows = calloc((size_t)c->n_layer, sizeof *rt->pending_rows);
     rt->partial = alloc_zeroed(max_threads * rows * embd * sizeof(float));
@@ -415,11 +414,8 @@ static int alloc_streaming_scratch(fg_runtime *rt) {
     rt->reads = malloc(n_ff * sizeof *rt->reads);
     rt->copies = malloc(n_ff * sizeof *rt->copies);
     if (rt->cfg.mode == FG_MODE_GATE) {
-        const size_t threads = (size_t)rt->cfg.n_threads_batch > (size_t)rt->cfg.n_threads
-                                   ? (size_t)rt->cfg.n_threads_batch
-                                   : (size_t)rt->cfg.n_threads;
         rt->gate_act = malloc((size_t)rt->cfg.max_tokens * n_ff * sizeof *rt->gate_act);
-        rt->select_scratch = malloc(threads * n_ff * sizeof *rt->select_scratch);
+        rt->select_scratch = malloc(fg_max_threads(&rt->cfg) * n_ff * sizeof *rt->select_scratch);
         if (!rt->gate_act || !rt->select_scratch) return FG_ERR_NOMEM;
     }
     if (!rt->need_mask || !rt->need || !rt->res_rows || !rt->res_idx || !rt->miss_rows ||
@@ -524,24 +520,24 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
         if (L->up_bias != NULL) {
             for (int32_t t = 0; t < n_tokens; t++) up_vals[t] += L->up_bias[i];
         }
-        if (rt->gate_act_now != NULL) { /* FG_MODE_GATE computed act(gate) to choose rows */
-            for (int32_t t = 0; t < n_tokens; t++) {
-                gate_vals[t] = rt->gate_act_now[(size_t)t * (size_t)c->n_ff + (size_t)i];
+        if (c->gated) {
+            if (rt->gate_act_now != NULL) { /* FG_MODE_GATE computed act(gate) to choose */
+                for (int32_t t = 0; t < n_tokens; t++) {
+                    gate_vals[t] = rt->gate_act_now[(size_t)t * (size_t)c->n_ff + (size_t)i];
+                }
+            } else {
+                const uint8_t *gate_w = L->gate_rows != NULL
+                                            ? L->gate_rows + (size_t)i * L->gate_row_bytes
+                                            : row + lay->part_offset[FG_PART_GATE];
+                for (int32_t t = 0; t < n_tokens; t++) {
+                    lay->dot_gate(gate_w, rt->xq_gate + (size_t)t * lay->xq_gate_row, embd,
+                                  &gate_vals[t]);
+                }
+                if (L->gate_bias != NULL) {
+                    for (int32_t t = 0; t < n_tokens; t++) gate_vals[t] += L->gate_bias[i];
+                }
+                fg_activate(c->activation, c->activation_threshold, gate_vals, n_tokens);
             }
-            if (c->activation == FG_ACT_DRELU) fg_activate(FG_ACT_RELU, 0.0f, up_vals, n_tokens);
-            for (int32_t t = 0; t < n_tokens; t++) up_vals[t] *= gate_vals[t];
-        } else if (c->gated) {
-            const uint8_t *gate_w = L->gate_rows != NULL
-                                        ? L->gate_rows + (size_t)i * L->gate_row_bytes
-                                        : row + lay->part_offset[FG_PART_GATE];
-            for (int32_t t = 0; t < n_tokens; t++) {
-                lay->dot_gate(gate_w, rt->xq_gate + (size_t)t * lay->xq_gate_row, embd,
-                              &gate_vals[t]);
-            }
-            if (L->gate_bias != NULL) {
-                for (int32_t t = 0; t < n_tokens; t++) gate_vals[t] += L->gate_bias[i];
-            }
-            fg_activate(c->activation, c->activation_threshold, gate_vals, n_tokens);
             if (c->activation == FG_ACT_DRELU) {
                 fg_activate(FG_ACT_RELU, 0.0f, up_vals, n_tokens);
             }
@@ -635,8 +631,7 @@ static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_to
 }
 
 /* The FFN input in each part's activation type (ggml's vec_dot_type), for this layer. */
-static void quantize_inputs(fg_runtime *rt, const fg_layer *L, const float *x,
-                            int32_t n_tokens) {
+void fg_quantize_inputs(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens) {
     const fg_config *c = &rt->cfg;
     const fg_layout *lay = &L->lay;
     const size_t embd = (size_t)c->n_embd;
@@ -827,7 +822,7 @@ static int ffn_dense(fg_runtime *rt, int32_t layer, const float *x, float *y, in
     const fg_config *c = &rt->cfg;
     const fg_layer *L = &rt->layers[layer];
     const double t0 = fg_now_seconds();
-    quantize_inputs(rt, L, x, n_tokens);
+    fg_quantize_inputs(rt, L, x, n_tokens);
     int64_t n = c->n_ff;
     const int32_t *idx = NULL;
     if (mask != NULL) {
@@ -856,7 +851,7 @@ int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *
     if (c->mode == FG_MODE_DENSE) {
         rc = ffn_dense(rt, layer, x, y, n_tokens, mask);
     } else {
-        quantize_inputs(rt, &rt->layers[layer], x, n_tokens);
+        fg_quantize_inputs(rt, &rt->layers[layer], x, n_tokens);
         rc = ffn_streaming(rt, layer, x, y, n_tokens, mask);
         rt->gate_act_now = NULL;
     }

@@ -119,6 +119,15 @@ struct fg_runtime {
 
 void fg_runtime_set_error(fg_runtime *rt, int code, const char *msg);
 
+/* The largest FFN team: per-thread scratch is sized for it. */
+static inline size_t fg_max_threads(const fg_config *c) {
+    return (size_t)(c->n_threads > c->n_threads_batch ? c->n_threads : c->n_threads_batch);
+}
+
+/* The FFN input rows in each part's activation type (ggml's vec_dot_type), for layer L,
+ * into rt->xq_gate / rt->xq_up (n_tokens <= cfg.max_tokens). */
+void fg_quantize_inputs(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens);
+
 /* This thread's place in the current OpenMP team (0 of 1 without OpenMP). */
 static inline int team_index(void) {
 #ifdef _OPENMP
