@@ -460,21 +460,28 @@ def _callback_context_class(callback_address: int, user_data_address: int,
     return CallbackContext
 
 
-# llama_cpp.Llama creates its context inside __init__ with no way to pass cb_eval, so the
-# context class is swapped for the duration of that call; the lock keeps two threads that
-# load models at once from seeing each other's swap.
-_context_swap_lock = threading.Lock()
+# llama-cpp-python offers no hook where flashgguf needs one (llama_cpp.Llama creates its
+# context inside __init__ with no way to pass cb_eval; llama_cpp.server builds its models
+# itself), so a module attribute is swapped for the duration of one call. The lock keeps
+# two threads that load models at once from seeing each other's swap; it is reentrant
+# because the server's swap wraps a Llama's own.
+_swap_lock = threading.RLock()
 
 
 @contextlib.contextmanager
-def installed_context_class(cls: type) -> Iterator[None]:
-    """llama_cpp.Llama objects made inside this block get contexts of class cls."""
-    from llama_cpp import _internals
-
-    with _context_swap_lock:
-        original = _internals.LlamaContext
-        _internals.LlamaContext = cls
+def swapped_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """owner.name is value inside this block, and what it was again after it."""
+    with _swap_lock:
+        original = getattr(owner, name)
+        setattr(owner, name, value)
         try:
             yield
         finally:
-            _internals.LlamaContext = original
+            setattr(owner, name, original)
+
+
+def installed_context_class(cls: type) -> contextlib.AbstractContextManager[None]:
+    """llama_cpp.Llama objects made inside this block get contexts of class cls."""
+    from llama_cpp import _internals
+
+    return swapped_attribute(_internals, "LlamaContext", cls)
