@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from flash_helpers import convert
 from model_factory import TinyModel, write_tiny_model
 from tiny_tokenizer import write_tiny_tokenizer
 
@@ -23,6 +24,12 @@ def smollm2_gguf() -> Path:
         if os.environ.get("CI"):
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_flash(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 converted as flashgguf-convert does by default (weight-only predictor)."""
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2.flash.gguf")
 
 
 @pytest.fixture(scope="session")

@@ -3,20 +3,12 @@ offload, against stock llama.cpp on the source GGUF."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from flash_helpers import convert
 from quality import check_matches_stock
 
 from flashgguf import Llama
 
 pytestmark = [pytest.mark.model, pytest.mark.native]
-
-
-@pytest.fixture(scope="module")
-def smollm2_flash(smollm2_gguf, tmp_path_factory) -> Path:
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2.flash.gguf")
 
 
 def test_quality_matches_stock(smollm2_gguf, smollm2_flash, evaluation_text):
