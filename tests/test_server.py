@@ -261,3 +261,29 @@ def test_smollm2_served_like_in_process(smollm2_flash):
         assert _served_streamed_chat(server, 24) == want_chat
         stats = server.get("/extras/flash/stats")
         assert stats["mode"] == "dense" and stats["stats"]["tokens"] >= 48  # all resident
+
+
+def test_hyphenated_options_are_read(tiny_flash):
+    """--flash-mode as well as llama_cpp.server's own --flash_mode spelling."""
+    command = _command_line(tiny_flash, n_ctx=256)
+    process = subprocess.Popen(command + ["--flash-mode", "naive", "--flash-dram-budget=0.5",
+                                          "--n-threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"serving on (http://\S+)", process.stdout.readline())
+        assert url, process.stderr.read()
+        assert Server(url.group(1), process).get("/extras/flash/stats")["mode"] == "naive"
+    finally:
+        _stop(process)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_missing_server_packages_name_the_extra(tiny_flash):
+    # fastapi made unimportable, as on an install without flashgguf[server]
+    code = ("import sys; sys.modules['fastapi'] = None; from flashgguf.server import main; "
+            f"sys.exit(main(['--model', {str(tiny_flash)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=START_TIMEOUT)
+    assert done.returncode == 1
+    assert "fastapi" in done.stderr and "flashgguf[server]" in done.stderr

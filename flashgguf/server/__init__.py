@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sock = config.bind_socket()
         except SystemExit:  # uvicorn has logged why (address in use, no permission)
             raise OSError(f"cannot listen on {settings.host}:{settings.port}") from None
+        # listening now, not once uvicorn's loop has started: a client that connects as
+        # soon as the address is printed waits in the backlog instead of being refused
+        sock.listen(config.backlog)
     except Exception as e:  # a start-up failure of any kind is reported, never half-served
         print(f"flashgguf-server: cannot start: {e}", file=sys.stderr)
         return 1
