@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +257,37 @@ def test_cli_reports_errors(tmp_path, capsys):
 
     assert main([str(tmp_path / "missing.gguf"), "-q"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_cli_sigterm_midway_leaves_nothing(tiny_models, tmp_path):
+    """SIGTERM (a service manager, `kill`, a container stopping) while the converter has its
+    partial output and its calibration scratch files open: exit 143, nothing left behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = "\n".join([
+        "import sys, time",
+        "from flashgguf.convert import gguf_source",
+        "from flashgguf.convert.cli import main",
+        "real = gguf_source.build_layer_bundle",
+        "def slow(*a, **k):",
+        "    print('bundling', flush=True)",
+        "    time.sleep(120)",
+        "    return real(*a, **k)",
+        "gguf_source.build_layer_bundle = slow",
+        f"sys.exit(main([{str(tiny_models(TinyModel()))!r}, '-o', "
+        f"{str(out / 'm.flash.gguf')!r}, '--calibrate', '-q']))",
+    ])
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "bundling", process.stderr.read()
+        assert any(out.iterdir())  # the partial output exists while it converts
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM and "interrupted" in err
+    assert list(out.iterdir()) == []
 
 
 # ---- the activity predictor ----------------------------------------------------------
