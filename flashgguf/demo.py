@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="0.5",
                    help="DRAM for the FFN: a fraction of the FFN payload, bytes, or e.g. "
                    "'32MiB' (default %(default)s)")
-    p.add_argument("--mode", default="predicted", choices=["predicted", "hybrid", "naive"])
+    p.add_argument("--mode", default=None, choices=["predicted", "hybrid", "naive"],
+                   help="flash_mode (default: the one expected to read less at this budget)")
     p.add_argument("--calibrate", action="store_true",
                    help="convert with the predictor calibrated on the shipped text (about 3 "
                    "minutes on 2 cores; on SmolLM2 it computes 77-90%% of the neurons per decoded "
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         flash = llm.flash_runtime.flash
         load = llm.flash_stats(reset=True)
         print(f"FFN payload {flash.payload_nbytes / 2**20:.1f} MiB on disk; DRAM budget "
-              f"{args.budget} ({args.mode} mode); read at load: {load['bytes_read'] / 2**20:.1f} "
-              f"MiB (pinned rows); direct I/O: {llm.flash_runtime.direct_io}")
+              f"{args.budget} ({llm.flash_runtime.mode} mode); read at load: "
+              f"{load['bytes_read'] / 2**20:.1f} MiB (pinned rows); "
+              f"direct I/O: {llm.flash_runtime.direct_io}")
         print(f"\n{args.prompt}", end="", flush=True)
         n_out, t_first, t0 = 0, None, time.perf_counter()
         for chunk in llm(args.prompt, max_tokens=args.max_tokens, temperature=0.0, stream=True):

@@ -19,14 +19,15 @@ from .options import (
     DEFAULT_COALESCE_GAP,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
-    DEFAULT_GATE_MODE,
     DEFAULT_IO,
     DEFAULT_MODE,
     DEFAULT_PINNED_SHARE,
     DEFAULT_WINDOW,
+    FlashOptions,
     flash_options,
     predictors_at_recall,
 )
+from .policy import default_mode
 from .predictor import LayerPredictor
 from .runtime import Runtime, installed_context_class, llama_cpp_module
 
@@ -45,10 +46,11 @@ class Llama(llama_cpp.Llama):
     flash_mode: "gate" (the default for files converted with --gate-resident: the gate
     matrix stays in DRAM and each token's exact gate picks the rows whose up and down are
     read: its top flash_gate_keep share by |act(gate)|; flash_gate_cache_bonus > 0 scores
-    a row already in DRAM by (1 + bonus) |act|), "predicted" (the default for other
-    files: predictor + window cache + pinned hot rows; the file must store a predictor),
-    "naive" (each layer's whole FFN read every token) or "hybrid"
-    (the rows the budget holds pinned, the rest read every token): the paper's baselines.
+    a row already in DRAM by (1 + bonus) |act|), "predicted" (predictor + window cache +
+    pinned hot rows; the file must store a predictor), "naive" (each layer's whole FFN read
+    every token) or "hybrid" (the rows the budget holds pinned, the rest read every token):
+    the paper's baselines. Default for other files: of predicted and hybrid, the one
+    expected to read fewer bytes per token at this budget (flashgguf/policy.py).
     flash_window: tokens a loaded row is kept without being used before it is the first to
     go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
     flash_coalesce_gap: misses at most this many rows apart are read in one read; "auto"
@@ -93,19 +95,24 @@ class Llama(llama_cpp.Llama):
         n_ubatch = int(kwargs.get("n_ubatch", 512))
         n_threads = kwargs.get("n_threads") or max(multiprocessing.cpu_count() // 2, 1)
         n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
-        if flash_mode is None:
-            flash_mode = DEFAULT_GATE_MODE if flash.gate_resident else DEFAULT_MODE
-        opts = flash_options(flash.payload_nbytes, flash_dram_budget, flash_mode, flash_window,
-                             flash_pinned_share, flash_coalesce_gap, flash_io,
-                             trunk_nbytes=flash.file_size - flash.payload_nbytes,
-                             offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
-                             n_threads=n_threads, n_threads_batch=n_threads_batch,
-                             gate_keep=flash_gate_keep, gate_cache_bonus=flash_gate_cache_bonus)
+
+        def options_for(mode: str) -> FlashOptions:
+            return flash_options(
+                flash.payload_nbytes, flash_dram_budget, mode, flash_window, flash_pinned_share,
+                flash_coalesce_gap, flash_io, trunk_nbytes=flash.file_size - flash.payload_nbytes,
+                offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
+                n_threads=n_threads, n_threads_batch=n_threads_batch, gate_keep=flash_gate_keep,
+                gate_cache_bonus=flash_gate_cache_bonus)
+
         layer_weights = None
         if flash_predictor_recall is not None:
             if flash_predictors is not None:
                 raise OptionError("give flash_predictor_recall or flash_predictors, not both")
             flash_predictors, layer_weights = predictors_at_recall(flash, flash_predictor_recall)
+        if flash_mode is None:  # predictors or a recall given: the caller means predicted
+            flash_mode = DEFAULT_MODE if flash_predictors is not None else \
+                default_mode(flash, spec, options_for)
+        opts = options_for(flash_mode)
         runtime = Runtime(flash, spec, opts, predictors=flash_predictors,
                           layer_weights=layer_weights)
         self._flash_runtime = runtime

@@ -10,9 +10,18 @@ from gguf import GGMLQuantizationType
 from model_factory import TinyModel
 
 from flashgguf import Llama
+from flashgguf.archs import get_arch
 from flashgguf.errors import BudgetError, MissingPredictorError, OptionError
 from flashgguf.evaluate import teacher_forced_logits
-from flashgguf.options import budget_argument, cgroup_room, flash_options, parse_budget
+from flashgguf.options import (
+    FlashOptions,
+    budget_argument,
+    cgroup_room,
+    flash_options,
+    parse_budget,
+)
+from flashgguf.policy import default_mode, expected_read_bytes
+from flashgguf.runtime import Runtime
 
 Q = GGMLQuantizationType
 TEXT = ("The old man looked at the sea and thought about the long day ahead of him, "
@@ -165,7 +174,8 @@ def test_stats_keys_and_reset(relu_model):
 def test_llama_errors(relu_model, tiny_models, tmp_path):
     flash, _ = relu_model
     with pytest.raises(MissingPredictorError, match="convert the model again"):
-        Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.5, **KW)
+        Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.5,
+              flash_mode="predicted", **KW)
     with pytest.raises(OptionError, match="flash_mode"):
         Llama(str(flash.path), flash_offload=True, flash_mode="fast", **KW)
     # SiLU model, SVD predictor: runs, approximate by design
@@ -185,12 +195,48 @@ def test_the_stored_weight_only_predictor_runs_predicted_mode(tiny_models, tmp_p
     # the converter's predictor is what predicted mode uses when none is passed in
     silu = convert_open(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
     assert all(layer.predictor is not None for layer in silu.layers)
-    llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7, **KW)
+    llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.7,
+                flash_mode="predicted", **KW)
     llm.flash_stats(reset=True)
     assert llm("Hello", max_tokens=4)["usage"]["completion_tokens"] >= 1
     stats = llm.flash_stats()
     assert 0 < stats["neurons_computed"] < stats["tokens"] * silu.n_layer * silu.n_ff
     assert stats["time_predict_s"] > 0
+    llm.close()
+
+
+@pytest.mark.native
+def test_default_mode_is_the_one_expected_to_read_less(relu_model, tiny_models, tmp_path):
+    silu = convert_open(tiny_models(TinyModel(ffn_type=Q.Q4_1)), tmp_path)
+    spec = get_arch(silu.arch)
+
+    def options_for(mode: str) -> FlashOptions:
+        return flash_options(silu.payload_nbytes, 0.6, mode, max_tokens=1)
+
+    hybrid = options_for("hybrid")
+    plan = Runtime(silu, spec, hybrid, load=False).plan()
+    rows = sum(silu.n_ff - slots for slots, _ in plan)
+    assert expected_read_bytes(silu, spec, hybrid) == rows * silu.layers[0].layout.stride
+    few, all_rows = [0.05] * silu.n_layer, [1.0] * silu.n_layer
+    predicted = options_for("predicted")
+    assert expected_read_bytes(silu, spec, predicted, densities=few) < \
+        expected_read_bytes(silu, spec, hybrid) < \
+        expected_read_bytes(silu, spec, predicted, densities=all_rows)
+    # few rows active (ReLU-like): predicted; nearly all (a dense SiLU FFN): hybrid, whose
+    # DRAM holds rows instead of predictors
+    assert default_mode(silu, spec, options_for, densities=few) == "predicted"
+    assert default_mode(silu, spec, options_for, densities=all_rows) == "hybrid"
+    # what Llama does with the file's own densities
+    llm = Llama(str(silu.path), flash_offload=True, flash_dram_budget=0.6, **KW)
+    want = default_mode(silu, spec, options_for)
+    assert llm.flash_runtime.mode == want
+    llm.close()
+    # nothing streams: the mode is moot; no predictor: hybrid, not an error
+    assert default_mode(silu, spec, lambda m: flash_options(silu.payload_nbytes, 1.0, m)) \
+        == "predicted"
+    flash, _ = relu_model
+    llm = Llama(str(flash.path), flash_offload=True, flash_dram_budget=0.5, **KW)
+    assert llm.flash_runtime.mode == "hybrid"
     llm.close()
 
 
