@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import math
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import llama_cpp  # noqa: E402
+from svg_plot import write_svg  # noqa: E402
 
 from flashgguf import Llama  # noqa: E402
 from flashgguf.calibrate.collect import CalibrationOptions  # noqa: E402
@@ -91,66 +91,17 @@ def error_predictors(flash: FlashFile, bound: float) -> list:
 
 
 CSV_HEADER = ("series", "setting", "neurons_computed", "ppl_ratio")
-Y_TICKS = (0.99, 1.0, 1.01, 1.03, 1.05, 1.1, 1.2, 1.3, 1.5)
-Y_TOP = 1.5  # higher points sit on the top edge: the region that matters is near 1
+TARGET = (65.0, 1.03)  # issue 4's: at most 65% of the neurons computed within 1.03x
 
 
-def write_svg(path: Path, points: list[Point], target: tuple[float, float]) -> None:
-    """A line per series: x neurons computed (%), y perplexity / stock on a log scale from
-    the lowest point to Y_TOP (higher points sit on the top edge); the target region shaded."""
-    width, height, left, right, top, bottom = 760, 460, 70, 190, 20, 50
-    x0, x1 = min(30.0, min(p.computed * 100 for p in points)), 100.0
-    y0 = min(0.995, min(p.ppl_ratio for p in points))
-    y1 = min(Y_TOP, max(max(p.ppl_ratio for p in points), 1.1))
-    ly0, ly1 = math.log(y0), math.log(y1)
-
-    def sx(v: float) -> float:
-        return left + (v - x0) / (x1 - x0) * (width - left - right)
-
-    def sy(v: float) -> float:
-        frac = (math.log(min(max(v, y0), y1)) - ly0) / (ly1 - ly0)
-        return height - bottom - frac * (height - top - bottom)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<rect x="{sx(x0):.1f}" y="{sy(target[1]):.1f}" '
-           f'width="{sx(target[0]) - sx(x0):.1f}" height="{sy(y0) - sy(target[1]):.1f}" '
-           'fill="#e6f4e6"/>',
-           f'<text x="{sx(x0) + 4:.1f}" y="{sy(target[1]) - 4:.1f}" fill="#2a7a2a">target: '
-           f'&lt;= {target[0]:.0f}% computed, &lt;= {target[1]:.2f}x</text>']
-    for i in range(8):
-        xv = x0 + (x1 - x0) * i / 7
-        out.append(f'<line x1="{sx(xv):.1f}" y1="{sy(y0):.1f}" x2="{sx(xv):.1f}" '
-                   f'y2="{sy(y1):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{sx(xv):.1f}" y="{sy(y0) + 16:.1f}" '
-                   f'text-anchor="middle">{xv:.0f}</text>')
-    for yv in (y for y in Y_TICKS if y0 <= y <= y1):
-        out.append(f'<line x1="{sx(x0):.1f}" y1="{sy(yv):.1f}" x2="{sx(x1):.1f}" '
-                   f'y2="{sy(yv):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{sx(x0) - 6:.1f}" y="{sy(yv) + 4:.1f}" '
-                   f'text-anchor="end">{yv:g}</text>')
-    out.append(f'<text x="{(sx(x0) + sx(x1)) / 2:.1f}" y="{height - 10}" text-anchor="middle">'
-               'FFN neurons computed per token (%)</text>')
-    out.append(f'<text x="16" y="{(sy(y0) + sy(y1)) / 2:.1f}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {(sy(y0) + sy(y1)) / 2:.1f})">perplexity / stock '
-               f'llama.cpp (log; top edge: &gt;= {y1:g})</text>')
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    series = list(dict.fromkeys(p.series for p in points))
-    for i, name in enumerate(series):
-        pts = sorted((p for p in points if p.series == name), key=lambda p: p.computed)
-        coords = " ".join(f"{sx(p.computed * 100):.1f},{sy(p.ppl_ratio):.1f}" for p in pts)
-        color = colors[i % len(colors)]
-        out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" '
-                   'stroke-width="2"/>')
-        out.extend(f'<circle cx="{sx(p.computed * 100):.1f}" cy="{sy(p.ppl_ratio):.1f}" r="3" '
-                   f'fill="{color}"/>' for p in pts)
-        ly = top + 20 + 18 * i
-        out.append(f'<line x1="{width - right + 12}" y1="{ly}" x2="{width - right + 32}" '
-                   f'y2="{ly}" stroke="{color}" stroke-width="2"/>')
-        out.append(f'<text x="{width - right + 38}" y="{ly + 4}">{name}</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+def plot(path: Path, points: list[Point]) -> None:
+    """A line per series: x neurons computed (%), y perplexity / stock; the target shaded."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for p in points:
+        series.setdefault(p.series, []).append((p.computed * 100, p.ppl_ratio))
+    write_svg(path, series, "FFN neurons computed per token (%)", "perplexity / stock llama.cpp",
+              (30.0, 100.0), TARGET, f"target: &lt;= {TARGET[0]:.0f}% computed, "
+              f"&lt;= {TARGET[1]:.2f}x")
 
 
 def read_csv(path: Path) -> list[Point]:
@@ -188,7 +139,7 @@ def main() -> int:
     args = p.parse_args()
     earlier = [q for path in args.from_csv for q in read_csv(path)]
     if args.plot_only:
-        write_svg(args.svg, earlier, (65.0, 1.03))
+        plot(args.svg, earlier)
         print(f"wrote {args.svg}")
         return 0
     src = Path(args.model or smollm2_gguf())
@@ -232,7 +183,7 @@ def main() -> int:
         out.writerow(CSV_HEADER)
         out.writerows((q.series, q.setting, f"{q.computed:.4f}", f"{q.ppl_ratio:.4f}")
                       for q in points)
-    write_svg(args.svg, earlier + points, (65.0, 1.03))
+    plot(args.svg, earlier + points)
     print(f"wrote {args.csv} and {args.svg}")
     return 0
 
