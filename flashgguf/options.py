@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,25 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class BudgetClampWarning(UserWarning):
+    """flash_dram_budget asked for more than the RAM available: it was lowered."""
+
+
+def _clamped_to_ram(nbytes: int, payload_nbytes: int, trunk_nbytes: int) -> int:
+    """A budget whose allocation (at most the payload) exceeds the RAM available after the
+    trunk would end in swapping or the OOM killer, not in an error: it is lowered to the
+    default share of that RAM, with a warning."""
+    room = max(available_ram() - trunk_nbytes, 0)
+    if min(nbytes, payload_nbytes) <= room:
+        return nbytes
+    clamped = max(int(DEFAULT_RAM_SHARE * room), 1)
+    warnings.warn(BudgetClampWarning(
+        f"flash_dram_budget of {nbytes:,} bytes is more than the {room:,} bytes of RAM "
+        f"available after the model's trunk: lowered to {clamped:,} bytes "
+        f"({DEFAULT_RAM_SHARE:g} of it)"), stacklevel=4)
+    return clamped
+
+
 def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
                   mode: str = DEFAULT_MODE, window: int = DEFAULT_WINDOW,
                   pinned_share: float = DEFAULT_PINNED_SHARE,
@@ -243,6 +263,8 @@ def flash_options(payload_nbytes: int, budget: int | float | str | None = None,
         nbytes = None if payload_nbytes <= room else max(room, 1)
     else:
         nbytes = parse_budget(budget, payload_nbytes)
+        if offload:
+            nbytes = _clamped_to_ram(nbytes, payload_nbytes, trunk_nbytes)
     if nbytes is not None and nbytes >= payload_nbytes and mode in ("predicted", "gate"):
         nbytes = None  # the whole payload fits: nothing to predict or stream
     streaming = offload and nbytes is not None

@@ -204,6 +204,11 @@ class Runtime:
             detail = f"the minimum is {need:,} bytes (the predictors and resident gates)"
         check(code, what, detail)
 
+    @property
+    def options(self) -> FlashOptions:
+        """The options record this runtime was made with (budget, mode, threads, ...)."""
+        return self._opts
+
     def plan(self) -> list[tuple[int, int]]:
         """(slots, pinned rows) per layer that loading would give (streaming modes): for a
         runtime made with load=False, which allocates and reads nothing."""

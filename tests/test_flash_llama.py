@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,22 @@ def test_command_line_budgets(text, want):
 def test_bad_budgets_name_the_parameter(value):
     with pytest.raises(OptionError, match="flash_dram_budget"):
         parse_budget(value, payload_nbytes=1000)
+
+
+def test_budget_beyond_the_ram_is_lowered_with_a_warning(monkeypatch):
+    from flashgguf import options
+
+    monkeypatch.setattr(options, "available_ram", lambda: 11_000)
+    with pytest.warns(options.BudgetClampWarning, match="lowered to 8,000 bytes"):
+        opts = flash_options(1_000_000, budget=500_000, trunk_nbytes=1_000)
+    assert opts.dram_budget == 8_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # what is allocated is at most the payload: a budget above it that fits is kept
+        assert flash_options(5_000, budget=50_000, mode="hybrid").dram_budget == 50_000
+        assert flash_options(1_000_000, budget=9_000).dram_budget == 9_000
+        # nothing is allocated without offload (the page cache holds the payload)
+        assert flash_options(1_000_000, budget=500_000, offload=False).mode == "dense"
 
 
 @pytest.mark.parametrize("kw, name", [

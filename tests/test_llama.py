@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 
 import llama_cpp
@@ -157,6 +159,32 @@ def test_close_and_gc(tiny_models, flash_of):
     # a model dropped without close() is freed by the garbage collector
     for _ in range(3):
         Llama(str(path), flash_offload=True, **KW)("Hello", max_tokens=2)
+
+
+def _open_fds_and_threads() -> tuple[int, int]:
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("io", ["threads", "io_uring"])
+def test_no_descriptor_or_thread_outlives_its_model(tiny_models, flash_of, io):
+    """Streaming models (read workers, an io_uring ring, direct-I/O descriptors), loaded,
+    used and closed, or dropped without close(), leave the process as they found it."""
+    path = flash_of(tiny_models(TinyModel()))
+
+    def use(close: bool) -> None:
+        llm = Llama(str(path), flash_offload=True, flash_dram_budget=0.5, flash_mode="hybrid",
+                    flash_io=io, **KW)
+        llm("Hello", max_tokens=3)
+        if close:
+            llm.close()
+
+    use(close=True)  # llama.cpp's and OpenMP's own once-per-process threads start here
+    gc.collect()
+    before = _open_fds_and_threads()
+    for close in (True, False, True, False):
+        use(close)
+        gc.collect()
+    assert _open_fds_and_threads() == before
 
 
 def test_callback_errors_surface_as_exceptions(tiny_models, flash_of, monkeypatch):
