@@ -53,3 +53,11 @@ class MissingPredictorError(FlashGGUFError, ValueError):
 
 class WriterStateError(FlashGGUFError, RuntimeError):
     """A GGUF writer's step was called out of order (a bug in the caller, not in the data)."""
+
+
+class ConcurrentUseError(FlashGGUFError, RuntimeError):
+    """A model was called from a second thread while another thread was using it."""
+
+
+class ModelClosedError(FlashGGUFError, RuntimeError):
+    """A model was used after close() (or while a close() was waiting for its use to end)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .archs import get_arch
@@ -30,6 +30,7 @@ from .options import (
 from .policy import default_mode
 from .predictor import LayerPredictor
 from .runtime import Runtime, installed_context_class, llama_cpp_module
+from .usage import UseGuard
 
 llama_cpp = llama_cpp_module()
 
@@ -78,6 +79,7 @@ class Llama(llama_cpp.Llama):
                  **kwargs: Any) -> None:
         self._flash_runtime: Runtime | None = None
         path = os.fspath(model_path)
+        self._use = UseGuard(f"the model {path}")
         if not is_flash_gguf(path):
             if flash_offload:
                 raise NotFlashGGUFError(
@@ -132,7 +134,55 @@ class Llama(llama_cpp.Llama):
         """Cumulative counters of the flash runtime (empty for a plain GGUF)."""
         return {} if self._flash_runtime is None else self._flash_runtime.stats(reset=reset)
 
+    # One thread at a time (flashgguf/usage.py): the calls that decode, sample or change
+    # the context's state. tokenize/detokenize only read the vocabulary.
+    def eval(self, tokens: Sequence[int]) -> None:
+        with self._use.use("eval"):
+            super().eval(tokens)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:
+        return self._use.generation("generate", super().generate(*args, **kwargs))
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guarded_call("create_completion", super().create_completion, args, kwargs)
+
+    def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guarded_call("create_chat_completion", super().create_chat_completion,
+                                  args, kwargs)
+
+    def _guarded_call(self, what: str, call: Any, args: Any, kwargs: Any) -> Any:
+        # the whole call is one use; a stream is one step per chunk, so that close() from
+        # another thread never frees the model under the detokenizing between tokens
+        with self._use.use(what):
+            result = call(*args, **kwargs)
+        return self._use.generation(what, result) if isinstance(result, Iterator) else result
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        with self._use.use("embed"):
+            return super().embed(*args, **kwargs)
+
+    def reset(self) -> None:
+        with self._use.use("reset"):
+            super().reset()
+
+    def save_state(self) -> Any:
+        with self._use.use("save_state"):
+            return super().save_state()
+
+    def load_state(self, state: Any) -> None:
+        with self._use.use("load_state"):
+            super().load_state(state)
+
     def close(self) -> None:
+        """Free the model; from another thread while it generates, once that generation
+        ends (its next step raises ModelClosedError). Calling it again does nothing."""
+        guard = getattr(self, "_use", None)
+        if guard is None:  # __init__ failed before the guard existed
+            self._free()
+        else:
+            guard.close(self._free)
+
+    def _free(self) -> None:
         # The context (which calls into the runtime) goes first, then the runtime.
         if hasattr(self, "_stack"):  # absent when __init__ failed before llama.cpp was called
             super().close()

@@ -6,8 +6,10 @@ Nothing else in flashgguf imports the compiled module."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -158,6 +160,7 @@ class Runtime:
         check(lib.fg_runtime_create(cfg, str(flash.path).encode(), out),
               f"opening {flash.path} for the flash runtime")
         self._rt = ffi.gc(out[0], lib.fg_runtime_destroy)
+        _live_runtimes.add(self)
         self._keep: list[np.ndarray] = []  # buffers stay alive until C has copied them
         for layer in flash.layers:
             types, offsets = _layout_arrays(layer)
@@ -384,11 +387,31 @@ class Runtime:
             ffi.release(self._rt)
             self._rt = None
 
+    def _abandon(self) -> None:
+        """Drop the handle without destroying it (see _abandon_in_child)."""
+        if self._rt is not None:
+            ffi.gc(self._rt, None)  # detaches fg_runtime_destroy from the handle
+            self._rt = None
+
     def context_class(self) -> type:
         """A llama.cpp context class whose graph runs this runtime's FFN callback and raises
         what went wrong in it after each decode (install it with installed_context_class)."""
         return _callback_context_class(_address(ffi.addressof(lib, "fg_eval_callback")),
                                       _address(self.handle), self.raise_pending_error)
+
+
+_live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _abandon_in_child() -> None:
+    # fork() copies only the calling thread: a runtime's read workers stay in the parent,
+    # and destroying the runtime here (at the child's exit, say) would wait for them
+    # forever. The child leaves it allocated instead; its models refuse to run there.
+    for runtime in list(_live_runtimes):
+        runtime._abandon()
+
+
+os.register_at_fork(after_in_child=_abandon_in_child)
 
 
 class Capture:
