@@ -290,6 +290,26 @@ def test_cli_sigterm_midway_leaves_nothing(tiny_models, tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_cli_full_disk_is_a_clear_error_and_leaves_nothing(tiny_models, tmp_path):
+    """A disk that fills mid-conversion (here a file-size limit, EFBIG: no root needed)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = "\n".join([
+        "import resource, signal, sys",
+        "from flashgguf.convert.cli import main",
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead",
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))",
+        f"sys.exit(main([{str(tiny_models(TinyModel()))!r}, '-o', "
+        f"{str(out / 'm.flash.gguf')!r}, '-q']))",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"error: writing {out / 'm.flash.gguf'}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(out.iterdir()) == []
+
+
 # ---- the activity predictor ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
