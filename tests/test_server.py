@@ -66,11 +66,15 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def served(model: Path, **options) -> contextlib.AbstractContextManager[Server]:
+    return served_command(_command_line(model, **options))
+
+
 @contextlib.contextmanager
-def served(model: Path, **options) -> Iterator[Server]:
+def served_command(command: list[str]) -> Iterator[Server]:
     """A flashgguf-server child process, stopped at the end whatever happens."""
-    process = subprocess.Popen(_command_line(model, **options), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         line = ""
@@ -202,20 +206,10 @@ def test_config_file_sets_flash_options(tiny_flash, tmp_path):
          "flash_dram_budget": "0.25", "verbose": False, **LLAMA_KW}]}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    process = subprocess.Popen([sys.executable, "-m", "flashgguf.server", "--config_file",
-                                str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    try:
-        line = process.stdout.readline()
-        url = re.search(r"serving on (http://\S+)", line)
-        assert url, process.stderr.read() if process.poll() is not None else line
-        server = Server(url.group(1), process)
+    with served_command([sys.executable, "-m", "flashgguf.server", "--config_file",
+                         str(path)]) as server:
         assert [m.id for m in server.client().models.list().data] == ["tiny"]
         assert server.get("/extras/flash/stats")["mode"] == "naive"
-    finally:
-        _stop(process)
-        process.stdout.close()
-        process.stderr.close()
 
 
 @pytest.mark.parametrize("options, message", [
@@ -265,18 +259,10 @@ def test_smollm2_served_like_in_process(smollm2_flash):
 
 def test_hyphenated_options_are_read(tiny_flash):
     """--flash-mode as well as llama_cpp.server's own --flash_mode spelling."""
-    command = _command_line(tiny_flash, n_ctx=256)
-    process = subprocess.Popen(command + ["--flash-mode", "naive", "--flash-dram-budget=0.5",
-                                          "--n-threads", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = re.search(r"serving on (http://\S+)", process.stdout.readline())
-        assert url, process.stderr.read()
-        assert Server(url.group(1), process).get("/extras/flash/stats")["mode"] == "naive"
-    finally:
-        _stop(process)
-        process.stdout.close()
-        process.stderr.close()
+    command = _command_line(tiny_flash, n_ctx=256) + [
+        "--flash-mode", "naive", "--flash-dram-budget=0.5", "--n-threads", "1"]
+    with served_command(command) as server:
+        assert server.get("/extras/flash/stats")["mode"] == "naive"
 
 
 def test_missing_server_packages_name_the_extra(tiny_flash):
