@@ -46,6 +46,13 @@ _IO_NAMES = {lib.FG_IO_THREADS: "threads", lib.FG_IO_URING: "io_uring", 0: "none
 _STATS = ("tokens", "bytes_read", "reads", "bytes_needed", "cache_hits", "cache_misses",
           "neurons_computed", "pinned_neurons", "window_evictions", "time_predict_s",
           "time_io_wait_s", "time_ffn_s", "time_total_s")
+# fg_trace_call, field by field (checked against C's struct size at import)
+TRACE_CALL_DTYPE = np.dtype([
+    ("layer", np.int32), ("n_tokens", np.int32), ("needed", np.int32), ("pinned", np.int32),
+    ("hits", np.int32), ("misses", np.int32), ("reads", np.int32), ("reserved", np.int32),
+    ("bytes_read", np.uint64), ("first_read", np.uint64), ("time_predict_s", np.float64),
+    ("time_io_wait_s", np.float64), ("time_ffn_s", np.float64)])
+assert TRACE_CALL_DTYPE.itemsize == ffi.sizeof("fg_trace_call")
 # C error code -> exception; a code not listed is a NativeError
 _ERRORS: dict[int, type[FlashGGUFError]] = {lib.FG_ERR_BUDGET: BudgetError}
 
@@ -130,11 +137,14 @@ class Runtime:
     (LayerInfo.predictor). Mode "predicted" needs one for every layer.
     layer_weights: how the budget beyond every layer's minimum is shared; default: the
     predictor's expected active share per layer when the file stores it (predicted mode),
-    else an even split. load=False: configured but nothing allocated or read (plan())."""
+    else an even split. load=False: configured but nothing allocated or read (plan()).
+    masks_only: every call will give its rows (ffn's mask: trace replay), so predicted mode
+    runs without predictors (the file's are still set when it has them: their DRAM counts)."""
 
     def __init__(self, flash: FlashFile, spec: ArchSpec, opts: FlashOptions,
                  predictors: Sequence[LayerPredictor | None] | None = None,
-                 layer_weights: Sequence[float] | None = None, load: bool = True) -> None:
+                 layer_weights: Sequence[float] | None = None, load: bool = True,
+                 masks_only: bool = False) -> None:
         self.flash = flash
         self._opts = opts
         self.spec = spec
@@ -144,7 +154,7 @@ class Runtime:
         if len(predictors) != flash.n_layer:
             raise OptionError(f"{len(predictors)} predictors for {flash.n_layer} layers")
         missing = [i for i, p in enumerate(predictors) if p is None]
-        if opts.mode == "predicted" and missing:
+        if opts.mode == "predicted" and missing and not masks_only:
             raise MissingPredictorError(
                 f"{flash.path}: flash_mode='predicted' needs a predictor per layer, and layer "
                 f"{missing[0]} has none: convert the model again with this flashgguf, or use "
@@ -177,7 +187,7 @@ class Runtime:
             for i, pred in enumerate(predictors):
                 if pred is not None:
                     self._set_predictor(i, pred)
-            if layer_weights is None:
+            if layer_weights is None and not missing:
                 layer_weights = _expected_active(flash)
         if layer_weights is not None and opts.mode != "dense":
             if len(layer_weights) != flash.n_layer:
@@ -320,6 +330,34 @@ class Runtime:
                                      x.shape[0], ffi.from_buffer(out, require_writable=True)),
               f"predictor of layer {layer}")
         return out.astype(bool)
+
+    # ---- trace (flashgguf-profile) -------------------------------------------------
+
+    def trace_start(self, max_calls: int, max_reads: int) -> None:
+        """Record the next max_calls streaming FFN calls and their first max_reads reads
+        (flashgguf.trace); clears an earlier trace. Streaming modes only."""
+        check(lib.fg_runtime_trace_start(self.handle, max_calls, max_reads),
+              f"starting a trace of {max_calls} calls and {max_reads} reads")
+
+    def trace_take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """(calls, needed bitsets, read offsets, read lengths, calls seen, reads seen) of the
+        trace so far; calls is a structured array with fg_trace_call's fields."""
+        counts = ffi.new("int64_t[4]")
+        lib.fg_runtime_trace_counts(self.handle, counts)
+        n_calls, n_reads = int(counts[0]), int(counts[1])
+        calls = np.zeros(n_calls, dtype=TRACE_CALL_DTYPE)
+        needed = np.zeros((n_calls, (self.flash.n_ff + 7) // 8), dtype=np.uint8)
+        offsets = np.zeros(n_reads, dtype=np.uint64)
+        lengths = np.zeros(n_reads, dtype=np.uint64)
+        if n_calls or n_reads:
+            lib.fg_runtime_trace_copy(
+                self.handle, ffi.cast("fg_trace_call *", ffi.from_buffer(calls)),
+                ffi.from_buffer(needed), ffi.cast("uint64_t *", ffi.from_buffer(offsets)),
+                ffi.cast("uint64_t *", ffi.from_buffer(lengths)))
+        return calls, needed, offsets, lengths, int(counts[2]), int(counts[3])
+
+    def trace_stop(self) -> None:
+        lib.fg_runtime_trace_stop(self.handle)
 
     # ---- inspection (tests) --------------------------------------------------------
 

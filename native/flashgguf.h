@@ -253,6 +253,40 @@ int fg_runtime_take_error(fg_runtime *rt, char *msg, size_t msg_cap);
 void fg_runtime_get_stats(const fg_runtime *rt, fg_stats *out);
 void fg_runtime_reset_stats(fg_runtime *rt);
 
+/* ---- trace (flashgguf-profile run --trace / replay) ---------------------------------- */
+/* One streaming FFN call as recorded: its rows needed are a bitset of n_ff bits (bit i of
+ * byte i / 8 is row i, least significant bit first), its reads entries
+ * [first_read, first_read + reads) of the trace's read list. */
+typedef struct fg_trace_call {
+    int32_t layer;
+    int32_t n_tokens;              /* FFN input rows of the call */
+    int32_t needed;                /* rows computed */
+    int32_t pinned;                /* of them, pinned rows */
+    int32_t hits;                  /* of them, found in the cache (not pinned) */
+    int32_t misses;                /* of them, read from the payload */
+    int32_t reads;                 /* reads issued */
+    int32_t reserved;
+    uint64_t bytes_read;           /* bytes the reads transferred */
+    uint64_t first_read;           /* index of the call's first read among all traced reads */
+    double time_predict_s;
+    double time_io_wait_s;
+    double time_ffn_s;
+} fg_trace_call;
+
+/* Record the next max_calls streaming FFN calls (each with its rows needed) and the first
+ * max_reads of their reads; clears an earlier trace. After load, streaming modes only
+ * (FG_ERR_STATE otherwise); max_calls, max_reads >= 0. */
+int fg_runtime_trace_start(fg_runtime *rt, int64_t max_calls, int64_t max_reads);
+/* counts[4]: calls recorded, reads recorded, calls seen, reads seen since the start (the
+ * seen ones go on past the limits: more seen than recorded means the trace was cut). */
+void fg_runtime_trace_counts(const fg_runtime *rt, int64_t *counts);
+/* Copy what was recorded: calls[n], needed[n x ((n_ff + 7) / 8)], read_offset[m],
+ * read_len[m] with n, m the recorded counts. */
+void fg_runtime_trace_copy(const fg_runtime *rt, fg_trace_call *calls, uint8_t *needed,
+                           uint64_t *read_offset, uint64_t *read_len);
+/* Stop recording and free the trace. */
+void fg_runtime_trace_stop(fg_runtime *rt);
+
 /* ggml_backend_sched_eval_callback; user_data is the fg_runtime. */
 bool fg_eval_callback(void *tensor, bool ask, void *user_data);
 

@@ -235,6 +235,7 @@ void fg_runtime_destroy(fg_runtime *rt) {
     free(rt->pred_xq);
     free(rt->pred_z);
     free(rt->pred_zq);
+    fg_runtime_trace_stop(rt);
     fg_reader_close(&rt->reader);
     free(rt);
 }
@@ -796,6 +797,7 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
     rt->stats.bytes_needed += (uint64_t)n_miss * stride;
 
     const int32_t n_reads = plan_reads(rt, L, rt->miss_idx, rt->miss_rows, n_miss);
+    const uint64_t bytes_before = rt->reader.bytes_read;
     int rc = fg_io_submit(&rt->io, rt->reads, n_reads);
     if (rc != FG_OK) {
         forget_admitted(C, rt->miss_idx, n_miss);
@@ -811,9 +813,16 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
         return rc;
     }
     ffn_reduce(rt, L, y, n_tokens);
+    const double t_ffn = (fg_now_seconds() - t1) - waited;
     rt->stats.time_io_wait_s += waited;
-    rt->stats.time_ffn_s += (fg_now_seconds() - t1) - waited;
+    rt->stats.time_ffn_s += t_ffn;
     rt->stats.neurons_computed += (uint64_t)n_need * (uint64_t)n_tokens;
+    if (rt->trace.max_calls > 0) {
+        fg_trace_call call = {layer, n_tokens, n_need, n_pinned, n_res - n_pinned, n_miss,
+                              n_reads, 0, rt->reader.bytes_read - bytes_before, 0,
+                              t1 - t0, waited, t_ffn};
+        fg_trace_append(rt, &call);
+    }
     return FG_OK;
 }
 

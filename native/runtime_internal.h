@@ -71,6 +71,17 @@ typedef struct fg_layer {
     double weight;            /* share of the budget beyond the minimum (1 by default) */
 } fg_layer;
 
+/* The calls and reads recorded since fg_runtime_trace_start (trace.c). */
+typedef struct fg_trace {
+    int64_t max_calls, max_reads;
+    int64_t n_calls, n_reads;        /* recorded */
+    int64_t seen_calls, seen_reads;  /* since the start, past the limits too */
+    size_t row_bytes;                /* bytes of one call's needed bitset */
+    fg_trace_call *calls;
+    uint8_t *needed;
+    uint64_t *read_offset, *read_len;
+} fg_trace;
+
 struct fg_runtime {
     fg_config cfg;
     fg_reader reader;
@@ -113,11 +124,16 @@ struct fg_runtime {
     float *pred_z;                   /* max_rank */
     uint8_t *pred_zq;                /* one Q8_0 row of max_rank */
 
+    fg_trace trace;                  /* off unless max_calls > 0 */
     fg_error_slot err;               /* first error inside the callback */
     fg_stats stats;
 };
 
 void fg_runtime_set_error(fg_runtime *rt, int code, const char *msg);
+
+/* Append one streaming call (the rows needed are rt->need[0, call->needed)) and its planned
+ * reads rt->reads[0, call->reads) to the trace, when one is recording. */
+void fg_trace_append(fg_runtime *rt, fg_trace_call *call);
 
 /* The largest FFN team: per-thread scratch is sized for it. */
 static inline size_t fg_max_threads(const fg_config *c) {
