@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..calibrate.collect import CalibrationOptions
 from ..errors import ConvertError, FlashGGUFError
 from ..format import constants as C
+from ..interrupt import exit_status, sigterm_unwinds
 from .gguf_source import ConvertOptions, convert_gguf
 from .hf_source import OUTTYPES, convert_hf
 from .predictor_fit import PredictorOptions
@@ -86,29 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that it unwinds as Ctrl-C does: the partial
-    output and the scratch files are removed on the way out."""
-
-
-def _raise_terminated(_signum: int, _frame: object) -> None:
-    raise _Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield  # Python delivers signals to the main thread only
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
-    with _sigterm_unwinds():
+    with sigterm_unwinds():
         return _main(argv)
 
 
@@ -151,7 +127,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print("flashgguf-convert: interrupted; no output written", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+        return exit_status(exc)
     return 0
 
 
