@@ -13,7 +13,7 @@ from flashgguf.models import smollm2_gguf as smollm2_gguf_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_BROWN = REPO.parent / "shared" / "data" / "brown"
-EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"
+EVALUATION_HEAD = REPO / "flashgguf" / "data" / "evaluation_head.txt"
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gguf import GGUFWriter, TokenType
 
-CORPUS = Path(__file__).resolve().parent / "data" / "brown" / "evaluation_head.txt"
+CORPUS = Path(__file__).resolve().parent.parent / "flashgguf/data/evaluation_head.txt"
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
 N_MERGES = 200
 N_VOCAB = 49152

@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 from bench_dense import decode_tokens_per_s  # noqa: E402
 
 EVALUATION = REPO.parent / "shared" / "data" / "brown" / "evaluation.txt"
-EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"  # its first 20 KB
+EVALUATION_HEAD = REPO / "flashgguf" / "data" / "evaluation_head.txt"  # its first 24 KB
 CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20

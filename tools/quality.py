@@ -44,7 +44,7 @@ from flashgguf.evaluate import (  # noqa: E402
 from flashgguf.models import smollm2_gguf  # noqa: E402
 
 SHARED_EVALUATION = REPO.parent / "shared" / "data" / "brown" / "evaluation.txt"
-EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"
+EVALUATION_HEAD = REPO / "flashgguf" / "data" / "evaluation_head.txt"
 
 
 @contextlib.contextmanager

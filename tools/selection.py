@@ -52,7 +52,7 @@ from flashgguf.reference import ReferenceModel, forward, load_reference, silu
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_BROWN = REPO.parent / "shared" / "data" / "brown"
-EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"
+EVALUATION_HEAD = REPO / "flashgguf" / "data" / "evaluation_head.txt"
 
 
 # ---------------------------------------------------------------- policies

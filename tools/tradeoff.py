@@ -49,7 +49,7 @@ from flashgguf.format import FlashFile, open_flash_file  # noqa: E402
 from flashgguf.models import smollm2_gguf  # noqa: E402
 
 EVALUATION = REPO.parent / "shared" / "data" / "brown" / "evaluation.txt"
-EVALUATION_HEAD = REPO / "tests" / "data" / "brown" / "evaluation_head.txt"
+EVALUATION_HEAD = REPO / "flashgguf" / "data" / "evaluation_head.txt"
 
 
 @dataclasses.dataclass
