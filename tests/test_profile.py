@@ -5,6 +5,10 @@ replay at the recording's settings gives the recorded hits and bytes exactly).""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +174,79 @@ def test_bench_under_a_cap(capsys, tiny_source, tiny_flash):
     assert names["flash hybrid"]["read_mib_per_token"] >= 0
     assert got["overhead_mb"] > 0 and isinstance(got["capped"], bool)
     assert all(r["text"] for r in got["runs"])
+
+
+def test_plots_and_their_absence(capsys, tiny_flash, tiny_source, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "timeline.png"
+    got = profile_json(capsys, "run", str(tiny_flash), "--budget", "0.5", "--mode", "hybrid",
+                       "--tokens", "3", "--plot", str(png))
+    assert got["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = tmp_path / "quality.png"
+    got = profile_json(capsys, "quality", str(tiny_source), str(tiny_flash), "--tokens", "24",
+                       "--run", "mode=hybrid", "--run", "mode=naive", "--plot", str(png),
+                       "--stock-floor")
+    assert png.read_bytes()[:4] == b"\x89PNG" and len(got["runs"]) == 2
+    assert 0.5 < got["stock_floor"]["top1"] <= 1
+    # without matplotlib: the table (here the JSON) and a hint, no failure
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    capsys.readouterr()
+    assert main(["run", str(tiny_flash), "--budget", "0.5", "--mode", "hybrid", "--tokens", "1",
+                 "--plot", str(tmp_path / "none.png"), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["plot"] is None and "flashgguf[plot]" in out.err
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_bench_uncapped_with_a_mode_budget(capsys, tiny_source, tiny_flash, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    got = profile_json(capsys, "bench", str(tiny_source), "--flash", str(tiny_flash),
+                       "--caps", "none", "--budget", "0.5", "--tokens", "2", "--stock", "",
+                       "--modes", "hybrid,predicted:dram_budget=1.0", "--threads", "1",
+                       "--plot", str(png))
+    assert not got["capped"]
+    modes = {r["name"]: r["mode"] for r in got["runs"]}
+    # the mode's own budget wins: the whole payload fits, so it stays resident
+    assert modes == {"flash hybrid": "hybrid", "flash predicted:dram_budget=1.0": "dense"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _profile_children(marker: str) -> list[int]:
+    """Pids of flashgguf.profile.child processes whose spec names marker."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flashgguf.profile.child" in cmd and marker.encode() in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_leaves_no_child_cgroup_or_scratch(tiny_source, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashgguf.profile", "bench", str(tiny_source), "--caps", "0.9",
+         "--tokens", "100000", "--stock", "mmap", "--modes", "", "--workdir", str(work),
+         "--timeout", "600", "-q"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _profile_children(str(work)) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        assert _profile_children(str(work)), "no measured child started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted" in proc.stderr.read()
+    assert _profile_children(str(work)) == []
+    assert list(work.iterdir()) == []  # the scratch conversion is gone
+    groups = [p for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory"))
+              if root.is_dir() for p in root.glob(f"flashgguf-profile-{proc.pid}-*")]
+    assert groups == []

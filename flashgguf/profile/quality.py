@@ -24,10 +24,12 @@ from .harness import (
     flash_model,
     float_list,
     load_average,
+    no_weight_repacking,
     option_items,
     print_table,
     progress_bar,
 )
+from .plots import quality_plot, write_plot
 
 
 def add_parser(sub: Any) -> None:
@@ -50,7 +52,12 @@ def add_parser(sub: Any) -> None:
                    help="gate-mode runs at these flash_gate_keep values (gate-resident files)")
     p.add_argument("--n-batch", type=int, default=1, help="tokens per llama.cpp batch")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stock-floor", action="store_true",
+                   help="also score stock llama.cpp with its weight repacking off against stock "
+                   "as shipped: the agreement kernel rounding alone leaves")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder for conversions")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write a PNG plot here (needs flashgguf[plot])")
     p.set_defaults(func=main)
 
 
@@ -88,6 +95,15 @@ def main(args: argparse.Namespace) -> int:
     finally:
         stock.close()
     stock_ppl = perplexity(want, tokens)
+    floor = None
+    if args.stock_floor:
+        with no_weight_repacking():
+            plain = llama_cpp.Llama(str(args.source), **kw)
+        try:
+            got = teacher_forced_logits(plain, tokens)
+        finally:
+            plain.close()
+        floor = dict(perplexity=perplexity(got, tokens), top1=top1_agreement(got, want))
     rows = []
     with flash_model(args.flash or args.source, args.workdir, args.quiet) as flash_path:
         bar = progress_bar(len(settings), "runs", args.quiet, unit="run")
@@ -117,16 +133,23 @@ def main(args: argparse.Namespace) -> int:
             bar.update(1)
         bar.close()
     result = dict(source=str(args.source), text=text_from, tokens=len(tokens),
-                  n_batch=args.n_batch, stock_perplexity=stock_ppl, runs=rows,
-                  load_average=[load_avg, load_average()])
+                  n_batch=args.n_batch, stock_perplexity=stock_ppl, stock_floor=floor,
+                  runs=rows, load_average=[load_avg, load_average()])
+    result["plot"] = write_plot(args.plot, quality_plot(result), args.quiet)
     return emit(result, args.json, _table)
 
 
 def _table(r: dict[str, Any]) -> None:
     print(f"{r['source']}: first {r['tokens']} tokens of {r['text']}, n_batch {r['n_batch']}; "
           f"stock perplexity {r['stock_perplexity']:.4f}")
+    if r["stock_floor"]:
+        f = r["stock_floor"]
+        print(f"stock without weight repacking: perplexity {f['perplexity']:.4f} (x"
+              f"{f['perplexity'] / r['stock_perplexity']:.4f}), top-1 {f['top1']:.4f}")
     rows = [[", ".join(f"{k}={v}" for k, v in x["setting"].items()), x["mode"],
              f"{x['perplexity']:.4f}", f"{x['ratio']:.4f}", f"{x['top1']:.4f}",
              f"{x['read_mib_per_token']:.3f}", f"{x['computed']:.3f}"] for x in r["runs"]]
     print_table(["setting", "mode", "perplexity", "x stock", "top-1", "MiB read/tok",
                  "computed"], rows)
+    if r["plot"]:
+        print(f"plot: {r['plot']}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -52,12 +53,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--gaps", default="0,8,auto", help="coalescing gaps (rows or auto)")
     p.add_argument("--density", type=float, default=0.25, help="share of rows read per layer")
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--reps", type=int, default=1,
+                   help="repeat the engine runs (alternating); I/O wait is their median")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    if min(args.depths, default=0) < 1 or args.mb < 1 or args.file_mb < 1:
-        raise ProfileError("--depths, --mb and --file-mb must be positive")
+    if min(args.depths, default=0) < 1 or min(args.mb, args.file_mb, args.reps, args.tokens) < 1:
+        raise ProfileError("--depths, --mb, --file-mb, --reps and --tokens must be positive")
     load_avg = load_average()
     result: dict[str, Any] = {"device": _device(args)}
     if args.flash is not None:
@@ -95,7 +98,7 @@ def _curve(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     bar = progress_bar(len(configs), "device curve", args.quiet, unit="point")
     for kind, depth, read_size in configs:
         try:
-            mb_s = _random_reads(path, read_size, depth, int(min(args.mb * MB, size)),
+            mb_s = random_read_mb_s(path, read_size, depth, int(min(args.mb * MB, size)),
                                  kind == "direct")
         except OSError as exc:  # a filesystem that refuses O_DIRECT (tmpfs)
             points.append(dict(kind=kind, depth=depth, read_bytes=read_size,
@@ -118,7 +121,7 @@ def _curve(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     return dict(path=str(path), file_bytes=size, points=points, fits=fits)
 
 
-def _random_reads(path: Path, read_size: int, depth: int, nbytes: int, direct: bool) -> float:
+def random_read_mb_s(path: Path, read_size: int, depth: int, nbytes: int, direct: bool) -> float:
     """MB/s of nbytes read in read_size pieces at random aligned offsets, depth threads
     (each preadv releases the GIL: depth reads are in flight)."""
     drop_file_cache(path)
@@ -170,32 +173,38 @@ def _engines(args: argparse.Namespace) -> list[dict[str, Any]]:
     masks = rng.random((args.tokens, flash.n_layer, flash.n_ff)) < args.density
     x = np.zeros((1, flash.n_embd), dtype=np.float32)
     gaps = [g if g == "auto" else int(g) for g in args.gaps.split(",") if g]
-    out = []
     configs = [(e, g, d) for d in args.depths for g in gaps for e in args.engines.split(",") if e]
-    bar = progress_bar(len(configs), "read engines", args.quiet, unit="point")
-    for engine, gap, depth in configs:
-        rt = Runtime(flash, get_arch(flash.arch), FlashOptions(
-            max_tokens=1, mode="naive", dram_budget=max(flash.payload_nbytes // 2, 1),
-            coalesce_gap=gap, io=engine, io_depth=depth))
-        try:
-            drop_file_cache(flash.path)
-            rt.stats(reset=True)
-            for t in range(args.tokens):
-                for layer in range(flash.n_layer):
-                    rt.ffn(layer, x, masks[t, layer])
-            s = rt.stats()
-            backend, direct = rt.io_backend, rt.direct_io
-        finally:
-            rt.close()
-        wait = s["time_io_wait_s"]
+    waits: dict[tuple, list[float]] = {c: [] for c in configs}
+    last: dict[tuple, tuple[dict[str, float], str, bool]] = {}
+    bar = progress_bar(len(configs) * args.reps, "read engines", args.quiet, unit="run")
+    for _ in range(args.reps):
+        for engine, gap, depth in configs:
+            rt = Runtime(flash, get_arch(flash.arch), FlashOptions(
+                max_tokens=1, mode="naive", dram_budget=max(flash.payload_nbytes // 2, 1),
+                coalesce_gap=gap, io=engine, io_depth=depth))
+            try:
+                drop_file_cache(flash.path)
+                rt.stats(reset=True)
+                for t in range(args.tokens):
+                    for layer in range(flash.n_layer):
+                        rt.ffn(layer, x, masks[t, layer])
+                last[engine, gap, depth] = rt.stats(), rt.io_backend, rt.direct_io
+            finally:
+                rt.close()
+            waits[engine, gap, depth].append(last[engine, gap, depth][0]["time_io_wait_s"])
+            bar.update(1)
+    bar.close()
+    out = []
+    for (engine, gap, depth), (s, backend, direct) in last.items():
+        wait = statistics.median(waits[engine, gap, depth])
         out.append(dict(engine=engine, backend=backend, direct=direct, gap=gap, depth=depth,
                         io_ms_per_token=1e3 * wait / args.tokens,
+                        io_ms_range=[1e3 * min(waits[engine, gap, depth]) / args.tokens,
+                                     1e3 * max(waits[engine, gap, depth]) / args.tokens],
                         reads_per_token=s["reads"] / args.tokens,
                         kib_per_read=s["bytes_read"] / max(s["reads"], 1) / 1024,
                         mib_per_token=s["bytes_read"] / args.tokens / MiB,
                         mb_s=s["bytes_read"] / wait / MB if wait > 0 else None))
-        bar.update(1)
-    bar.close()
     return out
 
 
@@ -211,10 +220,11 @@ def _table(r: dict[str, Any]) -> None:
               f"{f['bandwidth_mb_s']:.0f} MB/s: break-even gap {f['break_even_kib']:.1f} KiB")
     if "engines" in r:
         print("runtime read engines (naive mode, random rows):")
-        rows = [[e["backend"], str(e["gap"]), str(e["depth"]), f"{e['io_ms_per_token']:.2f}",
+        rows = [[e["backend"], str(e["gap"]), str(e["depth"]), f"{e['io_ms_per_token']:.2f} "
+                 f"({e['io_ms_range'][0]:.1f}-{e['io_ms_range'][1]:.1f})",
                  f"{e['reads_per_token']:.1f}", f"{e['kib_per_read']:.1f}",
                  f"{e['mib_per_token']:.2f}", f"{e['mb_s']:.0f}" if e["mb_s"] else "-"]
                 for e in r["engines"]]
-        print_table(["engine", "gap", "depth", "io ms/tok", "reads/tok", "KiB/read", "MiB/tok",
-                     "MB/s"], rows)
+        print_table(["engine", "gap", "depth", "io ms/tok (range)", "reads/tok", "KiB/read",
+                     "MiB/tok", "MB/s"], rows)
     print(f"load average {r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f}")

@@ -5,7 +5,9 @@ cache held; --trace records every layer call for `replay`."""
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from .harness import (
     note,
     print_table,
     progress_bar,
+    rss_anon,
 )
+from .plots import timeline_plot, write_plot
 
 _DELTAS = ("bytes_read", "reads", "bytes_needed", "cache_hits", "cache_misses",
            "neurons_computed", "time_predict_s", "time_io_wait_s", "time_ffn_s")
@@ -42,6 +46,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--trace", type=Path, default=None,
                    help="write every layer call (rows needed, hits, reads, times) here (.npz)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder for conversions")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write a PNG plot here (needs flashgguf[plot])")
     p.set_defaults(func=main)
 
 
@@ -51,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
     with flash_model(args.model, args.workdir, args.quiet) as path:
         result = profile_run(path, flash_kwargs(args), args.tokens, args.prompt, args.threads,
                              args.trace, args.quiet)
+    result["plot"] = write_plot(args.plot, timeline_plot(result), args.quiet)
     return emit(result, args.json, _table)
 
 
@@ -102,7 +109,8 @@ def profile_run(path: Path, options: dict[str, Any], n_tokens: int, prompt: str,
                 rest_ms=1e3 * max(wall - ffn, 0.0), read_mib=d["bytes_read"] / MiB,
                 reads=int(d["reads"]), hits=int(d["cache_hits"]), misses=int(d["cache_misses"]),
                 over_fetch=d["bytes_read"] / d["bytes_needed"] if d["bytes_needed"] else None,
-                computed=d["neurons_computed"] / (runtime.flash.n_layer * runtime.flash.n_ff)))
+                computed=d["neurons_computed"] / (runtime.flash.n_layer * runtime.flash.n_ff),
+                rss_anon_mib=rss_anon() / MiB))
             bar.update(1)
         bar.close()
         total = llm.flash_stats()
@@ -117,6 +125,14 @@ def profile_run(path: Path, options: dict[str, Any], n_tokens: int, prompt: str,
                     ("ms", "predict_ms", "io_wait_ms", "ffn_ms", "rest_ms", "read_mib",
                      "reads", "computed")},
             bytes_read_total=int(total["bytes_read"]), reads_total=int(total["reads"]),
+            # the process's own memory beyond the budget: interpreter, llama.cpp's KV cache
+            # and compute buffers, the runtime's scratch and staging buffers
+            rss_anon_max_mib=max(r["rss_anon_mib"] for r in rows),
+            overhead_mib=max(r["rss_anon_mib"] for r in rows)
+            - (runtime.flash.payload_nbytes if runtime.mode == "dense"
+               else runtime.options.dram_budget) / MiB,
+            threads=threading.active_count(), native_threads=len(os.listdir("/proc/self/task")),
+            open_fds=len(os.listdir("/proc/self/fd")),
             load_average=[load_avg, load_average()], per_token=rows)
         if trace_path is not None:
             trace = record(runtime, str(path))
@@ -148,6 +164,9 @@ def _table(r: dict[str, Any]) -> None:
                  fmt(m["computed"], ".3f")])
     print_table(["token", "ms", "predict", "io wait", "ffn", "rest", "MiB read", "reads", "hits",
                  "misses", "over-fetch", "computed"], rows)
+    print(f"memory: RssAnon up to {r['rss_anon_max_mib']:.1f} MiB, "
+          f"{r['overhead_mib']:.1f} MiB over the budget (dense: over the payload); "
+          f"{r['native_threads']} threads, {r['open_fds']} open descriptors")
     print(f"{r['tok_s']:.2f} tok/s over {r['tokens']} tokens; load average "
           f"{r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f}")
     if "trace" in r:
@@ -155,3 +174,5 @@ def _table(r: dict[str, Any]) -> None:
         print(f"trace {t['path']}: {t['calls']} calls, {t['reads']} reads, "
               f"{t['bytes_read'] / MiB:.1f} MiB" + (" (cut: raise the limits)" if t["cut"] else ""))
     print(f"text: {r['text']!r}")
+    if r["plot"]:
+        print(f"plot: {r['plot']}")
