@@ -28,15 +28,17 @@ DEFAULT_GATE_CACHE_BONUS = 0.0
 IO_BACKENDS = ("auto", "threads", "io_uring")
 DEFAULT_IO = "auto"  # threads (BENCHMARKS.md: io_uring was not faster on this machine)
 DEFAULT_WINDOW = 4
-# Measured on this machine (tools/bench_modes.py, SmolLM2, decode tok/s): at a 50% budget,
+# Measured on this machine (then tools/bench_modes.py, now flashgguf-profile bench --caps none
+# --modes; SmolLM2, decode tok/s): at a 50% budget,
 # coalescing gap 2 / 8 / 32 rows -> 10-13 / 17 / 19 tok/s (fewer, larger reads win even
 # though more bytes are read); pinned share 0.25 vs 0.5: tied at 50%, 27.7 vs 21.9 tok/s at
 # 75%, and only 0.25 fits at 25% (with rank-32 predictors).
 DEFAULT_PINNED_SHARE = 0.25
 # flash_coalesce_gap "auto": misses are read in one read when the bytes between them cost
 # less than a read's fixed cost, DEFAULT_COALESCE_BYTES of transfer (this machine's disk,
-# `tools/bench_caps.py --read-cost`, three runs: break-even gaps 18.8, 21.9 and 33.9 KiB,
-# 24-48 us per read at 611-806 MB/s; see BENCHMARKS.md).
+# then `tools/bench_caps.py --read-cost`, three runs: break-even gaps 18.8, 21.9 and 33.9 KiB,
+# 24-48 us per read at 611-806 MB/s; now `flashgguf-profile io`, whose depth-16 fit gave
+# 17.7 KiB on 2026-12-01; see BENCHMARKS.md).
 DEFAULT_COALESCE_GAP = "auto"
 DEFAULT_COALESCE_BYTES = 22 << 10
 DEFAULT_IO_DEPTH = 16

@@ -8,7 +8,7 @@ per selection policy, the oracle as the bound, from tools/selection.py's --json 
 x: bytes fetched per token as a share of the FFN's bytes (selection.py's READ: the rows a
 token needs, no cache; the resident gate is not counted, it is read once). y: perplexity /
 stock llama.cpp on the same tokens. --point adds measured end-to-end runs (the runtime's
-bytes read per token with its cache at a budget, e.g. from tools/quality.py --run), one
+bytes read per token with its cache at a budget, e.g. from flashgguf-profile quality --run), one
 series per label.
 """
 
