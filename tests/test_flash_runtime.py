@@ -498,7 +498,8 @@ def test_a_call_waiting_on_the_device_takes_no_cpu(silu):
 
 def test_auto_io_is_threads(silu):
     flash, preds = silu
-    assert streaming(flash, preds).io_backend == "threads"  # measured default (flashgguf-profile io)
+    # the measured default (flashgguf-profile io)
+    assert streaming(flash, preds).io_backend == "threads"
     assert runtime(flash).io_backend == "none"  # dense: no read engine
 
 

@@ -25,9 +25,9 @@ Policies (percentages of each layer's neurons, a top-k per token and per layer):
   two p1:p2    gate resident; up rows for the top p1% by the gate score, exact h on them,
                then down columns only for the top p2% of all neurons by |h_i| * ||down_i||.
 
-Windows: --window 0 scores all tokens in one causal window (as flashgguf-profile quality's stock run);
---window W splits them into windows of W tokens, each from an empty context (BOS first), for
-stock and numpy alike.
+Windows: --window 0 scores all tokens in one causal window (as flashgguf-profile quality's
+stock run); --window W splits them into windows of W tokens, each from an empty context (BOS
+first), for stock and numpy alike.
 """
 
 from __future__ import annotations

@@ -58,11 +58,11 @@ def choose_part_type(source_type: GGMLQuantizationType, n_embd: int,
     return min(fitting, key=lambda t: (bits_per_weight(t), t not in _K_QUANTS))
 
 
-# Down columns are quantized a second time (the source stored down's rows): measured end to
-# end against stock llama.cpp (BENCHMARKS.md; flashgguf-profile quality per --down-type), a K-quant column
-# of the source's bits costs little (Qwen2.5-Coder-1.5B Q4_K_M: perplexity 1.004x), while
-# 32-block columns of the source's bits do not (SmolLM2 Q4_1 -> Q4_1: 1.087x; Gemma 3's
-# Q6_K/Q4_K -> Q5_1/Q4_0, n_embd 640: 1.062x; Q5_0: 1.048x); Q8_0 keeps them within 0.5%.
+# Down columns are quantized a second time (the source stored down's rows): measured end to end
+# against stock llama.cpp (BENCHMARKS.md; flashgguf-profile quality per --down-type), a K-quant
+# column of the source's bits costs little (Qwen2.5-Coder-1.5B Q4_K_M: perplexity 1.004x), while
+# 32-block columns of the source's bits do not (SmolLM2 Q4_1 -> Q4_1: 1.087x; Gemma 3's Q6_K/Q4_K ->
+# Q5_1/Q4_0, n_embd 640: 1.062x; Q5_0: 1.048x); Q8_0 keeps them within 0.5%.
 _DOWN_FALLBACK_TYPE = GGMLQuantizationType.Q8_0
 
 

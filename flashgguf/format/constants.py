@@ -119,9 +119,9 @@ TENSOR_PRED_B = "blk.{bid}.pred_b"
 TENSOR_PRED_B_UP = "blk.{bid}.pred_b_up"
 TENSOR_PRED_SCALE = "blk.{bid}.pred_scale"
 # Defaults: keep 0.7 because an oracle keeping each token's top 70% of SmolLM2's neurons by
-# contribution measured 1.00x perplexity (issue 3). Recall, measured token by token on
-# SmolLM2 (then tools/tradeoff.py, now flashgguf-profile quality --recall; 400 tokens): the calibrated predictor at 0.95
-# computes 88% of the neurons at 1.027x stock perplexity (0.9: 80%, 1.034x); the weight-only
+# contribution measured 1.00x perplexity (issue 3). Recall, measured token by token on SmolLM2 (then
+# tools/tradeoff.py, now flashgguf-profile quality --recall; 400 tokens): the calibrated predictor
+# at 0.95 computes 88% of the neurons at 1.027x stock perplexity (0.9: 80%, 1.034x); the weight-only
 # one, whose recall is set on random inputs, needs 0.99 (99% computed, 1.005x; 0.95 gave 1.26x).
 DEFAULT_PREDICTOR_KEEP = 0.7
 DEFAULT_PREDICTOR_RECALL = 0.95
