@@ -189,6 +189,17 @@ def test_shape_mismatch(tiny_flash, tmp_path):
         open_flash_file(bad)
 
 
+def test_unknown_array_item_type(pred_flash, tmp_path):
+    """Fuzzing regression (tests/fuzz_flash.py, seed 2, case 30): an array key whose item
+    type is no GGUF type was a raw ValueError, read before the value was checked."""
+    bad = copy_to(pred_flash[0], tmp_path)
+    base = open_flash_file(bad).payload.base
+    patch_key(bad, C.KEY_PREDICTOR_RECALL, GGUFValueType.ARRAY, struct.pack("<I", 518),
+              offset=base)
+    with pytest.raises(FormatError, match="unknown value type 518"):
+        open_flash_file(bad)
+
+
 def test_bad_magic(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + bytes(100))

@@ -170,11 +170,11 @@ def read_gguf(buf: memoryview, base: int, limit: int, what: str) -> GGUFStream:
         if key in fields:
             raise cur.fail(f"duplicate key {key!r}")
         vtype = cur.value_type(f"type of {key!r}")
-        if vtype == GGUFValueType.ARRAY:
-            array_types[key] = GGUFValueType(struct.unpack_from("<I", buf, cur.pos)[0]) \
-                if cur.pos + 4 <= limit else GGUFValueType.UINT8
-        fields[key] = cur.value(vtype, key)
+        start = cur.pos
+        fields[key] = cur.value(vtype, key)  # checks an array's item type first
         value_types[key] = vtype
+        if vtype == GGUFValueType.ARRAY:
+            array_types[key] = GGUFValueType(struct.unpack_from("<I", buf, start)[0])
 
     alignment = fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
