@@ -91,7 +91,8 @@ def register_hf_class(name: str, arch: str, build: Callable[..., Any]) -> None:
 
 def get_hf_class(names: object) -> HFClass:
     """The entry of config.json's `architectures` (a list of one registered class)."""
-    if not isinstance(names, list) or len(names) != 1 or names[0] not in HF_CLASSES:
+    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str) \
+            or names[0] not in HF_CLASSES:
         raise UnsupportedError(
             f"config.json: architectures {names!r} is not supported (supported: "
             f"{', '.join(sorted(HF_CLASSES))})"

@@ -143,7 +143,38 @@ def _unknown_pre_tokenizer(folder: Path) -> None:
     (folder / "tokenizer.json").write_text(json.dumps(tok))
 
 
+# Found by fuzzing (tests/fuzz_flash.py): each was a raw TypeError, AttributeError,
+# OverflowError or struct.error before.
+def _json_edit(name: str, edit) -> None:
+    def damage(folder: Path) -> None:
+        doc = json.loads((folder / name).read_text())
+        edit(doc)
+        (folder / name).write_text(json.dumps(doc))
+    damage.__name__ = f"_{name.split('.')[0]}_{edit.__name__.strip('_')}"
+    return damage
+
+
+def _architecture_object(c): c["architectures"] = [{}]  # noqa: E704
+def _activation_object(c): c["hidden_act"] = {}  # noqa: E704
+def _huge_positions(c): c["max_position_embeddings"] = 1 << 62  # noqa: E704
+def _huge_eps(c): c["rms_norm_eps"] = 1e300  # noqa: E704
+def _vocab_number(t): t["model"]["vocab"] = 7  # noqa: E704
+def _token_id_string(t): t["model"]["vocab"][next(iter(t["model"]["vocab"]))] = "x"  # noqa: E704
+def _added_token_number(t): t["added_tokens"] = [3]  # noqa: E704
+def _merge_number(t): t["model"]["merges"][0] = 5  # noqa: E704
+def _pre_tokenizer_string(t): t["pre_tokenizer"] = "ByteLevel"  # noqa: E704
+
+
 @pytest.mark.parametrize("damage,error,message", [
+    (_json_edit("config.json", _architecture_object), UnsupportedError, "architectures"),
+    (_json_edit("config.json", _activation_object), UnsupportedError, "hidden_act"),
+    (_json_edit("config.json", _huge_positions), FormatError, "below 2\\^31"),
+    (_json_edit("config.json", _huge_eps), FormatError, "float32 number"),
+    (_json_edit("tokenizer.json", _vocab_number), FormatError, "model.vocab is int"),
+    (_json_edit("tokenizer.json", _token_id_string), FormatError, "the id of token"),
+    (_json_edit("tokenizer.json", _added_token_number), FormatError, "an added token is int"),
+    (_json_edit("tokenizer.json", _merge_number), FormatError, "merges"),
+    (_json_edit("tokenizer.json", _pre_tokenizer_string), FormatError, "pre_tokenizer is str"),
     (_corrupt_header, FormatError, "too short"),
     (_header_past_end, FormatError, "header claims"),
     (_truncated_data, FormatError, "outside the data section"),

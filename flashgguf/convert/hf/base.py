@@ -86,14 +86,16 @@ class TensorSource:
 
 def config_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
     value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise FormatError(f"config.json: {key} is {value!r}, a positive integer is needed")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31:
+        raise FormatError(f"config.json: {key} is {value!r}, a positive integer below 2^31 is "
+                          "needed")
     return value
 
 
 def config_float(config: dict[str, Any], key: str, default: float | None = None) -> float:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise FormatError(f"config.json: {key} is {value!r}, a number is needed")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+            or abs(value) > float(np.finfo(np.float32).max):  # GGUF stores it as float32
+        raise FormatError(f"config.json: {key} is {value!r}, a float32 number is needed")
     return float(value)
 

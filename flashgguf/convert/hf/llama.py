@@ -66,7 +66,7 @@ def _activation(arch_name: str, config: dict[str, Any]) -> tuple[str, float]:
             raise UnsupportedError(f"{arch_name} with hidden_act {act!r}: only relu (dReLU) is "
                                    "supported")
         return "drelu", 0.0
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise UnsupportedError(f"{arch_name}: hidden_act {act!r} is not supported (supported: "
                                f"{', '.join(_ACTIVATIONS)})")
     threshold = config_float(config, "hidden_act_param", 0.0) if act == "fatrelu" else 0.0
@@ -82,7 +82,7 @@ def build(arch_name: str, config: dict[str, Any], src: TensorSource,
     n_head = config_int(config, "num_attention_heads")
     n_head_kv = config_int(config, "num_key_value_heads", n_head)
     n_vocab = config_int(config, "vocab_size")
-    head_dim = config.get("head_dim") or n_embd // n_head
+    head_dim = config_int(config, "head_dim") if config.get("head_dim") else n_embd // n_head
     if not isinstance(head_dim, int) or head_dim % 2 or n_head % n_head_kv:
         raise FormatError(f"config.json: head_dim {head_dim!r} / heads {n_head}/{n_head_kv} "
                           "do not describe a valid attention layout")

@@ -55,12 +55,24 @@ class Vocabulary:
     source: str  # file it came from, for the log
 
 
+def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """value when it is of kind (a JSON object, list, string or integer), else a FormatError
+    naming what it is: every part of a tokenizer file is checked before it is used."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise FormatError(f"{what} is {type(value).__name__} {value!r:.40}, a {names} is needed")
+    return value
+
+
 def _signature(pre: dict[str, Any] | None, where: str) -> tuple[tuple[Any, ...], ...]:
     if pre is None:
         raise UnsupportedError(f"{where}: a byte-level BPE without a pre-tokenizer is unsupported")
-    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    pre = _expect(pre, dict, f"{where}: pre_tokenizer")
+    items = _expect(pre.get("pretokenizers", []), list, f"{where}: pretokenizers") \
+        if pre.get("type") == "Sequence" else [pre]
     sig = []
     for p in items:
+        p = _expect(p, dict, f"{where}: a pre-tokenizer")
         kind = p.get("type")
         if kind == "ByteLevel":
             sig.append(("ByteLevel", bool(p.get("add_prefix_space", False)),
@@ -68,18 +80,20 @@ def _signature(pre: dict[str, Any] | None, where: str) -> tuple[tuple[Any, ...],
         elif kind == "Digits":
             sig.append(("Digits", bool(p.get("individual_digits", False))))
         elif kind == "Split":
-            pattern = p.get("pattern", {})
+            pattern = _expect(p.get("pattern", {}), dict, f"{where}: a Split pattern")
             sig.append(("Split", pattern.get("Regex", pattern.get("String")), p.get("behavior"),
                         bool(p.get("invert", False))))
         else:
-            sig.append((kind,))
+            sig.append((str(kind),))
     return tuple(sig)
 
 
 def pre_tokenizer_name(tokenizer: dict[str, Any], where: str) -> str:
-    if tokenizer.get("normalizer") is not None:
-        raise UnsupportedError(f"{where}: byte-level BPE with a normalizer "
-                               f"({tokenizer['normalizer'].get('type')}) is unsupported")
+    normalizer = tokenizer.get("normalizer")
+    if normalizer is not None:
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise UnsupportedError(f"{where}: byte-level BPE with a normalizer ({kind!r:.40}) is "
+                               "unsupported")
     sig = _signature(tokenizer.get("pre_tokenizer"), where)
     try:
         return PRE_TOKENIZERS[sig]
@@ -104,13 +118,16 @@ def _special_strings(folder: Path) -> set[str]:
     if not path.is_file():
         return set()
     config = _read_json(path)
+    decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(decoder or {}, dict):
+        raise FormatError(f"{path}: not a JSON object with an added_tokens_decoder object")
     out = set()
     for key, value in config.items():
         if key.endswith("_token"):
             content = value.get("content") if isinstance(value, dict) else value
             if isinstance(content, str):
                 out.add(content)
-    for entry in (config.get("added_tokens_decoder") or {}).values():
+    for entry in (decoder or {}).values():
         if isinstance(entry, dict) and entry.get("special") and isinstance(entry.get("content"),
                                                                              str):
             out.add(entry["content"])
@@ -122,11 +139,14 @@ def _bpe_vocabulary(vocab: dict[str, int], added: list[dict[str, Any]], folder: 
     by_id: dict[int, tuple[str, int]] = {}
     specials = _special_strings(folder)
     for text, tid in vocab.items():
+        _expect(tid, int, f"{source}: the id of token {text!r:.40}")
         by_id[tid] = (text, TokenType.CONTROL if text in specials else TokenType.NORMAL)
     for entry in added:
-        special = entry.get("special", False) or entry.get("content") in specials
-        by_id[entry["id"]] = (entry["content"],
-                              TokenType.CONTROL if special else TokenType.USER_DEFINED)
+        entry = _expect(entry, dict, f"{source}: an added token")
+        content = _expect(entry.get("content"), str, f"{source}: an added token's content")
+        tid = _expect(entry.get("id"), int, f"{source}: the id of added token {content!r:.40}")
+        special = entry.get("special", False) or content in specials
+        by_id[tid] = (content, TokenType.CONTROL if special else TokenType.USER_DEFINED)
     if not by_id or min(by_id) < 0 or max(by_id) >= n_vocab:
         raise FormatError(f"{source}: token ids {min(by_id, default=0)}..{max(by_id, default=0)} "
                           f"do not fit the model's vocab_size {n_vocab}")
@@ -140,8 +160,8 @@ def _bpe_vocabulary(vocab: dict[str, int], added: list[dict[str, Any]], folder: 
 
 def _from_tokenizer_json(folder: Path, n_vocab: int) -> Vocabulary:
     path = folder / "tokenizer.json"
-    tok = _read_json(path)
-    model = tok.get("model") or {}
+    tok = _expect(_read_json(path), dict, str(path))
+    model = _expect(tok.get("model") or {}, dict, f"{path}: model")
     if model.get("type") != "BPE" or model.get("byte_fallback", False):
         if (folder / "tokenizer.model").is_file():
             return _from_sentencepiece(folder, n_vocab)
@@ -149,16 +169,18 @@ def _from_tokenizer_json(folder: Path, n_vocab: int) -> Vocabulary:
                                f"{' with byte fallback' if model.get('byte_fallback') else ''} "
                                "is unsupported without tokenizer.model (byte-level BPE is)")
     pre = pre_tokenizer_name(tok, str(path))
-    return _bpe_vocabulary(model.get("vocab") or {}, tok.get("added_tokens") or [], folder,
-                           n_vocab, pre, path.name)
+    return _bpe_vocabulary(_expect(model.get("vocab") or {}, dict, f"{path}: model.vocab"),
+                           _expect(tok.get("added_tokens") or [], list, f"{path}: added_tokens"),
+                           folder, n_vocab, pre, path.name)
 
 
 def _from_vocab_json(folder: Path, n_vocab: int) -> Vocabulary:
-    vocab = _read_json(folder / "vocab.json")
+    vocab = _expect(_read_json(folder / "vocab.json"), dict, str(folder / "vocab.json"))
     added_path = folder / "added_tokens.json"
     added = []
     if added_path.is_file():
-        added = [{"id": i, "content": t} for t, i in _read_json(added_path).items()]
+        added = [{"id": i, "content": t} for t, i in
+                 _expect(_read_json(added_path), dict, str(added_path)).items()]
     # GPT2Tokenizer (slow) splits with GPT-2's regex and no other pre-processing
     return _bpe_vocabulary(vocab, added, folder, n_vocab, "gpt-2", "vocab.json")
 
@@ -211,10 +233,16 @@ def add_tokenizer(w: GGUFWriter, folder: Path, n_vocab: int) -> Vocabulary:
     w.add_token_types(vocab.types)
     if vocab.scores is not None:
         w.add_token_scores(vocab.scores)
-    special = SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
-    if vocab.model == "gpt2" and not special.merges:
-        raise FormatError(f"{folder}: the byte-level BPE tokenizer has no merges")
-    special.add_to_gguf(w, quiet=True)
+    try:  # gguf-py reads merges, special ids and the chat template: its own parsing
+        special = SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
+        if vocab.model == "gpt2" and not special.merges:
+            raise FormatError(f"{folder}: the byte-level BPE tokenizer has no merges")
+        special.add_to_gguf(w, quiet=True)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+        if isinstance(exc, FormatError):
+            raise
+        raise FormatError(f"{folder}: the tokenizer files' merges, special tokens or chat "
+                          f"template cannot be read ({type(exc).__name__}: {exc})") from None
     if vocab.model == "gpt2":
         w.add_key_value("tokenizer.ggml.add_space_prefix", False, GGUFValueType.BOOL)
     return vocab
