@@ -397,6 +397,15 @@ class Runtime:
         """Every read fails with errno_value once `after` more reads went through (0: off)."""
         lib.fg_runtime_debug_fail_reads(self.handle, errno_value, after)
 
+    def transient_reads(self, kind: str, every: int) -> None:
+        """Tests: every every-th read first comes back short, or fails once with EINTR or
+        EAGAIN (kind "short", "eintr", "eagain"); the engines must absorb it. every 0: off."""
+        kinds = {"short": lib.FG_FAULT_SHORT, "eintr": lib.FG_FAULT_EINTR,
+                 "eagain": lib.FG_FAULT_EAGAIN}
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {', '.join(kinds)}, got {kind!r}")
+        lib.fg_runtime_debug_transient_reads(self.handle, kinds[kind], every)
+
     def delay_reads(self, delay_us: int, every: int) -> None:
         """Tests: every every-th read of a call lands delay_us late (reorders completions)."""
         lib.fg_runtime_debug_delay_reads(self.handle, delay_us, every)

@@ -242,6 +242,14 @@ int64_t fg_runtime_debug_reads(const fg_runtime *rt, uint64_t *offset, uint64_t 
                                int64_t cap);
 /* Every read fails with errno_value once `after` more reads have succeeded (0 disables). */
 void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after);
+/* Transient faults a device or kernel may give, which the engines must absorb (the call
+ * still computes exactly): every every-th read (counting all reads) first comes back short
+ * (FG_FAULT_SHORT: half its bytes, aligned), or fails once with EINTR or EAGAIN. Both
+ * engines; 0 disables. */
+#define FG_FAULT_SHORT  1
+#define FG_FAULT_EINTR  2
+#define FG_FAULT_EAGAIN 3
+void fg_runtime_debug_transient_reads(fg_runtime *rt, int kind, int64_t every);
 /* Every every-th read of a call (from its first) lands delay_us late: threads engine, its
  * worker sleeps before reading; io_uring, its completion is held back until nothing else
  * can land. Reorders completions (after load of a streaming mode, else ignored; 0

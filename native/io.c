@@ -100,14 +100,35 @@ int fg_reader_injected(fg_reader *r) {
     return e;
 }
 
+int fg_reader_transient(fg_reader *r) {
+    const int kind = __atomic_load_n(&r->transient_kind, __ATOMIC_RELAXED);
+    if (kind == 0) return 0;
+    const int64_t n = __atomic_add_fetch(&r->transient_count, 1, __ATOMIC_RELAXED);
+    return n % __atomic_load_n(&r->transient_every, __ATOMIC_RELAXED) == 0 ? kind : 0;
+}
+
 int64_t fg_reader_pread(fg_reader *r, void *dst, size_t len, uint64_t offset) {
     const int injected = fg_reader_injected(r);
     if (injected != 0) return -(int64_t)injected;
+    int fault = fg_reader_transient(r);
     size_t done = 0;
     while (done < len) {
-        const ssize_t got = pread(r->fd, (uint8_t *)dst + done, len - done, (off_t)(offset + done));
+        size_t ask = len - done;
+        if (fault == FG_FAULT_SHORT && ask >= 2 * (size_t)r->dio_align) {
+            ask = ask / 2 / r->dio_align * r->dio_align; /* comes back short: read on */
+        }
+        ssize_t got;
+        if (fault == FG_FAULT_EINTR || fault == FG_FAULT_EAGAIN) {
+            got = -1;
+            errno = fault == FG_FAULT_EINTR ? EINTR : EAGAIN;
+        } else {
+            got = pread(r->fd, (uint8_t *)dst + done, ask, (off_t)(offset + done));
+        }
+        fault = 0;
         if (got < 0) {
-            if (errno == EINTR) continue;
+            /* interrupted, or a device that asks to try again: retry (EAGAIN is not
+             * expected from a blocking read of a regular file, but costs nothing here) */
+            if (errno == EINTR || errno == EAGAIN) continue;
             return -(int64_t)errno;
         }
         if (got == 0) break;

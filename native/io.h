@@ -31,6 +31,9 @@ typedef struct fg_reader {
     int last_errno;
     int inject_errno;     /* test hook: reads fail with this errno once inject_after ... */
     int64_t inject_after; /* ... more reads have succeeded (-1: never) */
+    int transient_kind;   /* test hook: FG_FAULT_* on every transient_every-th read */
+    int64_t transient_every;
+    int64_t transient_count;
     fg_read_log log;
 } fg_reader;
 
@@ -49,6 +52,8 @@ void fg_reader_drop_bounce(fg_reader *r);
 int64_t fg_reader_pread(fg_reader *r, void *dst, size_t len, uint64_t offset);
 /* The test hook's errno when this read must fail, else 0 (thread-safe). */
 int fg_reader_injected(fg_reader *r);
+/* The transient fault (FG_FAULT_*) this read gets from the test hook, else 0. */
+int fg_reader_transient(fg_reader *r);
 /* Count (and log) one read; the caller holds whatever lock guards r's counters. */
 void fg_reader_account(fg_reader *r, uint64_t offset, uint64_t len);
 

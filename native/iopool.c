@@ -113,6 +113,15 @@ static int uring_submit_more(fg_io *io) {
 static void uring_complete(fg_io *io, int32_t k, int buf, int64_t got) {
     const fg_read *rd = &io->reads[k];
     uint8_t *dst = io->staging + (size_t)buf * io->staging_cap;
+    const int fault = fg_reader_transient(io->reader);
+    if (fault == FG_FAULT_SHORT && got >= 2 * (int64_t)io->reader->dio_align) {
+        got = got / 2 / io->reader->dio_align * io->reader->dio_align;
+    } else if (fault == FG_FAULT_EINTR || fault == FG_FAULT_EAGAIN) {
+        got = fault == FG_FAULT_EINTR ? -EINTR : -EAGAIN;
+    }
+    if (got == -EINTR || got == -EAGAIN) { /* transient: read it again, synchronously */
+        got = fg_reader_pread(io->reader, dst, (size_t)rd->len, rd->offset);
+    }
     if (got >= 0 && (uint64_t)got < rd->need && got % io->reader->dio_align == 0) {
         /* a short completion that is not the end of the file: read the rest */
         const int64_t more = fg_reader_pread(io->reader, dst + got,

@@ -940,6 +940,14 @@ void fg_runtime_debug_delay_reads(fg_runtime *rt, int64_t delay_us, int32_t ever
     pthread_mutex_unlock(&rt->io.mu);
 }
 
+void fg_runtime_debug_transient_reads(fg_runtime *rt, int kind, int64_t every) {
+    const int on = every > 0 && (kind == FG_FAULT_SHORT || kind == FG_FAULT_EINTR ||
+                                 kind == FG_FAULT_EAGAIN);
+    __atomic_store_n(&rt->reader.transient_every, on ? every : 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&rt->reader.transient_count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&rt->reader.transient_kind, on ? kind : 0, __ATOMIC_RELAXED);
+}
+
 void fg_runtime_debug_fail_reads(fg_runtime *rt, int errno_value, int64_t after) {
     __atomic_store_n(&rt->reader.inject_after, after, __ATOMIC_RELAXED);
     __atomic_store_n(&rt->reader.inject_errno, errno_value, __ATOMIC_RELAXED);

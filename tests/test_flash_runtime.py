@@ -531,3 +531,28 @@ def test_stats_reset_and_consistency(silu):
     after = rt.stats()
     assert all(after[k] == 0 for k in after if k != "pinned_neurons")
     assert after["pinned_neurons"] == s["pinned_neurons"] > 0
+
+
+@pytest.mark.parametrize("io", ["threads", "io_uring"])
+@pytest.mark.parametrize("kind", ["short", "eintr", "eagain"])
+def test_transient_read_faults_are_absorbed(layouts, io, kind):
+    """Reads that come back short, or fail once with EINTR or EAGAIN (every other read):
+    each call still equals the dense FFN over its rows and the cache holds the file's bytes."""
+    flash, preds = layouts
+    dense = runtime(flash)
+    stride = max(layer.layout.stride for layer in flash.layers)
+    rt = streaming(flash, preds, mode="naive", share=0.3, io=io, io_depth=3,
+                   max_read_bytes=4 * stride + 2 * 4096, coalesce_gap=2, direct_io=False)
+    rt.transient_reads(kind, every=2)
+    rng = np.random.default_rng(23)
+    for step in range(6):
+        x = rng.standard_normal((1 if step % 2 else 3, flash.n_embd)).astype(np.float32)
+        mask = rng.random(flash.n_ff) < 0.5
+        layer = step % flash.n_layer
+        assert_same_sum(rt.ffn(layer, x, mask), dense.ffn(layer, x, mask))
+    rt.transient_reads(kind, every=0)
+    for layer in range(flash.n_layer):
+        rows, _, _ = rt.slots(layer)
+        file_rows = bundle_rows(flash, layer)
+        for r in rows[rows >= 0]:
+            assert rt.resident_row(layer, int(r)) == file_rows[r].tobytes()
