@@ -8,6 +8,7 @@ Environment switches:
   FLASHGGUF_SCALAR=1           compile only the scalar reference kernels (no SIMD paths)
   FLASHGGUF_SANITIZE=1         AddressSanitizer + UndefinedBehaviorSanitizer build (-O1 -g);
                                run Python with LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+  FLASHGGUF_SANITIZE=thread    ThreadSanitizer build (tools/test_tsan.sh)
   FLASHGGUF_OPENMP=0           do not use OpenMP for the runtime's worker threads
 
 Run as a script to build the module in place (``python native/build_ffi.py``).
@@ -49,9 +50,10 @@ def native_flags() -> tuple[list[str], list[str]]:
     """Compile and link flags shared by our objects and the wrapper."""
     cflags: list[str] = ["-fPIC", "-D_GNU_SOURCE", "-pthread"]
     ldflags: list[str] = ["-pthread"]
-    if os.environ.get("FLASHGGUF_SANITIZE") == "1":
-        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-               "-fno-sanitize-recover=all"]
+    sanitize = os.environ.get("FLASHGGUF_SANITIZE")
+    if sanitize in ("1", "thread"):
+        san = (["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+               if sanitize == "1" else ["-fsanitize=thread"]) + ["-fno-omit-frame-pointer"]
         cflags += [*san, "-O1", "-g"]
         ldflags += san
     else:

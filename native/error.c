@@ -21,6 +21,8 @@ const char *fg_strerror(int code) {
 
 #if defined(__SANITIZE_ADDRESS__)
 #define FG_SANITIZE "address"
+#elif defined(__SANITIZE_THREAD__)
+#define FG_SANITIZE "thread"
 #else
 #define FG_SANITIZE "none"
 #endif

@@ -68,12 +68,14 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_gguf):
 def pytest_configure(config):
     # tools/test_sanitized.sh runs the suite on an ASan/UBSan build: make sure it is that
     # build that got imported, not the regular one.
-    if os.environ.get("FLASHGGUF_EXPECT_SANITIZED"):
+    expect = os.environ.get("FLASHGGUF_EXPECT_SANITIZED")
+    if expect:
         from flashgguf._native import ffi, lib
 
         info = ffi.string(lib.fg_build_info()).decode()
-        if "sanitize=address" not in info:
-            raise pytest.UsageError(f"expected the sanitizer build, got {info}")
+        want = "sanitize=thread" if expect == "thread" else "sanitize=address"
+        if want not in info:
+            raise pytest.UsageError(f"expected the sanitizer build ({want}), got {info}")
 
 
 def pytest_collection_modifyitems(config, items):
