@@ -264,3 +264,23 @@ def test_payload_truncated_under_a_running_model(tiny_models, flash_of, tmp_path
     with pytest.raises(NativeError, match="ended before"):
         llm.eval(tokens[4:8])
     llm.close()
+
+
+def test_file_replaced_under_a_running_model(tiny_models, flash_of, tmp_path):
+    """Another file renamed over the path while a model streams from it: the model keeps
+    reading the file it opened (its descriptor and llama.cpp's mapping hold the old inode)
+    and generates exactly as before."""
+    src = flash_of(tiny_models(TinyModel()))
+    other = flash_of(tiny_models(TinyModel(seed=9)))
+    path = tmp_path / "swap.flash.gguf"
+    path.write_bytes(src.read_bytes())
+    kw = dict(flash_offload=True, flash_dram_budget=0.3, flash_mode="naive", **KW)
+    llm = Llama(str(path), **kw)
+    tokens = llm.tokenize(TEXT.encode())
+    want = teacher_forced_logits(llm, tokens[:16])
+    new = tmp_path / "new.flash.gguf"
+    new.write_bytes(other.read_bytes())
+    os.replace(new, path)
+    got = teacher_forced_logits(llm, tokens[:16])
+    assert rel_err(got, want) < 1e-2 and top1_agreement(got, want) == 1.0
+    llm.close()
