@@ -200,6 +200,25 @@ def test_unknown_array_item_type(pred_flash, tmp_path):
         open_flash_file(bad)
 
 
+def test_token_text_llama_cpp_would_read_twice(tiny_flash, tmp_path):
+    """Fuzzing regression (tests/fuzz_flash.py, seed 20261201, cases 966, 3493, 8034, 9862):
+    a token whose text continues after a NUL is, for llama.cpp, the text before it; when
+    that is another token's text, llama.cpp's GGML_ASSERT aborted the process."""
+    bad = copy_to(tiny_flash[1], tmp_path)
+    tokens = open_flash_file(bad).trunk.get("tokenizer.ggml.tokens")
+    index = {t: i for i, t in enumerate(tokens)}
+    i, token = next((i, t) for i, t in enumerate(tokens) if len(t) >= 2 and t[0] in index)
+    raw = token.encode()
+    data = bytearray(bad.read_bytes())
+    at = data.find(struct.pack("<Q", len(raw)) + raw) + 8
+    first = len(token[0].encode())
+    data[at + first:at + len(raw)] = bytes(len(raw) - first)
+    bad.write_bytes(bytes(data))
+    low, high = sorted((index[token[0]], i))
+    with pytest.raises(FormatError, match=f"twice \\(ids {low} and {high}"):
+        open_flash_file(bad)
+
+
 def test_bad_magic(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + bytes(100))

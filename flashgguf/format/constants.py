@@ -27,6 +27,10 @@ DUMMY_FFN_WIDTH = 32
 
 KEY_ARCHITECTURE = "general.architecture"
 KEY_ALIGNMENT = "general.alignment"
+# the trunk's tokenizer arrays, checked before llama.cpp loads them
+KEY_TOKENIZER_TOKENS = "tokenizer.ggml.tokens"
+KEY_TOKENIZER_SCORES = "tokenizer.ggml.scores"
+KEY_TOKENIZER_TOKEN_TYPES = "tokenizer.ggml.token_type"
 KEY_VERSION = "flashgguf.version"
 KEY_ARCH = "flashgguf.arch"
 KEY_PAYLOAD_OFFSET = "flashgguf.payload.offset"

@@ -107,6 +107,32 @@ def _read_trunk(buf: memoryview, size: int, path: Path) -> GGUFStream:
     return trunk
 
 
+def _check_tokenizer(trunk: GGUFStream, what: str) -> None:
+    """The tokenizer arrays llama.cpp loads without checking them itself: duplicate token
+    strings stop it with GGML_ASSERT (the whole process aborts; found by fuzzing), and a
+    scores or types array shorter than the tokens is read past its end."""
+    tokens = trunk.get(C.KEY_TOKENIZER_TOKENS)
+    if tokens is None:
+        return
+    if not isinstance(tokens, list):
+        raise FormatError(f"{what}: {C.KEY_TOKENIZER_TOKENS} is not an array of strings")
+    # llama.cpp takes each token as a C string: its text ends at a NUL
+    texts = [t.partition("\0")[0] for t in tokens]
+    if len(set(texts)) != len(texts):
+        seen: dict[str, int] = {}
+        for i, text in enumerate(texts):
+            if text in seen:
+                raise FormatError(f"{what}: {C.KEY_TOKENIZER_TOKENS} holds {text!r:.40} twice "
+                                  f"(ids {seen[text]} and {i}, as llama.cpp reads them: up to a "
+                                  "NUL); llama.cpp cannot load it")
+            seen[text] = i
+    for key in (C.KEY_TOKENIZER_SCORES, C.KEY_TOKENIZER_TOKEN_TYPES):
+        values = trunk.get(key)
+        if values is not None and len(values) != len(tokens):
+            raise FormatError(f"{what}: {key} has {len(values)} entries for {len(tokens)} "
+                              "tokens")
+
+
 def is_flash_gguf(path: str | os.PathLike[str]) -> bool:
     """True when the file's trunk names the flashgguf architecture (no full validation)."""
     try:
@@ -141,6 +167,7 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
             "this flashgguf (or upgrade flashgguf)"
         )
     arch = trunk.require(C.KEY_ARCH, what)
+    _check_tokenizer(trunk, what)
     offset = _int_key(trunk, C.KEY_PAYLOAD_OFFSET, what)
     psize = _int_key(trunk, C.KEY_PAYLOAD_SIZE, what)
     if offset % C.PAYLOAD_ALIGNMENT:
