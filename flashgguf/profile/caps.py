@@ -169,6 +169,7 @@ def main(args: argparse.Namespace) -> int:
                   payload_mb=flash.payload_nbytes / MB, overhead_mb=overhead / MB,
                   flash_overhead_mb=flash_overhead / MB,
                   capped=args.caps != [None] and not no_cap,
+                  uncapped_why="--caps none" if args.caps == [None] else no_cap,
                   load_average=[load_avg, load_average()], runs=results,
                   medians=_medians(results))
     result["plot"] = write_plot(args.plot, bench_plot(result), args.quiet)
@@ -215,14 +216,14 @@ def _table(r: dict[str, Any]) -> None:
     print(f"{r['source']}: {r['source_mb']:.1f} MB; flash trunk {r['trunk_mb']:.1f} MB, payload "
           f"{r['payload_mb']:.1f} MB; overhead (RssAnon) stock mmap {r['overhead_mb']:.1f} MB, "
           f"flashgguf {r['flash_overhead_mb']:.1f} MB"
-          + ("" if r["capped"] else "; UNCAPPED (no memory cgroup here)"))
+          + ("" if r["capped"] else f"; no memory cap: {r['uncapped_why']}"))
     rows = []
     for m in r["medians"]:
         where = [fmt(m["share"], ".2f"), fmt(m["cap_mb"], ".0f"), str(m["busy"]),
                  str(m["threads"]), m["name"],
                  fmt(m["budget_mb"], ".1f") if m["name"].startswith("flash") else ""]
         if "tok_s" not in m:
-            rows.append([*where, "failed: " + str(m["error"]), "", "", "", ""])
+            rows.append([*where, "failed", "", "", "", ""])
             continue
         lo, hi = m["tok_s_range"]
         rows.append([*where, f"{m['tok_s']:.3f}", f"{lo:.3f}-{hi:.3f}",
@@ -230,6 +231,9 @@ def _table(r: dict[str, Any]) -> None:
                      fmt(m.get("vs_better_stock"), ".2f")])
     print_table(["cap share", "cap MB", "busy", "threads", "run", "budget MB", "tok/s",
                  "range", "device MB/tok", "flash MiB/tok", "x better stock"], rows)
+    for m in r["medians"]:
+        if "tok_s" not in m:
+            print(f"failed: {m['name']} at cap share {fmt(m['share'], '.2f')}: {m['error']}")
     print(f"medians of {max(m['runs'] for m in r['medians'])} rep(s); load average "
           f"{r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f}")
     if r["plot"]:
