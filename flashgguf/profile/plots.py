@@ -77,10 +77,10 @@ def quality_plot(result: dict[str, Any]) -> Callable[[Any], None]:
             ax = fig.add_subplot(1, 2, k + 1)
             ax.scatter([r[key] for r in runs], [r["ratio"] for r in runs])
             for r in runs:
-                ax.annotate(",".join(f"{a}={b}" for a, b in r["setting"].items()
-                                     if a != "dram_budget") or r["mode"],
-                            (r[key], r["ratio"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                extra = [f"{a.removeprefix('predictor_')}={b}" for a, b in r["setting"].items()
+                         if a not in ("mode", "dram_budget")]
+                ax.annotate(" ".join([r["mode"], *extra]), (r[key], r["ratio"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xlabel(label)
             ax.set_ylabel("perplexity / stock llama.cpp")
