@@ -340,3 +340,23 @@ def test_rank_costs_in_float32_move_by_rounding_only(activation):
     else:
         costs = [float((s > _threshold(s, need, 0.99)).mean()) for s in (s64, s32)]
     assert abs(costs[0] - costs[1]) < 1e-4
+
+
+def test_neurons_whose_gate_is_zero_leave_no_negative_threshold(tiny_models, tmp_path):
+    """Gemma 3 270M's default conversion failed its own check: needed neurons scoring exactly
+    0 put the recall cut at 0, and the threshold just below it was negative. A model whose
+    first gate rows are zero now converts, with every stored threshold >= 0."""
+    from flashgguf.format import open_flash_file
+    from flashgguf.format.gguf_stream import open_gguf
+
+    src = tmp_path / "zero-gates.gguf"
+    src.write_bytes(tiny_models(TinyModel(n_ff=256, seed=11)).read_bytes())
+    stream, _ = open_gguf(src)
+    gate = stream.tensors["blk.0.ffn_gate.weight"]
+    data = bytearray(src.read_bytes())
+    data[gate.offset:gate.offset + gate.nbytes // 2] = bytes(gate.nbytes // 2)  # half the rows
+    src.write_bytes(bytes(data))
+    flash = open_flash_file(convert(src, tmp_path / "zero-gates.flash.gguf"))
+    for layer in flash.layers:
+        assert layer.predictor.threshold >= 0
+        assert (layer.predictor_curve.threshold >= 0).all()

@@ -238,8 +238,10 @@ def _misses(n_needed: int, recall: float) -> int:
 
 def _below(cut: float) -> float:
     """The threshold for a cut score: a pair with score == threshold is not predicted (score >
-    threshold), so stay just below the cut in float32."""
-    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+    threshold), so stay just below the cut in float32; never below 0, the format's floor
+    (scores are >= 0: a cut at an exact-zero score, which Gemma 3's weight-only fit gave,
+    would otherwise store a negative threshold that the reader refuses)."""
+    return max(float(np.nextafter(np.float32(cut), np.float32(-np.inf))), 0.0)
 
 
 def _threshold(scores: np.ndarray, needed: np.ndarray, recall: float) -> float:
