@@ -217,8 +217,11 @@ def worker(seed_files: list[Path], seed: int) -> None:
     import shutil
 
     # a runaway allocation fails here instead of swapping the machine (llama.cpp's and
-    # OpenMP's thread stacks and arenas take some GB of address space already)
-    resource.setrlimit(resource.RLIMIT_AS, (32 << 30, 32 << 30))
+    # OpenMP's thread stacks and arenas take some GB of address space already); not under
+    # AddressSanitizer, whose shadow memory reserves terabytes of address space up front (the
+    # peak-RSS bound below still applies)
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        resource.setrlimit(resource.RLIMIT_AS, (32 << 30, 32 << 30))
     checkpoints = [p for p in seed_files if p.is_dir()]
     flash_seeds = [(p.read_bytes(), regions(p)) for p in seed_files if p.is_file()]
     tokens = [1, 40, 41, 42]
