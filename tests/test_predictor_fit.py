@@ -275,7 +275,8 @@ def _threshold_by_sort(scores, needed, recall):
         return 0.0
     misses = int(np.floor((1.0 - recall) * s.size))
     cut = s[misses] if misses < s.size else s[-1]
-    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+    # just below the cut in float32, never below 0 (scores are >= 0; a cut at 0 stays 0)
+    return max(float(np.nextafter(np.float32(cut), np.float32(-np.inf))), 0.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -299,6 +300,11 @@ def test_threshold_selection_equals_a_sort_per_target(dtype, levels):
                 # larger float32 threshold keeps that
                 above = (scores[needed] > want).mean()
                 higher = np.nextafter(np.float32(want), np.float32(np.inf))
+                if want == 0.0 and above < r:
+                    # the cut fell on exact-zero scores: a threshold >= 0 keeps every needed
+                    # pair with a positive score and none of the zeros
+                    assert above == (scores[needed] > 0).mean()
+                    continue
                 assert above >= r and (scores[needed] > higher).mean() < r
 
 
