@@ -5,6 +5,7 @@ replay at the recording's settings gives the recorded hits and bytes exactly).""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -163,6 +164,9 @@ def test_io_device_curve_and_engines(capsys, tiny_flash, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the scratch file is gone
 
 
+@pytest.mark.skipif(bool(os.environ.get("FLASHGGUF_EXPECT_SANITIZED")),
+                    reason="AddressSanitizer's shadow memory and quarantine outgrow a cap sized "
+                    "from the measured overhead (the children are killed under it)")
 def test_bench_under_a_cap(capsys, tiny_source, tiny_flash):
     got = profile_json(capsys, "bench", str(tiny_source), "--flash", str(tiny_flash),
                        "--caps", "0.9", "--tokens", "3", "--stock", "mmap", "--modes", "hybrid",
