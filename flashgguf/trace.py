@@ -32,7 +32,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -208,6 +208,21 @@ def scaled(trace: Trace, n_layer: int, n_ff: int) -> Trace:
                  np.zeros(0, np.uint64), np.zeros(0, np.uint64), len(calls), 0)
 
 
+def write_noise(f: BinaryIO, nbytes: int, progress: Callable[[int], None] | None = None) -> None:
+    """nbytes of bytes that are not zeros (a sparse or compressible file would not be read
+    from the device) into f, then flushed to the device; progress gets each chunk's size."""
+    block = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    left = nbytes
+    while left > 0:
+        n = min(left, len(block))
+        f.write(block[:n])
+        left -= n
+        if progress is not None:
+            progress(n)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def shaped_payload(flash: FlashFile, n_layer: int, n_embd: int, n_ff: int, path: Path,
                    progress: Callable[[int], None] | None = None) -> FlashFile:
     """A payload file of another model's shape with flash's bundle types (its layer 0's
@@ -219,18 +234,8 @@ def shaped_payload(flash: FlashFile, n_layer: int, n_embd: int, n_ff: int, path:
     layout = make_layout(n_embd, flash.gated, dict(zip(source.parts, source.types, strict=True)),
                          DEFAULT_BUNDLE_ALIGN)
     layer_bytes = n_ff * layout.stride
-    block = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        for _ in range(n_layer):
-            left = layer_bytes
-            while left > 0:
-                n = min(left, len(block))
-                f.write(block[:n])
-                left -= n
-                if progress is not None:
-                    progress(n)
-        f.flush()
-        os.fsync(f.fileno())
+        write_noise(f, n_layer * layer_bytes, progress)
     layers = tuple(LayerInfo(
         index=i, layout=layout,
         bundle=TensorInfo(f"flash.{i}.bundle", (layout.stride, n_ff), flash.layers[0].bundle

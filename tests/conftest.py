@@ -10,6 +10,7 @@ from tiny_tokenizer import write_tiny_tokenizer
 
 from flashgguf.errors import FlashGGUFError
 from flashgguf.models import smollm2_gguf as smollm2_gguf_path
+from flashgguf.profile.harness import evaluation_text as profile_evaluation_text
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_BROWN = REPO.parent / "shared" / "data" / "brown"
@@ -34,9 +35,8 @@ def smollm2_flash(smollm2_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def evaluation_text() -> str:
-    """The evaluation text: the shared file beside the repo, else its excerpt in tests/data."""
-    path = SHARED_BROWN / "evaluation.txt"
-    return (path if path.exists() else EVALUATION_HEAD).read_text(encoding="utf-8")
+    """The evaluation text: the shared file beside the repo, else its packaged excerpt."""
+    return profile_evaluation_text(None)[0]
 
 
 @pytest.fixture(scope="session")

@@ -176,14 +176,6 @@ def run_conversion(folder: Path, out: Path) -> tuple[str, str]:
 
 # ---- worker: runs cases, one JSON line each -------------------------------------------------
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -216,6 +208,8 @@ def worker(seed_files: list[Path], seed: int) -> None:
     import resource
     import shutil
 
+    from flashgguf.profile.harness import status_bytes
+
     # a runaway allocation fails here instead of swapping the machine (llama.cpp's and
     # OpenMP's thread stacks and arenas take some GB of address space already); not under
     # AddressSanitizer, whose shadow memory reserves terabytes of address space up front (the
@@ -230,7 +224,7 @@ def worker(seed_files: list[Path], seed: int) -> None:
         for line in sys.stdin:
             case = int(line)
             _reset_peak()
-            base = _peak_rss()
+            base = status_bytes("VmHWM")
             t0 = time.perf_counter()
             if checkpoints and case % 3 == 2:
                 folder = Path(tmp) / "checkpoint"
@@ -249,7 +243,7 @@ def worker(seed_files: list[Path], seed: int) -> None:
                 size = len(data)
                 mode = ("hybrid", "predicted", "naive")[case // len(flash_seeds) % 3]
                 outcome, detail = run_case(target, tokens, mode)
-            grew = _peak_rss() - base
+            grew = status_bytes("VmHWM") - base
             if outcome != "bug" and grew > MEMORY_FIXED + MEMORY_PER_FILE_BYTE * size:
                 outcome, detail = "bug", f"peak memory grew by {grew >> 20} MiB"
             print(json.dumps(dict(case=case, kind=kind, mode=mode, outcome=outcome,

@@ -52,20 +52,20 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def float_list(text: str) -> list[float]:
+def _number_list(text: str, kind: type, what: str) -> list[Any]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") \
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {what} separated by commas") \
             from exc
+
+
+def float_list(text: str) -> list[float]:
+    return _number_list(text, float, "numbers")
 
 
 def int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") \
-            from exc
+    return _number_list(text, int, "integers")
 
 
 def size_list(text: str) -> list[int]:
@@ -193,12 +193,17 @@ def proc_read_bytes() -> int:
     return 0
 
 
-def rss_anon() -> int:
+def status_bytes(field: str) -> int:
+    """A kB field of /proc/self/status (RssAnon, VmHWM, ...) in bytes; 0 when absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_anon() -> int:
+    return status_bytes("RssAnon")
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def main(args: argparse.Namespace) -> int:
     from ..format import open_flash_file
-    from ..options import FlashOptions, parse_budget
+    from ..options import FlashOptions, budget_argument, parse_budget
     from ..trace import Trace, replay, scaled, shaped_payload
 
     trace = Trace.load(args.trace)
@@ -109,8 +109,6 @@ def main(args: argparse.Namespace) -> int:
             result["shape"] = dict(n_layer=n_layer, n_embd=n_embd, n_ff=n_ff,
                                    payload=flash.payload_nbytes)
         if args.budget is not None:
-            from ..options import budget_argument
-
             changes["dram_budget"] = parse_budget(budget_argument(args.budget),
                                                   flash.payload_nbytes)
         elif args.shape:

@@ -74,19 +74,13 @@ def _device(args: argparse.Namespace) -> dict[str, Any]:
         return _curve(args.path, args)
     if not args.path.is_dir():
         raise ProfileError(f"--path {args.path}: no such file or folder")
+    from ..trace import write_noise
+
     with tempfile.NamedTemporaryFile(dir=args.path, prefix=".flashgguf-io-") as f:
-        block = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
         bar = progress_bar(args.file_mb * MB, "writing a scratch file", args.quiet, unit="B",
                            unit_scale=True)
-        left = args.file_mb * 1_000_000  # MB, as --mb
-        while left > 0:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
-            bar.update(n)
+        write_noise(f, args.file_mb * 1_000_000, bar.update)  # MB, as --mb
         bar.close()
-        f.flush()
-        os.fsync(f.fileno())
         return _curve(Path(f.name), args)
 
 
