@@ -5,18 +5,10 @@
 #
 #   bash tools/test_sanitized.sh            (after tools/setup_env.sh)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-venv=${FLASHGGUF_VENV:-$repo/.venv}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-cp -r "$repo/flashgguf" "$repo/native" "$repo/tests" "$repo/tools" "$repo/pyproject.toml" \
-    "$repo/README.md" "$work/"  # tests read README.md and load tools/selection.py
-find "$work/flashgguf" \( -name '*.so' -o -name '*.o' -o -name '_native.c' \) -delete
-(cd "$work" && FLASHGGUF_SANITIZE=1 "$venv/bin/python" native/build_ffi.py)
+source "$(dirname "$0")/sanitized_copy.sh" FLASHGGUF_SANITIZE=1
 
 cc=${CC:-gcc}
 preload="$($cc -print-file-name=libasan.so):$($cc -print-file-name=libubsan.so)"
-cd "$work"
 # python itself is not instrumented: its allocations look like leaks to LeakSanitizer
 LD_PRELOAD="$preload" \
 ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=0 \

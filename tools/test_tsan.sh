@@ -7,17 +7,9 @@
 #
 #   bash tools/test_tsan.sh            (after tools/setup_env.sh)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-venv=${FLASHGGUF_VENV:-$repo/.venv}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-cp -r "$repo/flashgguf" "$repo/native" "$repo/tests" "$repo/tools" "$repo/pyproject.toml" \
-    "$repo/README.md" "$work/"
-find "$work/flashgguf" \( -name '*.so' -o -name '*.o' -o -name '_native.c' \) -delete
-(cd "$work" && FLASHGGUF_SANITIZE=thread FLASHGGUF_OPENMP=0 "$venv/bin/python" native/build_ffi.py)
+source "$(dirname "$0")/sanitized_copy.sh" FLASHGGUF_SANITIZE=thread FLASHGGUF_OPENMP=0
 
 cc=${CC:-gcc}
-cd "$work"
 # python, numpy and llama.cpp are not instrumented: only our objects' accesses are checked
 LD_PRELOAD="$($cc -print-file-name=libtsan.so)" \
 TSAN_OPTIONS="halt_on_error=1:ignore_noninstrumented_modules=1:report_signal_unsafe=0" \
