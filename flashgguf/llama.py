@@ -47,10 +47,12 @@ class Llama(llama_cpp.Llama):
     flash_mode: "gate" (the default for files converted with --gate-resident: the gate
     matrix stays in DRAM and each token's exact gate picks the rows whose up and down are
     read: its top flash_gate_keep share by |act(gate)|; flash_gate_cache_bonus > 0 scores
-    a row already in DRAM by (1 + bonus) |act|), "predicted" (predictor + window cache +
-    pinned hot rows; the file must store a predictor), "naive" (each layer's whole FFN read
-    every token) or "hybrid" (the rows the budget holds pinned, the rest read every token):
-    the paper's baselines. Default for other files: of predicted and hybrid, the one
+    a row already in DRAM by (1 + bonus) |act|; with flash_gate_per_layer, the default, a file
+    that stores per-layer error curves spreads flash_gate_keep over its layers at the same
+    summed error: fewer rows where a layer's error grows slowly), "predicted" (predictor +
+    window cache + pinned hot rows; the file must store a predictor), "naive" (each layer's
+    whole FFN read every token) or "hybrid" (the rows the budget holds pinned, the rest read
+    every token): the paper's baselines. Default for other files: of predicted and hybrid, the one
     expected to read fewer bytes per token at this budget (flashgguf/policy.py).
     flash_window: tokens a loaded row is kept without being used before it is the first to
     go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
@@ -72,6 +74,7 @@ class Llama(llama_cpp.Llama):
                  flash_window: int = DEFAULT_WINDOW, flash_mode: str | None = None,
                  flash_gate_keep: float = DEFAULT_GATE_KEEP,
                  flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
+                 flash_gate_per_layer: bool = True,
                  flash_pinned_share: float = DEFAULT_PINNED_SHARE,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,
@@ -104,7 +107,7 @@ class Llama(llama_cpp.Llama):
                 flash_coalesce_gap, flash_io, trunk_nbytes=flash.file_size - flash.payload_nbytes,
                 offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
                 n_threads=n_threads, n_threads_batch=n_threads_batch, gate_keep=flash_gate_keep,
-                gate_cache_bonus=flash_gate_cache_bonus)
+                gate_cache_bonus=flash_gate_cache_bonus, gate_per_layer=flash_gate_per_layer)
 
         layer_weights = None
         if flash_predictor_recall is not None:

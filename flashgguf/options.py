@@ -183,6 +183,8 @@ class FlashOptions:
     read_log: int = 0  # tests: keep (offset, length) of the first N reads
     gate_keep: float = DEFAULT_GATE_KEEP  # mode "gate": share of rows each token keeps
     gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS  # mode "gate": rows in DRAM preferred
+    # mode "gate": spread gate_keep over the layers by the file's error curves (when stored)
+    gate_per_layer: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", *MODES):
@@ -190,6 +192,8 @@ class FlashOptions:
         if isinstance(self.gate_keep, bool) or not isinstance(self.gate_keep, (int, float)) \
                 or not 0.0 < self.gate_keep <= 1.0:
             raise OptionError(f"flash_gate_keep must be in (0, 1], got {self.gate_keep!r}")
+        if not isinstance(self.gate_per_layer, bool):
+            raise OptionError(f"flash_gate_per_layer must be a bool, got {self.gate_per_layer!r}")
         bonus = self.gate_cache_bonus
         if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) \
                 or not 0.0 <= bonus <= 1e6:

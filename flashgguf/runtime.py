@@ -129,6 +129,16 @@ def _expected_active(flash: FlashFile) -> list[float] | None:
     return [float(d) for d in dens]
 
 
+def _gate_keeps(flash: FlashFile, opts: FlashOptions) -> tuple[float, ...]:
+    """Each layer's share of rows kept in gate mode: opts.gate_keep spread by the file's
+    error curves (flashgguf/gate_keep.py) when it stores them and gate_per_layer, else
+    opts.gate_keep everywhere."""
+    curves = getattr(flash, "gate_curves", None)
+    if curves is None or not opts.gate_per_layer:
+        return (float(opts.gate_keep),) * flash.n_layer
+    return curves.layer_keeps(opts.gate_keep, [layer.layout.stride for layer in flash.layers])
+
+
 class Runtime:
     """The native FFN engine for one flash GGUF: all bundles in DRAM (mode "dense"), or
     streamed from the payload under a DRAM budget ("naive", "hybrid", "predicted").
@@ -183,6 +193,9 @@ class Runtime:
             if layer.gate_rows is not None:
                 check(lib.fg_runtime_set_gate_rows(self._rt, layer.index, layer.gate_rows.offset),
                       f"gate matrix of layer {layer.index}")
+        self.gate_keeps = _gate_keeps(flash, opts)
+        for i, keep in enumerate(self.gate_keeps):
+            check(lib.fg_runtime_set_gate_keep(self._rt, i, keep), f"gate keep of layer {i}")
         if opts.mode == "predicted":  # the baselines use none: their DRAM stays with the cache
             for i, pred in enumerate(predictors):
                 if pred is not None:

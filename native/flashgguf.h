@@ -197,6 +197,9 @@ int fg_runtime_set_predictor_sigma(fg_runtime *rt, int32_t layer, const float *s
 /* How much of the budget beyond every layer's minimum goes to layer (> 0; default 1 for
  * all: an even split). Expected active rows per layer are a good weight. Before load. */
 int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
+/* FG_MODE_GATE: the share of layer's rows each token keeps, in (0, 1], instead of
+ * cfg.gate_keep (per-layer keeps allocated from the file's error curves). Between calls. */
+int fg_runtime_set_gate_keep(fg_runtime *rt, int32_t layer, float keep);
 /* Allocate every buffer and read what stays resident: every bundle (dense mode) or the
  * pinned rows. FG_ERR_BUDGET when the budget is too small (fg_runtime_min_budget). */
 int fg_runtime_load(fg_runtime *rt);

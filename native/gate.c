@@ -53,7 +53,7 @@ void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t
     const int64_t n_ff = c->n_ff;
     const int nth = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
     /* ceil(keep x n_ff), less the float32 rounding of keep (0.3f x 160 is 48.000002) */
-    int64_t keep = (int64_t)ceil((double)c->gate_keep * (double)n_ff - 0.01);
+    int64_t keep = (int64_t)ceil((double)L->gate_keep * (double)n_ff - 0.01);
     if (keep < 1) keep = 1;
     if (keep > n_ff) keep = n_ff;
     float *act = rt->gate_act;

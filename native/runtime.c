@@ -179,6 +179,7 @@ int fg_runtime_create(const fg_config *cfg, const char *path, fg_runtime **out) 
     int ok = rt->layers && rt->pending_rows && rt->partial && rt->hidden && rt->ffn_out;
     for (int32_t l = 0; ok && l < c->n_layer; l++) {
         rt->layers[l].weight = 1.0;
+        rt->layers[l].gate_keep = c->gate_keep;
         ok = apply_layout(rt, &rt->layers[l], c->part_type, c->part_offset,
                           c->bundle_stride) == FG_OK;
     }
@@ -363,6 +364,14 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight) {
     }
     if (rt->loaded) return FG_ERR_STATE;
     rt->layers[layer].weight = weight;
+    return FG_OK;
+}
+
+int fg_runtime_set_gate_keep(fg_runtime *rt, int32_t layer, float keep) {
+    if (layer < 0 || layer >= rt->cfg.n_layer || !(keep > 0.0f) || !(keep <= 1.0f)) {
+        return FG_ERR_ARG;
+    }
+    rt->layers[layer].gate_keep = keep;
     return FG_OK;
 }
 

@@ -69,6 +69,7 @@ typedef struct fg_layer {
     fg_predictor pred;
     fg_cache cache;
     double weight;            /* share of the budget beyond the minimum (1 by default) */
+    float gate_keep;          /* FG_MODE_GATE: share of rows a token keeps (cfg's by default) */
 } fg_layer;
 
 /* The calls and reads recorded since fg_runtime_trace_start (trace.c). */
@@ -187,7 +188,7 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
 
 /* gate.c (FG_MODE_GATE; the inputs quantized by the caller into rt->xq_gate) */
 /* act(gate) of every row for n_tokens rows into rt->gate_act; set mask[i] for rows >= from
- * in a token's top cfg.gate_keep share by |act| (never an exact 0); token t's decisions go
+ * in a token's top L->gate_keep share by |act| (never an exact 0); token t's decisions go
  * to mask + t * mask_stride (stride 0: their union). mask is OR-ed into, not cleared. */
 void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t from,
                     uint8_t *mask, int32_t mask_stride);

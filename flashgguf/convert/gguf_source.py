@@ -39,6 +39,7 @@ from ..format import (
     tensor_array,
 )
 from ..format import constants as C
+from ..gate_keep import GateCurves
 from ..options import DEFAULT_GATE_KEEP, DEFAULT_PINNED_SHARE, FlashOptions
 from ..quants import row_nbytes
 from ..runtime import Runtime
@@ -51,7 +52,7 @@ from .bundle import (
     choose_part_type,
     make_layout,
 )
-from .gate_order import gate_frequency, order_by_frequency
+from .gate_order import CURVE_TOKENS, gate_error_curve, gate_frequencies, order_by_frequency
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
 
@@ -298,14 +299,15 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
             fitted = _fit_predictors(source, spec, n_layer, n_embd, n_ff,
                                      [n_ff * layout.stride for layout in layouts], order,
                                      opts.predictor, opts, inputs)
-        orders = None
+        orders, gate_curves = None, None
         if fitted is not None and inputs is not None:
             orders = [(f.order, f.freq) for f in fitted]
         elif opts.gate_resident and inputs is not None:
-            orders = _gate_orders(source, spec, n_layer, n_embd, n_ff, inputs, opts)
+            orders, gate_curves = _gate_orders(source, spec, n_layer, n_embd, n_ff, layouts,
+                                               inputs, opts)
         trunk = _trunk_record(stream, spec, n_layer)
         payload = _payload_record(source, spec, layouts, gate_types, n_embd, n_ff, opts, src,
-                                  inputs, fitted)
+                                  inputs, fitted, gate_curves)
         with FlashWriter(final_tmp, trunk, payload) as writer:
             _write_trunk(writer, source)
             down_err = _write_payload(writer, source, spec, layouts, gate_types, n_embd, n_ff,
@@ -351,7 +353,8 @@ def _write_trunk(writer: FlashWriter, source: _Source) -> None:
 def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout],
                     gate_types: list[GGMLQuantizationType | None], n_embd: int,
                     n_ff: int, opts: ConvertOptions, src: Path, inputs: FFNInputs | None,
-                    fitted: tuple[FittedLayer, ...] | None) -> PayloadRecord:
+                    fitted: tuple[FittedLayer, ...] | None,
+                    gate_curves: GateCurves | None = None) -> PayloadRecord:
     tensors = source.stream.tensors
     layers = []
     for bid, layout in enumerate(layouts):
@@ -381,7 +384,7 @@ def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout]
     return PayloadRecord(spec.name, n_embd, n_ff, spec.activation, spec.gated, tuple(layers),
                          opts.source_name or src.name, _sha256(src),
                          activation_threshold=opts.activation_threshold, predictor=predictor,
-                         gate_resident=opts.gate_resident)
+                         gate_resident=opts.gate_resident, gate_curves=gate_curves)
 
 
 def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
@@ -420,14 +423,18 @@ def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
     return down_err
 
 
-def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_ff: int
-                      ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_ff: int,
+                      norm: bool = True
+                      ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None]:
     """A layer's FFN as the predictor fit takes it: dense gate (None ungated) and up
-    [n_ff, n_embd], down [n_embd, n_ff], and the FFN norm weight [n_embd]."""
+    [n_ff, n_embd], down [n_embd, n_ff], and the FFN norm weight [n_embd] (None unless
+    norm)."""
     gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False) \
         .dense() if spec.gated else None
     up = _source_matrix(source, spec.ffn_up.format(bid=bid), n_embd, n_ff, False).dense()
     down = _source_matrix(source, spec.ffn_down.format(bid=bid), n_embd, n_ff, True).dense()
+    if not norm:
+        return gate, up, down, None
     name = spec.ffn_norm.format(bid=bid)
     t = source.stream.tensors.get(name)
     if t is None:
@@ -437,25 +444,47 @@ def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_
 
 
 def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
-                 inputs: FFNInputs, opts: ConvertOptions) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Gate-resident files: each layer's rows hottest first by how often the gate's top
-    share (flash_gate_keep's default) picks them on the calibration inputs."""
+                 layouts: list[BundleLayout], inputs: FFNInputs, opts: ConvertOptions
+                 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], GateCurves]:
+    """Gate-resident files: each layer's error curve over C.GATE_CURVE_KEEPS (held-out
+    calibration inputs), then its rows hottest first by how often the gate's top share picks
+    them, at the share the curves give the layer for flash_gate_keep's default."""
     t0 = time.perf_counter()
-    out = []
+    keeps = C.GATE_CURVE_KEEPS
+    errors, freqs = [], []
+    tensors = source.stream.tensors
+
+    def vector(template: str, bid: int) -> np.ndarray | None:
+        t = tensors.get(template.format(bid=bid))
+        return None if t is None else np.asarray(source.data(t), np.float32).reshape(-1)
+
     for bid in range(n_layer):
-        t = source.stream.tensors.get(spec.ffn_gate_bias.format(bid=bid))
-        bias = None if t is None else np.asarray(source.data(t), np.float32).reshape(-1)
-        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False).dense()
-        freq = gate_frequency(spec.activation, gate, inputs.layer(bid), DEFAULT_GATE_KEEP, bias,
-                              opts.activation_threshold)
-        source.release(source.stream.tensors.get(spec.ffn_gate.format(bid=bid)))
-        assert opts.calibration is not None
+        gate, up, down, _ = layer_ffn_weights(source, spec, bid, n_embd, n_ff, norm=False)
+        assert gate is not None  # gate_resident needs a gated FFN
+        x = inputs.layer(bid)
+        gate_bias = vector(spec.ffn_gate_bias, bid)
+        errors.append(gate_error_curve(spec.activation, gate, up, down, x[-CURVE_TOKENS:], keeps,
+                                       gate_bias, vector(spec.ffn_up_bias, bid),
+                                       opts.activation_threshold))
+        freqs.append(gate_frequencies(spec.activation, gate, x, keeps, gate_bias,
+                                      opts.activation_threshold))
+        del gate, up, down, x
+        source.release(*(tensors.get(t.format(bid=bid))
+                         for t in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+    curves = GateCurves(np.asarray(keeps, np.float32), np.stack(errors))
+    layer_keeps = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.stride for la in layouts])
+    assert opts.calibration is not None
+    out = []
+    for bid, keep in enumerate(layer_keeps):
+        freq = freqs[bid][keeps.index(round(keep, 2))]
         order = order_by_frequency(freq) if opts.calibration.hot_first \
             else np.arange(n_ff, dtype=np.int32)
         out.append((order, freq[order]))
-    opts.log(f"flashgguf-convert: rows ordered by the gate's picks on {inputs.n_tokens} "
-             f"calibration tokens in {time.perf_counter() - t0:.1f} s")
-    return out
+    opts.log(f"flashgguf-convert: gate error curves and rows ordered by the gate's picks on "
+             f"{inputs.n_tokens} calibration tokens in {time.perf_counter() - t0:.1f} s; "
+             f"per-layer keeps at {DEFAULT_GATE_KEEP:g}: {min(layer_keeps):g}-"
+             f"{max(layer_keeps):g} (mean {float(np.mean(layer_keeps)):.3f})")
+    return out, curves
 
 
 def _fit_workers() -> int:

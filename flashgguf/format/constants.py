@@ -53,6 +53,14 @@ KEY_SOURCE_NAME = "flashgguf.source.name"
 KEY_SOURCE_SHA256 = "flashgguf.source.sha256"
 KEY_DOWN_REQUANT_ERROR = "flashgguf.bundle.down_requant_rel_error"
 
+# Optional (gate-resident files converted with --calibrate): per layer, the relative FFN
+# output error of keeping each token's top share of rows by |act(gate)|, for a grid of shares,
+# on held-out calibration inputs; flattened [n_layer * K], layer-major. flash_gate_keep is
+# spread over the layers from it (flashgguf/gate_keep.py). Readers before it ignore the keys.
+KEY_GATE_CURVE_KEEP = "flashgguf.gate.curve.keep"  # f32 [K], ascending, in (0, 1]
+KEY_GATE_CURVE_ERROR = "flashgguf.gate.curve.error"  # f32 [n_layer * K], >= 0
+GATE_CURVE_KEEPS = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.3 ... 1.0
+
 TENSOR_BUNDLE = "blk.{bid}.ffn_bundle"
 TENSOR_GATE_ROWS = "blk.{bid}.ffn_gate_rows"  # gate.resident: [n_embd, n_ff], bundle order
 TENSOR_ORDER = "blk.{bid}.ffn_order"

@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError, NotFlashGGUFError, VersionError
+from ..gate_keep import GateCurves
 from ..predictor import PREDICTOR_BLOCK, LayerPredictor, ThresholdCurve
 from . import constants as C
 from .gguf_stream import GGUFStream, TensorInfo, map_file, read_gguf, tensor_array, tensor_nbytes
@@ -70,6 +71,7 @@ class FlashFile:
     predictor_kind: str | None = None  # flashgguf.predictor.kind, None without a predictor
     predictor_keep: float | None = None
     gate_resident: bool = False  # the gate is not in the bundles: layers[i].gate_rows
+    gate_curves: GateCurves | None = None  # per-layer error per share kept (gate_keep.py)
 
     @property
     def layout(self) -> BundleLayout:
@@ -218,11 +220,12 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
 
     layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layouts[bid], gated,
                                gate_resident) for bid in range(n_layer))
+    gate_curves = _read_gate_curves(payload, pwhat, n_layer, gate_resident)
     keys = _read_predictor_keys(payload, pwhat, n_layer, n_embd)
     if keys is None:
         return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
                          gated, layers, activation_threshold=threshold,
-                         gate_resident=gate_resident)
+                         gate_resident=gate_resident, gate_curves=gate_curves)
     layers = tuple(
         dataclasses.replace(
             layer, predictor=_read_predictor(buf, payload, pwhat, layer.index, n_embd, n_ff,
@@ -235,7 +238,7 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
                      gated, layers, activation_threshold=threshold,
                      predictor_kind=keys.kind, predictor_keep=keys.keep,
-                     gate_resident=gate_resident)
+                     gate_resident=gate_resident, gate_curves=gate_curves)
 
 
 def _read_layouts(payload: GGUFStream, what: str, n_layer: int, n_embd: int, gated: bool,
@@ -434,17 +437,9 @@ def _read_curves(payload: GGUFStream, what: str, n_layer: int) -> tuple[Threshol
     """The optional threshold curves: all four keys or none."""
     keys = (C.KEY_PREDICTOR_CURVE_RECALL, C.KEY_PREDICTOR_CURVE_THRESHOLD,
             C.KEY_PREDICTOR_CURVE_DENSITY, C.KEY_PREDICTOR_CURVE_ERROR)
-    present = [k for k in keys if payload.get(k) is not None]
-    if not present:
+    if not _all_or_none(payload, keys, what):
         return None
-    if len(present) != len(keys):
-        missing = next(k for k in keys if k not in present)
-        raise FormatError(f"{what}: key {present[0]!r} without {missing!r}")
-    targets = payload.get(keys[0])
-    if not isinstance(targets, np.ndarray) or targets.ndim != 1 or targets.dtype.kind != "f" \
-            or targets.size == 0 or not np.all((targets > 0.0) & (targets <= 1.0)) \
-            or np.any(np.diff(targets) <= 0.0):  # (NaN fails the range test)
-        raise FormatError(f"{what}: key {keys[0]!r} must be recall targets in (0, 1], ascending")
+    targets = _ascending_shares(payload, keys[0], what, "recall targets")
     k = targets.size
     tables = []
     for key in keys[1:]:
@@ -461,6 +456,43 @@ def _read_curves(payload: GGUFStream, what: str, n_layer: int) -> tuple[Threshol
                           "and errors >= 0")
     return tuple(ThresholdCurve(targets.astype(np.float32), threshold[i], density[i], error[i])
                  for i in range(n_layer))
+
+
+def _all_or_none(payload: GGUFStream, keys: tuple[str, ...], what: str) -> bool:
+    """Whether a group of optional keys is present: all of them, or none (else FormatError)."""
+    present = [k for k in keys if payload.get(k) is not None]
+    if present and len(present) != len(keys):
+        missing = next(k for k in keys if k not in present)
+        raise FormatError(f"{what}: key {present[0]!r} without {missing!r}")
+    return bool(present)
+
+
+def _ascending_shares(payload: GGUFStream, key: str, what: str, name: str) -> np.ndarray:
+    """A grid key: a non-empty float array in (0, 1], strictly ascending."""
+    values = payload.get(key)
+    if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind != "f" \
+            or values.size == 0 or not np.all((values > 0.0) & (values <= 1.0)) \
+            or np.any(np.diff(values) <= 0.0):  # (NaN fails the range test)
+        raise FormatError(f"{what}: key {key!r} must be {name} in (0, 1], ascending")
+    return values
+
+
+def _read_gate_curves(payload: GGUFStream, what: str, n_layer: int,
+                      gate_resident: bool) -> GateCurves | None:
+    """The optional gate error curves: both keys or neither, and only with a resident gate."""
+    keys = (C.KEY_GATE_CURVE_KEEP, C.KEY_GATE_CURVE_ERROR)
+    if not _all_or_none(payload, keys, what):
+        return None
+    if not gate_resident:
+        raise FormatError(f"{what}: gate error curves ({keys[0]!r}) in a file whose gate is "
+                          "not resident")
+    keep = _ascending_shares(payload, keys[0], what, "shares of rows kept")
+    error = _per_layer(payload, keys[1], what, n_layer * keep.size, "f",
+                       count="one per layer and share")
+    assert error is not None
+    if np.any(error < 0.0):
+        raise FormatError(f"{what}: key {keys[1]!r}: errors must be >= 0")
+    return GateCurves(keep.astype(np.float32), error.reshape(n_layer, keep.size).astype(np.float32))
 
 
 def _q8_0_rows(buf: memoryview, t: TensorInfo, name: str, what: str) -> np.ndarray:

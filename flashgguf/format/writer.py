@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import ConvertError, FormatError, WriterStateError
+from ..gate_keep import GateCurves
 from ..predictor import LayerPredictor, ThresholdCurve
 from . import constants as C
 from .gguf_writer import GGUFWriter, pad
@@ -104,6 +105,7 @@ class PayloadRecord:
     predictor: PredictorRecord | None = None  # every layer has one exactly when set
     # the gate is kept apart from the bundles (ffn_gate_rows), resident at run time
     gate_resident: bool = False
+    gate_curves: GateCurves | None = None  # gate_resident, calibrated: per-layer error curves
 
 
 def dummy_shape(part: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -183,6 +185,10 @@ class FlashWriter:
             raise FormatError("a resident gate in an FFN that is not gated")
         if any((la.gate_type is not None) != payload.gate_resident for la in payload.layers):
             raise FormatError("a resident gate needs a gate type for every layer, and only then")
+        curves = payload.gate_curves
+        if curves is not None and (not payload.gate_resident or curves.error.shape !=
+                                   (len(payload.layers), len(curves.keep))):
+            raise FormatError("gate error curves need a resident gate and one curve per layer")
 
     # ---- the trunk ----------------------------------------------------------------------
 
@@ -250,6 +256,10 @@ class FlashWriter:
         w.add_key(C.KEY_GATED, p.gated, GGUFValueType.BOOL)
         if p.gate_resident:
             w.add_key(C.KEY_GATE_RESIDENT, True, GGUFValueType.BOOL)
+        if p.gate_curves is not None:
+            for key, values in ((C.KEY_GATE_CURVE_KEEP, p.gate_curves.keep),
+                                (C.KEY_GATE_CURVE_ERROR, p.gate_curves.error.reshape(-1))):
+                w.add_key(key, [float(v) for v in values], GGUFValueType.ARRAY, F32)
         self._add_layout_keys(w, [layer.layout for layer in p.layers])
         w.add_key(C.KEY_SOURCE_NAME, p.source_name, GGUFValueType.STRING)
         w.add_key(C.KEY_SOURCE_SHA256, p.source_sha256, GGUFValueType.STRING)

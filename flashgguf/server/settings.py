@@ -53,6 +53,10 @@ class FlashModelSettings(ModelSettings):
     flash_gate_cache_bonus: float = Field(
         default=DEFAULT_GATE_CACHE_BONUS,
         description="Gate mode: a row already in DRAM scores (1 + bonus) x |act(gate)|.")
+    flash_gate_per_layer: bool = Field(
+        default=True,
+        description="Gate mode: spread flash_gate_keep over the layers by the file's error "
+        "curves (files converted with --gate-resident --calibrate).")
     flash_pinned_share: float = Field(
         default=DEFAULT_PINNED_SHARE,
         description="Predicted mode: share of each layer's slots pinned to its hottest rows.")
@@ -95,6 +99,7 @@ def llama_flash_kwargs(settings: ModelSettings) -> dict[str, Any]:
         "flash_window": settings.flash_window,
         "flash_gate_keep": settings.flash_gate_keep,
         "flash_gate_cache_bonus": settings.flash_gate_cache_bonus,
+        "flash_gate_per_layer": settings.flash_gate_per_layer,
         "flash_pinned_share": settings.flash_pinned_share,
         "flash_coalesce_gap": int(gap) if gap.isdigit() else gap,
         "flash_io": settings.flash_io,
