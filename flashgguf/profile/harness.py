@@ -94,6 +94,8 @@ def option_items(text: str) -> dict[str, Any]:
 
 
 def _scalar(value: str) -> Any:
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     for kind in (int, float):
         try:
             return kind(value)
