@@ -16,12 +16,7 @@ from model_factory import TinyModel
 from test_gate_resident import gate_runtime
 
 from flashgguf.convert import ConvertOptions, convert_gguf
-from flashgguf.convert.gate_order import (
-    gate_error_curve,
-    gate_frequencies,
-    gate_frequency,
-    kept_count,
-)
+from flashgguf.convert.gate_order import gate_error_curve, kept_count
 from flashgguf.errors import FormatError
 from flashgguf.format import constants as C
 from flashgguf.format import open_flash_file
@@ -105,16 +100,6 @@ def test_error_curve_is_the_ffn_output_error_of_each_tokens_top_share():
         want = np.linalg.norm(y - kept @ down.T) / np.linalg.norm(y)
         assert err == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert got[-1] == 0.0 and got[0] > got[1] > 0
-
-
-def test_frequencies_at_several_shares_are_each_shares_frequency():
-    rng = np.random.default_rng(4)
-    gate = rng.standard_normal((40, 16)).astype(np.float32)
-    x = rng.standard_normal((600, 16)).astype(np.float32)  # more than one chunk
-    many = gate_frequencies("silu", gate, x, (0.3, 0.8))
-    for j, keep in enumerate((0.3, 0.8)):
-        np.testing.assert_array_equal(many[j], gate_frequency("silu", gate, x, keep))
-        assert many[j].sum() == pytest.approx(kept_count(keep, 40))
 
 
 @pytest.fixture(scope="module")

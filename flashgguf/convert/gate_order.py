@@ -17,7 +17,7 @@ from .predictor_fit import output_error
 # tokens per product: bounds the [tokens, n_ff] temporaries
 _CHUNK_TOKENS = 256
 # held-out tokens an error curve is measured on: each point costs an [n, n_ff] x [n_ff, n_embd]
-# product (Qwen2.5-1.5B: 28 layers x 15 shares in about a minute)
+# product
 CURVE_TOKENS = 512
 
 
@@ -36,33 +36,27 @@ def _scores(activation: str, gate: np.ndarray, x: np.ndarray, gate_bias: np.ndar
 
 
 def _kept_masks(a: np.ndarray, keeps: Sequence[float]) -> list[np.ndarray]:
-    """Per share: bool [n, n_ff], each token's top kept_count rows by |a|, never an exact 0."""
-    n_ff = a.shape[1]
+    """Per share: bool [n, n_ff], the rows at or above each token's kept_count-th largest |a|
+    (ties all kept, as the runtime's cut), never an exact 0."""
     mag = np.abs(a)
-    rank = np.empty(mag.shape, dtype=np.int32)
-    np.put_along_axis(rank, np.argsort(-mag, axis=1, kind="stable"),
-                      np.arange(n_ff, dtype=np.int32)[None, :], axis=1)
-    return [(rank < kept_count(k, n_ff)) & (mag > 0) for k in keeps]
-
-
-def gate_frequencies(activation: str, gate: np.ndarray, x: np.ndarray, keeps: Sequence[float],
-                     gate_bias: np.ndarray | None = None,
-                     act_threshold: float = 0.0) -> np.ndarray:
-    """float32 [len(keeps), n_ff]: per share, the share of the inputs x [n, n_embd] whose top
-    kept_count rows by |act(gate x)| hold each neuron (gate [n_ff, n_embd], original order)."""
-    counts = np.zeros((len(keeps), gate.shape[0]), dtype=np.int64)
-    for t0 in range(0, len(x), _CHUNK_TOKENS):
-        a = _scores(activation, gate, x[t0:t0 + _CHUNK_TOKENS], gate_bias, act_threshold)
-        for j, mask in enumerate(_kept_masks(a, keeps)):
-            counts[j] += mask.sum(axis=0)
-    return (counts / max(len(x), 1)).astype(np.float32)
+    masks = []
+    for keep in keeps:
+        k = kept_count(keep, a.shape[1])
+        cut = -np.partition(-mag, k - 1, axis=1)[:, k - 1:k]  # each token's k-th largest
+        masks.append((mag >= cut) & (mag > 0))
+    return masks
 
 
 def gate_frequency(activation: str, gate: np.ndarray, x: np.ndarray, keep: float,
                    gate_bias: np.ndarray | None = None,
                    act_threshold: float = 0.0) -> np.ndarray:
-    """float32 [n_ff]: gate_frequencies at one share."""
-    return gate_frequencies(activation, gate, x, (keep,), gate_bias, act_threshold)[0]
+    """float32 [n_ff]: the share of the inputs x [n, n_embd] whose top kept_count rows by
+    |act(gate x)| hold each neuron (gate [n_ff, n_embd], original order)."""
+    counts = np.zeros(gate.shape[0], dtype=np.int64)
+    for t0 in range(0, len(x), _CHUNK_TOKENS):
+        a = _scores(activation, gate, x[t0:t0 + _CHUNK_TOKENS], gate_bias, act_threshold)
+        counts += _kept_masks(a, (keep,))[0].sum(axis=0)
+    return (counts / max(len(x), 1)).astype(np.float32)
 
 
 def gate_error_curve(activation: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,

@@ -52,7 +52,7 @@ from .bundle import (
     choose_part_type,
     make_layout,
 )
-from .gate_order import CURVE_TOKENS, gate_error_curve, gate_frequencies, order_by_frequency
+from .gate_order import CURVE_TOKENS, gate_error_curve, gate_frequency, order_by_frequency
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
 
@@ -450,33 +450,35 @@ def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_f
     calibration inputs), then its rows hottest first by how often the gate's top share picks
     them, at the share the curves give the layer for flash_gate_keep's default."""
     t0 = time.perf_counter()
-    keeps = C.GATE_CURVE_KEEPS
-    errors, freqs = [], []
     tensors = source.stream.tensors
 
     def vector(template: str, bid: int) -> np.ndarray | None:
         t = tensors.get(template.format(bid=bid))
         return None if t is None else np.asarray(source.data(t), np.float32).reshape(-1)
 
+    def release(bid: int) -> None:
+        source.release(*(tensors.get(t.format(bid=bid))
+                         for t in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+
+    errors = []
     for bid in range(n_layer):
         gate, up, down, _ = layer_ffn_weights(source, spec, bid, n_embd, n_ff, norm=False)
         assert gate is not None  # gate_resident needs a gated FFN
-        x = inputs.layer(bid)
-        gate_bias = vector(spec.ffn_gate_bias, bid)
-        errors.append(gate_error_curve(spec.activation, gate, up, down, x[-CURVE_TOKENS:], keeps,
-                                       gate_bias, vector(spec.ffn_up_bias, bid),
-                                       opts.activation_threshold))
-        freqs.append(gate_frequencies(spec.activation, gate, x, keeps, gate_bias,
-                                      opts.activation_threshold))
-        del gate, up, down, x
-        source.release(*(tensors.get(t.format(bid=bid))
-                         for t in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
-    curves = GateCurves(np.asarray(keeps, np.float32), np.stack(errors))
+        x = inputs.layer(bid)[-CURVE_TOKENS:]
+        errors.append(gate_error_curve(spec.activation, gate, up, down, x, C.GATE_CURVE_KEEPS,
+                                       vector(spec.ffn_gate_bias, bid),
+                                       vector(spec.ffn_up_bias, bid), opts.activation_threshold))
+        del gate, up, down
+        release(bid)
+    curves = GateCurves(np.asarray(C.GATE_CURVE_KEEPS, np.float32), np.stack(errors))
     layer_keeps = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.stride for la in layouts])
     assert opts.calibration is not None
     out = []
     for bid, keep in enumerate(layer_keeps):
-        freq = freqs[bid][keeps.index(round(keep, 2))]
+        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False).dense()
+        freq = gate_frequency(spec.activation, gate, inputs.layer(bid), keep,
+                              vector(spec.ffn_gate_bias, bid), opts.activation_threshold)
+        release(bid)
         order = order_by_frequency(freq) if opts.calibration.hot_first \
             else np.arange(n_ff, dtype=np.int32)
         out.append((order, freq[order]))
