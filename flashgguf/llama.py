@@ -19,6 +19,7 @@ from .options import (
     DEFAULT_COALESCE_GAP,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
+    DEFAULT_GATE_PER_LAYER,
     DEFAULT_IO,
     DEFAULT_MODE,
     DEFAULT_PINNED_SHARE,
@@ -47,9 +48,9 @@ class Llama(llama_cpp.Llama):
     flash_mode: "gate" (the default for files converted with --gate-resident: the gate
     matrix stays in DRAM and each token's exact gate picks the rows whose up and down are
     read: its top flash_gate_keep share by |act(gate)|; flash_gate_cache_bonus > 0 scores
-    a row already in DRAM by (1 + bonus) |act|; with flash_gate_per_layer, the default, a file
-    that stores per-layer error curves spreads flash_gate_keep over its layers at the same
-    summed error: fewer rows where a layer's error grows slowly), "predicted" (predictor +
+    a row already in DRAM by (1 + bonus) |act|; flash_gate_per_layer=True spreads
+    flash_gate_keep over the layers of a file that stores per-layer error curves, at the same
+    summed error; off by default: it measured worse, BENCHMARKS.md), "predicted" (predictor +
     window cache + pinned hot rows; the file must store a predictor), "naive" (each layer's
     whole FFN read every token) or "hybrid" (the rows the budget holds pinned, the rest read
     every token): the paper's baselines. Default for other files: of predicted and hybrid, the one
@@ -74,7 +75,7 @@ class Llama(llama_cpp.Llama):
                  flash_window: int = DEFAULT_WINDOW, flash_mode: str | None = None,
                  flash_gate_keep: float = DEFAULT_GATE_KEEP,
                  flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
-                 flash_gate_per_layer: bool = True,
+                 flash_gate_per_layer: bool = DEFAULT_GATE_PER_LAYER,
                  flash_pinned_share: float = DEFAULT_PINNED_SHARE,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,

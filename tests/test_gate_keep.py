@@ -21,6 +21,7 @@ from flashgguf.errors import FormatError
 from flashgguf.format import constants as C
 from flashgguf.format import open_flash_file
 from flashgguf.gate_keep import GateCurves
+from flashgguf.options import DEFAULT_GATE_KEEP, DEFAULT_GATE_PER_LAYER
 
 KEEPS = np.asarray(C.GATE_CURVE_KEEPS, dtype=np.float32)
 
@@ -114,21 +115,25 @@ def calibrated_gate_file(tiny_models, tmp_path_factory) -> Path:
     return out
 
 
-def test_calibrated_file_stores_curves_and_orders_rows_at_each_layers_keep(calibrated_gate_file):
+def test_calibrated_file_stores_curves_and_orders_rows_at_the_default_keep(calibrated_gate_file):
     ff = open_flash_file(calibrated_gate_file)
     curves = ff.gate_curves
     assert curves is not None and curves.error.shape == (ff.n_layer, len(KEEPS))
     np.testing.assert_allclose(curves.keep, KEEPS)
     assert (curves.error[:, -1] == 0).all() and (curves.error[:, 0] > curves.error[:, -2]).all()
-    keeps = curves.layer_keeps(0.8, [la.layout.stride for la in ff.layers])
+    keeps = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.layout.stride for la in ff.layers]) \
+        if DEFAULT_GATE_PER_LAYER else (DEFAULT_GATE_KEEP,) * ff.n_layer
     for layer, keep in zip(ff.layers, keeps, strict=True):
-        # the stored frequencies are the layer's own share's picks per token
+        # the stored frequencies are the picks per token at the share a default run keeps
         assert layer.freq.sum() == pytest.approx(kept_count(keep, ff.n_ff), rel=0.01)
 
 
 def test_runtime_keeps_each_layers_share(calibrated_gate_file):
     ff = open_flash_file(calibrated_gate_file)
     x = np.random.default_rng(5).standard_normal((3, ff.n_embd)).astype(np.float32)
+    assert gate_runtime(ff).gate_keeps == \
+        (ff.gate_curves.layer_keeps(DEFAULT_GATE_KEEP, [la.layout.stride for la in ff.layers])
+         if DEFAULT_GATE_PER_LAYER else (DEFAULT_GATE_KEEP,) * ff.n_layer)
     for per_layer in (True, False):
         rt = gate_runtime(ff, gate_keep=0.7, gate_per_layer=per_layer)
         want = ff.gate_curves.layer_keeps(0.7, [la.layout.stride for la in ff.layers]) \

@@ -40,7 +40,7 @@ from ..format import (
 )
 from ..format import constants as C
 from ..gate_keep import GateCurves
-from ..options import DEFAULT_GATE_KEEP, DEFAULT_PINNED_SHARE, FlashOptions
+from ..options import DEFAULT_GATE_KEEP, DEFAULT_GATE_PER_LAYER, DEFAULT_PINNED_SHARE, FlashOptions
 from ..quants import row_nbytes
 from ..runtime import Runtime
 from .blas import single_threaded_blas
@@ -448,7 +448,8 @@ def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_f
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], GateCurves]:
     """Gate-resident files: each layer's error curve over C.GATE_CURVE_KEEPS (held-out
     calibration inputs), then its rows hottest first by how often the gate's top share picks
-    them, at the share the curves give the layer for flash_gate_keep's default."""
+    them, at the share a default run keeps: flash_gate_keep's default, or with
+    flash_gate_per_layer on by default, the layer's share from the curves."""
     t0 = time.perf_counter()
     tensors = source.stream.tensors
 
@@ -471,7 +472,8 @@ def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_f
         del gate, up, down
         release(bid)
     curves = GateCurves(np.asarray(C.GATE_CURVE_KEEPS, np.float32), np.stack(errors))
-    layer_keeps = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.stride for la in layouts])
+    spread = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.stride for la in layouts])
+    layer_keeps = spread if DEFAULT_GATE_PER_LAYER else (DEFAULT_GATE_KEEP,) * n_layer
     assert opts.calibration is not None
     out = []
     for bid, keep in enumerate(layer_keeps):
@@ -484,8 +486,8 @@ def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_f
         out.append((order, freq[order]))
     opts.log(f"flashgguf-convert: gate error curves and rows ordered by the gate's picks on "
              f"{inputs.n_tokens} calibration tokens in {time.perf_counter() - t0:.1f} s; "
-             f"per-layer keeps at {DEFAULT_GATE_KEEP:g}: {min(layer_keeps):g}-"
-             f"{max(layer_keeps):g} (mean {float(np.mean(layer_keeps)):.3f})")
+             f"flash_gate_per_layer would keep {min(spread):g}-{max(spread):g} of a layer's "
+             f"rows at {DEFAULT_GATE_KEEP:g} (mean {float(np.mean(spread)):.3f})")
     return out, curves
 
 

@@ -17,6 +17,7 @@ from ..options import (
     DEFAULT_COALESCE_GAP,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
+    DEFAULT_GATE_PER_LAYER,
     DEFAULT_IO,
     DEFAULT_PINNED_SHARE,
     DEFAULT_WINDOW,
@@ -54,7 +55,7 @@ class FlashModelSettings(ModelSettings):
         default=DEFAULT_GATE_CACHE_BONUS,
         description="Gate mode: a row already in DRAM scores (1 + bonus) x |act(gate)|.")
     flash_gate_per_layer: bool = Field(
-        default=True,
+        default=DEFAULT_GATE_PER_LAYER,
         description="Gate mode: spread flash_gate_keep over the layers by the file's error "
         "curves (files converted with --gate-resident --calibrate).")
     flash_pinned_share: float = Field(
