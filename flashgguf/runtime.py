@@ -139,27 +139,6 @@ def _gate_keeps(flash: FlashFile, opts: FlashOptions) -> tuple[float, ...]:
     return curves.layer_keeps(opts.gate_keep, [layer.layout.stride for layer in flash.layers])
 
 
-def _hottest_rows_split(flash: FlashFile, room: int) -> list[float] | None:
-    """Gate mode's budget split (layer weights: bytes of pinned rows per layer): the rows
-    the calibration measured picked most often, across all layers, as many as room bytes
-    hold. A pinned row saves its frequency x its stride per token, for its stride of DRAM,
-    so the most frequent rows go first whatever their layer (SmolLM2 at a 0.5 budget: 4%
-    fewer bytes expected than an even split). None (an even split) when a file has no
-    measured frequencies or a layer's rows are not hottest first (--no-hot-first)."""
-    freqs = [np.asarray(layer.freq, dtype=np.float64) for layer in flash.layers]
-    if room <= 0 or any(f.size != flash.n_ff or np.any(np.diff(f) > 0) for f in freqs) \
-            or not any(f.any() for f in freqs):
-        return None
-    strides = np.array([layer.layout.stride for layer in flash.layers], dtype=np.int64)
-    freq = np.concatenate(freqs)
-    stride = np.repeat(strides, flash.n_ff)
-    by_freq = np.argsort(-freq, kind="stable")
-    taken = by_freq[np.cumsum(stride[by_freq]) <= room]
-    rows = np.bincount(taken // flash.n_ff, minlength=flash.n_layer)
-    # a layer given no row still needs a positive weight: one byte's worth
-    return [float(max(r * s, 1)) for r, s in zip(rows, strides, strict=True)]
-
-
 class Runtime:
     """The native FFN engine for one flash GGUF: all bundles in DRAM (mode "dense"), or
     streamed from the payload under a DRAM budget ("naive", "hybrid", "predicted").
@@ -168,8 +147,7 @@ class Runtime:
     (LayerInfo.predictor). Mode "predicted" needs one for every layer.
     layer_weights: how the budget beyond every layer's minimum is shared; default: the
     predictor's expected active share per layer when the file stores it (predicted mode),
-    the rows the calibration saw picked most often across layers (gate mode), else an even
-    split. load=False: configured but nothing allocated or read (plan()).
+    else an even split. load=False: configured but nothing allocated or read (plan()).
     masks_only: every call will give its rows (ffn's mask: trace replay), so predicted mode
     runs without predictors (the file's are still set when it has them: their DRAM counts)."""
 
@@ -224,9 +202,6 @@ class Runtime:
                     self._set_predictor(i, pred)
             if layer_weights is None and not missing:
                 layer_weights = _expected_active(flash)
-        if opts.mode == "gate" and layer_weights is None:
-            layer_weights = _hottest_rows_split(flash, opts.dram_budget -
-                                                lib.fg_runtime_min_budget(self._rt))
         if layer_weights is not None and opts.mode != "dense":
             if len(layer_weights) != flash.n_layer:
                 raise OptionError(f"{len(layer_weights)} layer weights for {flash.n_layer} layers")

@@ -173,20 +173,3 @@ def test_half_a_curve_is_refused(calibrated_gate_file, tmp_path):
     with pytest.raises(FormatError, match="without 'flashgguf.gate.curve.keep'"):
         open_flash_file(bad)
 
-
-def test_gate_mode_pins_the_most_frequent_rows_across_layers(calibrated_gate_file):
-    ff = open_flash_file(calibrated_gate_file)
-    rt = gate_runtime(ff, share=0.6)
-    plan = rt.plan()
-    pinned = [p for _, p in plan]
-    assert len(set(pinned)) > 1  # not an even split: the layers' frequencies differ
-    kept = np.concatenate([la.freq[:p] for la, p in zip(ff.layers, pinned, strict=True)])
-    left = np.concatenate([la.freq[p:] for la, p in zip(ff.layers, pinned, strict=True)])
-    # every pinned row is picked at least as often as any row left to read, but for the
-    # rows the split's rounding leaves (one per layer at most)
-    assert np.sum(left > kept.min()) <= ff.n_layer
-    even = gate_runtime(ff, share=0.6, layer_weights=[1.0] * ff.n_layer)
-    def expected(plan):
-        return sum(float(la.freq[p:].sum()) * la.layout.stride
-                   for la, (_, p) in zip(ff.layers, plan, strict=True))
-    assert expected(plan) < expected(even.plan())
