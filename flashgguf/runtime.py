@@ -134,6 +134,9 @@ def _gate_keeps(flash: FlashFile, opts: FlashOptions) -> tuple[float, ...]:
     error curves (flashgguf/gate_keep.py) when it stores them and gate_per_layer, else
     opts.gate_keep everywhere."""
     curves = getattr(flash, "gate_curves", None)
+    if curves is None and opts.gate_per_layer and opts.mode == "gate":
+        raise OptionError(f"flash_gate_per_layer=True: {flash.path} stores no per-layer error "
+                          "curves (convert the model with --gate-resident --calibrate)")
     if curves is None or not opts.gate_per_layer:
         return (float(opts.gate_keep),) * flash.n_layer
     return curves.layer_keeps(opts.gate_keep, [layer.layout.stride for layer in flash.layers])

@@ -17,7 +17,7 @@ from test_gate_resident import gate_runtime
 
 from flashgguf.convert import ConvertOptions, convert_gguf
 from flashgguf.convert.gate_order import gate_error_curve, kept_count
-from flashgguf.errors import FormatError
+from flashgguf.errors import FormatError, OptionError
 from flashgguf.format import constants as C
 from flashgguf.format import open_flash_file
 from flashgguf.gate_keep import GateCurves
@@ -143,6 +143,17 @@ def test_runtime_keeps_each_layers_share(calibrated_gate_file):
             chosen = rt.predict(layer, x).astype(bool)
             assert (chosen.sum(axis=1) == math.ceil(keep * ff.n_ff - 0.01)).all()
     assert len(set(ff.gate_curves.layer_keeps(0.7, [1] * ff.n_layer))) > 1  # not uniform here
+
+
+def test_per_layer_keeps_without_curves_are_refused(tiny_models, tmp_path):
+    src = tiny_models(TinyModel(n_layer=2, ffn_type=GGMLQuantizationType.Q8_0))
+    out = tmp_path / "gate.flash.gguf"  # --gate-resident without --calibrate
+    convert_gguf(src, out, ConvertOptions(progress=False, gate_resident=True, predictor=None))
+    flash = open_flash_file(out)
+    assert flash.gate_curves is None
+    with pytest.raises(OptionError, match="stores no per-layer error curves"):
+        gate_runtime(flash, gate_per_layer=True)
+    assert gate_runtime(flash).gate_keeps == (DEFAULT_GATE_KEEP,) * flash.n_layer
 
 
 # ---- the format ------------------------------------------------------------------------
