@@ -27,6 +27,8 @@ DEFAULT_GATE_KEEP = 0.8
 # 1.0763x stock against 1.0082x for one share (0.8, 50% budget, first 1,000 tokens of
 # evaluation.txt token by token; BENCHMARKS.md). Layers whose output a few neurons dominate
 # (SmolLM2's 11, 28 and 29) measure a small relative error at any share and were cut to 0.3.
+# (Turning it on by default would also mean ordering rows at each layer's own share in
+# convert/gguf_source.py: _gate_orders, which orders them at DEFAULT_GATE_KEEP.)
 DEFAULT_GATE_PER_LAYER = False
 # flash_gate_cache_bonus: a row already in DRAM is chosen by (1 + bonus) x |act(gate)|
 # (cache-aware choice, as DIP-CA): 0 chooses by |act| alone.

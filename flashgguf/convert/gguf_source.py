@@ -40,7 +40,7 @@ from ..format import (
 )
 from ..format import constants as C
 from ..gate_keep import GateCurves
-from ..options import DEFAULT_GATE_KEEP, DEFAULT_GATE_PER_LAYER, DEFAULT_PINNED_SHARE, FlashOptions
+from ..options import DEFAULT_GATE_KEEP, DEFAULT_PINNED_SHARE, FlashOptions
 from ..quants import row_nbytes
 from ..runtime import Runtime
 from .blas import single_threaded_blas
@@ -395,7 +395,6 @@ def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
     """Each layer's bundle, built from the source's FFN rows, in `order` or (calibrated) the
     measured (order, frequencies) of each layer; returns the down columns' max relative
     re-quantization error."""
-    tensors = source.stream.tensors
     freq = np.zeros(n_ff, dtype=np.float32)
     down_err = 0.0
     layers = range(len(layouts))
@@ -417,8 +416,7 @@ def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
         writer.write_layer(bid, bundle.rows.view(np.int8), layer_order, layer_freq,
                            gate_rows=bundle.gate_rows)
         del bundle  # not alive while the next layer's bundle is built
-        source.release(*(tensors.get(template.format(bid=bid))
-                         for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+        _release_ffn(source, spec, bid)
     writer.finish(down_err)
     return down_err
 
@@ -443,13 +441,20 @@ def layer_ffn_weights(source: _Source, spec: ArchSpec, bid: int, n_embd: int, n_
     return gate, up, down, np.asarray(source.data(t), dtype=np.float32).reshape(-1)
 
 
+def _release_ffn(source: _Source, spec: ArchSpec, bid: int) -> None:
+    """Drop layer bid's FFN matrices from the source's cache (one layer in memory at a time)."""
+    tensors = source.stream.tensors
+    source.release(*(tensors.get(template.format(bid=bid))
+                     for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+
+
 def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_ff: int,
                  layouts: list[BundleLayout], inputs: FFNInputs, opts: ConvertOptions
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], GateCurves]:
-    """Gate-resident files: each layer's error curve over C.GATE_CURVE_KEEPS (held-out
-    calibration inputs), then its rows hottest first by how often the gate's top share picks
-    them, at the share a default run keeps: flash_gate_keep's default, or with
-    flash_gate_per_layer on by default, the layer's share from the curves."""
+    """Gate-resident files, one pass over the layers: each layer's error curve over
+    C.GATE_CURVE_KEEPS (held-out calibration inputs), and its rows hottest first by how
+    often the gate's top share at flash_gate_keep's default picks them (a default run keeps
+    one share: flash_gate_per_layer is off)."""
     t0 = time.perf_counter()
     tensors = source.stream.tensors
 
@@ -457,33 +462,25 @@ def _gate_orders(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, n_f
         t = tensors.get(template.format(bid=bid))
         return None if t is None else np.asarray(source.data(t), np.float32).reshape(-1)
 
-    def release(bid: int) -> None:
-        source.release(*(tensors.get(t.format(bid=bid))
-                         for t in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
-
-    errors = []
+    assert opts.calibration is not None
+    errors, out = [], []
     for bid in range(n_layer):
         gate, up, down, _ = layer_ffn_weights(source, spec, bid, n_embd, n_ff, norm=False)
         assert gate is not None  # gate_resident needs a gated FFN
-        x = inputs.layer(bid)[-CURVE_TOKENS:]
-        errors.append(gate_error_curve(spec.activation, gate, up, down, x, C.GATE_CURVE_KEEPS,
-                                       vector(spec.ffn_gate_bias, bid),
+        x = inputs.layer(bid)
+        gate_bias = vector(spec.ffn_gate_bias, bid)
+        errors.append(gate_error_curve(spec.activation, gate, up, down, x[-CURVE_TOKENS:],
+                                       C.GATE_CURVE_KEEPS, gate_bias,
                                        vector(spec.ffn_up_bias, bid), opts.activation_threshold))
-        del gate, up, down
-        release(bid)
-    curves = GateCurves(np.asarray(C.GATE_CURVE_KEEPS, np.float32), np.stack(errors))
-    spread = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.stride for la in layouts])
-    layer_keeps = spread if DEFAULT_GATE_PER_LAYER else (DEFAULT_GATE_KEEP,) * n_layer
-    assert opts.calibration is not None
-    out = []
-    for bid, keep in enumerate(layer_keeps):
-        gate = _source_matrix(source, spec.ffn_gate.format(bid=bid), n_embd, n_ff, False).dense()
-        freq = gate_frequency(spec.activation, gate, inputs.layer(bid), keep,
-                              vector(spec.ffn_gate_bias, bid), opts.activation_threshold)
-        release(bid)
+        freq = gate_frequency(spec.activation, gate, x, DEFAULT_GATE_KEEP, gate_bias,
+                              opts.activation_threshold)
+        del gate, up, down, x
+        _release_ffn(source, spec, bid)
         order = order_by_frequency(freq) if opts.calibration.hot_first \
             else np.arange(n_ff, dtype=np.int32)
         out.append((order, freq[order]))
+    curves = GateCurves(np.asarray(C.GATE_CURVE_KEEPS, np.float32), np.stack(errors))
+    spread = curves.layer_keeps(DEFAULT_GATE_KEEP, [la.stride for la in layouts])
     opts.log(f"flashgguf-convert: gate error curves and rows ordered by the gate's picks on "
              f"{inputs.n_tokens} calibration tokens in {time.perf_counter() - t0:.1f} s; "
              f"flash_gate_per_layer would keep {min(spread):g}-{max(spread):g} of a layer's "
@@ -526,8 +523,7 @@ def _fit_predictors(source: _Source, spec: ArchSpec, n_layer: int, n_embd: int, 
                                      bundle_nbytes[bid], popts, popts.seed + bid, split,
                                      act_threshold=opts.activation_threshold)
         # the fit pass reads every layer too: keep its footprint at the layers in flight
-        source.release(*(source.stream.tensors.get(template.format(bid=bid))
-                         for template in (spec.ffn_gate, spec.ffn_up, spec.ffn_down)))
+        _release_ffn(source, spec, bid)
         return fitted, time.perf_counter() - t_layer
 
     # Layers are independent: fit several at once, each on one BLAS thread (numpy releases
