@@ -44,8 +44,9 @@ class GateCurves:
         lo, hi = float(self.keep[0]), float(self.keep[-1])
         if not lo <= target <= hi:
             return (float(target),) * n_layer
-        err2 = np.square(self._monotone().astype(np.float64))
-        budget = sum(self.uniform_error(i, target) ** 2 for i in range(n_layer))
+        mono = self._monotone().astype(np.float64)
+        err2 = np.square(mono)
+        budget = sum(float(np.interp(target, self.keep, m)) ** 2 for m in mono)
         index = [n_k - 1] * n_layer  # every layer starts at the grid's largest keep
         spent = float(err2[:, -1].sum())
 
