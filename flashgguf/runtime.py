@@ -133,7 +133,7 @@ def _gate_keeps(flash: FlashFile, opts: FlashOptions) -> tuple[float, ...]:
     """Each layer's share of rows kept in gate mode: opts.gate_keep spread by the file's
     error curves (flashgguf/gate_keep.py) when it stores them and gate_per_layer, else
     opts.gate_keep everywhere."""
-    curves = getattr(flash, "gate_curves", None)
+    curves = flash.gate_curves
     if curves is None and opts.gate_per_layer and opts.mode == "gate":
         raise OptionError(f"flash_gate_per_layer=True: {flash.path} stores no per-layer error "
                           "curves (convert the model with --gate-resident --calibrate)")

@@ -244,4 +244,4 @@ def shaped_payload(flash: FlashFile, n_layer: int, n_embd: int, n_ff: int, path:
         up_bias=None, gate_bias=None, down_bias=None) for i in range(n_layer))
     return dataclasses.replace(flash, path=Path(path), file_size=n_layer * layer_bytes,
                                n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, layers=layers,
-                               gate_resident=False, predictor_kind=None)
+                               gate_resident=False, predictor_kind=None, gate_curves=None)
