@@ -17,8 +17,16 @@ from .gguf_stream import (
     tensor_array,
     tensor_nbytes,
 )
+from .moe import ExpertLayout, MoEFlashFile, MoEPayloadRecord
 from .output import atomic_output, scratch_file
-from .reader import BundleLayout, FlashFile, LayerInfo, is_flash_gguf, open_flash_file
+from .reader import (
+    BundleLayout,
+    FlashFile,
+    LayerInfo,
+    is_flash_gguf,
+    open_any_flash_file,
+    open_flash_file,
+)
 from .writer import (
     CalibrationRecord,
     FlashWriter,
@@ -33,10 +41,13 @@ from .writer import (
 __all__ = [
     "BundleLayout",
     "CalibrationRecord",
+    "ExpertLayout",
     "FlashFile",
     "FlashWriter",
     "GGUFStream",
     "LayerInfo",
+    "MoEFlashFile",
+    "MoEPayloadRecord",
     "PayloadLayer",
     "PayloadRecord",
     "PredictorRecord",
@@ -48,6 +59,7 @@ __all__ = [
     "constants",
     "is_flash_gguf",
     "map_file",
+    "open_any_flash_file",
     "open_flash_file",
     "open_gguf",
     "read_gguf",

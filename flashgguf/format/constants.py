@@ -16,7 +16,10 @@ from gguf import GGMLQuantizationType
 # score. Versions 1 and 2 (one layout for every layer) are still read; an older reader
 # refuses a newer file.
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# Version 5: mixture-of-experts files (flashgguf.moe.*): each layer's routed experts are one
+# tensor of expert bundles in the source's own quant types. Dense files stay version 4.
+MOE_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PER_LAYER_LAYOUT_VERSION = 3
 GATE_RESIDENT_VERSION = 4
 
@@ -60,6 +63,24 @@ KEY_DOWN_REQUANT_ERROR = "flashgguf.bundle.down_requant_rel_error"
 KEY_GATE_CURVE_KEEP = "flashgguf.gate.curve.keep"  # f32 [K], ascending, in (0, 1]
 KEY_GATE_CURVE_ERROR = "flashgguf.gate.curve.error"  # f32 [n_layer * K], >= 0
 GATE_CURVE_KEEPS = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.3 ... 1.0
+
+# Mixture of experts (version 5). Per layer, ffn_experts is I8 [stride, n_expert]: expert e's
+# bundle at e x stride holds its gate (n_ff_exp rows of n_embd), up (the same) and down (n_embd
+# rows of n_ff_exp) as the source stores them, at the part offsets; the stride is a multiple
+# of PAYLOAD_ALIGNMENT so that every expert is one aligned direct read. The trunk keeps the
+# router and any shared expert (llama.cpp routes); its routed expert tensors have the dummy
+# width DUMMY_EXPERT_WIDTH (they hold n_expert copies: width 1 keeps them small).
+KEY_MOE_EXPERT_COUNT = "flashgguf.moe.expert_count"
+KEY_MOE_EXPERT_USED_COUNT = "flashgguf.moe.expert_used_count"
+KEY_MOE_TYPES = "flashgguf.moe.types"  # u32 [n_layer x 3]: gate, up, down
+KEY_MOE_OFFSETS = "flashgguf.moe.offsets"  # u32 [n_layer x 3]: byte offsets in a bundle
+KEY_MOE_STRIDE = "flashgguf.moe.stride"  # u32 [n_layer]: bytes per expert bundle
+TENSOR_EXPERTS = "blk.{bid}.ffn_experts"
+DUMMY_EXPERT_WIDTH = 1
+# llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.cpp): more experts stop its loader with
+# GGML_ASSERT, which would abort the host process, so the reader refuses them first
+MAX_EXPERTS = 512
+MOE_PARTS = ("gate", "up", "down")
 
 TENSOR_BUNDLE = "blk.{bid}.ffn_bundle"
 TENSOR_GATE_ROWS = "blk.{bid}.ffn_gate_rows"  # gate.resident: [n_embd, n_ff], bundle order

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import FormatError, NotFlashGGUFError, VersionError
+from ..errors import FormatError, NotFlashGGUFError, UnsupportedError, VersionError
 from ..gate_keep import GateCurves
 from ..predictor import PREDICTOR_BLOCK, LayerPredictor, ThresholdCurve
 from . import constants as C
 from .gguf_stream import GGUFStream, TensorInfo, map_file, read_gguf, tensor_array, tensor_nbytes
+from .moe import MoEFlashFile, read_moe_payload
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def is_flash_gguf(path: str | os.PathLike[str]) -> bool:
 
 
 
-def open_flash_file(path: str | os.PathLike[str]) -> FlashFile:
+def open_any_flash_file(path: str | os.PathLike[str]) -> FlashFile | MoEFlashFile:
+    """A dense flash GGUF (FlashFile) or a mixture-of-experts one (MoEFlashFile)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -158,7 +160,18 @@ def open_flash_file(path: str | os.PathLike[str]) -> FlashFile:
     return _validate(memoryview(mm), size, path)
 
 
-def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
+def open_flash_file(path: str | os.PathLike[str]) -> FlashFile:
+    """A dense flash GGUF; a mixture-of-experts one is refused (the tools built on neuron
+    bundles do not read experts: flashgguf.Llama runs them, through open_any_flash_file)."""
+    flash = open_any_flash_file(path)
+    if isinstance(flash, MoEFlashFile):
+        raise UnsupportedError(
+            f"{flash.path} is a mixture-of-experts flash GGUF ({flash.arch}, {flash.n_expert} "
+            "experts): only flashgguf.Llama runs it; this tool reads dense FFN files")
+    return flash
+
+
+def _validate(buf: memoryview, size: int, path: Path) -> FlashFile | MoEFlashFile:
     trunk = _read_trunk(buf, size, path)
     what = f"{path.name} (trunk)"
     version = _int_key(trunk, C.KEY_VERSION, what)
@@ -190,6 +203,11 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile:
         raise VersionError(f"{pwhat}: version {payload.get(C.KEY_VERSION)!r} != trunk's")
     if payload.get(C.KEY_ARCH) != arch:
         raise FormatError(f"{pwhat}: architecture {payload.get(C.KEY_ARCH)!r} != trunk's {arch!r}")
+    if C.KEY_MOE_EXPERT_COUNT in payload.fields:
+        return read_moe_payload(path, size, arch, trunk, payload, version)
+    if version >= C.MOE_VERSION:
+        raise FormatError(f"{pwhat}: a version {version} file without its experts "
+                          f"({C.KEY_MOE_EXPERT_COUNT})")
 
     n_layer = _int_key(payload, C.KEY_BLOCK_COUNT, pwhat)
     n_embd = _int_key(payload, C.KEY_EMBEDDING_LENGTH, pwhat)

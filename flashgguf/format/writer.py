@@ -25,6 +25,7 @@ from ..gate_keep import GateCurves
 from ..predictor import LayerPredictor, ThresholdCurve
 from . import constants as C
 from .gguf_writer import GGUFWriter, pad
+from .moe import MoEPayloadRecord
 from .reader import BundleLayout
 
 Q = GGMLQuantizationType
@@ -60,6 +61,11 @@ class TrunkRecord:
     keys: tuple[SourceKey, ...]  # the source's, in order
     tensors: tuple[TrunkTensor, ...]  # the source's, in order
     alignment: int | None = None  # the source's general.alignment, when it sets one
+    # the key that sizes the FFN tensors the trunk replaces by dummies, and their width:
+    # <arch>.feed_forward_length for dense FFNs; a MoE's expert width key (converter's choice
+    # from the architecture registry) with DUMMY_EXPERT_WIDTH
+    ffn_width_key: str | None = None  # None: <arch>.feed_forward_length
+    dummy_width: int = C.DUMMY_FFN_WIDTH
 
 
 @dataclass(frozen=True)
@@ -108,13 +114,14 @@ class PayloadRecord:
     gate_curves: GateCurves | None = None  # gate_resident, calibrated: per-layer error curves
 
 
-def dummy_shape(part: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def dummy_shape(part: str, shape: tuple[int, ...],
+                dummy: int = C.DUMMY_FFN_WIDTH) -> tuple[int, ...]:
     """ggml shape of an FFN tensor of the dummy width: gate/up [n_embd, n_ff] and their
-    biases [n_ff], down [n_ff, n_embd]; the down bias [n_embd] keeps its shape."""
-    dummy = C.DUMMY_FFN_WIDTH
+    biases [n_ff], down [n_ff, n_embd]; the down bias [n_embd] keeps its shape. Expert
+    tensors keep their third dimension (n_expert)."""
     if part == C.PART_DOWN:
-        return (dummy, shape[1]) if len(shape) == 2 else shape
-    return (shape[0], dummy) if len(shape) == 2 else (dummy,)
+        return (dummy, *shape[1:]) if len(shape) >= 2 else shape
+    return (shape[0], dummy, *shape[2:]) if len(shape) >= 2 else (dummy,)
 
 
 class _State(enum.Enum):
@@ -129,11 +136,15 @@ class FlashWriter:
     tensor that is not an FFN tensor, w.write_layer(...) for each layer, w.finish(...),
     optionally w.set_expected_read(...). Steps out of order raise WriterStateError."""
 
-    def __init__(self, path: Path, trunk: TrunkRecord, payload: PayloadRecord) -> None:
+    def __init__(self, path: Path, trunk: TrunkRecord,
+                 payload: PayloadRecord | MoEPayloadRecord) -> None:
         self.path = path
         self._trunk_record = trunk
         self._payload_record = payload
-        self._check(payload)
+        self._moe = isinstance(payload, MoEPayloadRecord)
+        self._version = C.MOE_VERSION if self._moe else C.FORMAT_VERSION
+        if isinstance(payload, PayloadRecord):
+            self._check(payload)
         try:
             self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed by close())
         except OSError as exc:
@@ -145,7 +156,9 @@ class FlashWriter:
             self._trunk = self._declare_trunk(trunk)
             self.trunk_nbytes = self._trunk.nbytes
             self.payload_offset = pad(self.trunk_nbytes, C.PAYLOAD_ALIGNMENT)
-            self._payload = self._declare_payload(payload, self.payload_offset)
+            self._payload = self._declare_moe_payload(payload, self.payload_offset) \
+                if isinstance(payload, MoEPayloadRecord) else \
+                self._declare_payload(payload, self.payload_offset)
             self.payload_nbytes = self._payload.nbytes
             self._trunk.set_value(C.KEY_PAYLOAD_OFFSET, self.payload_offset)
             self._trunk.set_value(C.KEY_PAYLOAD_SIZE, self.payload_nbytes)
@@ -197,21 +210,21 @@ class FlashWriter:
         # the payload's location first; its values are set once the payload is laid out
         w.add_key(C.KEY_PAYLOAD_OFFSET, 0, GGUFValueType.UINT64)
         w.add_key(C.KEY_PAYLOAD_SIZE, 0, GGUFValueType.UINT64)
-        w.add_key(C.KEY_VERSION, C.FORMAT_VERSION, U32)
+        w.add_key(C.KEY_VERSION, self._version, U32)
         w.add_key(C.KEY_ARCH, trunk.arch, GGUFValueType.STRING)
         if trunk.alignment is not None:
             w.set_alignment(trunk.alignment)
-        ffn_width = f"{trunk.arch}.feed_forward_length"
+        ffn_width = trunk.ffn_width_key or f"{trunk.arch}.feed_forward_length"
         for k in trunk.keys:
             if k.key.startswith(_SKIPPED_KEYS):
                 continue
-            value = C.DUMMY_FFN_WIDTH if k.key == ffn_width else k.value
+            value = trunk.dummy_width if k.key == ffn_width else k.value
             w.add_key(k.key, value, k.vtype, k.item_type)
         for t in trunk.tensors:
             if t.ffn_part is None:
                 w.add_tensor(t.name, t.shape, t.ggml_type)
             else:
-                w.add_tensor(t.name, dummy_shape(t.ffn_part, t.shape), Q.F32)
+                w.add_tensor(t.name, dummy_shape(t.ffn_part, t.shape, trunk.dummy_width), Q.F32)
         return w
 
     def _skip_dummies(self) -> None:
@@ -219,7 +232,8 @@ class FlashWriter:
         tensors = self._trunk_record.tensors
         while self._next_trunk < len(tensors) and tensors[self._next_trunk].ffn_part is not None:
             t = tensors[self._next_trunk]
-            self._trunk.write_tensor(np.zeros(dummy_shape(t.ffn_part, t.shape)[::-1], np.float32))
+            shape = dummy_shape(t.ffn_part, t.shape, self._trunk_record.dummy_width)
+            self._trunk.write_tensor(np.zeros(shape[::-1], np.float32))
             self._next_trunk += 1
         if self._next_trunk == len(tensors):
             self._trunk.check_done()
@@ -242,15 +256,21 @@ class FlashWriter:
 
     # ---- the payload --------------------------------------------------------------------
 
-    def _declare_payload(self, p: PayloadRecord, base: int) -> GGUFWriter:
+    def _payload_writer(self, base: int, arch: str, n_layer: int, n_embd: int,
+                        n_ff: int, activation: str) -> GGUFWriter:
+        """The payload GGUF with the keys every payload starts with."""
         w = GGUFWriter(self._f, base, C.PAYLOAD_ARCH, f"{self.path.name} (payload)")
         w.set_alignment(C.PAYLOAD_ALIGNMENT)
-        w.add_key(C.KEY_VERSION, C.FORMAT_VERSION, U32)
-        w.add_key(C.KEY_ARCH, p.arch, GGUFValueType.STRING)
-        w.add_key(C.KEY_BLOCK_COUNT, len(p.layers), U32)
-        w.add_key(C.KEY_EMBEDDING_LENGTH, p.n_embd, U32)
-        w.add_key(C.KEY_FEED_FORWARD_LENGTH, p.n_ff, U32)
-        w.add_key(C.KEY_ACTIVATION, p.activation, GGUFValueType.STRING)
+        w.add_key(C.KEY_VERSION, self._version, U32)
+        w.add_key(C.KEY_ARCH, arch, GGUFValueType.STRING)
+        w.add_key(C.KEY_BLOCK_COUNT, n_layer, U32)
+        w.add_key(C.KEY_EMBEDDING_LENGTH, n_embd, U32)
+        w.add_key(C.KEY_FEED_FORWARD_LENGTH, n_ff, U32)
+        w.add_key(C.KEY_ACTIVATION, activation, GGUFValueType.STRING)
+        return w
+
+    def _declare_payload(self, p: PayloadRecord, base: int) -> GGUFWriter:
+        w = self._payload_writer(base, p.arch, len(p.layers), p.n_embd, p.n_ff, p.activation)
         if p.activation in C.THRESHOLD_ACTIVATIONS:
             w.add_key(C.KEY_ACTIVATION_THRESHOLD, p.activation_threshold, F32)
         w.add_key(C.KEY_GATED, p.gated, GGUFValueType.BOOL)
@@ -271,6 +291,38 @@ class FlashWriter:
                                                                      None, None):
                 w.add_tensor(name, shape, ggml_type)
         return w
+
+    def _declare_moe_payload(self, p: MoEPayloadRecord, base: int) -> GGUFWriter:
+        w = self._payload_writer(base, p.arch, len(p.layers), p.n_embd, p.n_ff_exp,
+                                 p.activation)
+        w.add_key(C.KEY_GATED, True, GGUFValueType.BOOL)
+        w.add_key(C.KEY_MOE_EXPERT_COUNT, p.n_expert, U32)
+        w.add_key(C.KEY_MOE_EXPERT_USED_COUNT, p.n_expert_used, U32)
+        w.add_key(C.KEY_MOE_TYPES, [int(t) for la in p.layers for t in la.types],
+                  GGUFValueType.ARRAY, U32)
+        w.add_key(C.KEY_MOE_OFFSETS, [o for la in p.layers for o in la.offsets],
+                  GGUFValueType.ARRAY, U32)
+        w.add_key(C.KEY_MOE_STRIDE, [la.stride for la in p.layers], GGUFValueType.ARRAY, U32)
+        w.add_key(C.KEY_SOURCE_NAME, p.source_name, GGUFValueType.STRING)
+        w.add_key(C.KEY_SOURCE_SHA256, p.source_sha256, GGUFValueType.STRING)
+        for bid, layout in enumerate(p.layers):
+            w.add_tensor(C.TENSOR_EXPERTS.format(bid=bid), (layout.stride, p.n_expert), Q.I8)
+        return w
+
+    def write_experts(self, bid: int, bundles: np.ndarray) -> None:
+        """Layer bid's expert bundles, uint8 [n_expert, stride] (MoE files); layers in order."""
+        self._expect(_State.PAYLOAD, f"writing the experts of layer {bid}")
+        p = self._payload_record
+        if not isinstance(p, MoEPayloadRecord):
+            raise WriterStateError(f"{self.path.name}: experts written to a dense payload")
+        if bid != self._next_layer:
+            raise WriterStateError(f"{self.path.name}: layer {bid} written where layer "
+                                   f"{self._next_layer} is due")
+        if bundles.dtype != np.uint8 or bundles.shape != (p.n_expert, p.layers[bid].stride):
+            raise FormatError(f"layer {bid}: expert bundles {bundles.dtype} {bundles.shape}, "
+                              f"expected uint8 {(p.n_expert, p.layers[bid].stride)}")
+        self._payload.write_tensor(bundles)
+        self._next_layer += 1
 
     @staticmethod
     def _add_layout_keys(w: GGUFWriter, layouts: list[BundleLayout]) -> None:
@@ -361,6 +413,8 @@ class FlashWriter:
         (float32), and with a resident gate its gate rows (uint8 [n_ff, row bytes], bundle
         order); its biases and predictor come from the record. Layers go in order."""
         self._expect(_State.PAYLOAD, f"writing layer {bid}")
+        if not isinstance(self._payload_record, PayloadRecord):
+            raise WriterStateError(f"{self.path.name}: bundle rows written to a MoE payload")
         if bid != self._next_layer:
             raise WriterStateError(f"{self.path.name}: layer {bid} written where layer "
                                    f"{self._next_layer} is due")
@@ -377,11 +431,13 @@ class FlashWriter:
             self._payload.write_tensor(data)
         self._next_layer += 1
 
-    def finish(self, down_rel_error: float) -> None:
-        """After the last layer: the down columns' max relative re-quantization error."""
+    def finish(self, down_rel_error: float = 0.0) -> None:
+        """After the last layer: the down columns' max relative re-quantization error (dense
+        files; MoE experts keep the source's bytes)."""
         self._expect(_State.PAYLOAD, "finishing")
         self._payload.check_done()
-        self._payload.set_value(C.KEY_DOWN_REQUANT_ERROR, down_rel_error)
+        if not self._moe:
+            self._payload.set_value(C.KEY_DOWN_REQUANT_ERROR, down_rel_error)
         self._f.flush()
         self._state = _State.FINISHED
 
@@ -389,7 +445,8 @@ class FlashWriter:
         """The expected FFN bytes read per token of each layer, measured on the finished file
         (the budget split needs it whole)."""
         self._expect(_State.FINISHED, "setting the expected read")
-        if self._payload_record.predictor is None:
+        if not isinstance(self._payload_record, PayloadRecord) or \
+                self._payload_record.predictor is None:
             raise WriterStateError(f"{self.path.name}: an expected read without a predictor")
         self._payload.set_value(C.KEY_PREDICTOR_EXPECTED_READ, [float(v) for v in per_layer])
         self._f.flush()
