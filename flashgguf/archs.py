@@ -19,6 +19,27 @@ from .format import constants as C
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """An architecture's mixture-of-experts block as llama.cpp builds it (build_moe_ffn): the
+    routed experts' tensors, the key that gives their width, and the graph node holding
+    their weighted sum (before any shared expert and the residual are added). The router
+    and shared experts stay in the trunk: llama.cpp computes them and the routing."""
+
+    width_key: str  # "<arch>.<width_key>": the expert width llama.cpp reads
+    gate: str = "blk.{bid}.ffn_gate_exps.weight"
+    up: str = "blk.{bid}.ffn_up_exps.weight"
+    down: str = "blk.{bid}.ffn_down_exps.weight"
+    router: str = "blk.{bid}.ffn_gate_inp.weight"
+    input_node: str = "ffn_norm"
+    output_node: str = "ffn_moe_out"
+
+    def expert_tensors(self, bid: int) -> dict[str, str]:
+        """Layer bid's routed expert tensor names -> their part (C.PART_*)."""
+        return {self.gate.format(bid=bid): C.PART_GATE, self.up.format(bid=bid): C.PART_UP,
+                self.down.format(bid=bid): C.PART_DOWN}
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str  # llama.cpp's general.architecture
     activation: str  # what llama.cpp's graph applies (flashgguf.ffn.activation)
@@ -36,6 +57,10 @@ class ArchSpec:
     # RMSNorm weight applied to the FFN input: the weight-only predictor models the input
     # as this weight times a unit-RMS vector.
     ffn_norm: str = "blk.{bid}.ffn_norm.weight"
+    # its mixture-of-experts block, for files whose <arch>.expert_count is > 0 (llama:
+    # Mixtral); None: experts are not supported in this architecture
+    moe: MoESpec | None = None
+    dense: bool = True  # False: llama.cpp builds only MoE layers for it (no dense FFN files)
 
     def ffn_tensor_parts(self, bid: int) -> dict[str, str]:
         """Layer bid's llama.cpp FFN tensor names (weights and biases) -> their bundle part."""
@@ -49,7 +74,8 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
-        ArchSpec("llama", activation="silu"),  # Llama 2/3, Mistral, SmolLM
+        # Llama 2/3, Mistral, SmolLM; with experts, Mixtral (their width is n_ff)
+        ArchSpec("llama", activation="silu", moe=MoESpec("feed_forward_length")),
         ArchSpec("qwen2", activation="silu"),
         # GPT-2 (and OPT written as gpt2 by the safetensors converter): one LayerNorm'd FFN,
         # up -> act -> down with biases; build_ffn's nodes between ffn_norm and ffn_out.
@@ -57,6 +83,14 @@ ARCHS: dict[str, ArchSpec] = {
         # Gemma 3 text: GeGLU (ggml_geglu, tanh GELU); its post-FFN norm (ffn_post_norm-L)
         # follows ffn_out-L in the graph, so llama.cpp applies it to our result.
         ArchSpec("gemma3", activation="gelu"),
+        # Mixtures of experts: softmax routing computed by llama.cpp (qwen3moe and Mixtral
+        # renormalize the top-k weights, qwen2moe and olmoe do not: the callback takes the
+        # final weights from the graph); qwen2moe's gated shared expert stays in the trunk.
+        ArchSpec("qwen3moe", activation="silu", moe=MoESpec("expert_feed_forward_length"),
+                 dense=False),
+        ArchSpec("qwen2moe", activation="silu", moe=MoESpec("expert_feed_forward_length"),
+                 dense=False),
+        ArchSpec("olmoe", activation="silu", moe=MoESpec("feed_forward_length"), dense=False),
     )
 }
 
