@@ -301,6 +301,87 @@ void fg_runtime_trace_stop(fg_runtime *rt);
 /* ggml_backend_sched_eval_callback; user_data is the fg_runtime. */
 bool fg_eval_callback(void *tensor, bool ask, void *user_data);
 
+/* ---- mixture of experts (moe.c) ------------------------------------------------------ */
+/* One handle per MoE flash GGUF: each layer's routed experts are bundles of the source's own
+ * gate, up and down matrices (n_ff_exp rows of n_embd; n_embd rows of n_ff_exp), one bundle
+ * per expert, `stride` bytes apart. llama.cpp's graph computes the routing (its router and
+ * shared experts stay in the trunk); the eval callback takes the chosen experts and their
+ * weights from the graph and writes the routed experts' sum over the MoE output node. */
+
+typedef struct fg_moe fg_moe;
+
+typedef struct fg_moe_config {
+    int32_t n_layer;
+    int32_t n_embd;
+    int32_t n_ff_exp;              /* rows of an expert's gate and up */
+    int32_t n_expert;
+    int32_t n_expert_used;         /* experts per token (top-k) */
+    int32_t activation;            /* FG_ACT_SILU or FG_ACT_GELU: h = act(gate) * up */
+    int32_t max_tokens;            /* most rows the MoE input may have (n_ubatch) */
+    int32_t n_threads;             /* threads for one-row batches (decode), >= 1 */
+    int32_t n_threads_batch;       /* threads for multi-row batches (prompts), >= 1 */
+    int32_t use_direct_io;
+    int32_t io_backend;            /* FG_IO_* */
+    int32_t io_depth;              /* expert reads in flight */
+    int32_t resident;              /* 1: every expert read at load and kept (no budget) */
+    int64_t dram_budget;           /* !resident: bytes of expert slots (one slot = the
+                                    * largest expert bundle); fewer than one slot is allowed:
+                                    * every expert is then read when used */
+    char input_node[32];           /* graph node of the MoE input, without "-L" */
+    char output_node[32];          /* graph node of the routed experts' sum */
+} fg_moe_config;
+
+typedef struct fg_moe_stats {
+    uint64_t tokens;               /* MoE input rows seen by layer 0 */
+    uint64_t calls;                /* MoE layer calls */
+    uint64_t expert_hits;          /* experts a call needed that were resident */
+    uint64_t expert_misses;        /* experts a call needed that were read */
+    uint64_t bytes_read;           /* bytes transferred (load included) */
+    uint64_t reads;
+    uint64_t bytes_needed;         /* missed experts x their bundle bytes */
+    uint64_t evictions;            /* experts dropped from a slot for another */
+    double time_io_wait_s;
+    double time_ffn_s;
+    double time_total_s;
+} fg_moe_stats;
+
+int fg_moe_create(const fg_moe_config *cfg, const char *path, fg_moe **out);
+void fg_moe_destroy(fg_moe *m);
+/* Layer's experts: bundle e at offset + e * stride (stride a multiple of 4096 and offset
+ * 4096-aligned); part_type[3] and part_offset[3] by FG_PART_* (gate, up, down). Before
+ * fg_moe_load. */
+int fg_moe_set_layer(fg_moe *m, int32_t layer, uint64_t offset, int64_t stride,
+                     const int32_t *part_type, const int64_t *part_offset);
+/* Allocate the slots and read what stays resident (every expert when cfg.resident). */
+int fg_moe_load(fg_moe *m);
+/* Number of expert slots after load. */
+int32_t fg_moe_slots(const fg_moe *m);
+/* 1 when the experts are read with direct I/O, 0 when buffered (refused by the fs). */
+int fg_moe_direct_io(const fg_moe *m);
+/* y (n_tokens x n_embd) = sum over k of weights[t, k] x expert ids[t, k](x[t]), the experts
+ * read through the cache as the callback does (tests, benchmarks). */
+int fg_moe_forward(fg_moe *m, int32_t layer, const float *x, const int32_t *ids,
+                   const float *weights, float *y, int32_t n_tokens);
+/* Hits and misses of each layer since the last reset: arrays of n_layer. */
+void fg_moe_layer_stats(const fg_moe *m, uint64_t *hits, uint64_t *misses);
+/* Expert resident in slots (1) or not (0): out[n_layer x n_expert]. */
+void fg_moe_resident(const fg_moe *m, uint8_t *out);
+void fg_moe_get_stats(const fg_moe *m, fg_moe_stats *out);
+void fg_moe_reset_stats(fg_moe *m);
+int fg_moe_take_error(fg_moe *m, char *msg, size_t msg_cap);
+/* Every read fails with errno_value once `after` more reads have succeeded (0 disables). */
+void fg_moe_debug_fail_reads(fg_moe *m, int errno_value, int64_t after);
+/* Record the routing of the next max_calls MoE calls (flashgguf-profile experts): each
+ * call's layer and the experts it used; clears an earlier record. */
+int fg_moe_trace_start(fg_moe *m, int64_t max_calls);
+/* Calls recorded so far. */
+int64_t fg_moe_trace_count(const fg_moe *m);
+/* Calls recorded (at most max_calls); copies them: layer[n], used[n x n_expert] (0/1). */
+int64_t fg_moe_trace_copy(const fg_moe *m, int32_t *layer, uint8_t *used);
+void fg_moe_trace_stop(fg_moe *m);
+/* ggml_backend_sched_eval_callback; user_data is the fg_moe. */
+bool fg_moe_eval_callback(void *tensor, bool ask, void *user_data);
+
 /* ---- calibration capture (capture.c) ------------------------------------------------ */
 
 typedef struct fg_capture fg_capture;
