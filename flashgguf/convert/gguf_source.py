@@ -53,6 +53,7 @@ from .bundle import (
     make_layout,
 )
 from .gate_order import CURVE_TOKENS, gate_error_curve, gate_frequency, order_by_frequency
+from .moe_source import convert_moe, expert_count
 from .predictor_fit import FittedLayer, PredictorOptions, fit_layer_predictor
 
 
@@ -258,6 +259,10 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
     if arch_name == C.TRUNK_ARCH:
         raise ConvertError(f"{src} is already a flash GGUF")
     spec = get_arch(str(arch_name))
+    if expert_count(stream.fields, spec.name) > 0:
+        return convert_moe(source, spec, src, out, opts, _sha256(src), t_start)
+    if not spec.dense:
+        raise FormatError(f"{src}: {spec.name} without experts ({spec.name}.expert_count)")
     if opts.activation is not None:
         if opts.activation not in C.ACTIVATIONS:
             raise UnsupportedError(f"activation {opts.activation!r} is not one of {C.ACTIVATIONS}")
