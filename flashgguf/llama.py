@@ -14,7 +14,7 @@ from typing import Any
 
 from .archs import get_arch
 from .errors import NotFlashGGUFError, OptionError
-from .format import is_flash_gguf, open_flash_file
+from .format import MoEFlashFile, is_flash_gguf, open_any_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
     DEFAULT_GATE_CACHE_BONUS,
@@ -30,7 +30,7 @@ from .options import (
 )
 from .policy import default_mode
 from .predictor import LayerPredictor
-from .runtime import Runtime, installed_context_class, llama_cpp_module
+from .runtime import MoERuntime, Runtime, installed_context_class, llama_cpp_module
 from .usage import UseGuard
 
 llama_cpp = llama_cpp_module()
@@ -81,7 +81,7 @@ class Llama(llama_cpp.Llama):
                  flash_predictor_recall: float | None = None,
                  flash_predictors: Sequence[LayerPredictor | None] | None = None,
                  **kwargs: Any) -> None:
-        self._flash_runtime: Runtime | None = None
+        self._flash_runtime: Runtime | MoERuntime | None = None
         path = os.fspath(model_path)
         self._use = UseGuard(f"the model {path}")
         if not is_flash_gguf(path):
@@ -93,7 +93,7 @@ class Llama(llama_cpp.Llama):
             super().__init__(path, *args, **kwargs)
             return
 
-        flash = open_flash_file(path)
+        flash = open_any_flash_file(path)
         spec = get_arch(flash.arch)
         overrides = dict(kwargs.pop("kv_overrides", None) or {})
         overrides["general.architecture"] = flash.arch
@@ -110,6 +110,18 @@ class Llama(llama_cpp.Llama):
                 n_threads=n_threads, n_threads_batch=n_threads_batch, gate_keep=flash_gate_keep,
                 gate_cache_bonus=flash_gate_cache_bonus, gate_per_layer=flash_gate_per_layer)
 
+        if isinstance(flash, MoEFlashFile):
+            if flash_mode is not None or flash_predictors is not None or \
+                    flash_predictor_recall is not None:
+                raise OptionError(f"{path} is a mixture of experts: its router picks the "
+                                  "experts, so flash_mode and the predictor options do not "
+                                  "apply")
+            # "predicted" only for the rule's outcome: resident when the budget holds every
+            # expert, else streamed through expert slots
+            self._flash_runtime = MoERuntime(flash, spec, options_for("predicted"))
+            self._init_llama(path, args, overrides, kwargs)
+            return
+
         layer_weights = None
         if flash_predictor_recall is not None:
             if flash_predictors is not None:
@@ -119,9 +131,15 @@ class Llama(llama_cpp.Llama):
             flash_mode = DEFAULT_MODE if flash_predictors is not None else \
                 default_mode(flash, spec, options_for)
         opts = options_for(flash_mode)
-        runtime = Runtime(flash, spec, opts, predictors=flash_predictors,
-                          layer_weights=layer_weights)
-        self._flash_runtime = runtime
+        self._flash_runtime = Runtime(flash, spec, opts, predictors=flash_predictors,
+                                      layer_weights=layer_weights)
+        self._init_llama(path, args, overrides, kwargs)
+
+    def _init_llama(self, path: str, args: Any, overrides: dict[str, Any],
+                    kwargs: dict[str, Any]) -> None:
+        """llama_cpp.Llama's own __init__ with the runtime's callback on its context."""
+        runtime = self._flash_runtime
+        assert runtime is not None
         try:
             with installed_context_class(runtime.context_class()):
                 super().__init__(path, *args, kv_overrides=overrides, **kwargs)
@@ -131,7 +149,7 @@ class Llama(llama_cpp.Llama):
             raise
 
     @property
-    def flash_runtime(self) -> Runtime | None:
+    def flash_runtime(self) -> Runtime | MoERuntime | None:
         return self._flash_runtime
 
     def flash_stats(self, reset: bool = False) -> dict[str, float]:

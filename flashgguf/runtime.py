@@ -26,7 +26,7 @@ from .errors import (
     OptionError,
     VersionMismatchError,
 )
-from .format import FlashFile, LayerInfo
+from .format import FlashFile, LayerInfo, MoEFlashFile
 from .format import constants as C
 from .options import FlashOptions
 from .predictor import PREDICTOR_BLOCK, LayerPredictor
@@ -142,7 +142,44 @@ def _gate_keeps(flash: FlashFile, opts: FlashOptions) -> tuple[float, ...]:
     return curves.layer_keeps(opts.gate_keep, [layer.layout.stride for layer in flash.layers])
 
 
-class Runtime:
+class _NativeHandle:
+    """A C handle (self._rt, freed by its destroy function through ffi.gc) shared by the
+    runtimes: closing, dropping it in a forked child, and its counters as a dict."""
+
+    _rt: Any = None
+    _what = "the flash runtime"
+
+    @property
+    def handle(self):
+        if self._rt is None:
+            raise FlashGGUFError(f"{self._what} is closed")
+        return self._rt
+
+    def close(self) -> None:
+        if self._rt is not None:
+            ffi.release(self._rt)
+            self._rt = None
+
+    def _abandon(self) -> None:
+        """Drop the handle without destroying it (see _abandon_in_child)."""
+        if self._rt is not None:
+            ffi.gc(self._rt, None)  # detaches the destroy function from the handle
+            self._rt = None
+
+    def _stats(self, struct: str, names: tuple[str, ...], get: Any, reset: Any,
+               do_reset: bool) -> dict[str, float]:
+        s = ffi.new(f"{struct} *")
+        get(self.handle, s)
+        out: dict[str, float] = {}
+        for name in names:
+            value = getattr(s, name)
+            out[name] = float(value) if name.startswith("time_") else int(value)
+        if do_reset:
+            reset(self.handle)
+        return out
+
+
+class Runtime(_NativeHandle):
     """The native FFN engine for one flash GGUF: all bundles in DRAM (mode "dense"), or
     streamed from the payload under a DRAM budget ("naive", "hybrid", "predicted").
 
@@ -292,12 +329,6 @@ class Runtime:
                   f"layer {layer}: setting the predictor's residuals (finite, >= 0)")
 
     @property
-    def handle(self):
-        if self._rt is None:
-            raise FlashGGUFError("the flash runtime is closed")
-        return self._rt
-
-    @property
     def io_backend(self) -> str:
         """The read engine in use: "threads", "io_uring", or "none" (dense mode)."""
         return _IO_NAMES[int(lib.fg_runtime_io_backend(self.handle))]
@@ -436,25 +467,8 @@ class Runtime:
               ffi.string(msg).decode(errors="replace"))
 
     def stats(self, reset: bool = False) -> dict[str, float]:
-        s = ffi.new("fg_stats *")
-        lib.fg_runtime_get_stats(self.handle, s)
-        out: dict[str, float] = {name: getattr(s, name) for name in _STATS}
-        for name in _STATS:
-            out[name] = float(out[name]) if name.startswith("time_") else int(out[name])
-        if reset:
-            lib.fg_runtime_reset_stats(self.handle)
-        return out
-
-    def close(self) -> None:
-        if self._rt is not None:
-            ffi.release(self._rt)
-            self._rt = None
-
-    def _abandon(self) -> None:
-        """Drop the handle without destroying it (see _abandon_in_child)."""
-        if self._rt is not None:
-            ffi.gc(self._rt, None)  # detaches fg_runtime_destroy from the handle
-            self._rt = None
+        return self._stats("fg_stats", _STATS, lib.fg_runtime_get_stats,
+                           lib.fg_runtime_reset_stats, reset)
 
     def context_class(self) -> type:
         """A llama.cpp context class whose graph runs this runtime's FFN callback and raises
@@ -463,7 +477,143 @@ class Runtime:
                                       _address(self.handle), self.raise_pending_error)
 
 
-_live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+_MOE_STATS = ("tokens", "calls", "expert_hits", "expert_misses", "bytes_read", "reads",
+              "bytes_needed", "evictions", "time_io_wait_s", "time_ffn_s", "time_total_s")
+
+
+class MoERuntime(_NativeHandle):
+    """The native expert engine for one mixture-of-experts flash GGUF: every expert resident
+    (opts.mode "dense"), or read whole when routed to, into a cache of expert slots that
+    holds opts.dram_budget bytes. llama.cpp's graph computes the routing; the callback takes
+    its chosen experts and weights and replaces the routed experts' sum."""
+
+    def __init__(self, flash: MoEFlashFile, spec: ArchSpec, opts: FlashOptions,
+                 load: bool = True) -> None:
+        if spec.moe is None:
+            raise OptionError(f"{flash.path}: {spec.name} has no mixture-of-experts block")
+        self.flash = flash
+        self.spec = spec
+        self._opts = opts
+        self.mode = "dense" if opts.mode == "dense" else "streaming"
+        cfg = ffi.new("fg_moe_config *")
+        cfg.n_layer, cfg.n_embd, cfg.n_ff_exp = flash.n_layer, flash.n_embd, flash.n_ff_exp
+        cfg.n_expert, cfg.n_expert_used = flash.n_expert, flash.n_expert_used
+        cfg.activation = _ACTIVATIONS[flash.activation]
+        cfg.max_tokens = opts.max_tokens
+        cfg.n_threads, cfg.n_threads_batch = opts.n_threads, opts.n_threads_batch
+        cfg.use_direct_io = int(opts.direct_io)
+        cfg.io_backend, cfg.io_depth = _IO[opts.io], opts.io_depth
+        cfg.resident = int(self.mode == "dense")
+        cfg.dram_budget = opts.dram_budget
+        cfg.input_node = spec.moe.input_node.encode()
+        cfg.output_node = spec.moe.output_node.encode()
+        self.max_tokens = opts.max_tokens
+        self._rt = None
+        out = ffi.new("fg_moe **")
+        check(lib.fg_moe_create(cfg, str(flash.path).encode(), out),
+              f"opening {flash.path} for the expert runtime")
+        self._rt = ffi.gc(out[0], lib.fg_moe_destroy)
+        _live_runtimes.add(self)
+        for layer in flash.layers:
+            la = layer.layout
+            check(lib.fg_moe_set_layer(self._rt, layer.index, layer.experts.offset, la.stride,
+                                       [int(t) for t in la.types], list(la.offsets)),
+                  f"experts of layer {layer.index}")
+        self.direct_io = opts.direct_io
+        if load:
+            check(lib.fg_moe_load(self._rt), f"reading the experts of {flash.path}")
+            self.direct_io = bool(lib.fg_moe_direct_io(self._rt))
+            if opts.direct_io and not self.direct_io:
+                warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the "
+                              "experts are read through the page cache, so I/O figures include "
+                              "cached reads", DirectIOWarning, stacklevel=3)
+
+    _what = "the expert runtime"
+
+    @property
+    def options(self) -> FlashOptions:
+        return self._opts
+
+    @property
+    def slots(self) -> int:
+        """Expert slots of the cache (every expert when resident)."""
+        return int(lib.fg_moe_slots(self.handle))
+
+    def forward(self, layer: int, x: np.ndarray, ids: np.ndarray,
+                weights: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum for rows of x (float32 [n, n_embd]) routed to
+        ids (int32 [n, n_expert_used]) with weights (float32, the same shape), through the
+        cache and reads as a decode does."""
+        f = self.flash
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        n = x.shape[0] if x.ndim == 2 else 0
+        if x.shape != (n, f.n_embd) or ids.shape != (n, f.n_expert_used) or \
+                weights.shape != ids.shape or not 0 < n <= self.max_tokens:
+            raise OptionError(f"forward: x {x.shape}, ids {ids.shape}, weights "
+                              f"{weights.shape} for n_embd {f.n_embd}, {f.n_expert_used} "
+                              f"experts per token, at most {self.max_tokens} rows")
+        y = np.empty_like(x)
+        check(lib.fg_moe_forward(self.handle, layer, ffi.cast("float *", ffi.from_buffer(x)),
+                                 ffi.cast("int32_t *", ffi.from_buffer(ids)),
+                                 ffi.cast("float *", ffi.from_buffer(weights)),
+                                 ffi.cast("float *", ffi.from_buffer(y)), n),
+              f"experts of layer {layer}")
+        return y
+
+    def layer_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Expert hits and misses per layer (uint64 [n_layer] each)."""
+        hits = np.zeros(self.flash.n_layer, np.uint64)
+        misses = np.zeros(self.flash.n_layer, np.uint64)
+        lib.fg_moe_layer_stats(self.handle, ffi.cast("uint64_t *", ffi.from_buffer(hits)),
+                               ffi.cast("uint64_t *", ffi.from_buffer(misses)))
+        return hits, misses
+
+    def resident(self) -> np.ndarray:
+        """bool [n_layer, n_expert]: experts held in a slot now."""
+        out = np.zeros((self.flash.n_layer, self.flash.n_expert), np.uint8)
+        lib.fg_moe_resident(self.handle, ffi.cast("uint8_t *", ffi.from_buffer(out)))
+        return out.astype(bool)
+
+    def fail_reads(self, errno_value: int, after: int = 0) -> None:
+        """Tests: every read fails with errno_value once `after` more have succeeded."""
+        lib.fg_moe_debug_fail_reads(self.handle, errno_value, after)
+
+    def trace_start(self, max_calls: int) -> None:
+        """Record the routing of the next max_calls MoE layer calls."""
+        check(lib.fg_moe_trace_start(self.handle, max_calls), "starting the routing record")
+
+    def trace_take(self) -> tuple[np.ndarray, np.ndarray]:
+        """The recorded calls: layer (int32 [n]) and experts used (bool [n, n_expert]);
+        recording stops."""
+        cap = self._trace_cap()
+        layer = np.zeros(cap, np.int32)
+        used = np.zeros((cap, self.flash.n_expert), np.uint8)
+        n = lib.fg_moe_trace_copy(self.handle, ffi.cast("int32_t *", ffi.from_buffer(layer)),
+                                  ffi.cast("uint8_t *", ffi.from_buffer(used)))
+        lib.fg_moe_trace_stop(self.handle)
+        return layer[:n], used[:n].astype(bool)
+
+    def _trace_cap(self) -> int:
+        return int(lib.fg_moe_trace_count(self.handle))
+
+    def raise_pending_error(self) -> None:
+        msg = ffi.new("char[256]")
+        code = lib.fg_moe_take_error(self.handle, msg, 256)
+        check(code, "flash experts failed during llama_decode",
+              ffi.string(msg).decode(errors="replace"))
+
+    def stats(self, reset: bool = False) -> dict[str, float]:
+        return self._stats("fg_moe_stats", _MOE_STATS, lib.fg_moe_get_stats,
+                           lib.fg_moe_reset_stats, reset)
+
+    def context_class(self) -> type:
+        return _callback_context_class(_address(ffi.addressof(lib, "fg_moe_eval_callback")),
+                                      _address(self.handle), self.raise_pending_error)
+
+
+_live_runtimes: weakref.WeakSet[Runtime | MoERuntime] = weakref.WeakSet()
 
 
 def _abandon_in_child() -> None:
