@@ -64,13 +64,15 @@ class Region:
 
 
 def regions(path: Path) -> Region:
-    from flashgguf.format import open_flash_file
+    from flashgguf.format import open_any_flash_file
 
-    flash = open_flash_file(path)
+    flash = open_any_flash_file(path)
     tensors = list(flash.payload.tensors.values())
     floats = [(t.offset, t.nbytes // 4) for t in tensors
               if t.ggml_type.name == "F32" and t.nbytes <= 1 << 20]
-    ints = [(t.offset, t.nbytes // 4, flash.n_ff) for t in tensors if t.ggml_type.name == "I32"]
+    # (MoE payloads hold none of either: their mutations fall to the headers and bytes)
+    ints = [(t.offset, t.nbytes // 4, getattr(flash, "n_ff", 0)) for t in tensors
+            if t.ggml_type.name == "I32"]
     return Region([(flash.trunk.base, flash.trunk.data_offset),
                    (flash.payload.base, flash.payload.data_offset)], floats, ints)
 
@@ -190,8 +192,9 @@ def run_case(path: Path, tokens: list[int], mode: str) -> tuple[str, str]:
     from flashgguf.errors import FlashGGUFError
 
     try:
-        llm = Llama(str(path), flash_offload=True, flash_dram_budget=0.5, flash_mode=mode,
-                    n_ctx=32, n_threads=1, n_threads_batch=1, verbose=False)
+        modes = {} if mode == "experts" else dict(flash_mode=mode)
+        llm = Llama(str(path), flash_offload=True, flash_dram_budget=0.5, n_ctx=32,
+                    n_threads=1, n_threads_batch=1, verbose=False, **modes)
         try:
             llm.eval(tokens)
             llm.eval([tokens[-1]])
@@ -217,7 +220,8 @@ def worker(seed_files: list[Path], seed: int) -> None:
     if "libasan" not in os.environ.get("LD_PRELOAD", ""):
         resource.setrlimit(resource.RLIMIT_AS, (32 << 30, 32 << 30))
     checkpoints = [p for p in seed_files if p.is_dir()]
-    flash_seeds = [(p.read_bytes(), regions(p)) for p in seed_files if p.is_file()]
+    flash_seeds = [(p.read_bytes(), regions(p), p.name.startswith("moe"))
+                   for p in seed_files if p.is_file()]
     tokens = [1, 40, 41, 42]
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         target = Path(tmp) / "case.flash.gguf"
@@ -237,11 +241,13 @@ def worker(seed_files: list[Path], seed: int) -> None:
                 out.parent.mkdir()
                 outcome, detail = run_conversion(folder, out)
             else:
-                seed_bytes, region = flash_seeds[case % len(flash_seeds)]
+                seed_bytes, region, moe = flash_seeds[case % len(flash_seeds)]
                 data, kind = mutate(seed_bytes, region, seed, case)
                 target.write_bytes(data)
                 size = len(data)
-                mode = ("hybrid", "predicted", "naive")[case // len(flash_seeds) % 3]
+                # a mixture of experts has no modes: its router picks what is read
+                mode = "experts" if moe else \
+                    ("hybrid", "predicted", "naive")[case // len(flash_seeds) % 3]
                 outcome, detail = run_case(target, tokens, mode)
             grew = status_bytes("VmHWM") - base
             if outcome != "bug" and grew > MEMORY_FIXED + MEMORY_PER_FILE_BYTE * size:
@@ -325,8 +331,9 @@ def fuzz(seed_files: list[Path], cases: list[int], seed: int, n_workers: int,
 
 def make_seed_files(folder: Path) -> list[Path]:
     """What is mutated: flash GGUFs of a generated llama with the weight-only predictor
-    (Q8_0) and of a K-quant one whose gate is resident (version 4 layout), and a generated
-    Hugging Face llama checkpoint (a folder)."""
+    (Q8_0), of a K-quant one whose gate is resident (version 4 layout) and of a qwen3moe
+    mixture of experts (version 5), and a generated Hugging Face llama checkpoint (a
+    folder)."""
     from gguf import GGMLQuantizationType as Q
     from hf_factory import TinyHF, write_tiny_checkpoint
     from model_factory import TinyModel, write_tiny_model
@@ -340,7 +347,9 @@ def make_seed_files(folder: Path) -> list[Path]:
     for name, spec, kw in (
             ("q8", TinyModel(n_layer=2, n_embd=64, n_ff=96, seed=3), {}),
             ("q4k-gate", TinyModel(n_layer=2, n_embd=256, n_ff=256, ffn_type=Q.Q4_K, seed=4),
-             dict(gate_resident=True, predictor=None))):
+             dict(gate_resident=True, predictor=None)),
+            ("moe", TinyModel(arch="qwen3moe", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
+                              n_expert=4, n_expert_used=2, n_ff_exp=64, seed=5), {})):
         src = write_tiny_model(folder / f"{name}.gguf", spec, tokenizer)
         dst = folder / f"{name}.flash.gguf"
         convert_gguf(src, dst, ConvertOptions(progress=False, log=lambda _m: None, **kw))
