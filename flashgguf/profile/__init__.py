@@ -7,6 +7,7 @@ recall cost me. One command, a subcommand per question, any model:
     flashgguf-profile bench   SOURCE.gguf [--flash FILE] --caps ... stock mmap vs flash, capped
     flashgguf-profile quality SOURCE.gguf [FLASH.gguf] [--run ...]  perplexity and top-1 vs stock
     flashgguf-profile replay  TRACE [--budget ... --shape 7b]       a trace through the cache
+    flashgguf-profile experts MOE.flash.gguf [--tokens N]           routing and cache curve
 
 Tables go to stdout for people; --json prints one JSON document instead. Progress goes to
 stderr. Ctrl-C or SIGTERM leaves no child process, cgroup or scratch file behind."""
@@ -18,7 +19,7 @@ import sys
 
 from ..errors import FlashGGUFError
 from ..interrupt import exit_status, sigterm_unwinds
-from . import caps, quality, replaying, storage, timeline
+from . import caps, experts, quality, replaying, storage, timeline
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (storage, timeline, caps, quality, replaying):
+    for module in (storage, timeline, caps, quality, replaying, experts):
         module.add_parser(_WithCommon(sub, common))
     return p
 

@@ -93,7 +93,7 @@ def _modes(text: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..format import open_flash_file
+    from ..format import MoEFlashFile, open_any_flash_file
     from ..options import budget_argument, parse_budget
 
     if args.tokens < 1 or args.reps < 1 or args.busy < 0:
@@ -106,7 +106,10 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise ProfileError(f"--stock: {bad[0]!r} is not shipped or mmap")
     with flash_model(args.flash or args.source, args.workdir, args.quiet) as flash_path:
-        flash = open_flash_file(flash_path)
+        flash = open_any_flash_file(flash_path)
+        moe = isinstance(flash, MoEFlashFile)
+        if moe:  # the router picks the experts: one flash run, no modes
+            modes = [("experts", {})]
         no_cap = None if args.caps == [None] else cgroup_available()
         if no_cap:
             note(f"no memory cap can be set here ({no_cap}): every run goes uncapped", args.quiet)
@@ -119,10 +122,13 @@ def main(args: argparse.Namespace) -> int:
         if "error" in over:
             raise ProfileError(f"the overhead run failed: {over['error']}")
         overhead = int(over["rss_anon_mb"] * MB)
-        gates = sum(la.gate_rows.nbytes for la in flash.layers if la.gate_rows is not None)
+        gates = 0 if isinstance(flash, MoEFlashFile) else \
+            sum(la.gate_rows.nbytes for la in flash.layers if la.gate_rows is not None)
+        # flashgguf's own memory with nothing kept: no rows (naive mode), or no expert slots
+        bare = dict(flash_dram_budget=1) if moe else \
+            dict(flash_mode="naive", flash_dram_budget=max(gates, 1))
         fover = run_child(dict(base, kind="flash", threads=args.threads[0], no_repack=True,
-                               options=dict(flash_mode="naive", flash_dram_budget=max(gates, 1))),
-                          None, args.timeout)
+                               options=bare), None, args.timeout)
         if "error" in fover:
             raise ProfileError(f"the flash overhead run failed: {fover['error']}")
         flash_overhead = int(fover["rss_anon_mb"] * MB) - gates

@@ -60,8 +60,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         rss_anon_mb=rss_anon() / MB)
     if runtime is not None:
         out["mode"] = runtime.mode
-        out.update(per_token(llm.flash_stats(),
-                             runtime.flash.n_layer * runtime.flash.n_ff))
+        n_ff = getattr(runtime.flash, "n_ff", 0)  # MoE files: experts, not neurons
+        out.update(per_token(llm.flash_stats(), runtime.flash.n_layer * n_ff))
     llm.close()
     return out
 

@@ -309,7 +309,9 @@ def per_token(stats: dict[str, float], n_ff_total: int) -> dict[str, float]:
     """A run's flash_stats() as per-token figures."""
     n = max(int(stats.get("tokens", 0)), 1)
     needed = stats.get("bytes_needed", 0)
-    looked = stats.get("cache_hits", 0) + stats.get("cache_misses", 0)
+    # a MoE runtime counts experts where the neuron runtime counts rows
+    hits = stats.get("cache_hits", stats.get("expert_hits", 0))
+    looked = hits + stats.get("cache_misses", stats.get("expert_misses", 0))
     return dict(
         tokens=int(stats.get("tokens", 0)),
         read_mib_per_token=stats.get("bytes_read", 0) / n / MiB,
@@ -317,7 +319,7 @@ def per_token(stats: dict[str, float], n_ff_total: int) -> dict[str, float]:
         over_fetch=stats["bytes_read"] / needed if needed else float("nan"),
         reads_per_token=stats.get("reads", 0) / n,
         mean_read_kib=stats.get("bytes_read", 0) / max(stats.get("reads", 0), 1) / 1024,
-        hit_rate=stats.get("cache_hits", 0) / looked if looked else float("nan"),
+        hit_rate=hits / looked if looked else float("nan"),
         computed_share=stats.get("neurons_computed", 0) / n / max(n_ff_total, 1),
         predict_ms=1e3 * stats.get("time_predict_s", 0) / n,
         io_wait_ms=1e3 * stats.get("time_io_wait_s", 0) / n,

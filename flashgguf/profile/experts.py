@@ -1,0 +1,228 @@
+"""flashgguf-profile experts: how a mixture of experts routes, and what an expert cache of
+each size would hit. One greedy generation records every MoE layer call's experts (the
+runtime's routing record); the record then goes through the runtime's own eviction policy
+(CLOCK with use counts, simulated exactly: at the run's slot count it gives the hits the
+runtime counted), LRU, and Belady's optimum (the bound no policy beats), for a range of
+cache sizes. Also per layer: how skewed the routing is (the share of the top-k choices the
+most used tenth of the experts takes; 0.1 under uniform routing)."""
+
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .harness import (
+    PROMPT,
+    MiB,
+    ProfileError,
+    emit,
+    existing_file,
+    float_list,
+    fmt,
+    greedy_next_token,
+    load_average,
+    note,
+    print_table,
+)
+
+# the runtime's CLOCK (native/moe.c): use counts saturate here
+MAX_COUNT = 3
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("experts", help="a mixture of experts' routing and its cache curve",
+                       description=__doc__)
+    p.add_argument("model", type=existing_file, help="a mixture-of-experts flash GGUF")
+    p.add_argument("--tokens", type=int, default=32, help="greedy decode tokens recorded")
+    p.add_argument("--budget", default="0.25",
+                   help="the run's expert cache (a share of the experts' bytes, or a size)")
+    p.add_argument("--shares", type=float_list,
+                   default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                   help="cache sizes simulated, as shares of all experts")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=main)
+
+
+def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -> int:
+    """Hits of native/moe.c's cache over the calls (layer, experts used ascending)."""
+    if n_slots <= 0:
+        return 0
+    owner = [-1] * n_slots
+    count = [0] * n_slots
+    busy = [-1] * n_slots
+    slot_of: dict[int, int] = {}
+    hand = 0
+    hits = 0
+    for call, (layer, experts) in enumerate(calls):
+        misses = []
+        for e in experts:
+            key = layer * n_expert + int(e)
+            s = slot_of.get(key, -1)
+            if s >= 0:
+                hits += 1
+                busy[s] = call
+                count[s] = min(count[s] + 1, MAX_COUNT)
+            else:
+                misses.append(key)
+        for key in misses:
+            victim = -1
+            for _ in range(n_slots * (MAX_COUNT + 2)):
+                s = hand
+                hand = (hand + 1) % n_slots
+                if owner[s] < 0:
+                    victim = s
+                    break
+                if busy[s] == call:
+                    continue
+                if count[s] == 0:
+                    victim = s
+                    break
+                count[s] -= 1
+            if victim < 0:
+                continue
+            if owner[victim] >= 0:
+                del slot_of[owner[victim]]
+            owner[victim], count[victim], busy[victim] = key, 0, call
+            slot_of[key] = victim
+    return hits
+
+
+def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -> int:
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = 0
+    for layer, experts in calls:
+        for e in experts:
+            key = layer * n_expert + int(e)
+            if key in cache:
+                hits += 1
+                cache.move_to_end(key)
+            elif n_slots > 0:
+                if len(cache) >= n_slots:
+                    cache.popitem(last=False)
+                cache[key] = None
+    return hits
+
+
+def opt_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -> int:
+    """Belady: on a miss with the cache full, drop the expert needed furthest ahead."""
+    seq = [layer * n_expert + int(e) for layer, experts in calls for e in experts]
+    next_use = [0] * len(seq)
+    last: dict[int, int] = {}
+    for i in range(len(seq) - 1, -1, -1):
+        next_use[i] = last.get(seq[i], len(seq))
+        last[seq[i]] = i
+    cache: dict[int, int] = {}  # key -> its next use
+    hits = 0
+    for i, key in enumerate(seq):
+        if key in cache:
+            hits += 1
+        elif n_slots > 0 and len(cache) >= n_slots:
+            far = max(cache, key=cache.__getitem__)
+            if cache[far] <= next_use[i]:
+                continue  # this one is needed later than all of them: do not keep it
+            del cache[far]
+        if n_slots > 0:
+            cache[key] = next_use[i]
+    return hits
+
+
+def skew(layer: np.ndarray, used: np.ndarray, n_layer: int) -> np.ndarray:
+    """Per layer: the share of expert uses the most used tenth of its experts takes."""
+    out = np.zeros(n_layer)
+    for L in range(n_layer):
+        counts = np.sort(used[layer == L].sum(axis=0))[::-1]
+        top = max(1, len(counts) // 10)
+        out[L] = counts[:top].sum() / max(counts.sum(), 1)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import Llama
+    from ..format import MoEFlashFile, open_any_flash_file
+    from ..runtime import MoERuntime
+
+    flash = open_any_flash_file(args.model)
+    if not isinstance(flash, MoEFlashFile):
+        raise ProfileError(f"{args.model} is not a mixture-of-experts flash GGUF")
+    if args.tokens < 1:
+        raise ProfileError("--tokens must be at least 1")
+    budget: Any = args.budget
+    try:
+        budget = float(budget)
+    except ValueError:
+        pass
+    load0 = load_average()
+    llm = Llama(str(args.model), flash_offload=True, flash_dram_budget=budget, n_ctx=512,
+                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    try:
+        runtime = llm.flash_runtime
+        assert isinstance(runtime, MoERuntime)
+        slots_run = runtime.slots
+        runtime.trace_start(flash.n_layer * (args.tokens + 2))
+        prompt = llm.tokenize(PROMPT.encode())
+        note(f"prompt of {len(prompt)} tokens, then {args.tokens} decode tokens", args.quiet)
+        llm.eval(prompt)
+        n_prompt_calls = flash.n_layer
+        tok = greedy_next_token(llm)
+        for _ in range(args.tokens):
+            llm.eval([tok])
+            tok = greedy_next_token(llm)
+        stats = runtime.stats()
+        layer, used = runtime.trace_take()
+    finally:
+        llm.close()
+    calls = [(int(L), np.flatnonzero(u)) for L, u in zip(layer, used, strict=True)]
+    n_total = flash.n_layer * flash.n_expert
+    decode = calls[n_prompt_calls:]
+    decode_uses = sum(len(e) for _, e in decode)
+    check = clock_hits(calls, flash.n_expert, slots_run)
+    if check != stats["expert_hits"]:
+        raise ProfileError(f"the CLOCK simulation gives {check} hits where the runtime "
+                           f"counted {stats['expert_hits']}: the simulation is out of date")
+    rows = []
+    for share in args.shares:
+        n_slots = int(round(share * n_total))
+        # the prompt warms the cache; hits are counted over the decode calls
+        row: dict[str, Any] = dict(share=share, slots=n_slots,
+                                   gib=n_slots * flash.expert_nbytes / 2**30)
+        for name, fn in (("clock", clock_hits), ("lru", lru_hits), ("opt", opt_hits)):
+            warm = fn(calls[:n_prompt_calls], flash.n_expert, n_slots)
+            row[name] = (fn(calls, flash.n_expert, n_slots) - warm) / max(decode_uses, 1)
+        row["read_mib_per_token"] = (1 - row["clock"]) * decode_uses / args.tokens * \
+            flash.expert_nbytes / MiB
+        rows.append(row)
+    per_layer_skew = skew(layer[n_prompt_calls:], used[n_prompt_calls:], flash.n_layer)
+    result = dict(model=str(args.model), arch=flash.arch, n_layer=flash.n_layer,
+                  n_expert=flash.n_expert, n_expert_used=flash.n_expert_used,
+                  expert_mib=flash.expert_nbytes / MiB, tokens=args.tokens,
+                  prompt_tokens=len(prompt), run_slots=slots_run,
+                  run_hit_rate=stats["expert_hits"] / max(stats["expert_hits"]
+                                                          + stats["expert_misses"], 1),
+                  experts_per_token=decode_uses / args.tokens,
+                  top_tenth_share=dict(min=float(per_layer_skew.min()),
+                                       median=float(np.median(per_layer_skew)),
+                                       max=float(per_layer_skew.max())),
+                  curve=rows, load_average=[load0, load_average()])
+    return emit(result, args.json, _table)
+
+
+def _table(r: dict[str, Any]) -> None:
+    print(f"{r['model']}: {r['arch']}, {r['n_layer']} layers x {r['n_expert']} experts "
+          f"({r['n_expert_used']} per token) of {r['expert_mib']:.2f} MiB; "
+          f"{r['experts_per_token']:.1f} expert uses per decode token")
+    s = r["top_tenth_share"]
+    print(f"routing skew: the most used tenth of a layer's experts takes {s['median']:.2f} "
+          f"(median over layers; {s['min']:.2f}-{s['max']:.2f}) of its uses "
+          f"(uniform routing: 0.10)")
+    print(f"hit rates over {r['tokens']} decode tokens after a {r['prompt_tokens']}-token "
+          f"prompt (the run itself: {r['run_slots']} slots, hit rate "
+          f"{r['run_hit_rate']:.3f} with the prompt)")
+    print_table(["cached share", "slots", "GiB", "CLOCK (runtime)", "LRU", "optimum",
+                 "MiB read/token"],
+                [[fmt(x["share"], ".2f"), str(x["slots"]), fmt(x["gib"], ".2f"),
+                  fmt(x["clock"], ".3f"), fmt(x["lru"], ".3f"), fmt(x["opt"], ".3f"),
+                  fmt(x["read_mib_per_token"], ".1f")] for x in r["curve"]])
+    print(f"load average {r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f}")
