@@ -13,7 +13,8 @@
  * Eviction: CLOCK with a small use count. A new expert enters with count 0 and is the
  * first to go unless it is used again; each use raises the count (to 3), each pass of the
  * hand lowers it. A burst of one-off experts (a prompt) therefore cannot flush the experts
- * that decode keeps using. Experts used by the current call are never evicted by it.
+ * that decode keeps using. Experts used by the current call are never evicted by it, and
+ * a one-off of the current token does not make room for another (take_slot).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -237,10 +238,15 @@ static uint8_t *slot_data(const fg_moe *m, int32_t s) {
     return m->slots + (size_t)s * (size_t)m->slot_bytes;
 }
 
-/* A slot for key: a free one, else the CLOCK victim not busy in this call; -1 if none. */
+/* A slot for key: a free one, else the CLOCK victim not busy in this call; -1 if none, or
+ * if the victim would be an expert first used within the last token (n_layer calls) and
+ * not since: a cache smaller than one token's experts then keeps a stable set (hits in
+ * proportion to its size) instead of each new expert evicting the previous new one (no
+ * hits at all, as LRU gives there). */
 static int32_t take_slot(fg_moe *m, int32_t key) {
     if (m->n_slots == 0) return -1;
     int32_t victim = -1;
+    const uint64_t window = (uint64_t)m->cfg.n_layer;
     /* each full pass lowers every count by one: after MAX_COUNT + 1 passes any slot not
      * busy in this call has reached 0 */
     for (int64_t step = 0; step < (int64_t)m->n_slots * (FG_MOE_MAX_COUNT + 2); step++) {
@@ -251,11 +257,13 @@ static int32_t take_slot(fg_moe *m, int32_t key) {
             break;
         }
         if (m->busy[s] == m->call) continue;
-        if (m->count[s] == 0) {
-            victim = s;
-            break;
+        if (m->count[s] > 0) {
+            m->count[s]--;
+            continue;
         }
-        m->count[s]--;
+        if (m->busy[s] + window > m->call) return -1;
+        victim = s;
+        break;
     }
     if (victim < 0) return -1;
     if (m->owner[victim] >= 0) {

@@ -55,11 +55,10 @@ SHAPES = {
 
 
 def random_blocks(rng: np.random.Generator, qtype: Q, shape: tuple[int, ...],
-                  fan_in: int) -> np.ndarray:
-    """Random Q4_K / Q6_K blocks of a ggml-order shape whose weights spread ~1/sqrt(fan_in)."""
+                  sigma: float) -> np.ndarray:
+    """Random Q4_K / Q6_K blocks of a ggml-order shape whose weights spread ~sigma."""
     nbytes = tensor_nbytes(qtype, shape)
     raw = np.frombuffer(rng.bytes(nbytes), np.uint8).copy()
-    sigma = 1.0 / np.sqrt(fan_in)
     if qtype == Q.Q4_K:
         # d * sc_j * q - dmin * m_j with random q in [0, 15] (mean 7.5): each sub-block's min
         # equal to its scale (m_j = sc_j) and dmin = 7.5 d give every sub-block mean 0. A
@@ -82,31 +81,38 @@ def random_blocks(rng: np.random.Generator, qtype: Q, shape: tuple[int, ...],
     return raw
 
 
-def tensors(s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ...], Q, int]]:
-    """(name, ggml shape, type, fan-in) of every tensor, in file order."""
+def tensors(s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ...], Q, float]]:
+    """(name, ggml shape, type, weight spread) of every tensor, in file order. Matrices
+    spread 1/sqrt(fan-in); the embeddings 1, and what each layer adds to the residual stream
+    (attention output, expert down) a third of that: the stream stays about its token, as a
+    trained model's does. (Layers that each add more than the stream holds would make every
+    token's hidden state the same average, every router pick the same experts and greedy
+    decoding repeat one token: a cache would look far better than it is.)"""
     q_dim, kv_dim = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
-    out = [("token_embd.weight", (s.n_embd, n_vocab), Q.Q4_K, s.n_embd),
+    matrix = 1.0 / np.sqrt(s.n_embd)
+    added = 0.3
+    out = [("token_embd.weight", (s.n_embd, n_vocab), Q.Q4_K, 1.0),
            ("output_norm.weight", (s.n_embd,), Q.F32, 0),
-           ("output.weight", (s.n_embd, n_vocab), Q.Q6_K, s.n_embd)]
+           ("output.weight", (s.n_embd, n_vocab), Q.Q6_K, matrix)]
     for i in range(s.n_layer):
         b = f"blk.{i}."
         out += [(b + "attn_norm.weight", (s.n_embd,), Q.F32, 0),
-                (b + "attn_q.weight", (s.n_embd, q_dim), Q.Q4_K, s.n_embd),
-                (b + "attn_k.weight", (s.n_embd, kv_dim), Q.Q4_K, s.n_embd),
-                (b + "attn_v.weight", (s.n_embd, kv_dim), Q.Q6_K, s.n_embd),
-                (b + "attn_output.weight", (q_dim, s.n_embd), Q.Q4_K, q_dim),
+                (b + "attn_q.weight", (s.n_embd, q_dim), Q.Q4_K, matrix),
+                (b + "attn_k.weight", (s.n_embd, kv_dim), Q.Q4_K, matrix),
+                (b + "attn_v.weight", (s.n_embd, kv_dim), Q.Q6_K, matrix),
+                (b + "attn_output.weight", (q_dim, s.n_embd), Q.Q4_K, added / np.sqrt(q_dim)),
                 (b + "attn_q_norm.weight", (s.head_dim if s.qk_norm_per_head else q_dim,),
                  Q.F32, 0),
                 (b + "attn_k_norm.weight", (s.head_dim if s.qk_norm_per_head else kv_dim,),
                  Q.F32, 0),
                 (b + "ffn_norm.weight", (s.n_embd,), Q.F32, 0),
-                (b + "ffn_gate_inp.weight", (s.n_embd, s.n_expert), Q.F32, s.n_embd),
+                (b + "ffn_gate_inp.weight", (s.n_embd, s.n_expert), Q.F32, matrix),
                 (b + "ffn_gate_exps.weight", (s.n_embd, s.n_ff_exp, s.n_expert), Q.Q4_K,
-                 s.n_embd),
+                 matrix),
                 (b + "ffn_up_exps.weight", (s.n_embd, s.n_ff_exp, s.n_expert), Q.Q4_K,
-                 s.n_embd),
+                 matrix),
                 (b + "ffn_down_exps.weight", (s.n_ff_exp, s.n_embd, s.n_expert), Q.Q4_K,
-                 s.n_ff_exp)]
+                 added / np.sqrt(s.n_ff_exp))]
     return out
 
 
@@ -145,14 +151,14 @@ def write(shape_name: str, path: Path, seed: int = 0) -> None:
         w.write_header()
         total = sum(tensor_nbytes(q, shp) for _n, shp, q, _f in specs)
         done = 0
-        for name, shp, qtype, fan_in in specs:
+        for name, shp, qtype, sigma in specs:
             if qtype == Q.F32:
                 if name.endswith("ffn_gate_inp.weight"):  # routers: logits of spread ~1
-                    data = (rng.standard_normal(shp[::-1]) / np.sqrt(fan_in)).astype(np.float32)
+                    data = (rng.standard_normal(shp[::-1]) * sigma).astype(np.float32)
                 else:
                     data = np.ones(shp[::-1], np.float32)
             else:
-                data = random_blocks(rng, qtype, shp, fan_in)
+                data = random_blocks(rng, qtype, shp, sigma)
             w.write_tensor(data)
             done += data.nbytes
             print(f"\r{path.name}: {done / 2**30:.2f} / {total / 2**30:.2f} GiB", end="",

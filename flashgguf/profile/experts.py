@@ -46,7 +46,8 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
-def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -> int:
+def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
+               n_layer: int) -> int:
     """Hits of native/moe.c's cache over the calls (layer, experts used ascending)."""
     if n_slots <= 0:
         return 0
@@ -77,10 +78,13 @@ def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int)
                     break
                 if busy[s] == call:
                     continue
-                if count[s] == 0:
-                    victim = s
-                    break
-                count[s] -= 1
+                if count[s] > 0:
+                    count[s] -= 1
+                    continue
+                if busy[s] + n_layer > call:
+                    break  # a one-off of this token: not evicted for another
+                victim = s
+                break
             if victim < 0:
                 continue
             if owner[victim] >= 0:
@@ -90,7 +94,8 @@ def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int)
     return hits
 
 
-def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -> int:
+def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
+             n_layer: int = 0) -> int:
     cache: OrderedDict[int, None] = OrderedDict()
     hits = 0
     for layer, experts in calls:
@@ -106,7 +111,8 @@ def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -
     return hits
 
 
-def opt_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int) -> int:
+def opt_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
+             n_layer: int = 0) -> int:
     """Belady: on a miss with the cache full, drop the expert needed furthest ahead."""
     seq = [layer * n_expert + int(e) for layer, experts in calls for e in experts]
     next_use = [0] * len(seq)
@@ -178,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
     n_total = flash.n_layer * flash.n_expert
     decode = calls[n_prompt_calls:]
     decode_uses = sum(len(e) for _, e in decode)
-    check = clock_hits(calls, flash.n_expert, slots_run)
+    check = clock_hits(calls, flash.n_expert, slots_run, flash.n_layer)
     if check != stats["expert_hits"]:
         raise ProfileError(f"the CLOCK simulation gives {check} hits where the runtime "
                            f"counted {stats['expert_hits']}: the simulation is out of date")
@@ -189,8 +195,9 @@ def main(args: argparse.Namespace) -> int:
         row: dict[str, Any] = dict(share=share, slots=n_slots,
                                    gib=n_slots * flash.expert_nbytes / 2**30)
         for name, fn in (("clock", clock_hits), ("lru", lru_hits), ("opt", opt_hits)):
-            warm = fn(calls[:n_prompt_calls], flash.n_expert, n_slots)
-            row[name] = (fn(calls, flash.n_expert, n_slots) - warm) / max(decode_uses, 1)
+            warm = fn(calls[:n_prompt_calls], flash.n_expert, n_slots, flash.n_layer)
+            row[name] = (fn(calls, flash.n_expert, n_slots, flash.n_layer) - warm) / \
+                max(decode_uses, 1)
         row["read_mib_per_token"] = (1 - row["clock"]) * decode_uses / args.tokens * \
             flash.expert_nbytes / MiB
         rows.append(row)
