@@ -428,7 +428,8 @@ static void compute_expert(fg_moe *m, const fg_moe_layer *L, int32_t e, const ui
 }
 
 /* Group the (t, k) pairs by expert (tok_start/tok_count/pairs) and list the experts used,
- * ascending, into need; returns how many, or -1 for an id out of range. */
+ * ascending, into need; returns how many, or -1 for an id out of range or repeated within
+ * a token. */
 static int32_t group_pairs(fg_moe *m, int32_t n_tokens) {
     const fg_moe_config *c = &m->cfg;
     const int32_t n_pairs = n_tokens * c->n_expert_used;
@@ -436,6 +437,11 @@ static int32_t group_pairs(fg_moe *m, int32_t n_tokens) {
     for (int32_t q = 0; q < n_pairs; q++) {
         const int32_t e = m->ids[q];
         if (e < 0 || e >= c->n_expert) return -1;
+        /* a token's experts are distinct (llama.cpp's top-k): an expert then has at most
+         * n_tokens pairs, what its scratch rows hold */
+        for (int32_t k = q - q % c->n_expert_used; k < q; k++) {
+            if (m->ids[k] == e) return -1;
+        }
         m->tok_count[e]++;
     }
     int32_t n_need = 0, start = 0;

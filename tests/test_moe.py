@@ -206,6 +206,10 @@ def test_cache_keeps_hot_experts_through_a_burst_of_one_offs(tiny_models, folder
         resident = runtime.resident()[0]
         assert resident[0] and resident[1], resident
         assert resident.sum() == 4
+        with pytest.raises(FlashGGUFError, match="argument"):  # one token, one expert twice
+            use(3, 3)
+        with pytest.raises(FlashGGUFError, match="argument"):
+            use(0, 8)
         before = runtime.stats()["expert_misses"]
         use(0, 1)
         assert runtime.stats()["expert_misses"] == before
