@@ -9,7 +9,7 @@
    - stock as shipped (CPU_REPACK copies in anonymous memory, which a cap cannot evict) and
      stock pure mmap (DESIGN.md section 5);
    - flashgguf per mode, its budget what the cap leaves after flashgguf's overhead and the
-     flash file's trunk, less 1% of slack.
+     flash file's trunk, less --slack (1% of the cap by default).
    Reported: decode tok/s over --tokens greedy tokens after a short prompt; MB read from the
    device per token (/proc/self/io); flash's own reads, over-fetch, I/O wait, FFN time, hits.
 Where no memory cgroup can be made (not root, no delegated cgroup) the runs go uncapped, the
@@ -60,6 +60,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--budget", default=None,
                    help="with --caps none: the flash budget (a share of the payload, bytes or "
                    "a size)")
+    p.add_argument("--slack", type=float, default=0.01,
+                   help="share of each cap flashgguf's budget leaves unused: room for the "
+                   "trunk's pages and llama.cpp's buffers (a MoE's 30B trunk needs ~0.08)")
     p.add_argument("--busy", type=int, default=0,
                    help="also run everything with this many busy-loop processes")
     p.add_argument("--modes", default="hybrid", help="flash modes, each optionally with "
@@ -96,8 +99,9 @@ def main(args: argparse.Namespace) -> int:
     from ..format import MoEFlashFile, open_any_flash_file
     from ..options import budget_argument, parse_budget
 
-    if args.tokens < 1 or args.reps < 1 or args.busy < 0:
-        raise ProfileError("--tokens and --reps must be at least 1, --busy at least 0")
+    if args.tokens < 1 or args.reps < 1 or args.busy < 0 or not 0 <= args.slack < 1:
+        raise ProfileError("--tokens and --reps must be at least 1, --busy at least 0, "
+                           "--slack in [0, 1)")
     if args.caps == [None] and args.budget is None:
         raise ProfileError("--caps none needs --budget")
     modes = _modes(args.modes)
@@ -139,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
                 budget = parse_budget(budget_argument(args.budget), flash.payload_nbytes)
             else:
                 cap = overhead + int(share * model_bytes)
-                budget = max(cap - flash_overhead - trunk - int(0.01 * cap), 1)
+                budget = max(cap - flash_overhead - trunk - int(args.slack * cap), 1)
             for busy in sorted({0, args.busy}):
                 for threads in args.threads:
                     for s in stocks:
