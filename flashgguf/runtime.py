@@ -148,6 +148,10 @@ class _NativeHandle:
 
     _rt: Any = None
     _what = "the flash runtime"
+    # the C eval callback, and the function that hands out the first error raised in it
+    _callback = "fg_eval_callback"
+    _take_error = "fg_runtime_take_error"
+    _failed = "flash FFN failed during llama_decode"
 
     @property
     def handle(self):
@@ -165,6 +169,18 @@ class _NativeHandle:
         if self._rt is not None:
             ffi.gc(self._rt, None)  # detaches the destroy function from the handle
             self._rt = None
+
+    def raise_pending_error(self) -> None:
+        """Raise what went wrong inside the eval callback during the last decode, if anything."""
+        msg = ffi.new("char[256]")
+        code = getattr(lib, self._take_error)(self.handle, msg, 256)
+        check(code, self._failed, ffi.string(msg).decode(errors="replace"))
+
+    def context_class(self) -> type:
+        """A llama.cpp context class whose graph runs this runtime's callback and raises
+        what went wrong in it after each decode (install it with installed_context_class)."""
+        return _callback_context_class(_address(ffi.addressof(lib, self._callback)),
+                                      _address(self.handle), self.raise_pending_error)
 
     def _stats(self, struct: str, names: tuple[str, ...], get: Any, reset: Any,
                do_reset: bool) -> dict[str, float]:
@@ -459,22 +475,9 @@ class Runtime(_NativeHandle):
 
     # ---- errors and stats ----------------------------------------------------------
 
-    def raise_pending_error(self) -> None:
-        """Raise what went wrong inside the eval callback during the last decode, if anything."""
-        msg = ffi.new("char[256]")
-        code = lib.fg_runtime_take_error(self.handle, msg, 256)
-        check(code, "flash FFN failed during llama_decode",
-              ffi.string(msg).decode(errors="replace"))
-
     def stats(self, reset: bool = False) -> dict[str, float]:
         return self._stats("fg_stats", _STATS, lib.fg_runtime_get_stats,
                            lib.fg_runtime_reset_stats, reset)
-
-    def context_class(self) -> type:
-        """A llama.cpp context class whose graph runs this runtime's FFN callback and raises
-        what went wrong in it after each decode (install it with installed_context_class)."""
-        return _callback_context_class(_address(ffi.addressof(lib, "fg_eval_callback")),
-                                      _address(self.handle), self.raise_pending_error)
 
 
 _MOE_STATS = ("tokens", "calls", "expert_hits", "expert_misses", "bytes_read", "reads",
@@ -487,8 +490,12 @@ class MoERuntime(_NativeHandle):
     holds opts.dram_budget bytes. llama.cpp's graph computes the routing; the callback takes
     its chosen experts and weights and replaces the routed experts' sum."""
 
-    def __init__(self, flash: MoEFlashFile, spec: ArchSpec, opts: FlashOptions,
-                 load: bool = True) -> None:
+    _what = "the expert runtime"
+    _callback = "fg_moe_eval_callback"
+    _take_error = "fg_moe_take_error"
+    _failed = "flash experts failed during llama_decode"
+
+    def __init__(self, flash: MoEFlashFile, spec: ArchSpec, opts: FlashOptions) -> None:
         if spec.moe is None:
             raise OptionError(f"{flash.path}: {spec.name} has no mixture-of-experts block")
         self.flash = flash
@@ -519,16 +526,12 @@ class MoERuntime(_NativeHandle):
             check(lib.fg_moe_set_layer(self._rt, layer.index, layer.experts.offset, la.stride,
                                        [int(t) for t in la.types], list(la.offsets)),
                   f"experts of layer {layer.index}")
-        self.direct_io = opts.direct_io
-        if load:
-            check(lib.fg_moe_load(self._rt), f"reading the experts of {flash.path}")
-            self.direct_io = bool(lib.fg_moe_direct_io(self._rt))
-            if opts.direct_io and not self.direct_io:
-                warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the "
-                              "experts are read through the page cache, so I/O figures include "
-                              "cached reads", DirectIOWarning, stacklevel=3)
-
-    _what = "the expert runtime"
+        check(lib.fg_moe_load(self._rt), f"reading the experts of {flash.path}")
+        self.direct_io = bool(lib.fg_moe_direct_io(self._rt))
+        if opts.direct_io and not self.direct_io:
+            warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the "
+                          "experts are read through the page cache, so I/O figures include "
+                          "cached reads", DirectIOWarning, stacklevel=3)
 
     @property
     def options(self) -> FlashOptions:
@@ -587,7 +590,7 @@ class MoERuntime(_NativeHandle):
     def trace_take(self) -> tuple[np.ndarray, np.ndarray]:
         """The recorded calls: layer (int32 [n]) and experts used (bool [n, n_expert]);
         recording stops."""
-        cap = self._trace_cap()
+        cap = int(lib.fg_moe_trace_count(self.handle))
         layer = np.zeros(cap, np.int32)
         used = np.zeros((cap, self.flash.n_expert), np.uint8)
         n = lib.fg_moe_trace_copy(self.handle, ffi.cast("int32_t *", ffi.from_buffer(layer)),
@@ -595,22 +598,9 @@ class MoERuntime(_NativeHandle):
         lib.fg_moe_trace_stop(self.handle)
         return layer[:n], used[:n].astype(bool)
 
-    def _trace_cap(self) -> int:
-        return int(lib.fg_moe_trace_count(self.handle))
-
-    def raise_pending_error(self) -> None:
-        msg = ffi.new("char[256]")
-        code = lib.fg_moe_take_error(self.handle, msg, 256)
-        check(code, "flash experts failed during llama_decode",
-              ffi.string(msg).decode(errors="replace"))
-
     def stats(self, reset: bool = False) -> dict[str, float]:
         return self._stats("fg_moe_stats", _MOE_STATS, lib.fg_moe_get_stats,
                            lib.fg_moe_reset_stats, reset)
-
-    def context_class(self) -> type:
-        return _callback_context_class(_address(ffi.addressof(lib, "fg_moe_eval_callback")),
-                                      _address(self.handle), self.raise_pending_error)
 
 
 _live_runtimes: weakref.WeakSet[Runtime | MoERuntime] = weakref.WeakSet()
