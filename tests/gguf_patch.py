@@ -28,6 +28,17 @@ def patch_u64_key(path: Path, key: str, value: int) -> None:
     patch_key(path, key, GGUFValueType.UINT64, struct.pack("<Q", value))
 
 
+def set_flash_version(path: Path, version: int) -> None:
+    """Make a flash GGUF claim another format version, in the trunk's header and the
+    payload's (in place)."""
+    from flashgguf.format import constants as C
+    from flashgguf.format import open_any_flash_file
+
+    base = open_any_flash_file(path).payload.base
+    for offset in (0, base):
+        patch_key(path, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", version), offset)
+
+
 def copy_to(path: Path, folder: Path) -> Path:
     """A copy of path in folder, to be corrupted (bad.flash.gguf)."""
     dst = folder / "bad.flash.gguf"

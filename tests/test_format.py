@@ -14,7 +14,7 @@ import pytest
 from flash_helpers import convert
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gq
-from gguf_patch import copy_to, patch_key, patch_u64_key, rename_in_payload
+from gguf_patch import copy_to, patch_key, patch_u64_key, rename_in_payload, set_flash_version
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
@@ -436,9 +436,7 @@ def test_malformed_residuals(cal_flash, tmp_path, case, match):
         n = struct.pack("<Q", len("blk.0.pred_sigma_g"))
         rename_in_payload(bad, n + b"blk.0.pred_sigma_g", n + b"blk.0.pred_sigma_X")
     elif case == "sigma_in_v1":
-        ff = open_flash_file(bad)
-        for offset in (0, ff.payload.base):
-            patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 1), offset)
+        set_flash_version(bad, 1)
     with pytest.raises(FormatError, match=match):
         open_flash_file(bad)
 

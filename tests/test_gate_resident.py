@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flash_helpers import convert, rel_err, runtime
-from gguf import GGMLQuantizationType, GGUFValueType
-from gguf_patch import copy_to, patch_key, rename_in_payload
+from gguf import GGMLQuantizationType
+from gguf_patch import copy_to, rename_in_payload, set_flash_version
 from hf_factory import TinyHF, write_tiny_checkpoint
 from model_factory import TinyModel
 from test_flash_runtime import assert_same_sum
@@ -95,9 +95,7 @@ def test_older_readers_refuse_version_4(gate_file, tmp_path, monkeypatch):
 
 def test_resident_gate_in_an_older_version_is_refused(gate_file, tmp_path):
     bad = copy_to(gate_file[1], tmp_path)
-    base = open_flash_file(bad).payload.base
-    for offset in (0, base):
-        patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 3), offset)
+    set_flash_version(bad, 3)
     with pytest.raises(FormatError, match="resident gate in a version 3 file"):
         open_flash_file(bad)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flash_helpers import bundle_rows, convert_open, runtime
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from gguf_patch import patch_key
+from gguf_patch import patch_key, set_flash_version
 from model_factory import TinyModel
 
 from flashgguf.archs import get_arch
@@ -148,8 +148,7 @@ def test_per_layer_layouts_in_an_older_version_are_refused(tiny_models, folder, 
     flash = convert_open(tiny_models(Q4_K_M), folder, predictor=None)
     bad = tmp_path / "v2.flash.gguf"
     bad.write_bytes(flash.path.read_bytes())
-    for offset in (0, flash.payload.base):  # the trunk's version and the payload's
-        patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 2), offset)
+    set_flash_version(bad, 2)
     with pytest.raises(FormatError, match="per-layer bundle layouts in a version 2 file"):
         open_flash_file(bad)
 

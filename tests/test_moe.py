@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
-from gguf_patch import copy_to, patch_key
+from gguf_patch import copy_to, patch_key, set_flash_version
 from model_factory import TinyModel
 from test_hook import graph_node_names
 
@@ -294,9 +294,7 @@ def test_trunk_whose_expert_count_disagrees_is_refused(tiny_models, folder, tmp_
 
 def test_payload_of_an_older_version_is_refused(tiny_models, folder, tmp_path):
     bad = copy_to(convert(tiny_models(moe_spec("olmoe")), folder), tmp_path)
-    flash = open_any_flash_file(bad)
-    for offset in (0, flash.payload.base):
-        patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 4), offset)
+    set_flash_version(bad, 4)
     with pytest.raises(FormatError, match="need version 5"):
         open_any_flash_file(bad)
 
@@ -305,9 +303,7 @@ def test_dense_file_claiming_the_moe_version_is_refused(tiny_models, tmp_path):
     dense = tmp_path / "dense.flash.gguf"
     convert_gguf(tiny_models(TinyModel()), dense,
                  ConvertOptions(progress=False, predictor=None, log=lambda _m: None))
-    flash = open_flash_file(dense)
-    for offset in (0, flash.payload.base):
-        patch_key(dense, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 5), offset)
+    set_flash_version(dense, 5)
     with pytest.raises(FormatError, match="a version 5 file without its experts"):
         open_any_flash_file(dense)
 
