@@ -56,11 +56,7 @@ void fg_capture_destroy(fg_capture *c) {
 static void record(fg_capture *c, const fg_ggml_tensor_abi *t, int32_t layer) {
     const int64_t embd = c->n_embd;
     char msg[200];
-    if (t->type != FG_GGML_TYPE_F32 || t->ne[0] != embd || t->nb[0] != sizeof(float) ||
-        t->nb[1] != (size_t)embd * sizeof(float) || t->ne[2] != 1 || t->ne[3] != 1 ||
-        t->data == NULL || t->ne[1] < 1) {
-        snprintf(msg, sizeof msg, "node %.64s: expected contiguous F32 [%lld x rows]", t->name,
-                 (long long)embd);
+    if (fg_f32_rows(t, embd, INT64_MAX, msg, sizeof msg) < 0) {
         fg_error_slot_set(&c->err, FG_ERR_SHAPE, msg);
         return;
     }

@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 /*
@@ -35,6 +36,28 @@ typedef struct fg_ggml_tensor_abi {
     void *extra;
     char padding[8];
 } fg_ggml_tensor_abi;
+
+/* t holds 1 to max_rows rows of n_embd floats, contiguous: its row count; else -1 with a
+ * description in msg (the FFN / MoE input and output nodes, the calibration capture). */
+static inline int64_t fg_f32_rows(const fg_ggml_tensor_abi *t, int64_t embd, int64_t max_rows,
+                                  char *msg, size_t msg_cap) {
+    if (t->type != FG_GGML_TYPE_F32 || t->ne[0] != embd || t->nb[0] != sizeof(float) ||
+        t->nb[1] != (size_t)embd * sizeof(float) || t->ne[2] != 1 || t->ne[3] != 1 ||
+        t->data == NULL || t->ne[1] < 1) {
+        snprintf(msg, msg_cap,
+                 "node %.64s: expected contiguous F32 [%lld x rows], got type %d [%lld x %lld x "
+                 "%lld x %lld]",
+                 t->name, (long long)embd, (int)t->type, (long long)t->ne[0],
+                 (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3]);
+        return -1;
+    }
+    if (t->ne[1] > max_rows) {
+        snprintf(msg, msg_cap, "node %.64s has %lld rows; the runtime was sized for %lld",
+                 t->name, (long long)t->ne[1], (long long)max_rows);
+        return -1;
+    }
+    return t->ne[1];
+}
 
 /* "<prefix>-<layer>" -> layer, or -1 if the name is not of that form. */
 static inline int32_t fg_node_layer(const char *name, const char *prefix) {

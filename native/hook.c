@@ -15,26 +15,10 @@
 
 /* A contiguous F32 tensor of n_embd x rows (rows <= max_tokens); rows or -1. */
 static int32_t checked_rows(fg_runtime *rt, const fg_ggml_tensor_abi *t) {
-    const int64_t embd = rt->cfg.n_embd;
     char msg[200];
-    if (t->type != FG_GGML_TYPE_F32 || t->ne[0] != embd || t->nb[0] != sizeof(float) ||
-        t->nb[1] != (size_t)embd * sizeof(float) || t->ne[2] != 1 || t->ne[3] != 1 ||
-        t->data == NULL) {
-        snprintf(msg, sizeof msg,
-                 "node %.64s: expected contiguous F32 [%lld x rows], got type %d [%lld x %lld x "
-                 "%lld x %lld]",
-                 t->name, (long long)embd, (int)t->type, (long long)t->ne[0],
-                 (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3]);
-        fg_runtime_set_error(rt, FG_ERR_SHAPE, msg);
-        return -1;
-    }
-    if (t->ne[1] < 1 || t->ne[1] > rt->cfg.max_tokens) {
-        snprintf(msg, sizeof msg, "node %.64s has %lld rows; the runtime was sized for %d",
-                 t->name, (long long)t->ne[1], (int)rt->cfg.max_tokens);
-        fg_runtime_set_error(rt, FG_ERR_SHAPE, msg);
-        return -1;
-    }
-    return (int32_t)t->ne[1];
+    const int64_t rows = fg_f32_rows(t, rt->cfg.n_embd, rt->cfg.max_tokens, msg, sizeof msg);
+    if (rows < 0) fg_runtime_set_error(rt, FG_ERR_SHAPE, msg);
+    return (int32_t)rows;
 }
 
 static void on_ffn_input(fg_runtime *rt, const fg_ggml_tensor_abi *t, int32_t layer) {

@@ -44,6 +44,8 @@ typedef struct fg_moe_layer {
     fg_vec_dot_fn dot[3];
     fg_quantize_fn quant[3];       /* gate/up: the input's; down: h's */
     size_t xq_row[3];              /* bytes of one quantized activation row per part */
+    int up_xq;                     /* up's input: m->xq[0] (the gate's, when both take the
+                                    * same vec_dot type: quantized once) or m->xq[1] */
     uint64_t hits, misses;
 } fg_moe_layer;
 
@@ -226,6 +228,7 @@ int fg_moe_set_layer(fg_moe *m, int32_t layer, uint64_t offset, int64_t stride,
         L->quant[p] = fg_quantize_fast_fn(act);
         L->xq_row[p] = fg_row_size(act, row_len[p]);
     }
+    L->up_xq = fg_vec_dot_type(L->type[FG_PART_UP]) != fg_vec_dot_type(L->type[FG_PART_GATE]);
     L->offset = offset;
     L->stride = stride;
     L->set = 1;
@@ -390,9 +393,10 @@ static void compute_expert(fg_moe *m, const fg_moe_layer *L, int32_t e, const ui
     const uint8_t **act = m->token_x;
     /* gate and up */
     for (int p = 0; p < 2; p++) {
+        const uint8_t *xq = m->xq[p == 0 ? 0 : L->up_xq];
         for (int32_t j = 0; j < n; j++) {
             const int32_t t = m->pairs[p0 + j] / c->n_expert_used;
-            act[j] = m->xq[p] + (size_t)t * L->xq_row[p];
+            act[j] = xq + (size_t)t * L->xq_row[p];
         }
         const size_t w_row = fg_row_size(L->type[p], c->n_embd);
         matvec(L->dot[p], data + L->part_offset[p], w_row, c->n_embd, c->n_ff_exp, act, n,
@@ -470,7 +474,7 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
     const int32_t n_need = group_pairs(m, n_tokens);
     if (n_need < 0) return FG_ERR_ARG;
     const size_t embd = (size_t)c->n_embd;
-    for (int p = 0; p < 2; p++) {
+    for (int p = 0; p <= L->up_xq; p++) { /* up shares the gate's input when it can */
         for (int32_t t = 0; t < n_tokens; t++) {
             L->quant[p](x + (size_t)t * embd, m->xq[p] + (size_t)t * L->xq_row[p], c->n_embd);
         }
@@ -620,23 +624,13 @@ static int32_t gather_routing(fg_moe *m, const fg_ggml_tensor_abi *t, int32_t ty
     return (int32_t)(total / used);
 }
 
-/* A contiguous F32 [n_embd x rows] tensor: rows, or -1 (error recorded). */
+/* A contiguous F32 [n_embd x rows] tensor of at most max_tokens rows: rows, or -1 (error
+ * recorded). */
 static int32_t checked_rows(fg_moe *m, const fg_ggml_tensor_abi *t) {
-    const int64_t embd = m->cfg.n_embd;
-    if (t->type != FG_GGML_TYPE_F32 || t->ne[0] != embd || t->nb[0] != sizeof(float) ||
-        t->nb[1] != (size_t)embd * sizeof(float) || t->ne[2] != 1 || t->ne[3] != 1 ||
-        t->data == NULL || t->ne[1] < 1 || t->ne[1] > m->cfg.max_tokens) {
-        char msg[200];
-        snprintf(msg, sizeof msg,
-                 "node %.64s: expected contiguous F32 [%lld x rows <= %d], got type %d "
-                 "[%lld x %lld x %lld x %lld]",
-                 t->name, (long long)embd, (int)m->cfg.max_tokens, (int)t->type,
-                 (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
-                 (long long)t->ne[3]);
-        set_error(m, FG_ERR_SHAPE, msg);
-        return -1;
-    }
-    return (int32_t)t->ne[1];
+    char msg[200];
+    const int64_t rows = fg_f32_rows(t, m->cfg.n_embd, m->cfg.max_tokens, msg, sizeof msg);
+    if (rows < 0) set_error(m, FG_ERR_SHAPE, msg);
+    return (int32_t)rows;
 }
 
 /* The nodes that hold the final expert weights, in the order build_moe_ffn makes them. */
