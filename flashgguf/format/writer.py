@@ -157,8 +157,7 @@ class FlashWriter:
             self.trunk_nbytes = self._trunk.nbytes
             self.payload_offset = pad(self.trunk_nbytes, C.PAYLOAD_ALIGNMENT)
             self._payload = self._declare_moe_payload(payload, self.payload_offset) \
-                if isinstance(payload, MoEPayloadRecord) else \
-                self._declare_payload(payload, self.payload_offset)
+                if self._moe else self._declare_payload(payload, self.payload_offset)
             self.payload_nbytes = self._payload.nbytes
             self._trunk.set_value(C.KEY_PAYLOAD_OFFSET, self.payload_offset)
             self._trunk.set_value(C.KEY_PAYLOAD_SIZE, self.payload_nbytes)
@@ -178,6 +177,12 @@ class FlashWriter:
         if self._state is not _State.CLOSED:
             self._f.close()
             self._state = _State.CLOSED
+
+    def _expect_layer(self, bid: int) -> None:
+        """Layers are written in order."""
+        if bid != self._next_layer:
+            raise WriterStateError(f"{self.path.name}: layer {bid} written where layer "
+                                   f"{self._next_layer} is due")
 
     def _expect(self, state: _State, step: str) -> None:
         if self._state is not state:
@@ -315,9 +320,7 @@ class FlashWriter:
         p = self._payload_record
         if not isinstance(p, MoEPayloadRecord):
             raise WriterStateError(f"{self.path.name}: experts written to a dense payload")
-        if bid != self._next_layer:
-            raise WriterStateError(f"{self.path.name}: layer {bid} written where layer "
-                                   f"{self._next_layer} is due")
+        self._expect_layer(bid)
         if bundles.dtype != np.uint8 or bundles.shape != (p.n_expert, p.layers[bid].stride):
             raise FormatError(f"layer {bid}: expert bundles {bundles.dtype} {bundles.shape}, "
                               f"expected uint8 {(p.n_expert, p.layers[bid].stride)}")
@@ -415,9 +418,7 @@ class FlashWriter:
         self._expect(_State.PAYLOAD, f"writing layer {bid}")
         if not isinstance(self._payload_record, PayloadRecord):
             raise WriterStateError(f"{self.path.name}: bundle rows written to a MoE payload")
-        if bid != self._next_layer:
-            raise WriterStateError(f"{self.path.name}: layer {bid} written where layer "
-                                   f"{self._next_layer} is due")
+        self._expect_layer(bid)
         layer = self._payload_record.layers[bid]
         if (gate_rows is None) != (layer.gate_type is None):
             raise FormatError(f"layer {bid}: gate rows are given exactly when the gate is "

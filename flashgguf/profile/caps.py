@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
         if "error" in over:
             raise ProfileError(f"the overhead run failed: {over['error']}")
         overhead = int(over["rss_anon_mb"] * MB)
-        gates = 0 if isinstance(flash, MoEFlashFile) else \
+        gates = 0 if moe else \
             sum(la.gate_rows.nbytes for la in flash.layers if la.gate_rows is not None)
         # flashgguf's own memory with nothing kept: no rows (naive mode), or no expert slots
         bare = dict(flash_dram_budget=1) if moe else \

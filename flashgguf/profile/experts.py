@@ -47,8 +47,9 @@ def add_parser(sub: Any) -> None:
 
 
 def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
-               n_layer: int) -> int:
-    """Hits of native/moe.c's cache over the calls (layer, experts used ascending)."""
+               n_layer: int, count_from: int = 0) -> int:
+    """Hits of native/moe.c's cache over the calls (layer, experts used ascending), counted
+    from call count_from on (the ones before only warm the cache)."""
     if n_slots <= 0:
         return 0
     owner = [-1] * n_slots
@@ -63,7 +64,7 @@ def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
             key = layer * n_expert + int(e)
             s = slot_of.get(key, -1)
             if s >= 0:
-                hits += 1
+                hits += call >= count_from
                 busy[s] = call
                 count[s] = min(count[s] + 1, MAX_COUNT)
             else:
@@ -95,14 +96,14 @@ def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
 
 
 def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
-             n_layer: int = 0) -> int:
+             n_layer: int = 0, count_from: int = 0) -> int:
     cache: OrderedDict[int, None] = OrderedDict()
     hits = 0
-    for layer, experts in calls:
+    for call, (layer, experts) in enumerate(calls):
         for e in experts:
             key = layer * n_expert + int(e)
             if key in cache:
-                hits += 1
+                hits += call >= count_from
                 cache.move_to_end(key)
             elif n_slots > 0:
                 if len(cache) >= n_slots:
@@ -112,9 +113,10 @@ def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
 
 
 def opt_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
-             n_layer: int = 0) -> int:
+             n_layer: int = 0, count_from: int = 0) -> int:
     """Belady: on a miss with the cache full, drop the expert needed furthest ahead."""
     seq = [layer * n_expert + int(e) for layer, experts in calls for e in experts]
+    counted_from = sum(len(experts) for _, experts in calls[:count_from])  # in seq
     next_use = [0] * len(seq)
     last: dict[int, int] = {}
     for i in range(len(seq) - 1, -1, -1):
@@ -124,7 +126,7 @@ def opt_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
     hits = 0
     for i, key in enumerate(seq):
         if key in cache:
-            hits += 1
+            hits += i >= counted_from
         elif n_slots > 0 and len(cache) >= n_slots:
             far = max(cache, key=cache.__getitem__)
             if cache[far] <= next_use[i]:
@@ -195,9 +197,8 @@ def main(args: argparse.Namespace) -> int:
         row: dict[str, Any] = dict(share=share, slots=n_slots,
                                    gib=n_slots * flash.expert_nbytes / 2**30)
         for name, fn in (("clock", clock_hits), ("lru", lru_hits), ("opt", opt_hits)):
-            warm = fn(calls[:n_prompt_calls], flash.n_expert, n_slots, flash.n_layer)
-            row[name] = (fn(calls, flash.n_expert, n_slots, flash.n_layer) - warm) / \
-                max(decode_uses, 1)
+            row[name] = fn(calls, flash.n_expert, n_slots, flash.n_layer,
+                           count_from=n_prompt_calls) / max(decode_uses, 1)
         row["read_mib_per_token"] = (1 - row["clock"]) * decode_uses / args.tokens * \
             flash.expert_nbytes / MiB
         rows.append(row)
