@@ -19,6 +19,7 @@ from ..gate_keep import GateCurves
 from ..predictor import PREDICTOR_BLOCK, LayerPredictor, ThresholdCurve
 from . import constants as C
 from .gguf_stream import GGUFStream, TensorInfo, map_file, read_gguf, tensor_array, tensor_nbytes
+from .keys import all_or_none, per_layer
 from .moe import MoEFlashFile, read_moe_payload
 
 
@@ -398,25 +399,6 @@ class _PredictorKeys:
     curves: tuple[ThresholdCurve, ...] | None
 
 
-def _per_layer(payload: GGUFStream, key: str, what: str, n_layer: int, kind: str,
-               required: bool = True, count: str = "one per layer") -> np.ndarray | None:
-    value = payload.get(key)
-    if value is None:
-        if required:
-            raise FormatError(f"{what}: required key {key!r} is missing")
-        return None
-    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != kind:
-        want = "integers" if kind == "u" else "floats"
-        raise FormatError(f"{what}: key {key!r} must be an array of {want}")
-    if value.size != n_layer:
-        raise FormatError(f"{what}: key {key!r} has {value.size} values, expected {count} "
-                          f"({n_layer})")
-    if kind == "f" and not np.all(np.isfinite(value)):
-        raise FormatError(f"{what}: key {key!r} has a non-finite value at layer "
-                          f"{int(np.flatnonzero(~np.isfinite(value))[0])}")
-    return value
-
-
 def _read_predictor_keys(payload: GGUFStream, what: str, n_layer: int,
                          n_embd: int) -> _PredictorKeys | None:
     kind = payload.get(C.KEY_PREDICTOR_KIND)
@@ -435,10 +417,10 @@ def _read_predictor_keys(payload: GGUFStream, what: str, n_layer: int,
     keep = payload.require(C.KEY_PREDICTOR_KEEP, what)
     if not isinstance(keep, float) or not 0.0 < keep <= 1.0:
         raise FormatError(f"{what}: key {C.KEY_PREDICTOR_KEEP!r} is {keep!r}, not in (0, 1]")
-    rank = _per_layer(payload, C.KEY_PREDICTOR_RANK, what, n_layer, "u")
-    threshold = _per_layer(payload, C.KEY_PREDICTOR_THRESHOLD, what, n_layer, "f")
-    recall = _per_layer(payload, C.KEY_PREDICTOR_RECALL, what, n_layer, "f")
-    density = _per_layer(payload, C.KEY_PREDICTOR_DENSITY, what, n_layer, "f", required=False)
+    rank = per_layer(payload, C.KEY_PREDICTOR_RANK, what, n_layer, "u")
+    threshold = per_layer(payload, C.KEY_PREDICTOR_THRESHOLD, what, n_layer, "f")
+    recall = per_layer(payload, C.KEY_PREDICTOR_RECALL, what, n_layer, "f")
+    density = per_layer(payload, C.KEY_PREDICTOR_DENSITY, what, n_layer, "f", required=False)
     assert rank is not None and threshold is not None and recall is not None
     for key, values in ((C.KEY_PREDICTOR_RECALL, recall), (C.KEY_PREDICTOR_DENSITY, density)):
         if values is not None and not np.all((values >= 0.0) & (values <= 1.0)):
@@ -455,13 +437,13 @@ def _read_curves(payload: GGUFStream, what: str, n_layer: int) -> tuple[Threshol
     """The optional threshold curves: all four keys or none."""
     keys = (C.KEY_PREDICTOR_CURVE_RECALL, C.KEY_PREDICTOR_CURVE_THRESHOLD,
             C.KEY_PREDICTOR_CURVE_DENSITY, C.KEY_PREDICTOR_CURVE_ERROR)
-    if not _all_or_none(payload, keys, what):
+    if not all_or_none(payload, keys, what):
         return None
     targets = _ascending_shares(payload, keys[0], what, "recall targets")
     k = targets.size
     tables = []
     for key in keys[1:]:
-        values = _per_layer(payload, key, what, n_layer * k, "f",
+        values = per_layer(payload, key, what, n_layer * k, "f",
                             count="one per layer and recall target")
         assert values is not None
         tables.append(values.reshape(n_layer, k).astype(np.float32))
@@ -474,15 +456,6 @@ def _read_curves(payload: GGUFStream, what: str, n_layer: int) -> tuple[Threshol
                           "and errors >= 0")
     return tuple(ThresholdCurve(targets.astype(np.float32), threshold[i], density[i], error[i])
                  for i in range(n_layer))
-
-
-def _all_or_none(payload: GGUFStream, keys: tuple[str, ...], what: str) -> bool:
-    """Whether a group of optional keys is present: all of them, or none (else FormatError)."""
-    present = [k for k in keys if payload.get(k) is not None]
-    if present and len(present) != len(keys):
-        missing = next(k for k in keys if k not in present)
-        raise FormatError(f"{what}: key {present[0]!r} without {missing!r}")
-    return bool(present)
 
 
 def _ascending_shares(payload: GGUFStream, key: str, what: str, name: str) -> np.ndarray:
@@ -499,13 +472,13 @@ def _read_gate_curves(payload: GGUFStream, what: str, n_layer: int,
                       gate_resident: bool) -> GateCurves | None:
     """The optional gate error curves: both keys or neither, and only with a resident gate."""
     keys = (C.KEY_GATE_CURVE_KEEP, C.KEY_GATE_CURVE_ERROR)
-    if not _all_or_none(payload, keys, what):
+    if not all_or_none(payload, keys, what):
         return None
     if not gate_resident:
         raise FormatError(f"{what}: gate error curves ({keys[0]!r}) in a file whose gate is "
                           "not resident")
     keep = _ascending_shares(payload, keys[0], what, "shares of rows kept")
-    error = _per_layer(payload, keys[1], what, n_layer * keep.size, "f",
+    error = per_layer(payload, keys[1], what, n_layer * keep.size, "f",
                        count="one per layer and share")
     assert error is not None
     if np.any(error < 0.0):
