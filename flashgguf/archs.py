@@ -32,6 +32,7 @@ class MoESpec:
     router: str = "blk.{bid}.ffn_gate_inp.weight"
     input_node: str = "ffn_norm"
     output_node: str = "ffn_moe_out"
+    logits_node: str = "ffn_moe_logits"  # the router's output, F32 [n_expert x tokens]
 
     def expert_tensors(self, bid: int) -> dict[str, str]:
         """Layer bid's routed expert tensor names -> their part (C.PART_*)."""

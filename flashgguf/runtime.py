@@ -481,7 +481,23 @@ class Runtime(_NativeHandle):
 
 
 _MOE_STATS = ("tokens", "calls", "expert_hits", "expert_misses", "bytes_read", "reads",
-              "bytes_needed", "evictions", "time_io_wait_s", "time_ffn_s", "time_total_s")
+              "bytes_needed", "evictions", "pinned", "pinned_hits", "time_io_wait_s",
+              "time_ffn_s", "time_total_s")
+
+
+def pinned_experts(frequency: np.ndarray | None, slots: int, share: float) -> np.ndarray:
+    """The experts to pin (int32 keys layer * n_expert + expert, in file order): share of
+    the cache's slots (one always left to the rest) taken by the experts a file's calibrated
+    routing (float [n_layer, n_expert]) used most, over all layers: a slot saves its
+    expert's frequency x its bytes per token, alike in every layer. None without
+    frequencies."""
+    if frequency is None or share <= 0.0:
+        return np.zeros(0, np.int32)
+    n = min(int(share * slots), max(slots - 1, 0))
+    freq = frequency.reshape(-1)
+    order = np.argsort(-freq, kind="stable")[:n]
+    order = order[freq[order] > 0.0]  # an expert never chosen saves nothing
+    return np.sort(order).astype(np.int32)
 
 
 class MoERuntime(_NativeHandle):
@@ -526,6 +542,14 @@ class MoERuntime(_NativeHandle):
             check(lib.fg_moe_set_layer(self._rt, layer.index, layer.experts.offset, la.stride,
                                        [int(t) for t in la.types], list(la.offsets)),
                   f"experts of layer {layer.index}")
+        # the experts pinned at load (keys layer * n_expert + expert)
+        self.pinned = np.zeros(0, np.int32)
+        if self.mode == "streaming":
+            self.pinned = pinned_experts(flash.frequency,
+                                         opts.dram_budget // flash.expert_nbytes,
+                                         opts.pinned_share)
+            check(lib.fg_moe_pin(self._rt, ffi.cast("int32_t *", ffi.from_buffer(self.pinned)),
+                                 self.pinned.size), "pinning experts")
         check(lib.fg_moe_load(self._rt), f"reading the experts of {flash.path}")
         self.direct_io = bool(lib.fg_moe_direct_io(self._rt))
         if opts.direct_io and not self.direct_io:
@@ -709,6 +733,20 @@ def swapped_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
             yield
         finally:
             setattr(owner, name, original)
+
+
+def no_weight_repacking() -> contextlib.AbstractContextManager[None]:
+    """llama_cpp.Llama made inside loads with use_extra_bufts=False: llama.cpp's CPU backend
+    then keeps its weights as the file stores them (pure mmap: DESIGN.md section 5)."""
+    llama_cpp = llama_cpp_module()
+    original = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    return swapped_attribute(llama_cpp.llama_cpp, "llama_model_default_params", params)
 
 
 def installed_context_class(cls: type) -> contextlib.AbstractContextManager[None]:

@@ -340,6 +340,8 @@ typedef struct fg_moe_stats {
     uint64_t reads;
     uint64_t bytes_needed;         /* missed experts x their bundle bytes */
     uint64_t evictions;            /* experts dropped from a slot for another */
+    uint64_t pinned;               /* experts pinned at load (fg_moe_pin) */
+    uint64_t pinned_hits;          /* hits on pinned experts */
     double time_io_wait_s;
     double time_ffn_s;
     double time_total_s;
@@ -353,6 +355,10 @@ void fg_moe_destroy(fg_moe *m);
 int fg_moe_set_layer(fg_moe *m, int32_t layer, uint64_t offset, int64_t stride,
                      const int32_t *part_type, const int64_t *part_offset);
 /* Allocate the slots and read what stays resident (every expert when cfg.resident). */
+/* Before fg_moe_load: experts (keys layer * n_expert + expert, distinct, most wanted first)
+ * to read at load and never evict; as many as the budget's slots hold, less one slot left
+ * for the rest. Without it nothing is pinned. */
+int fg_moe_pin(fg_moe *m, const int32_t *keys, int32_t n_keys);
 int fg_moe_load(fg_moe *m);
 /* Number of expert slots after load. */
 int32_t fg_moe_slots(const fg_moe *m);

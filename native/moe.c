@@ -15,6 +15,10 @@
  * hand lowers it. A burst of one-off experts (a prompt) therefore cannot flush the experts
  * that decode keeps using. Experts used by the current call are never evicted by it, and
  * a one-off of the current token does not make room for another (take_slot).
+ *
+ * Pinning: the experts given to fg_moe_pin (the caller's choice, by calibrated routing
+ * frequency) are read into the first slots at load and never evicted; CLOCK runs over the
+ * rest.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +34,8 @@
 
 #define FG_GGML_TYPE_I32 26
 #define FG_MOE_MAX_COUNT 3
+/* the use count of a pinned slot: above any CLOCK count, never lowered */
+#define FG_MOE_PINNED 255
 /* reads for the resident load, and the bounce buffer for unaligned ones */
 #define FG_MOE_LOAD_CHUNK (8u << 20)
 /* fewer output values than this per matrix are computed on one thread */
@@ -67,6 +73,8 @@ struct fg_moe {
     int32_t *owner;                /* [n_slots] */
     uint8_t *count;                /* [n_slots] CLOCK use counts */
     uint64_t *busy;                /* [n_slots] call that uses it (never evicted by it) */
+    int32_t *pin_keys;             /* fg_moe_pin's experts, most wanted first */
+    int32_t n_pin_keys;
     int32_t hand;
     uint64_t call;
 
@@ -175,6 +183,7 @@ void fg_moe_destroy(fg_moe *m) {
     free(m->owner);
     free(m->count);
     free(m->busy);
+    free(m->pin_keys);
     free(m->x);
     free(m->ids);
     free(m->weights);
@@ -259,7 +268,7 @@ static int32_t take_slot(fg_moe *m, int32_t key) {
             victim = s;
             break;
         }
-        if (m->busy[s] == m->call) continue;
+        if (m->busy[s] == m->call || m->count[s] == FG_MOE_PINNED) continue;
         if (m->count[s] > 0) {
             m->count[s]--;
             continue;
@@ -284,6 +293,48 @@ static void forget_slot(fg_moe *m, int32_t s) {
     m->slot_of[m->owner[s]] = -1;
     m->owner[s] = -1;
     m->count[s] = 0;
+}
+
+int fg_moe_pin(fg_moe *m, const int32_t *keys, int32_t n_keys) {
+    const int64_t total = (int64_t)m->cfg.n_layer * m->cfg.n_expert;
+    if (m->loaded) return FG_ERR_STATE;
+    if (n_keys < 0 || n_keys > total) return FG_ERR_ARG;
+    int32_t *copy = malloc((size_t)(n_keys ? n_keys : 1) * sizeof *copy);
+    uint8_t *seen = calloc((size_t)total, 1);
+    int rc = copy && seen ? FG_OK : FG_ERR_NOMEM;
+    for (int32_t i = 0; rc == FG_OK && i < n_keys; i++) {
+        if (keys[i] < 0 || keys[i] >= total || seen[keys[i]]) rc = FG_ERR_ARG;
+        else seen[keys[i]] = 1;
+    }
+    free(seen);
+    if (rc != FG_OK) {
+        free(copy);
+        return rc;
+    }
+    memcpy(copy, keys, (size_t)n_keys * sizeof *copy);
+    free(m->pin_keys);
+    m->pin_keys = copy;
+    m->n_pin_keys = n_keys;
+    return FG_OK;
+}
+
+/* The first pinned keys that fit, leaving one slot for CLOCK, read into slots 0.. */
+static int load_pinned(fg_moe *m) {
+    int64_t n = m->n_pin_keys;
+    if (n > (int64_t)m->n_slots - 1) n = m->n_slots > 0 ? m->n_slots - 1 : 0;
+    int rc = FG_OK;
+    for (int32_t s = 0; rc == FG_OK && s < n; s++) {
+        const int32_t key = m->pin_keys[s];
+        const fg_moe_layer *L = &m->layers[key / m->cfg.n_expert];
+        const int32_t e = key % m->cfg.n_expert;
+        rc = fg_reader_read(&m->reader, L->offset + (uint64_t)e * (uint64_t)L->stride,
+                            (size_t)L->stride, slot_data(m, s));
+        m->owner[s] = key;
+        m->slot_of[key] = s;
+        m->count[s] = FG_MOE_PINNED;
+        m->stats.pinned++;
+    }
+    return rc;
 }
 
 int fg_moe_load(fg_moe *m) {
@@ -335,8 +386,11 @@ int fg_moe_load(fg_moe *m) {
             }
         }
     } else {
-        rc = fg_io_init(&m->io, &m->reader, c->io_backend, c->io_depth, (size_t)slot_bytes,
-                        c->n_expert);
+        rc = load_pinned(m);
+        if (rc == FG_OK) {
+            rc = fg_io_init(&m->io, &m->reader, c->io_backend, c->io_depth,
+                            (size_t)slot_bytes, c->n_expert);
+        }
         m->io_ready = rc == FG_OK;
     }
     m->stats.time_io_wait_s += fg_now_seconds() - t0;
@@ -497,6 +551,7 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
         if (s >= 0) {
             m->busy[s] = m->call;
             if (m->count[s] < FG_MOE_MAX_COUNT) m->count[s]++;
+            if (m->count[s] == FG_MOE_PINNED) m->stats.pinned_hits++;
             m->hit_slot[n_hit] = s;
             m->hit_expert[n_hit++] = e;
         } else {
@@ -736,7 +791,9 @@ void fg_moe_get_stats(const fg_moe *m, fg_moe_stats *out) {
 }
 
 void fg_moe_reset_stats(fg_moe *m) {
+    const uint64_t pinned = m->stats.pinned;
     memset(&m->stats, 0, sizeof m->stats);
+    m->stats.pinned = pinned;
     for (int32_t l = 0; l < m->cfg.n_layer; l++) m->layers[l].hits = m->layers[l].misses = 0;
     m->reader.bytes_read = 0;
     m->reader.reads = 0;

@@ -48,10 +48,10 @@ def copy_to(path: Path, folder: Path) -> Path:
 
 def rename_in_payload(path: Path, old: bytes, new: bytes) -> None:
     """Rename a key or tensor of a flash GGUF's payload header in place (same length)."""
-    from flashgguf.format import open_flash_file
+    from flashgguf.format import open_any_flash_file
 
     data = bytearray(path.read_bytes())
-    pos = data.find(old, open_flash_file(path).payload.base)
+    pos = data.find(old, open_any_flash_file(path).payload.base)
     assert pos > 0 and len(old) == len(new)
     data[pos:pos + len(old)] = new
     path.write_bytes(bytes(data))

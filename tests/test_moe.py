@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
-from gguf_patch import copy_to, patch_key, set_flash_version
+from gguf_patch import copy_to, patch_key, rename_in_payload, set_flash_version
 from model_factory import TinyModel
 from test_hook import graph_node_names
 
 from flashgguf import Llama
 from flashgguf.archs import ARCHS, get_arch
+from flashgguf.calibrate.collect import CalibrationOptions
+from flashgguf.calibrate.text import read_calibration_text
 from flashgguf.convert.gguf_source import ConvertOptions, convert_gguf
 from flashgguf.errors import (
     FlashGGUFError,
@@ -30,7 +32,7 @@ from flashgguf.errors import (
 from flashgguf.format import MoEFlashFile, open_any_flash_file, open_flash_file, open_gguf
 from flashgguf.format import constants as C
 from flashgguf.options import flash_options
-from flashgguf.runtime import MoERuntime
+from flashgguf.runtime import MoERuntime, pinned_experts
 
 MOE_ARCHS = sorted(a for a, spec in ARCHS.items() if spec.moe is not None)
 KQ = (Q.Q4_K, Q.Q4_K, Q.Q6_K)  # Q4_K_M's expert types
@@ -366,6 +368,21 @@ def test_profile_experts_simulates_the_runtimes_cache(tiny_models, folder, capsy
     for row in curve:
         assert 0 <= row["clock"] <= row["opt"] + 1e-12 and row["lru"] <= row["opt"] + 1e-12
     assert curve[-1]["clock"] == curve[-1]["lru"] == curve[-1]["opt"]  # everything fits
+    assert not r["calibrated"] and r["run_pinned"] == 0 and curve[0]["clock_pinned"] is None
+
+    # a calibrated file: the run pins experts, and the simulation with them still
+    # reproduces its hits
+    path = convert_calibrated(tiny_models(moe_spec("qwen3moe")),
+                              folder / "two.calibrated.flash.gguf")
+    code = profile_main(["experts", str(path), "--tokens", "6", "--budget", "0.4", "--json",
+                         "-q", "--threads", "1", "--shares", "0.3,1.0", "--pinned-share",
+                         "0.5"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["calibrated"] and r["run_slots"] == 6 and r["run_pinned"] == 3
+    # (the optimum starts from an empty cache; pinned experts are read at load)
+    assert all(0 <= row["clock_pinned"] <= 1 for row in r["curve"])
+    assert r["curve"][-1]["clock_pinned"] >= r["curve"][-1]["clock"]
 
 
 def test_clock_simulation_matches_the_burst_example():
@@ -382,3 +399,136 @@ def test_clock_simulation_matches_the_burst_example():
     cycle = [(layer, np.array([0, 1])) for _ in range(20) for layer in range(3)]
     assert lru_hits(cycle, 8, 4) == 0
     assert clock_hits(cycle, 8, 4, n_layer=3) == 2 * 2 * 19
+
+
+# ---- calibrated routing and pinned experts ---------------------------------------------
+
+CALIBRATION = CalibrationOptions(tokens=64, min_tokens=64, window_tokens=32, n_threads=1)
+
+
+def convert_calibrated(src: Path, out: Path) -> Path:
+    if not out.exists():
+        convert_gguf(src, out, ConvertOptions(progress=False, log=lambda _m: None,
+                                              calibration=CALIBRATION))
+    return out
+
+
+def test_calibrated_frequencies_are_llama_cpps_routing(tiny_models, folder):
+    """--calibrate counts the router's top-k on the calibration windows. With one layer
+    the flash run routes from exactly llama.cpp's input, so its routing record, token by
+    token over the same windows, gives the same counts."""
+    src = tiny_models(moe_spec("qwen3moe", n_layer=1))
+    flash = open_any_flash_file(convert_calibrated(src, folder / "one.calibrated.flash.gguf"))
+    assert isinstance(flash, MoEFlashFile) and flash.frequency is not None
+    assert flash.frequency.shape == (1, 8)
+    np.testing.assert_allclose(flash.frequency.sum(axis=1), 2.0, rtol=1e-6)
+    assert flash.payload.get(C.KEY_CALIBRATION_TOKENS) == CALIBRATION.tokens
+
+    model = Llama(model_path=str(flash.path), flash_offload=True, n_ctx=64, n_threads=1,
+                  verbose=False)
+    try:
+        runtime = model.flash_runtime
+        assert isinstance(runtime, MoERuntime)
+        tokens = model.tokenize(read_calibration_text().encode(), add_bos=False, special=False)
+        step = CALIBRATION.window_tokens - 1  # and the BOS
+        runtime.trace_start(CALIBRATION.tokens)
+        for start in range(0, CALIBRATION.tokens, CALIBRATION.window_tokens):
+            model.reset()
+            for t in [model.token_bos(), *tokens[start // CALIBRATION.window_tokens * step:]
+                      [:step]]:
+                model.eval([t])
+        layer, used = runtime.trace_take()
+    finally:
+        model.close()
+    assert len(layer) == CALIBRATION.tokens and (layer == 0).all()
+    assert (used.sum(axis=1) == 2).all()
+    np.testing.assert_array_equal(np.rint(flash.frequency[0] * CALIBRATION.tokens),
+                                  used.sum(axis=0))
+
+
+def test_pinned_experts_are_the_most_used_and_never_evicted(tiny_models, folder):
+    """flash_pinned_share of the slots go to the experts the calibration saw most (over
+    all layers), read at load; decode under evictions computes what the resident run
+    computes, and the pinned experts are still there at the end."""
+    src = tiny_models(moe_spec("qwen3moe"))
+    path = convert_calibrated(src, folder / "two.calibrated.flash.gguf")
+    flash = open_any_flash_file(path)
+    assert isinstance(flash, MoEFlashFile) and flash.frequency is not None
+    resident, _ = flash_logits(path, True)
+    model = Llama(model_path=str(path), flash_offload=True, logits_all=True, n_ctx=128,
+                  n_threads=1, verbose=False, flash_dram_budget=6 * flash.expert_nbytes,
+                  flash_pinned_share=0.5)
+    try:
+        runtime = model.flash_runtime
+        assert isinstance(runtime, MoERuntime)
+        keys = runtime.pinned
+        top = np.argsort(-flash.frequency.reshape(-1), kind="stable")[:3]
+        np.testing.assert_array_equal(keys, np.sort(top))
+        stats = runtime.stats()
+        assert stats["pinned"] == 3 and stats["bytes_read"] == 3 * flash.expert_nbytes
+        streamed = logits(model, TOKENS, one_by_one=True)
+        stats = runtime.stats()
+        assert stats["evictions"] > 0 and stats["pinned_hits"] > 0
+        assert runtime.resident().reshape(-1)[keys].all()
+    finally:
+        model.close()
+    np.testing.assert_array_equal(streamed, resident)
+
+
+def test_pinned_experts_choice():
+    freq = np.array([[0.5, 0.0, 1.0, 0.5], [0.9, 0.1, 0.0, 1.0]], np.float32)
+    # the most used over all layers, in file order; one slot always left to the rest
+    np.testing.assert_array_equal(pinned_experts(freq, 4, 0.5), [2, 7])
+    np.testing.assert_array_equal(pinned_experts(freq, 4, 1.0), [2, 4, 7])
+    # never-chosen experts are not pinned; no frequencies or no share: nothing
+    assert list(pinned_experts(freq, 100, 1.0)) == [0, 2, 3, 4, 5, 7]
+    assert pinned_experts(None, 4, 0.5).size == 0 and pinned_experts(freq, 4, 0.0).size == 0
+    assert pinned_experts(freq, 1, 1.0).size == 0
+
+
+def test_bad_pin_lists_are_refused(tiny_models, folder, monkeypatch):
+    import flashgguf.runtime as runtime_module
+
+    path = convert_calibrated(tiny_models(moe_spec("qwen3moe")),
+                              folder / "two.calibrated.flash.gguf")
+    budget = 4 * open_any_flash_file(path).expert_nbytes
+    for keys in ([3, 3], [16]):  # twice the same expert; past the last
+        monkeypatch.setattr(runtime_module, "pinned_experts",
+                            lambda *_a, k=keys: np.array(k, np.int32))
+        with pytest.raises(FlashGGUFError, match="pinning experts"):
+            Llama(model_path=str(path), flash_offload=True, flash_dram_budget=budget,
+                  verbose=False)
+
+
+def _patch_frequency(path: Path, values: np.ndarray) -> None:
+    flash = open_any_flash_file(path)
+    patch_key(path, C.KEY_MOE_FREQUENCY, GGUFValueType.ARRAY,
+              struct.pack("<IQ", GGUFValueType.FLOAT32, values.size)
+              + values.astype("<f4").tobytes(), offset=flash.payload.base)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda f: f * 1.5, "each layer's sum to the 2 experts used per token"),
+    (lambda f: np.where(np.arange(f.size) == 3, np.nan, f), "non-finite value"),
+    (lambda f: np.where(np.arange(f.size) == 0, -f[0], f), r"each value must be in \[0, 1\]"),
+])
+def test_bad_routing_frequencies_are_refused(tiny_models, folder, tmp_path, change, needle):
+    good = convert_calibrated(tiny_models(moe_spec("qwen3moe")),
+                              folder / "two.calibrated.flash.gguf")
+    bad = copy_to(good, tmp_path)
+    freq = open_any_flash_file(bad).frequency
+    assert freq is not None
+    _patch_frequency(bad, change(freq.reshape(-1)))
+    with pytest.raises(FormatError, match=needle):
+        open_any_flash_file(bad)
+
+
+def test_routing_frequencies_without_their_calibration_keys_are_refused(tiny_models, folder,
+                                                                        tmp_path):
+    good = convert_calibrated(tiny_models(moe_spec("qwen3moe")),
+                              folder / "two.calibrated.flash.gguf")
+    bad = copy_to(good, tmp_path)
+    key = C.KEY_CALIBRATION_TOKENS.encode()
+    rename_in_payload(bad, key, key.replace(b"tokens", b"tokenz"))  # no longer found
+    with pytest.raises(FormatError, match=f"{C.KEY_MOE_FREQUENCY}' without"):
+        open_any_flash_file(bad)

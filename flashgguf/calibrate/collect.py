@@ -1,4 +1,5 @@
-"""Collect each layer's FFN input from stock llama.cpp running the source GGUF.
+"""Collect each layer's FFN input (or, for a mixture of experts, its routing) from stock
+llama.cpp running the source GGUF.
 
 The C capture callback (native/capture.c) records the rows of the architecture's FFN input
 node while llama.cpp evaluates windows of the calibration text; after each window the rows
@@ -8,16 +9,19 @@ buffer (n_layer x window x n_embd floats) whatever the number of tokens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..archs import ArchSpec
+from ..archs import ArchSpec, MoESpec
 from ..errors import CalibrationError, NativeError
-from ..runtime import Capture, installed_context_class, llama_cpp_module
+from ..runtime import Capture, installed_context_class, llama_cpp_module, no_weight_repacking
 
 
 @dataclass(frozen=True)
@@ -68,48 +72,78 @@ class FFNInputs:
         return x[:-n_held], x[-n_held:]
 
 
-def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_layer: int,
-                       n_embd: int, text: str, folder: Path,
-                       opts: CalibrationOptions) -> FFNInputs:
-    """Run the source model on text in windows of opts.window_tokens (each from an empty
-    context, so every position is seen) and store up to opts.tokens FFN inputs per layer."""
-    max_tokens, window_tokens = opts.tokens, opts.window_tokens
-    min_tokens, n_threads = opts.min_tokens, opts.n_threads
+@contextlib.contextmanager
+def _source_model(source_gguf: str | os.PathLike[str], capture: Capture,
+                  opts: CalibrationOptions, repack: bool = True) -> Iterator[Any]:
+    """Stock llama.cpp on the source GGUF with capture's callback in its graph; repack=False
+    keeps the weights mapped (a model larger than RAM then streams instead of filling it)."""
     llama_cpp = llama_cpp_module()
-    capture = Capture(n_layer, n_embd, spec.ffn_input_node, window_tokens)
-    threads = n_threads or max(os.cpu_count() or 1, 1)
-    with installed_context_class(capture.context_class()):
-        llm = llama_cpp.Llama(os.fspath(source_gguf), n_ctx=window_tokens, n_batch=window_tokens,
-                              n_ubatch=window_tokens, n_threads=threads,
-                              n_threads_batch=threads, verbose=False,
+    threads = opts.n_threads or max(os.cpu_count() or 1, 1)
+    with installed_context_class(capture.context_class()), \
+            contextlib.nullcontext() if repack else no_weight_repacking():
+        llm = llama_cpp.Llama(os.fspath(source_gguf), n_ctx=opts.window_tokens,
+                              n_batch=opts.window_tokens, n_ubatch=opts.window_tokens,
+                              n_threads=threads, n_threads_batch=threads, verbose=False,
                               # every position's logits, so that the last layer keeps every
                               # row (llama.cpp drops rows without an output before its FFN)
                               logits_all=True)
     try:
-        tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        if len(tokens) < min_tokens:
-            raise CalibrationError(f"the calibration text has {len(tokens)} tokens; at least "
-                                   f"{min_tokens} are needed")
-        bos = llm.token_bos()
-        step = window_tokens - 1 if bos >= 0 else window_tokens
+        yield llm
+    finally:
+        llm.close()
+        capture.close()
+
+
+def _windows(llm: Any, text: str, opts: CalibrationOptions) -> Iterator[tuple[int, int]]:
+    """Evaluate text in windows of opts.window_tokens, each from an empty context (so that
+    every position is seen), until opts.tokens are done: yields each window's token count
+    and how many of them to keep."""
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    if len(tokens) < opts.min_tokens:
+        raise CalibrationError(f"the calibration text has {len(tokens)} tokens; at least "
+                               f"{opts.min_tokens} are needed")
+    bos = llm.token_bos()
+    step = opts.window_tokens - 1 if bos >= 0 else opts.window_tokens
+    n_done = 0
+    for start in range(0, len(tokens), step):
+        if n_done >= opts.tokens:
+            break
+        window = tokens[start:start + step]
+        if bos >= 0:
+            window = [bos, *window]
+        llm.reset()
+        llm.eval(window)
+        keep = min(len(window), opts.tokens - n_done)
+        yield len(window), keep
+        n_done += keep
+
+
+def _take(capture: Capture, layer: int, n_window: int, what: str) -> np.ndarray:
+    rows = capture.take(layer)
+    if rows.shape[0] != n_window:
+        raise NativeError(f"layer {layer}: captured {rows.shape[0]} {what} for a window of "
+                          f"{n_window} tokens")
+    return rows
+
+
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_layer: int,
+                       n_embd: int, text: str, folder: Path,
+                       opts: CalibrationOptions) -> FFNInputs:
+    """Run the source model on text in windows of opts.window_tokens and store up to
+    opts.tokens FFN inputs per layer."""
+    capture = Capture(n_layer, n_embd, spec.ffn_input_node, opts.window_tokens)
+    n_done = 0
+    with _source_model(source_gguf, capture, opts) as llm:
         folder.mkdir(parents=True, exist_ok=True)
         files = [open(folder / f"ffn_input.{layer}.f16", "wb") for layer in range(n_layer)]
-        n_done = 0
         try:
-            for start in range(0, len(tokens), step):
-                if n_done >= max_tokens:
-                    break
-                window = tokens[start:start + step]
-                if bos >= 0:
-                    window = [bos, *window]
-                llm.reset()
-                llm.eval(window)
-                keep = min(len(window), max_tokens - n_done)
+            for n_window, keep in _windows(llm, text, opts):
                 for layer, f in enumerate(files):
-                    rows = capture.take(layer)
-                    if rows.shape[0] != len(window):
-                        raise NativeError(f"layer {layer}: captured {rows.shape[0]} FFN inputs "
-                                          f"for a window of {len(window)} tokens")
+                    rows = _take(capture, layer, n_window, "FFN inputs")
                     if not np.all(np.abs(rows[:keep]) < 65000.0):
                         raise CalibrationError(f"layer {layer}: FFN inputs beyond float16 range "
                                                "(or not finite) cannot be stored")
@@ -118,8 +152,43 @@ def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_la
         finally:
             for f in files:
                 f.close()
-    finally:
-        llm.close()
-        capture.close()
-    text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return FFNInputs(folder, n_layer, n_embd, n_done, text_sha256)
+    return FFNInputs(folder, n_layer, n_embd, n_done, _text_sha256(text))
+
+
+@dataclass(frozen=True)
+class ExpertChoices:
+    """How often the router chose each expert on n_tokens calibration tokens."""
+
+    counts: np.ndarray  # int64 [n_layer, n_expert]: tokens whose top-k held the expert
+    n_tokens: int
+    text_sha256: str
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """float32 [n_layer, n_expert]: the share of tokens that used each expert (a layer's
+        row sums to the experts used per token)."""
+        return (self.counts / max(self.n_tokens, 1)).astype(np.float32)
+
+
+def count_expert_choices(source_gguf: str | os.PathLike[str], moe: MoESpec, n_layer: int,
+                         n_expert: int, n_used: int, text: str,
+                         opts: CalibrationOptions) -> ExpertChoices:
+    """Run the source model on text (windows as collect_ffn_inputs, weights mapped, not
+    repacked: a mixture of experts is usually larger than RAM) and count each layer's
+    routing. The router's logits (node moe.logits_node) are captured; the experts chosen
+    are their top n_used, which is llama.cpp's choice for every supported architecture
+    (softmax gating without an expert bias: the softmax keeps the logits' order)."""
+    capture = Capture(n_layer, n_expert, moe.logits_node, opts.window_tokens)
+    counts = np.zeros((n_layer, n_expert), np.int64)
+    n_done = 0
+    with _source_model(source_gguf, capture, opts, repack=False) as llm:
+        for n_window, keep in _windows(llm, text, opts):
+            for layer in range(n_layer):
+                logits = _take(capture, layer, n_window, "router outputs")[:keep]
+                if not np.all(np.isfinite(logits)):
+                    raise CalibrationError(f"layer {layer}: the router's outputs are not "
+                                           "finite")
+                top = np.argpartition(-logits, n_used - 1, axis=1)[:, :n_used]
+                counts[layer] += np.bincount(top.ravel(), minlength=n_expert)
+            n_done += keep
+    return ExpertChoices(counts, n_done, _text_sha256(text))

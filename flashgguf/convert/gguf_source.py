@@ -246,9 +246,8 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         opts = dataclasses.replace(opts, predictor=None)  # the gate picks the rows
     if opts.predictor is not None:
         opts.predictor.check()
+    calibration_text = None
     if opts.calibration is not None:
-        if opts.predictor is None and not opts.gate_resident:
-            raise ConvertError("calibration fits the predictor: it cannot go with --no-predictor")
         opts.calibration.check()
         calibration_text = read_calibration_text(opts.calibration.text)
     t_start = time.perf_counter()
@@ -260,7 +259,10 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         raise ConvertError(f"{src} is already a flash GGUF")
     spec = get_arch(str(arch_name))
     if expert_count(stream.fields, spec.name) > 0:
-        return convert_moe(source, spec, src, out, opts, _sha256(src), t_start)
+        return convert_moe(source, spec, src, out, opts, _sha256(src), t_start,
+                           calibration_text)
+    if opts.calibration is not None and opts.predictor is None and not opts.gate_resident:
+        raise ConvertError("calibration fits the predictor: it cannot go with --no-predictor")
     if not spec.dense:
         raise FormatError(f"{src}: {spec.name} without experts ({spec.name}.expert_count)")
     if opts.activation is not None:

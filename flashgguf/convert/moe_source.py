@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..archs import ARCHS, ArchSpec
+from ..calibrate.collect import count_expert_choices
 from ..errors import FormatError, UnsupportedError
 from ..format import (
+    CalibrationRecord,
     ExpertLayout,
     FlashWriter,
     MoEPayloadRecord,
@@ -54,8 +56,11 @@ def _expert_tensor(source: _Source, name: str, shape: tuple[int, int, int]):
 
 
 def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: ConvertOptions,
-                source_sha256: str, t_start: float) -> ConvertReport:
-    """The MoE branch of convert_gguf (options and paths already checked there)."""
+                source_sha256: str, t_start: float,
+                calibration_text: str | None) -> ConvertReport:
+    """The MoE branch of convert_gguf (options and paths already checked there). With
+    calibration (opts.calibration and its text), llama.cpp runs the source on the text and
+    each layer's routing frequencies are stored: the runtime pins the most used experts."""
     from .gguf_source import ConvertReport, _scalar_int
 
     stream = source.stream
@@ -64,9 +69,9 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
         supported = ", ".join(sorted(a for a, s in ARCHS.items() if s.moe is not None))
         raise UnsupportedError(f"{src}: {spec.name} with experts is not supported (MoE "
                                f"architectures: {supported})")
-    if opts.gate_resident or opts.calibration is not None or opts.activation is not None:
+    if opts.gate_resident or opts.activation is not None:
         raise UnsupportedError(f"{src}: a mixture of experts is routed by its own router: "
-                               "--gate-resident, --calibrate and --activation do not apply")
+                               "--gate-resident and --activation do not apply")
     name = spec.name
     n_layer = _scalar_int(stream, f"{name}.block_count")
     n_embd = _scalar_int(stream, f"{name}.embedding_length")
@@ -96,6 +101,20 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
              f"expert bundles {layouts[0].stride / 2**20:.2f} MiB "
              f"({'/'.join(t.name for t in layouts[0].types)})")
 
+    frequency, calibration = None, None
+    if opts.calibration is not None:
+        assert calibration_text is not None
+        t0 = time.perf_counter()
+        choices = count_expert_choices(src, moe, n_layer, n_expert, n_used, calibration_text,
+                                       opts.calibration)
+        frequency = choices.frequency
+        calibration = CalibrationRecord(choices.n_tokens, choices.text_sha256)
+        top = np.sort(frequency, axis=1)[:, ::-1][:, :max(1, n_expert // 10)].sum(axis=1)
+        opts.log(f"flashgguf-convert: calibration: routing of {choices.n_tokens} tokens from "
+                 f"llama.cpp in {time.perf_counter() - t0:.1f} s; the most used tenth of a "
+                 f"layer's experts takes {np.median(top) / n_used:.2f} of its choices "
+                 f"(median over layers; uniform routing: 0.10)")
+
     expert_parts = {n: p for bid in range(n_layer) for n, p in moe.expert_tensors(bid).items()}
     keys = tuple(SourceKey(k, v, stream.value_types[k], stream.array_types.get(k))
                  for k, v in stream.fields.items())
@@ -105,7 +124,8 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
     trunk = TrunkRecord(name, keys, tensors, alignment, ffn_width_key=width_key,
                         dummy_width=C.DUMMY_EXPERT_WIDTH)
     payload = MoEPayloadRecord(name, n_embd, n_ff_exp, n_expert, n_used, spec.activation,
-                               tuple(layouts), opts.source_name or src.name, source_sha256)
+                               tuple(layouts), opts.source_name or src.name, source_sha256,
+                               frequency, calibration)
     with atomic_output(out) as final_tmp:
         with FlashWriter(final_tmp, trunk, payload) as writer:
             while (t := writer.next_trunk_tensor) is not None:

@@ -75,6 +75,10 @@ KEY_MOE_EXPERT_USED_COUNT = "flashgguf.moe.expert_used_count"
 KEY_MOE_TYPES = "flashgguf.moe.types"  # u32 [n_layer x 3]: gate, up, down
 KEY_MOE_OFFSETS = "flashgguf.moe.offsets"  # u32 [n_layer x 3]: byte offsets in a bundle
 KEY_MOE_STRIDE = "flashgguf.moe.stride"  # u32 [n_layer]: bytes per expert bundle
+# optional, from `--calibrate` (with KEY_CALIBRATION_TOKENS and _TEXT_SHA256): f32
+# [n_layer x n_expert], the share of calibration tokens whose top-k held the expert (a
+# layer's values sum to the experts used per token); the runtime pins the most used
+KEY_MOE_FREQUENCY = "flashgguf.moe.frequency"
 TENSOR_EXPERTS = "blk.{bid}.ffn_experts"
 DUMMY_EXPERT_WIDTH = 1
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.cpp): more experts stop its loader with

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -17,6 +18,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import FormatError
 from . import constants as C
 from .gguf_stream import GGUFStream, TensorInfo, tensor_nbytes
+from .keys import all_or_none, per_layer
+
+if TYPE_CHECKING:
+    from .writer import CalibrationRecord
 
 Q = GGMLQuantizationType
 # expert matrix types the C kernels implement (vec_dot + its activation quantizer)
@@ -65,6 +70,10 @@ class MoEPayloadRecord:
     layers: tuple[ExpertLayout, ...]
     source_name: str
     source_sha256: str
+    # measured routing (float32 [n_layer, n_expert], ExpertChoices.frequency) and the
+    # calibration it came from; None without --calibrate
+    frequency: np.ndarray | None = None
+    calibration: CalibrationRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class MoEFlashFile:
     n_expert_used: int
     activation: str
     layers: tuple[MoELayer, ...]
+    # float32 [n_layer, n_expert]: calibrated routing frequency, or None (KEY_MOE_FREQUENCY)
+    frequency: np.ndarray | None = None
 
     @property
     def payload_nbytes(self) -> int:
@@ -200,4 +211,23 @@ def read_moe_payload(path: Path, size: int, arch: str, trunk: GGUFStream, payloa
                               f"expected [{n_embd}, {n_expert}] for {n_expert} experts")
         layers.append(MoELayer(bid, layout, t))
     return MoEFlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff_exp, n_expert,
-                        n_used, activation, tuple(layers))
+                        n_used, activation, tuple(layers),
+                        _read_frequency(payload, what, n_layer, n_expert, n_used))
+
+
+def _read_frequency(payload: GGUFStream, what: str, n_layer: int, n_expert: int,
+                    n_used: int) -> np.ndarray | None:
+    """The optional calibrated routing frequencies: with their calibration keys, each in
+    [0, 1], each layer's summing to the experts used per token."""
+    keys = (C.KEY_MOE_FREQUENCY, C.KEY_CALIBRATION_TOKENS, C.KEY_CALIBRATION_TEXT_SHA256)
+    if not all_or_none(payload, keys, what):
+        return None
+    values = per_layer(payload, keys[0], what, n_layer * n_expert, "f",
+                       count="one per layer and expert")
+    assert values is not None
+    freq = values.astype(np.float32).reshape(n_layer, n_expert)
+    sums = freq.sum(axis=1, dtype=np.float64)
+    if np.any((freq < 0.0) | (freq > 1.0)) or np.any(np.abs(sums - n_used) > 1e-3 * n_used):
+        raise FormatError(f"{what}: key {keys[0]!r}: each value must be in [0, 1] and each "
+                          f"layer's sum to the {n_used} experts used per token")
+    return freq

@@ -308,6 +308,12 @@ class FlashWriter:
         w.add_key(C.KEY_MOE_OFFSETS, [o for la in p.layers for o in la.offsets],
                   GGUFValueType.ARRAY, U32)
         w.add_key(C.KEY_MOE_STRIDE, [la.stride for la in p.layers], GGUFValueType.ARRAY, U32)
+        if p.frequency is not None:
+            assert p.calibration is not None and p.frequency.shape == (len(p.layers),
+                                                                        p.n_expert)
+            w.add_key(C.KEY_MOE_FREQUENCY, [float(v) for v in p.frequency.reshape(-1)],
+                      GGUFValueType.ARRAY, F32)
+            self._add_calibration_keys(w, p.calibration)
         w.add_key(C.KEY_SOURCE_NAME, p.source_name, GGUFValueType.STRING)
         w.add_key(C.KEY_SOURCE_SHA256, p.source_sha256, GGUFValueType.STRING)
         for bid, layout in enumerate(p.layers):
@@ -345,6 +351,11 @@ class FlashWriter:
                       U32)
 
     @staticmethod
+    def _add_calibration_keys(w: GGUFWriter, rec: CalibrationRecord) -> None:
+        w.add_key(C.KEY_CALIBRATION_TOKENS, rec.tokens, U32)
+        w.add_key(C.KEY_CALIBRATION_TEXT_SHA256, rec.text_sha256, GGUFValueType.STRING)
+
+    @staticmethod
     def _add_predictor_keys(w: GGUFWriter, rec: PredictorRecord,
                             layers: tuple[PayloadLayer, ...]) -> None:
         def f32_array(key: str, values: list[float]) -> None:
@@ -354,9 +365,7 @@ class FlashWriter:
         assert all(p is not None for p in predictors)  # _check
         if rec.calibration is not None:
             w.add_key(C.KEY_PREDICTOR_KIND, C.PREDICTOR_CALIBRATED_SVD, GGUFValueType.STRING)
-            w.add_key(C.KEY_CALIBRATION_TOKENS, rec.calibration.tokens, U32)
-            w.add_key(C.KEY_CALIBRATION_TEXT_SHA256, rec.calibration.text_sha256,
-                      GGUFValueType.STRING)
+            FlashWriter._add_calibration_keys(w, rec.calibration)
             f32_array(C.KEY_PREDICTOR_PRECISION, [la.predictor_precision for la in layers])
         else:
             w.add_key(C.KEY_PREDICTOR_KIND, C.PREDICTOR_WEIGHT_SVD, GGUFValueType.STRING)

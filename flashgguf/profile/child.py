@@ -13,11 +13,11 @@ import sys
 import time
 from typing import Any
 
+from ..runtime import no_weight_repacking
 from .harness import (
     MB,
     PROMPT,
     greedy_next_token,
-    no_weight_repacking,
     per_token,
     proc_read_bytes,
     rss_anon,

@@ -2,18 +2,24 @@
 each size would hit. One greedy generation records every MoE layer call's experts (the
 runtime's routing record); the record then goes through the runtime's own eviction policy
 (CLOCK with use counts, simulated exactly: at the run's slot count it gives the hits the
-runtime counted), LRU, and Belady's optimum (the bound no policy beats), for a range of
-cache sizes. Also per layer: how skewed the routing is (the share of the top-k choices the
-most used tenth of the experts takes; 0.1 under uniform routing)."""
+runtime counted), LRU, and Belady's optimum (the bound no policy filling an empty cache on
+demand beats), for a range of cache sizes; for files converted with --calibrate also CLOCK
+with the most used experts pinned, as the runtime pins them (read at load: where they cover
+a decode's first uses it can pass that optimum). Also per layer: how skewed the routing is
+(the share of the top-k choices the most used tenth of the experts takes; 0.1 under uniform
+routing)."""
 
 from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from ..options import DEFAULT_PINNED_SHARE
+from ..runtime import pinned_experts
 from .harness import (
     PROMPT,
     MiB,
@@ -28,8 +34,9 @@ from .harness import (
     print_table,
 )
 
-# the runtime's CLOCK (native/moe.c): use counts saturate here
+# the runtime's CLOCK (native/moe.c): use counts saturate here; pinned slots hold PINNED
 MAX_COUNT = 3
+PINNED = 255
 
 
 def add_parser(sub: Any) -> None:
@@ -42,20 +49,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--shares", type=float_list,
                    default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    help="cache sizes simulated, as shares of all experts")
+    p.add_argument("--pinned-share", type=float, default=DEFAULT_PINNED_SHARE,
+                   help="share of the cache pinned to the most used experts of the file's "
+                   "calibrated routing (files converted with --calibrate), in the run and the "
+                   "pinned curve (default %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=main)
 
 
 def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
-               n_layer: int, count_from: int = 0) -> int:
+               n_layer: int, count_from: int = 0, pinned: Sequence[int] = ()) -> int:
     """Hits of native/moe.c's cache over the calls (layer, experts used ascending), counted
-    from call count_from on (the ones before only warm the cache)."""
+    from call count_from on (the ones before only warm the cache), with the experts pinned
+    (keys, at most n_slots - 1 of them) in the first slots."""
     if n_slots <= 0:
         return 0
     owner = [-1] * n_slots
     count = [0] * n_slots
     busy = [-1] * n_slots
     slot_of: dict[int, int] = {}
+    for s, key in enumerate(pinned):
+        owner[s], count[s], slot_of[int(key)] = int(key), PINNED, s
     hand = 0
     hits = 0
     for call, (layer, experts) in enumerate(calls):
@@ -66,7 +80,8 @@ def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
             if s >= 0:
                 hits += call >= count_from
                 busy[s] = call
-                count[s] = min(count[s] + 1, MAX_COUNT)
+                if count[s] != PINNED:
+                    count[s] = min(count[s] + 1, MAX_COUNT)
             else:
                 misses.append(key)
         for key in misses:
@@ -77,7 +92,7 @@ def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
                 if owner[s] < 0:
                     victim = s
                     break
-                if busy[s] == call:
+                if busy[s] == call or count[s] == PINNED:
                     continue
                 if count[s] > 0:
                     count[s] -= 1
@@ -164,11 +179,12 @@ def main(args: argparse.Namespace) -> int:
         pass
     load0 = load_average()
     llm = Llama(str(args.model), flash_offload=True, flash_dram_budget=budget, n_ctx=512,
-                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+                flash_pinned_share=args.pinned_share, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
     try:
         runtime = llm.flash_runtime
         assert isinstance(runtime, MoERuntime)
-        slots_run = runtime.slots
+        slots_run, pinned_run = runtime.slots, runtime.pinned
         runtime.trace_start(flash.n_layer * (args.tokens + 2))
         prompt = llm.tokenize(PROMPT.encode())
         note(f"prompt of {len(prompt)} tokens, then {args.tokens} decode tokens", args.quiet)
@@ -186,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     n_total = flash.n_layer * flash.n_expert
     decode = calls[n_prompt_calls:]
     decode_uses = sum(len(e) for _, e in decode)
-    check = clock_hits(calls, flash.n_expert, slots_run, flash.n_layer)
+    check = clock_hits(calls, flash.n_expert, slots_run, flash.n_layer, pinned=pinned_run)
     if check != stats["expert_hits"]:
         raise ProfileError(f"the CLOCK simulation gives {check} hits where the runtime "
                            f"counted {stats['expert_hits']}: the simulation is out of date")
@@ -199,14 +215,22 @@ def main(args: argparse.Namespace) -> int:
         for name, fn in (("clock", clock_hits), ("lru", lru_hits), ("opt", opt_hits)):
             row[name] = fn(calls, flash.n_expert, n_slots, flash.n_layer,
                            count_from=n_prompt_calls) / max(decode_uses, 1)
-        row["read_mib_per_token"] = (1 - row["clock"]) * decode_uses / args.tokens * \
+        row["clock_pinned"] = None
+        if flash.frequency is not None:
+            pinned = pinned_experts(flash.frequency, n_slots, args.pinned_share)
+            row["clock_pinned"] = clock_hits(calls, flash.n_expert, n_slots, flash.n_layer,
+                                             n_prompt_calls, pinned) / max(decode_uses, 1)
+        best = max(row["clock"], row["clock_pinned"] or 0.0)
+        row["read_mib_per_token"] = (1 - best) * decode_uses / args.tokens * \
             flash.expert_nbytes / MiB
         rows.append(row)
     per_layer_skew = skew(layer[n_prompt_calls:], used[n_prompt_calls:], flash.n_layer)
     result = dict(model=str(args.model), arch=flash.arch, n_layer=flash.n_layer,
                   n_expert=flash.n_expert, n_expert_used=flash.n_expert_used,
                   expert_mib=flash.expert_nbytes / MiB, tokens=args.tokens,
+                  calibrated=flash.frequency is not None, pinned_share=args.pinned_share,
                   prompt_tokens=len(prompt), run_slots=slots_run,
+                  run_pinned=len(pinned_run),
                   run_hit_rate=stats["expert_hits"] / max(stats["expert_hits"]
                                                           + stats["expert_misses"], 1),
                   experts_per_token=decode_uses / args.tokens,
@@ -226,11 +250,15 @@ def _table(r: dict[str, Any]) -> None:
           f"(median over layers; {s['min']:.2f}-{s['max']:.2f}) of its uses "
           f"(uniform routing: 0.10)")
     print(f"hit rates over {r['tokens']} decode tokens after a {r['prompt_tokens']}-token "
-          f"prompt (the run itself: {r['run_slots']} slots, hit rate "
-          f"{r['run_hit_rate']:.3f} with the prompt)")
-    print_table(["cached share", "slots", "GiB", "CLOCK (runtime)", "LRU", "optimum",
-                 "MiB read/token"],
+          f"prompt (the run itself: {r['run_slots']} slots, {r['run_pinned']} pinned, hit "
+          f"rate {r['run_hit_rate']:.3f} with the prompt)")
+    pinned = f"CLOCK, {r['pinned_share']:g} pinned"
+    if not r["calibrated"]:
+        print("no calibrated routing in the file (convert with --calibrate): nothing pinned")
+    print_table(["cached share", "slots", "GiB", "CLOCK", pinned, "LRU", "optimum",
+                 "MiB read/token (best CLOCK)"],
                 [[fmt(x["share"], ".2f"), str(x["slots"]), fmt(x["gib"], ".2f"),
-                  fmt(x["clock"], ".3f"), fmt(x["lru"], ".3f"), fmt(x["opt"], ".3f"),
-                  fmt(x["read_mib_per_token"], ".1f")] for x in r["curve"]])
+                  fmt(x["clock"], ".3f"), fmt(x["clock_pinned"], ".3f"), fmt(x["lru"], ".3f"),
+                  fmt(x["opt"], ".3f"), fmt(x["read_mib_per_token"], ".1f")]
+                 for x in r["curve"]])
     print(f"load average {r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f}")

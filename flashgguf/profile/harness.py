@@ -285,26 +285,6 @@ def greedy_next_token(llm: Any) -> int:
     return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
 
 
-@contextlib.contextmanager
-def no_weight_repacking() -> Iterator[None]:
-    """llama_cpp.Llama made inside loads with use_extra_bufts=False: llama.cpp's CPU backend
-    then keeps its weights as the file stores them (pure mmap: DESIGN.md section 5)."""
-    import llama_cpp
-
-    original = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params() -> Any:
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = original
-
-
 def per_token(stats: dict[str, float], n_ff_total: int) -> dict[str, float]:
     """A run's flash_stats() as per-token figures."""
     n = max(int(stats.get("tokens", 0)), 1)

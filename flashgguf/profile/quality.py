@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..runtime import no_weight_repacking
 from .harness import (
     MiB,
     ProfileError,
@@ -24,7 +25,6 @@ from .harness import (
     flash_model,
     float_list,
     load_average,
-    no_weight_repacking,
     option_items,
     print_table,
     progress_bar,
