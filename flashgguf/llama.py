@@ -56,7 +56,10 @@ class Llama(llama_cpp.Llama):
     every token): the paper's baselines. Default for other files: of predicted and hybrid, the one
     expected to read fewer bytes per token at this budget (flashgguf/policy.py).
     flash_window: tokens a loaded row is kept without being used before it is the first to
-    go. flash_pinned_share: share of each layer's slots pinned to its hottest rows.
+    go. flash_pinned_share: share of each layer's slots pinned to its hottest rows (default
+    0.25); for a mixture of experts, share of the expert cache pinned to the most used
+    experts of the file's calibrated routing (default: the share the converter measured to
+    pay on held-out text, 0 when it did not or without --calibrate).
     flash_coalesce_gap: misses at most this many rows apart are read in one read; "auto"
     (default): when the bytes between them cost less than a read's fixed cost.
     flash_io: "auto", "threads" (pread workers) or "io_uring".
@@ -76,7 +79,7 @@ class Llama(llama_cpp.Llama):
                  flash_gate_keep: float = DEFAULT_GATE_KEEP,
                  flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
                  flash_gate_per_layer: bool = DEFAULT_GATE_PER_LAYER,
-                 flash_pinned_share: float = DEFAULT_PINNED_SHARE,
+                 flash_pinned_share: float | None = None,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,
                  flash_predictors: Sequence[LayerPredictor | None] | None = None,
@@ -101,6 +104,10 @@ class Llama(llama_cpp.Llama):
         n_ubatch = int(kwargs.get("n_ubatch", 512))
         n_threads = kwargs.get("n_threads") or max(multiprocessing.cpu_count() // 2, 1)
         n_threads_batch = kwargs.get("n_threads_batch") or multiprocessing.cpu_count()
+
+        if flash_pinned_share is None:  # a MoE file's measured default, else the dense one
+            flash_pinned_share = flash.pinned_share if isinstance(flash, MoEFlashFile) \
+                else DEFAULT_PINNED_SHARE
 
         def options_for(mode: str) -> FlashOptions:
             return flash_options(

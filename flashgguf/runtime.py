@@ -26,6 +26,7 @@ from .errors import (
     OptionError,
     VersionMismatchError,
 )
+from .expert_cache import pinned_experts
 from .format import FlashFile, LayerInfo, MoEFlashFile
 from .format import constants as C
 from .options import FlashOptions
@@ -483,21 +484,6 @@ class Runtime(_NativeHandle):
 _MOE_STATS = ("tokens", "calls", "expert_hits", "expert_misses", "bytes_read", "reads",
               "bytes_needed", "evictions", "pinned", "pinned_hits", "time_io_wait_s",
               "time_ffn_s", "time_total_s")
-
-
-def pinned_experts(frequency: np.ndarray | None, slots: int, share: float) -> np.ndarray:
-    """The experts to pin (int32 keys layer * n_expert + expert, in file order): share of
-    the cache's slots (one always left to the rest) taken by the experts a file's calibrated
-    routing (float [n_layer, n_expert]) used most, over all layers: a slot saves its
-    expert's frequency x its bytes per token, alike in every layer. None without
-    frequencies."""
-    if frequency is None or share <= 0.0:
-        return np.zeros(0, np.int32)
-    n = min(int(share * slots), max(slots - 1, 0))
-    freq = frequency.reshape(-1)
-    order = np.argsort(-freq, kind="stable")[:n]
-    order = order[freq[order] > 0.0]  # an expert never chosen saves nothing
-    return np.sort(order).astype(np.int32)
 
 
 class MoERuntime(_NativeHandle):

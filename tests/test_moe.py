@@ -20,7 +20,7 @@ from test_hook import graph_node_names
 
 from flashgguf import Llama
 from flashgguf.archs import ARCHS, get_arch
-from flashgguf.calibrate.collect import CalibrationOptions
+from flashgguf.calibrate.collect import CalibrationOptions, ExpertChoices
 from flashgguf.calibrate.text import read_calibration_text
 from flashgguf.convert.gguf_source import ConvertOptions, convert_gguf
 from flashgguf.errors import (
@@ -29,10 +29,11 @@ from flashgguf.errors import (
     OptionError,
     UnsupportedError,
 )
+from flashgguf.expert_cache import pinned_experts, recommend_pinned_share
 from flashgguf.format import MoEFlashFile, open_any_flash_file, open_flash_file, open_gguf
 from flashgguf.format import constants as C
 from flashgguf.options import flash_options
-from flashgguf.runtime import MoERuntime, pinned_experts
+from flashgguf.runtime import MoERuntime
 
 MOE_ARCHS = sorted(a for a, spec in ARCHS.items() if spec.moe is not None)
 KQ = (Q.Q4_K, Q.Q4_K, Q.Q6_K)  # Q4_K_M's expert types
@@ -386,7 +387,8 @@ def test_profile_experts_simulates_the_runtimes_cache(tiny_models, folder, capsy
 
 
 def test_clock_simulation_matches_the_burst_example():
-    from flashgguf.profile.experts import clock_hits, lru_hits, opt_hits
+    from flashgguf.expert_cache import clock_hits
+    from flashgguf.profile.experts import lru_hits, opt_hits
 
     calls = [(0, np.array([0, 1]))] * 5 + [(0, np.array(p)) for p in ((2, 3), (4, 5), (6, 7))]
     calls += [(0, np.array([0, 1]))]
@@ -473,6 +475,17 @@ def test_pinned_experts_are_the_most_used_and_never_evicted(tiny_models, folder)
     finally:
         model.close()
     np.testing.assert_array_equal(streamed, resident)
+    # without flash_pinned_share the file's measured default applies
+    model = Llama(model_path=str(path), flash_offload=True, n_ctx=64, verbose=False,
+                  flash_dram_budget=6 * flash.expert_nbytes)
+    try:
+        runtime = model.flash_runtime
+        assert isinstance(runtime, MoERuntime)
+        assert runtime.options.pinned_share == flash.pinned_share
+        assert runtime.pinned.size == pinned_experts(flash.frequency, 6,
+                                                     flash.pinned_share).size
+    finally:
+        model.close()
 
 
 def test_pinned_experts_choice():
@@ -484,6 +497,31 @@ def test_pinned_experts_choice():
     assert list(pinned_experts(freq, 100, 1.0)) == [0, 2, 3, 4, 5, 7]
     assert pinned_experts(None, 4, 0.5).size == 0 and pinned_experts(freq, 4, 0.0).size == 0
     assert pinned_experts(freq, 1, 1.0).size == 0
+
+
+def test_pinning_is_recommended_only_where_frequencies_carry_over():
+    """The converter's choice: pin when the fitted frequencies predict the held-out routing
+    (here a stable hot set per layer, which the cold traffic churns out of a plain CLOCK
+    cache), not when the held-out text uses other experts."""
+    rng = np.random.default_rng(1)
+    n_layer, n_expert, n_tokens = 4, 64, 400
+
+    def routing(hot: np.ndarray) -> np.ndarray:
+        # per token and layer: one of the layer's 16 hot experts, and one other
+        out = np.empty((n_tokens, n_layer, 2), np.int16)
+        for layer in range(n_layer):
+            for t in range(n_tokens):
+                a = rng.choice(hot[layer])
+                out[t, layer] = a, rng.choice(np.setdiff1d(np.arange(n_expert), [a]))
+        return out
+
+    hot = np.stack([rng.choice(n_expert, 16, replace=False) for _ in range(n_layer)])
+    fit = ExpertChoices.frequency_of(routing(hot), n_expert)
+    share, table = recommend_pinned_share(fit, routing(hot), n_expert)
+    assert share == 0.5 and all(row["pinned_0.5"] > row["clock"] for row in table)
+    assert table[0]["pinned_0.5"] - table[0]["clock"] > 0.03
+    share, table = recommend_pinned_share(fit, routing((hot + 32) % n_expert), n_expert)
+    assert share == 0.0 and len(table) == 2
 
 
 def test_bad_pin_lists_are_refused(tiny_models, folder, monkeypatch):
@@ -520,6 +558,16 @@ def test_bad_routing_frequencies_are_refused(tiny_models, folder, tmp_path, chan
     assert freq is not None
     _patch_frequency(bad, change(freq.reshape(-1)))
     with pytest.raises(FormatError, match=needle):
+        open_any_flash_file(bad)
+
+
+def test_bad_pinned_share_is_refused(tiny_models, folder, tmp_path):
+    good = convert_calibrated(tiny_models(moe_spec("qwen3moe")),
+                              folder / "two.calibrated.flash.gguf")
+    bad = copy_to(good, tmp_path)
+    patch_key(bad, C.KEY_MOE_PINNED_SHARE, GGUFValueType.FLOAT32, struct.pack("<f", 1.5),
+              offset=open_any_flash_file(bad).payload.base)
+    with pytest.raises(FormatError, match="must be a share in"):
         open_any_flash_file(bad)
 
 

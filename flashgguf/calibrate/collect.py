@@ -157,38 +157,48 @@ def collect_ffn_inputs(source_gguf: str | os.PathLike[str], spec: ArchSpec, n_la
 
 @dataclass(frozen=True)
 class ExpertChoices:
-    """How often the router chose each expert on n_tokens calibration tokens."""
+    """The experts the router chose for each of n_tokens calibration tokens."""
 
-    counts: np.ndarray  # int64 [n_layer, n_expert]: tokens whose top-k held the expert
-    n_tokens: int
+    chosen: np.ndarray  # int16 [n_tokens, n_layer, n_used], in text order
+    n_expert: int
     text_sha256: str
 
     @property
+    def n_tokens(self) -> int:
+        return self.chosen.shape[0]
+
+    @staticmethod
+    def frequency_of(chosen: np.ndarray, n_expert: int) -> np.ndarray:
+        """float32 [n_layer, n_expert]: the share of the tokens (rows of chosen) that used
+        each expert (a layer's row sums to the experts used per token)."""
+        n_tokens, n_layer, _ = chosen.shape
+        keys = chosen.astype(np.int64) + np.arange(n_layer)[None, :, None] * n_expert
+        counts = np.bincount(keys.ravel(), minlength=n_layer * n_expert)
+        return (counts.reshape(n_layer, n_expert) / max(n_tokens, 1)).astype(np.float32)
+
+    @property
     def frequency(self) -> np.ndarray:
-        """float32 [n_layer, n_expert]: the share of tokens that used each expert (a layer's
-        row sums to the experts used per token)."""
-        return (self.counts / max(self.n_tokens, 1)).astype(np.float32)
+        return self.frequency_of(self.chosen, self.n_expert)
 
 
 def count_expert_choices(source_gguf: str | os.PathLike[str], moe: MoESpec, n_layer: int,
                          n_expert: int, n_used: int, text: str,
                          opts: CalibrationOptions) -> ExpertChoices:
     """Run the source model on text (windows as collect_ffn_inputs, weights mapped, not
-    repacked: a mixture of experts is usually larger than RAM) and count each layer's
+    repacked: a mixture of experts is usually larger than RAM) and record each token's
     routing. The router's logits (node moe.logits_node) are captured; the experts chosen
     are their top n_used, which is llama.cpp's choice for every supported architecture
     (softmax gating without an expert bias: the softmax keeps the logits' order)."""
     capture = Capture(n_layer, n_expert, moe.logits_node, opts.window_tokens)
-    counts = np.zeros((n_layer, n_expert), np.int64)
-    n_done = 0
+    chosen: list[np.ndarray] = []
     with _source_model(source_gguf, capture, opts, repack=False) as llm:
         for n_window, keep in _windows(llm, text, opts):
+            window = np.empty((keep, n_layer, n_used), np.int16)
             for layer in range(n_layer):
                 logits = _take(capture, layer, n_window, "router outputs")[:keep]
                 if not np.all(np.isfinite(logits)):
                     raise CalibrationError(f"layer {layer}: the router's outputs are not "
                                            "finite")
-                top = np.argpartition(-logits, n_used - 1, axis=1)[:, :n_used]
-                counts[layer] += np.bincount(top.ravel(), minlength=n_expert)
-            n_done += keep
-    return ExpertChoices(counts, n_done, _text_sha256(text))
+                window[:, layer] = np.argpartition(-logits, n_used - 1, axis=1)[:, :n_used]
+            chosen.append(window)
+    return ExpertChoices(np.concatenate(chosen), n_expert, _text_sha256(text))

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..archs import ARCHS, ArchSpec
-from ..calibrate.collect import count_expert_choices
+from ..calibrate.collect import ExpertChoices, count_expert_choices
 from ..errors import FormatError, UnsupportedError
+from ..expert_cache import PIN_SHARES, recommend_pinned_share
 from ..format import (
     CalibrationRecord,
     ExpertLayout,
@@ -101,7 +102,7 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
              f"expert bundles {layouts[0].stride / 2**20:.2f} MiB "
              f"({'/'.join(t.name for t in layouts[0].types)})")
 
-    frequency, calibration = None, None
+    frequency, calibration, pinned_share = None, None, 0.0
     if opts.calibration is not None:
         assert calibration_text is not None
         t0 = time.perf_counter()
@@ -114,6 +115,17 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
                  f"llama.cpp in {time.perf_counter() - t0:.1f} s; the most used tenth of a "
                  f"layer's experts takes {np.median(top) / n_used:.2f} of its choices "
                  f"(median over layers; uniform routing: 0.10)")
+        t0 = time.perf_counter()
+        n_held = max(1, int(round(choices.n_tokens * opts.calibration.held_out)))
+        fit = ExpertChoices.frequency_of(choices.chosen[:-n_held], n_expert)
+        pinned_share, table = recommend_pinned_share(fit, choices.chosen[-n_held:], n_expert)
+        gains = "; ".join(
+            f"cache {row['cache_share']:g}: CLOCK {row['clock']:.3f}, pinned "
+            + "/".join(f"{row[f'pinned_{p:g}']:.3f}" for p in PIN_SHARES) for row in table)
+        opts.log(f"flashgguf-convert: pinning by frequency on {n_held} held-out tokens, hit "
+                 f"rates with {'/'.join(f'{p:g}' for p in PIN_SHARES)} of the cache pinned: "
+                 f"{gains}; default pinned share {pinned_share:g} "
+                 f"({time.perf_counter() - t0:.1f} s)")
 
     expert_parts = {n: p for bid in range(n_layer) for n, p in moe.expert_tensors(bid).items()}
     keys = tuple(SourceKey(k, v, stream.value_types[k], stream.array_types.get(k))
@@ -125,7 +137,7 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
                         dummy_width=C.DUMMY_EXPERT_WIDTH)
     payload = MoEPayloadRecord(name, n_embd, n_ff_exp, n_expert, n_used, spec.activation,
                                tuple(layouts), opts.source_name or src.name, source_sha256,
-                               frequency, calibration)
+                               frequency, calibration, pinned_share)
     with atomic_output(out) as final_tmp:
         with FlashWriter(final_tmp, trunk, payload) as writer:
             while (t := writer.next_trunk_tensor) is not None:

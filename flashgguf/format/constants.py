@@ -79,6 +79,9 @@ KEY_MOE_STRIDE = "flashgguf.moe.stride"  # u32 [n_layer]: bytes per expert bundl
 # [n_layer x n_expert], the share of calibration tokens whose top-k held the expert (a
 # layer's values sum to the experts used per token); the runtime pins the most used
 KEY_MOE_FREQUENCY = "flashgguf.moe.frequency"
+# with it, f32: the share of an expert cache to pin by default, measured by the converter on
+# held-out calibration routing (0: pinning did not pay there)
+KEY_MOE_PINNED_SHARE = "flashgguf.moe.pinned_share"
 TENSOR_EXPERTS = "blk.{bid}.ffn_experts"
 DUMMY_EXPERT_WIDTH = 1
 # llama.cpp's LLAMA_MAX_EXPERTS (src/llama-hparams.cpp): more experts stop its loader with

@@ -74,6 +74,7 @@ class MoEPayloadRecord:
     # calibration it came from; None without --calibrate
     frequency: np.ndarray | None = None
     calibration: CalibrationRecord | None = None
+    pinned_share: float = 0.0  # measured default share of the cache pinned (with frequency)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class MoEFlashFile:
     layers: tuple[MoELayer, ...]
     # float32 [n_layer, n_expert]: calibrated routing frequency, or None (KEY_MOE_FREQUENCY)
     frequency: np.ndarray | None = None
+    # the converter's measured default for flash_pinned_share (KEY_MOE_PINNED_SHARE): 0
+    # without frequencies
+    pinned_share: float = 0.0
 
     @property
     def payload_nbytes(self) -> int:
@@ -210,18 +214,22 @@ def read_moe_payload(path: Path, size: int, arch: str, trunk: GGUFStream, payloa
             raise FormatError(f"{twhat}: router blk.{bid}.ffn_gate_inp.weight is {got}, "
                               f"expected [{n_embd}, {n_expert}] for {n_expert} experts")
         layers.append(MoELayer(bid, layout, t))
+    frequency, pinned_share = _read_frequency(payload, what, n_layer, n_expert, n_used)
     return MoEFlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff_exp, n_expert,
-                        n_used, activation, tuple(layers),
-                        _read_frequency(payload, what, n_layer, n_expert, n_used))
+                        n_used, activation, tuple(layers), frequency, pinned_share)
 
 
 def _read_frequency(payload: GGUFStream, what: str, n_layer: int, n_expert: int,
-                    n_used: int) -> np.ndarray | None:
-    """The optional calibrated routing frequencies: with their calibration keys, each in
-    [0, 1], each layer's summing to the experts used per token."""
-    keys = (C.KEY_MOE_FREQUENCY, C.KEY_CALIBRATION_TOKENS, C.KEY_CALIBRATION_TEXT_SHA256)
+                    n_used: int) -> tuple[np.ndarray | None, float]:
+    """The optional calibrated routing frequencies (with their calibration keys, each in
+    [0, 1], each layer's summing to the experts used per token) and pinned share."""
+    keys = (C.KEY_MOE_FREQUENCY, C.KEY_MOE_PINNED_SHARE, C.KEY_CALIBRATION_TOKENS,
+            C.KEY_CALIBRATION_TEXT_SHA256)
     if not all_or_none(payload, keys, what):
-        return None
+        return None, 0.0
+    share = payload.get(keys[1])
+    if not isinstance(share, float) or not 0.0 <= share <= 1.0:
+        raise FormatError(f"{what}: key {keys[1]!r} must be a share in [0, 1], got {share!r}")
     values = per_layer(payload, keys[0], what, n_layer * n_expert, "f",
                        count="one per layer and expert")
     assert values is not None
@@ -230,4 +238,4 @@ def _read_frequency(payload: GGUFStream, what: str, n_layer: int, n_expert: int,
     if np.any((freq < 0.0) | (freq > 1.0)) or np.any(np.abs(sums - n_used) > 1e-3 * n_used):
         raise FormatError(f"{what}: key {keys[0]!r}: each value must be in [0, 1] and each "
                           f"layer's sum to the {n_used} experts used per token")
-    return freq
+    return freq, share

@@ -313,6 +313,7 @@ class FlashWriter:
                                                                         p.n_expert)
             w.add_key(C.KEY_MOE_FREQUENCY, [float(v) for v in p.frequency.reshape(-1)],
                       GGUFValueType.ARRAY, F32)
+            w.add_key(C.KEY_MOE_PINNED_SHARE, float(p.pinned_share), F32)
             self._add_calibration_keys(w, p.calibration)
         w.add_key(C.KEY_SOURCE_NAME, p.source_name, GGUFValueType.STRING)
         w.add_key(C.KEY_SOURCE_SHA256, p.source_sha256, GGUFValueType.STRING)

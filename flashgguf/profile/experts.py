@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from ..expert_cache import clock_hits, pinned_experts
 from ..options import DEFAULT_PINNED_SHARE
-from ..runtime import pinned_experts
 from .harness import (
     PROMPT,
     MiB,
@@ -34,10 +33,6 @@ from .harness import (
     print_table,
 )
 
-# the runtime's CLOCK (native/moe.c): use counts saturate here; pinned slots hold PINNED
-MAX_COUNT = 3
-PINNED = 255
-
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("experts", help="a mixture of experts' routing and its cache curve",
@@ -49,65 +44,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--shares", type=float_list,
                    default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    help="cache sizes simulated, as shares of all experts")
-    p.add_argument("--pinned-share", type=float, default=DEFAULT_PINNED_SHARE,
+    p.add_argument("--pinned-share", type=float, default=None,
                    help="share of the cache pinned to the most used experts of the file's "
                    "calibrated routing (files converted with --calibrate), in the run and the "
-                   "pinned curve (default %(default)s)")
+                   "pinned curve (default: the run uses the file's measured share, the curve "
+                   f"that or else {DEFAULT_PINNED_SHARE})")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=main)
-
-
-def clock_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
-               n_layer: int, count_from: int = 0, pinned: Sequence[int] = ()) -> int:
-    """Hits of native/moe.c's cache over the calls (layer, experts used ascending), counted
-    from call count_from on (the ones before only warm the cache), with the experts pinned
-    (keys, at most n_slots - 1 of them) in the first slots."""
-    if n_slots <= 0:
-        return 0
-    owner = [-1] * n_slots
-    count = [0] * n_slots
-    busy = [-1] * n_slots
-    slot_of: dict[int, int] = {}
-    for s, key in enumerate(pinned):
-        owner[s], count[s], slot_of[int(key)] = int(key), PINNED, s
-    hand = 0
-    hits = 0
-    for call, (layer, experts) in enumerate(calls):
-        misses = []
-        for e in experts:
-            key = layer * n_expert + int(e)
-            s = slot_of.get(key, -1)
-            if s >= 0:
-                hits += call >= count_from
-                busy[s] = call
-                if count[s] != PINNED:
-                    count[s] = min(count[s] + 1, MAX_COUNT)
-            else:
-                misses.append(key)
-        for key in misses:
-            victim = -1
-            for _ in range(n_slots * (MAX_COUNT + 2)):
-                s = hand
-                hand = (hand + 1) % n_slots
-                if owner[s] < 0:
-                    victim = s
-                    break
-                if busy[s] == call or count[s] == PINNED:
-                    continue
-                if count[s] > 0:
-                    count[s] -= 1
-                    continue
-                if busy[s] + n_layer > call:
-                    break  # a one-off of this token: not evicted for another
-                victim = s
-                break
-            if victim < 0:
-                continue
-            if owner[victim] >= 0:
-                del slot_of[owner[victim]]
-            owner[victim], count[victim], busy[victim] = key, 0, call
-            slot_of[key] = victim
-    return hits
 
 
 def lru_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
@@ -206,6 +149,8 @@ def main(args: argparse.Namespace) -> int:
     if check != stats["expert_hits"]:
         raise ProfileError(f"the CLOCK simulation gives {check} hits where the runtime "
                            f"counted {stats['expert_hits']}: the simulation is out of date")
+    curve_share = args.pinned_share if args.pinned_share is not None else \
+        flash.pinned_share or DEFAULT_PINNED_SHARE
     rows = []
     for share in args.shares:
         n_slots = int(round(share * n_total))
@@ -217,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
                            count_from=n_prompt_calls) / max(decode_uses, 1)
         row["clock_pinned"] = None
         if flash.frequency is not None:
-            pinned = pinned_experts(flash.frequency, n_slots, args.pinned_share)
+            pinned = pinned_experts(flash.frequency, n_slots, curve_share)
             row["clock_pinned"] = clock_hits(calls, flash.n_expert, n_slots, flash.n_layer,
                                              n_prompt_calls, pinned) / max(decode_uses, 1)
         best = max(row["clock"], row["clock_pinned"] or 0.0)
@@ -228,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
     result = dict(model=str(args.model), arch=flash.arch, n_layer=flash.n_layer,
                   n_expert=flash.n_expert, n_expert_used=flash.n_expert_used,
                   expert_mib=flash.expert_nbytes / MiB, tokens=args.tokens,
-                  calibrated=flash.frequency is not None, pinned_share=args.pinned_share,
+                  calibrated=flash.frequency is not None, pinned_share=curve_share,
+                  file_pinned_share=flash.pinned_share,
                   prompt_tokens=len(prompt), run_slots=slots_run,
                   run_pinned=len(pinned_run),
                   run_hit_rate=stats["expert_hits"] / max(stats["expert_hits"]
@@ -255,6 +201,8 @@ def _table(r: dict[str, Any]) -> None:
     pinned = f"CLOCK, {r['pinned_share']:g} pinned"
     if not r["calibrated"]:
         print("no calibrated routing in the file (convert with --calibrate): nothing pinned")
+    else:
+        print(f"the file's measured default pinned share: {r['file_pinned_share']:g}")
     print_table(["cached share", "slots", "GiB", "CLOCK", pinned, "LRU", "optimum",
                  "MiB read/token (best CLOCK)"],
                 [[fmt(x["share"], ".2f"), str(x["slots"]), fmt(x["gib"], ".2f"),

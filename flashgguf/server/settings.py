@@ -58,9 +58,11 @@ class FlashModelSettings(ModelSettings):
         default=DEFAULT_GATE_PER_LAYER,
         description="Gate mode: spread flash_gate_keep over the layers by the file's error "
         "curves (files converted with --gate-resident --calibrate).")
-    flash_pinned_share: float = Field(
-        default=DEFAULT_PINNED_SHARE,
-        description="Predicted mode: share of each layer's slots pinned to its hottest rows.")
+    flash_pinned_share: Optional[float] = Field(  # noqa: UP045
+        default=None,
+        description="Predicted mode: share of each layer's slots pinned to its hottest rows "
+        f"(default {DEFAULT_PINNED_SHARE}); mixtures of experts: share of the expert cache "
+        "pinned to the most used experts (default: the file's, measured by --calibrate).")
     flash_coalesce_gap: str = Field(
         default=str(DEFAULT_COALESCE_GAP),
         description="Misses at most this many rows apart share one read; 'auto': when the "
