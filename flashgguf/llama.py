@@ -17,6 +17,7 @@ from .errors import NotFlashGGUFError, OptionError
 from .format import MoEFlashFile, is_flash_gguf, open_any_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_EXPERT_PREFETCH,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
     DEFAULT_GATE_PER_LAYER,
@@ -60,6 +61,9 @@ class Llama(llama_cpp.Llama):
     0.25); for a mixture of experts, share of the expert cache pinned to the most used
     experts of the file's calibrated routing (default: the share the converter measured to
     pay on held-out text, 0 when it did not or without --calibrate).
+    flash_expert_prefetch (mixtures of experts): each decode call guesses the next layer's
+    experts from its own input and reads the guesses no slot holds while llama.cpp computes
+    that layer's attention (stats prefetch_reads, prefetch_used; default off).
     flash_coalesce_gap: misses at most this many rows apart are read in one read; "auto"
     (default): when the bytes between them cost less than a read's fixed cost.
     flash_io: "auto", "threads" (pread workers) or "io_uring".
@@ -80,6 +84,7 @@ class Llama(llama_cpp.Llama):
                  flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
                  flash_gate_per_layer: bool = DEFAULT_GATE_PER_LAYER,
                  flash_pinned_share: float | None = None,
+                 flash_expert_prefetch: bool = DEFAULT_EXPERT_PREFETCH,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
                  flash_predictor_recall: float | None = None,
                  flash_predictors: Sequence[LayerPredictor | None] | None = None,
@@ -115,7 +120,8 @@ class Llama(llama_cpp.Llama):
                 flash_coalesce_gap, flash_io, trunk_nbytes=flash.file_size - flash.payload_nbytes,
                 offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
                 n_threads=n_threads, n_threads_batch=n_threads_batch, gate_keep=flash_gate_keep,
-                gate_cache_bonus=flash_gate_cache_bonus, gate_per_layer=flash_gate_per_layer)
+                gate_cache_bonus=flash_gate_cache_bonus, gate_per_layer=flash_gate_per_layer,
+                expert_prefetch=flash_expert_prefetch)
 
         if isinstance(flash, MoEFlashFile):
             if flash_mode is not None or flash_predictors is not None or \
@@ -128,6 +134,9 @@ class Llama(llama_cpp.Llama):
             self._flash_runtime = MoERuntime(flash, spec, options_for("predicted"))
             self._init_llama(path, args, overrides, kwargs)
             return
+        if flash_expert_prefetch:
+            raise OptionError(f"{path} has no experts: flash_expert_prefetch is for mixtures "
+                              "of experts")
 
         layer_weights = None
         if flash_predictor_recall is not None:

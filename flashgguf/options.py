@@ -33,6 +33,11 @@ DEFAULT_GATE_PER_LAYER = False
 # flash_gate_cache_bonus: a row already in DRAM is chosen by (1 + bonus) x |act(gate)|
 # (cache-aware choice, as DIP-CA): 0 chooses by |act| alone.
 DEFAULT_GATE_CACHE_BONUS = 0.0
+# flash_expert_prefetch (mixtures of experts): each decode call guesses the next layer's
+# experts (its input through the next router) and reads the guesses no slot holds while
+# llama.cpp computes that layer's attention. Off: see BENCHMARKS.md ("Pinning and
+# prefetching experts") for what it measured.
+DEFAULT_EXPERT_PREFETCH = False
 IO_BACKENDS = ("auto", "threads", "io_uring")
 DEFAULT_IO = "auto"  # threads (BENCHMARKS.md: io_uring was not faster on this machine)
 DEFAULT_WINDOW = 4
@@ -193,6 +198,8 @@ class FlashOptions:
     gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS  # mode "gate": rows in DRAM preferred
     # mode "gate": spread gate_keep over the layers by the file's error curves (when stored)
     gate_per_layer: bool = DEFAULT_GATE_PER_LAYER
+    # mixtures of experts: read each decode token's guessed next-layer experts ahead
+    expert_prefetch: bool = DEFAULT_EXPERT_PREFETCH
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", *MODES):

@@ -482,8 +482,9 @@ class Runtime(_NativeHandle):
 
 
 _MOE_STATS = ("tokens", "calls", "expert_hits", "expert_misses", "bytes_read", "reads",
-              "bytes_needed", "evictions", "pinned", "pinned_hits", "time_io_wait_s",
-              "time_ffn_s", "time_total_s")
+              "bytes_needed", "evictions", "pinned", "pinned_hits", "next_predicted",
+              "next_right", "next_missed_predicted", "next_right_missed", "prefetch_reads",
+              "prefetch_used", "time_io_wait_s", "time_ffn_s", "time_total_s")
 
 
 class MoERuntime(_NativeHandle):
@@ -542,6 +543,9 @@ class MoERuntime(_NativeHandle):
             warnings.warn(f"{flash.path}: the filesystem refuses direct I/O (tmpfs?); the "
                           "experts are read through the page cache, so I/O figures include "
                           "cached reads", DirectIOWarning, stacklevel=3)
+        if opts.expert_prefetch and self.mode == "streaming":
+            self.predict_next_layer()
+            check(lib.fg_moe_set_prefetch(self.handle, 1), "starting the expert prefetch")
 
     @property
     def options(self) -> FlashOptions:
@@ -551,6 +555,25 @@ class MoERuntime(_NativeHandle):
     def slots(self) -> int:
         """Expert slots of the cache (every expert when resident)."""
         return int(lib.fg_moe_slots(self.handle))
+
+    def predict_next_layer(self) -> None:
+        """From now on each decode token's experts are guessed one layer ahead (layer L's
+        MoE input through layer L + 1's router) and the guesses scored when L + 1 routes:
+        stats next_predicted, next_right (routed to), next_missed_predicted (not resident:
+        what a prefetch would have read) and next_right_missed (of those, routed to)."""
+        import gguf
+
+        from .format.gguf_stream import map_file, tensor_array
+
+        f = self.flash
+        buf = memoryview(map_file(f.path))
+        for layer in range(f.n_layer):
+            t = f.trunk.tensors[self.spec.moe.router.format(bid=layer)]
+            w = gguf.dequantize(tensor_array(buf, t), t.ggml_type)
+            w = np.ascontiguousarray(w, dtype=np.float32).reshape(f.n_expert, f.n_embd)
+            check(lib.fg_moe_set_router(self.handle, layer,
+                                        ffi.cast("float *", ffi.from_buffer(w))),
+                  f"router of layer {layer}")
 
     def forward(self, layer: int, x: np.ndarray, ids: np.ndarray,
                 weights: np.ndarray) -> np.ndarray:

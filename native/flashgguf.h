@@ -342,6 +342,13 @@ typedef struct fg_moe_stats {
     uint64_t evictions;            /* experts dropped from a slot for another */
     uint64_t pinned;               /* experts pinned at load (fg_moe_pin) */
     uint64_t pinned_hits;          /* hits on pinned experts */
+    /* next-layer prediction (fg_moe_set_router), decode tokens only: */
+    uint64_t next_predicted;       /* experts guessed (n_expert_used per scored call) */
+    uint64_t next_right;           /* guesses the layer then routed to */
+    uint64_t next_missed_predicted;/* guesses not resident: what a prefetch would read */
+    uint64_t next_right_missed;    /* of those, the ones routed to: read in time */
+    uint64_t prefetch_reads;       /* experts read on a guess (fg_moe_set_prefetch) */
+    uint64_t prefetch_used;        /* of those, routed to and kept: then counted as hits */
     double time_io_wait_s;
     double time_ffn_s;
     double time_total_s;
@@ -360,6 +367,15 @@ int fg_moe_set_layer(fg_moe *m, int32_t layer, uint64_t offset, int64_t stride,
  * for the rest. Without it nothing is pinned. */
 int fg_moe_pin(fg_moe *m, const int32_t *keys, int32_t n_keys);
 int fg_moe_load(fg_moe *m);
+/* Layer's router, F32 [n_expert x n_embd] (ggml's [n_embd, n_expert] tensor): with it,
+ * each decode call of the layer before guesses this layer's experts from its own input,
+ * and the stats score the guesses (next_*). */
+int fg_moe_set_router(fg_moe *m, int32_t layer, const float *w);
+/* After fg_moe_load, with every layer's router but the first set: on (1), each decode call
+ * also reads the next layer's guessed experts that no slot holds, to land while llama.cpp
+ * computes that layer's attention; off (0) stops it. FG_ERR_STATE when resident or a
+ * router is missing. */
+int fg_moe_set_prefetch(fg_moe *m, int on);
 /* Number of expert slots after load. */
 int32_t fg_moe_slots(const fg_moe *m);
 /* 1 when the experts are read with direct I/O, 0 when buffered (refused by the fs). */

@@ -99,6 +99,22 @@ struct fg_moe {
     int32_t *hit_expert;
     const uint8_t **token_x;       /* [max_tokens]: per selected token, its quantized rows */
 
+    /* next-layer prediction (fg_moe_set_router): each router as F32 [n_expert x n_embd],
+     * the experts predicted for layer pred_layer (-1: none) from the last decode input */
+    float *router;                 /* [n_layer x n_expert x n_embd] */
+    uint8_t *router_set;           /* [n_layer] */
+    float *pred_logits;            /* [n_expert] */
+    uint8_t *predicted;            /* [n_expert] */
+    int32_t pred_layer;
+    /* prefetch (fg_moe_set_prefetch): the guessed experts of prefetch_layer not resident,
+     * read as one job between the calls; taken into slots when that layer routes to them */
+    int prefetch;
+    fg_read *prefetch_reads;       /* [n_expert_used] */
+    int32_t *prefetch_expert;      /* [n_expert_used] */
+    uint8_t *prefetch_done;        /* [n_expert]: computed from a prefetch in this call */
+    int32_t prefetch_n;            /* reads of the job in flight (0: none) */
+    int32_t prefetch_layer;
+
     /* routing record (fg_moe_trace_start) */
     int32_t *trace_layer;          /* [trace_cap] */
     uint8_t *trace_used;           /* [trace_cap x n_expert] */
@@ -169,12 +185,17 @@ int fg_moe_create(const fg_moe_config *cfg, const char *path, fg_moe **out) {
         return FG_ERR_NOMEM;
     }
     for (size_t i = 0; i < (size_t)c->n_layer * experts; i++) m->slot_of[i] = -1;
+    m->pred_layer = -1;
+    m->prefetch_layer = -1;
     *out = m;
     return FG_OK;
 }
 
+static double drain_prefetch(fg_moe *m, int32_t layer);
+
 void fg_moe_destroy(fg_moe *m) {
     if (m == NULL) return;
+    if (m->prefetch_n > 0) drain_prefetch(m, -1);
     if (m->io_ready) fg_io_destroy(&m->io);
     fg_reader_close(&m->reader);
     free(m->layers);
@@ -205,6 +226,13 @@ void fg_moe_destroy(fg_moe *m) {
     free(m->token_x);
     free(m->trace_layer);
     free(m->trace_used);
+    free(m->router);
+    free(m->router_set);
+    free(m->pred_logits);
+    free(m->predicted);
+    free(m->prefetch_reads);
+    free(m->prefetch_expert);
+    free(m->prefetch_done);
     free(m);
 }
 
@@ -517,6 +545,168 @@ static int32_t group_pairs(fg_moe *m, int32_t n_tokens) {
     return n_need;
 }
 
+/* One read of expert e's whole bundle (aligned for direct I/O), its index k in the job. */
+static void expert_read(const fg_moe *m, const fg_moe_layer *L, int32_t e, int32_t k,
+                        fg_read *rd) {
+    const uint64_t align = (uint64_t)(m->reader.direct ? m->reader.dio_align : 1);
+    rd->offset = L->offset + (uint64_t)e * (uint64_t)L->stride;
+    rd->len = ((uint64_t)L->stride + align - 1) / align * align;
+    rd->need = (uint64_t)L->stride;
+    rd->copy0 = k;
+    rd->n_copy = 1;
+}
+
+/* The job's next landed read (0 when all are handed out), its wait added to *waited. */
+static int next_landed(fg_moe *m, fg_landed *got, double *waited) {
+    const double t0 = fg_now_seconds();
+    const int more = fg_io_next(&m->io, got);
+    *waited += fg_now_seconds() - t0;
+    return more;
+}
+
+/* ---- next-layer prediction ------------------------------------------------------------
+ * A decode token's experts at layer L + 1, guessed at the end of layer L from L's MoE input
+ * and L + 1's router (the hidden state changes little from one layer to the next), and
+ * scored when layer L + 1 routes: what a prefetch issued during L + 1's attention would
+ * have read for nothing or in time. Nothing is read on a guess (yet): this measures it. */
+
+int fg_moe_set_router(fg_moe *m, int32_t layer, const float *w) {
+    const fg_moe_config *c = &m->cfg;
+    if (layer < 0 || layer >= c->n_layer || w == NULL) return FG_ERR_ARG;
+    const size_t per_layer = (size_t)c->n_expert * (size_t)c->n_embd;
+    if (m->router == NULL) {
+        m->router = malloc((size_t)c->n_layer * per_layer * sizeof *m->router);
+        m->router_set = calloc((size_t)c->n_layer, 1);
+        m->pred_logits = malloc((size_t)c->n_expert * sizeof *m->pred_logits);
+        m->predicted = calloc((size_t)c->n_expert, 1);
+        if (!m->router || !m->router_set || !m->pred_logits || !m->predicted) {
+            free(m->router);
+            free(m->router_set);
+            free(m->pred_logits);
+            free(m->predicted);
+            m->router = m->pred_logits = NULL;
+            m->router_set = m->predicted = NULL;
+            return FG_ERR_NOMEM;
+        }
+    }
+    memcpy(m->router + (size_t)layer * per_layer, w, per_layer * sizeof *w);
+    m->router_set[layer] = 1;
+    return FG_OK;
+}
+
+static void predict_next(fg_moe *m, int32_t next, const float *x) {
+    const fg_moe_config *c = &m->cfg;
+    const float *w = m->router + (size_t)next * (size_t)c->n_expert * (size_t)c->n_embd;
+    for (int32_t e = 0; e < c->n_expert; e++) {
+        const float *row = w + (size_t)e * (size_t)c->n_embd;
+        float sum = 0.0f;
+        for (int32_t i = 0; i < c->n_embd; i++) sum += row[i] * x[i];
+        m->pred_logits[e] = sum;
+    }
+    /* top n_expert_used (softmax keeps the order): n_used passes, as the counts are small */
+    memset(m->predicted, 0, (size_t)c->n_expert);
+    for (int32_t k = 0; k < c->n_expert_used; k++) {
+        int32_t best = -1;
+        for (int32_t e = 0; e < c->n_expert; e++) {
+            if (!m->predicted[e] && (best < 0 || m->pred_logits[e] > m->pred_logits[best])) {
+                best = e;
+            }
+        }
+        m->predicted[best] = 1;
+    }
+    m->pred_layer = next;
+}
+
+int fg_moe_set_prefetch(fg_moe *m, int on) {
+    const fg_moe_config *c = &m->cfg;
+    if (!m->loaded) return FG_ERR_STATE;
+    if (!on) {
+        if (m->prefetch_n > 0) drain_prefetch(m, -1);
+        m->prefetch = 0;
+        return FG_OK;
+    }
+    if (!m->io_ready) return FG_ERR_STATE; /* resident: nothing to read */
+    for (int32_t l = 1; l < c->n_layer; l++) {
+        if (m->router_set == NULL || !m->router_set[l]) return FG_ERR_STATE;
+    }
+    if (m->prefetch_reads == NULL) {
+        m->prefetch_reads = calloc((size_t)c->n_expert_used, sizeof *m->prefetch_reads);
+        m->prefetch_expert = calloc((size_t)c->n_expert_used, sizeof *m->prefetch_expert);
+        m->prefetch_done = calloc((size_t)c->n_expert, 1);
+        if (m->prefetch_reads == NULL || m->prefetch_expert == NULL ||
+            m->prefetch_done == NULL) {
+            return FG_ERR_NOMEM;
+        }
+    }
+    m->prefetch = 1;
+    return FG_OK;
+}
+
+/* At the end of a decode call: read the guessed experts of layer next that no slot holds,
+ * while llama.cpp computes what comes before that layer's experts (its attention). */
+static void issue_prefetch(fg_moe *m, int32_t next) {
+    const fg_moe_config *c = &m->cfg;
+    int32_t n = 0;
+    for (int32_t e = 0; e < c->n_expert; e++) {
+        if (!m->predicted[e] || m->slot_of[next * c->n_expert + e] >= 0) continue;
+        expert_read(m, &m->layers[next], e, n, &m->prefetch_reads[n]);
+        m->prefetch_expert[n++] = e;
+    }
+    if (n == 0 || fg_io_submit(&m->io, m->prefetch_reads, n) != FG_OK) return;
+    m->prefetch_n = n;
+    m->prefetch_layer = next;
+    m->stats.prefetch_reads += (uint64_t)n;
+}
+
+/* The prefetch job's reads, waited for (returns the wait): those of layer (-1: none) that it
+ * routes to are computed (decode: one token) and go into slots as its misses would, marked
+ * in prefetch_done; the rest are dropped. A failed read is dropped too: it was a guess, and
+ * the layer reads what it still needs. */
+static double drain_prefetch(fg_moe *m, int32_t layer) {
+    const fg_moe_config *c = &m->cfg;
+    const int same = layer >= 0 && m->prefetch_layer == layer;
+    const fg_moe_layer *L = same ? &m->layers[layer] : NULL;
+    double waited = 0.0;
+    fg_landed got;
+    while (next_landed(m, &got, &waited)) {
+        const int32_t e = m->prefetch_expert[got.read];
+        if (same && got.status == FG_OK && m->tok_count[e] > 0) {
+            const uint8_t *buf = fg_io_buffer(&m->io, &got);
+            compute_expert(m, L, e, buf, 1);
+            const int32_t s = take_slot(m, layer * c->n_expert + e);
+            if (s >= 0) memcpy(slot_data(m, s), buf, (size_t)L->stride);
+            m->prefetch_done[e] = 1;
+            m->stats.prefetch_used++;
+        }
+        fg_io_release(&m->io, &got);
+    }
+    (void)fg_io_end(&m->io);
+    m->prefetch_n = 0;
+    m->prefetch_layer = -1;
+    m->stats.bytes_read = m->reader.bytes_read;
+    m->stats.reads = m->reader.reads;
+    return waited;
+}
+
+/* Before the call's hits and misses are taken: the guess against what layer routes to. */
+static void score_prediction(fg_moe *m, int32_t layer, int32_t n_need) {
+    const fg_moe_config *c = &m->cfg;
+    int32_t right = 0;
+    for (int32_t k = 0; k < n_need; k++) {
+        const int32_t e = m->need[k];
+        if (!m->predicted[e]) continue;
+        right++;
+        if (m->slot_of[layer * c->n_expert + e] < 0) m->stats.next_right_missed++;
+    }
+    for (int32_t e = 0; e < c->n_expert; e++) {
+        if (m->predicted[e] && m->slot_of[layer * c->n_expert + e] < 0) {
+            m->stats.next_missed_predicted++;
+        }
+    }
+    m->stats.next_predicted += (uint64_t)c->n_expert_used;
+    m->stats.next_right += (uint64_t)right;
+}
+
 static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t n_tokens) {
     const fg_moe_config *c = &m->cfg;
     if (!m->loaded) return FG_ERR_STATE;
@@ -534,6 +724,15 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
         }
     }
     m->call++;
+    if (n_tokens == 1 && m->pred_layer == layer) score_prediction(m, layer, n_need);
+    m->pred_layer = -1;
+    /* a guess for another layer (a graph cut short) is dropped now; one for this layer is
+     * taken below, after the resident experts are computed while it lands */
+    double waited = 0.0;
+    if (m->prefetch_n > 0 && (m->prefetch_layer != layer || n_tokens != 1)) {
+        waited += drain_prefetch(m, -1);
+    }
+    const int prefetched = m->prefetch_n > 0;
     if (m->trace_n < m->trace_cap) {
         uint8_t *used = m->trace_used + (size_t)m->trace_n * (size_t)c->n_expert;
         memset(used, 0, (size_t)c->n_expert);
@@ -558,15 +757,26 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
             m->read_expert[n_miss++] = e;
         }
     }
-    const uint64_t align = (uint64_t)(m->reader.direct ? m->reader.dio_align : 1);
+    if (prefetched) {
+        for (int32_t k = 0; k < n_hit; k++) {
+            compute_expert(m, L, m->hit_expert[k], slot_data(m, m->hit_slot[k]), n_tokens);
+        }
+        for (int32_t k = 0; k < n_miss; k++) m->prefetch_done[m->read_expert[k]] = 0;
+        waited += drain_prefetch(m, layer); /* computes the guesses this layer uses */
+        int32_t left = 0;
+        for (int32_t k = 0; k < n_miss; k++) {
+            const int32_t e = m->read_expert[k];
+            if (m->prefetch_done[e]) {
+                n_hit++; /* in time: counted as a hit */
+            } else {
+                m->read_expert[left++] = e;
+            }
+        }
+        n_miss = left;
+    }
     for (int32_t k = 0; k < n_miss; k++) {
         const int32_t e = m->read_expert[k];
-        fg_read *rd = &m->reads[k];
-        rd->offset = L->offset + (uint64_t)e * (uint64_t)L->stride;
-        rd->len = ((uint64_t)L->stride + align - 1) / align * align;
-        rd->need = (uint64_t)L->stride;
-        rd->copy0 = k;
-        rd->n_copy = 1;
+        expert_read(m, L, e, k, &m->reads[k]);
         m->read_slot[k] = take_slot(m, layer * c->n_expert + e);
     }
     int rc = FG_OK;
@@ -577,18 +787,14 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
         }
         return rc;
     }
-    double waited = 0.0;
-    /* the resident experts while the reads are in flight */
-    for (int32_t k = 0; k < n_hit; k++) {
+    /* the resident experts while the reads are in flight (unless done while a prefetch
+     * landed) */
+    for (int32_t k = 0; !prefetched && k < n_hit; k++) {
         compute_expert(m, L, m->hit_expert[k], slot_data(m, m->hit_slot[k]), n_tokens);
     }
     if (n_miss > 0) {
-        for (;;) {
-            fg_landed got;
-            const double tw = fg_now_seconds();
-            const int more = fg_io_next(&m->io, &got);
-            waited += fg_now_seconds() - tw;
-            if (!more) break;
+        fg_landed got;
+        while (next_landed(m, &got, &waited)) {
             const int32_t k = m->reads[got.read].copy0;
             const int32_t s = m->read_slot[k];
             if (got.status == FG_OK) {
@@ -623,6 +829,11 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
             const float *ok = o + (size_t)k * embd;
             for (size_t i = 0; i < embd; i++) yt[i] += ok[i] * w[k];
         }
+    }
+    if (n_tokens == 1 && layer + 1 < c->n_layer && m->router_set != NULL &&
+        m->router_set[layer + 1]) {
+        predict_next(m, layer + 1, x);
+        if (m->prefetch) issue_prefetch(m, layer + 1);
     }
     const double t1 = fg_now_seconds();
     m->stats.time_total_s += t1 - t0;

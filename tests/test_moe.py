@@ -580,3 +580,36 @@ def test_routing_frequencies_without_their_calibration_keys_are_refused(tiny_mod
     rename_in_payload(bad, key, key.replace(b"tokens", b"tokenz"))  # no longer found
     with pytest.raises(FormatError, match=f"{C.KEY_MOE_FREQUENCY}' without"):
         open_any_flash_file(bad)
+
+
+def test_next_layer_guess_and_prefetch_change_no_result(tiny_models, folder):
+    """Prefetching the guessed next-layer experts (read between the calls, taken into slots
+    when the layer routes to them) leaves every logit as the resident run's, with either
+    read engine; what it read is accounted: the misses plus the guesses."""
+    path = convert(tiny_models(moe_spec("qwen3moe", n_layer=3)), folder)
+    expert = open_any_flash_file(path).expert_nbytes
+    resident, _ = flash_logits(path, True)
+    for io in ("threads", "io_uring"):
+        streamed, stats = flash_logits(path, True, flash_dram_budget=5 * expert, flash_io=io,
+                                       flash_expert_prefetch=True)
+        np.testing.assert_array_equal(streamed, resident)
+        decode_guesses = (3 - 1) * 2 * (len(TOKENS))  # every token is a decode call here
+        assert stats["next_predicted"] == decode_guesses
+        assert 0 < stats["next_right"] <= decode_guesses
+        assert 0 < stats["prefetch_used"] <= stats["prefetch_reads"] \
+            == stats["next_missed_predicted"]
+        assert stats["bytes_read"] == (stats["expert_misses"] + stats["prefetch_reads"]) * expert
+
+
+def test_prefetch_is_refused_where_it_cannot_apply(tiny_models, folder):
+    dense = folder / "dense.flash.gguf"
+    if not dense.exists():
+        convert_gguf(tiny_models(TinyModel()), dense,
+                     ConvertOptions(progress=False, predictor=None, log=lambda _m: None))
+    with pytest.raises(OptionError, match="flash_expert_prefetch is for mixtures of experts"):
+        Llama(model_path=str(dense), flash_offload=True, flash_expert_prefetch=True,
+              verbose=False)
+    # all experts resident: nothing to prefetch, the option is a no-op
+    path = convert(tiny_models(moe_spec("qwen3moe")), folder)
+    _, stats = flash_logits(path, True, flash_expert_prefetch=True)
+    assert stats["mode"] == "dense" and stats["prefetch_reads"] == 0

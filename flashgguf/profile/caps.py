@@ -66,7 +66,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--busy", type=int, default=0,
                    help="also run everything with this many busy-loop processes")
     p.add_argument("--modes", default="hybrid", help="flash modes, each optionally with "
-                   "flash_* options after colons: hybrid,gate:pinned_share=1.0 ('' for none)")
+                   "flash_* options after colons: hybrid,gate:pinned_share=1.0 ('' for none); "
+                   "for a mixture of experts 'experts' with options, e.g. "
+                   "experts,experts:expert_prefetch=true (other modes are ignored there)")
     p.add_argument("--stock", default="shipped,mmap", help="stock runs: shipped, mmap")
     p.add_argument("--threads", type=int_list, default=[2])
     p.add_argument("--tokens", type=int, default=16)
@@ -112,8 +114,11 @@ def main(args: argparse.Namespace) -> int:
     with flash_model(args.flash or args.source, args.workdir, args.quiet) as flash_path:
         flash = open_any_flash_file(flash_path)
         moe = isinstance(flash, MoEFlashFile)
-        if moe:  # the router picks the experts: one flash run, no modes
-            modes = [("experts", {})]
+        if moe:  # the router picks the experts: no modes, but a run per option set given
+            # as "experts:KEY=VALUE" (or one run with the defaults)
+            modes = [(name, {k: v for k, v in opts.items() if k != "flash_mode"})
+                     for name, opts in modes if opts["flash_mode"] == "experts"] \
+                or [("experts", {})]
         no_cap = None if args.caps == [None] else cgroup_available()
         if no_cap:
             note(f"no memory cap can be set here ({no_cap}): every run goes uncapped", args.quiet)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from .harness import (
     MiB,
     ProfileError,
     emit,
+    evaluation_text,
     existing_file,
     float_list,
     fmt,
@@ -38,7 +40,13 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("experts", help="a mixture of experts' routing and its cache curve",
                        description=__doc__)
     p.add_argument("model", type=existing_file, help="a mixture-of-experts flash GGUF")
-    p.add_argument("--tokens", type=int, default=32, help="greedy decode tokens recorded")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens recorded")
+    p.add_argument("--teacher-forced", action="store_true",
+                   help="decode the evaluation text (--text, else the project's) token by "
+                   "token instead of the model's greedy continuation: natural text's routing "
+                   "where the model's own output is not natural (random weights)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="with --teacher-forced: the text (default: the evaluation text)")
     p.add_argument("--budget", default="0.25",
                    help="the run's expert cache (a share of the experts' bytes, or a size)")
     p.add_argument("--shares", type=float_list,
@@ -128,14 +136,22 @@ def main(args: argparse.Namespace) -> int:
         runtime = llm.flash_runtime
         assert isinstance(runtime, MoERuntime)
         slots_run, pinned_run = runtime.slots, runtime.pinned
+        runtime.predict_next_layer()
         runtime.trace_start(flash.n_layer * (args.tokens + 2))
         prompt = llm.tokenize(PROMPT.encode())
         note(f"prompt of {len(prompt)} tokens, then {args.tokens} decode tokens", args.quiet)
         llm.eval(prompt)
+        after_prompt = runtime.stats()
         n_prompt_calls = flash.n_layer
+        forced = None
+        if args.teacher_forced:
+            text, _where = evaluation_text(args.text)
+            forced = llm.tokenize(text.encode(), add_bos=False)[:args.tokens]
+            if len(forced) < args.tokens:
+                raise ProfileError(f"the text has {len(forced)} tokens, fewer than --tokens")
         tok = greedy_next_token(llm)
-        for _ in range(args.tokens):
-            llm.eval([tok])
+        for i in range(args.tokens):
+            llm.eval([tok if forced is None else forced[i]])
             tok = greedy_next_token(llm)
         stats = runtime.stats()
         layer, used = runtime.trace_take()
@@ -169,10 +185,26 @@ def main(args: argparse.Namespace) -> int:
         row["read_mib_per_token"] = (1 - best) * decode_uses / args.tokens * \
             flash.expert_nbytes / MiB
         rows.append(row)
+    decode_misses = stats["expert_misses"] - after_prompt["expert_misses"]
+    guessed = max(stats["next_predicted"], 1)
+    next_layer = dict(
+        # the share of a decode token's experts at layer L + 1 that L's input through L + 1's
+        # router guesses
+        accuracy=stats["next_right"] / guessed,
+        # a prefetch of the guesses not resident: reads per token, the share of them the
+        # layer then used, and the share of the decode's misses they would have covered
+        prefetch_per_token=stats["next_missed_predicted"] / args.tokens,
+        prefetch_used=stats["next_right_missed"] / max(stats["next_missed_predicted"], 1),
+        misses_covered=stats["next_right_missed"] / max(decode_misses, 1))
+    if flash.n_layer > 1 and stats["next_predicted"] != \
+            (flash.n_layer - 1) * flash.n_expert_used * args.tokens:
+        raise ProfileError(f"{stats['next_predicted']} next-layer guesses scored, expected "
+                           "one set per decode token and layer after the first")
     per_layer_skew = skew(layer[n_prompt_calls:], used[n_prompt_calls:], flash.n_layer)
     result = dict(model=str(args.model), arch=flash.arch, n_layer=flash.n_layer,
                   n_expert=flash.n_expert, n_expert_used=flash.n_expert_used,
                   expert_mib=flash.expert_nbytes / MiB, tokens=args.tokens,
+                  teacher_forced=args.teacher_forced,
                   calibrated=flash.frequency is not None, pinned_share=curve_share,
                   file_pinned_share=flash.pinned_share,
                   prompt_tokens=len(prompt), run_slots=slots_run,
@@ -183,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
                   top_tenth_share=dict(min=float(per_layer_skew.min()),
                                        median=float(np.median(per_layer_skew)),
                                        max=float(per_layer_skew.max())),
-                  curve=rows, load_average=[load0, load_average()])
+                  curve=rows, next_layer=next_layer, load_average=[load0, load_average()])
     return emit(result, args.json, _table)
 
 
@@ -195,9 +227,10 @@ def _table(r: dict[str, Any]) -> None:
     print(f"routing skew: the most used tenth of a layer's experts takes {s['median']:.2f} "
           f"(median over layers; {s['min']:.2f}-{s['max']:.2f}) of its uses "
           f"(uniform routing: 0.10)")
-    print(f"hit rates over {r['tokens']} decode tokens after a {r['prompt_tokens']}-token "
-          f"prompt (the run itself: {r['run_slots']} slots, {r['run_pinned']} pinned, hit "
-          f"rate {r['run_hit_rate']:.3f} with the prompt)")
+    decode = "teacher-forced evaluation text" if r["teacher_forced"] else "greedy decode"
+    print(f"hit rates over {r['tokens']} decode tokens ({decode}) after a "
+          f"{r['prompt_tokens']}-token prompt (the run itself: {r['run_slots']} slots, "
+          f"{r['run_pinned']} pinned, hit rate {r['run_hit_rate']:.3f} with the prompt)")
     pinned = f"CLOCK, {r['pinned_share']:g} pinned"
     if not r["calibrated"]:
         print("no calibrated routing in the file (convert with --calibrate): nothing pinned")
@@ -209,4 +242,9 @@ def _table(r: dict[str, Any]) -> None:
                   fmt(x["clock"], ".3f"), fmt(x["clock_pinned"], ".3f"), fmt(x["lru"], ".3f"),
                   fmt(x["opt"], ".3f"), fmt(x["read_mib_per_token"], ".1f")]
                  for x in r["curve"]])
+    n = r["next_layer"]
+    print(f"next-layer guess (layer L's input through L + 1's router), over the decode: "
+          f"{n['accuracy']:.3f} of the experts right; a prefetch of the guesses not resident "
+          f"would read {n['prefetch_per_token']:.1f} experts per token, {n['prefetch_used']:.3f} "
+          f"of them used, covering {n['misses_covered']:.3f} of the misses")
     print(f"load average {r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f}")

@@ -15,6 +15,7 @@ from pydantic import Field
 from ..format import is_flash_gguf
 from ..options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_EXPERT_PREFETCH,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
     DEFAULT_GATE_PER_LAYER,
@@ -63,6 +64,10 @@ class FlashModelSettings(ModelSettings):
         description="Predicted mode: share of each layer's slots pinned to its hottest rows "
         f"(default {DEFAULT_PINNED_SHARE}); mixtures of experts: share of the expert cache "
         "pinned to the most used experts (default: the file's, measured by --calibrate).")
+    flash_expert_prefetch: bool = Field(
+        default=DEFAULT_EXPERT_PREFETCH,
+        description="Mixtures of experts: read each decode token's guessed next-layer "
+        "experts while llama.cpp computes that layer's attention.")
     flash_coalesce_gap: str = Field(
         default=str(DEFAULT_COALESCE_GAP),
         description="Misses at most this many rows apart share one read; 'auto': when the "
@@ -104,6 +109,7 @@ def llama_flash_kwargs(settings: ModelSettings) -> dict[str, Any]:
         "flash_gate_cache_bonus": settings.flash_gate_cache_bonus,
         "flash_gate_per_layer": settings.flash_gate_per_layer,
         "flash_pinned_share": settings.flash_pinned_share,
+        "flash_expert_prefetch": settings.flash_expert_prefetch,
         "flash_coalesce_gap": int(gap) if gap.isdigit() else gap,
         "flash_io": settings.flash_io,
         "flash_predictor_recall": settings.flash_predictor_recall,
