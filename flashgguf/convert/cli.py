@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="fit the predictor on FFN inputs collected by running the model in "
                    "llama.cpp on calibration text (the text shipped with flashgguf unless "
-                   "--calibration-text), and order each layer's neurons hottest first")
+                   "--calibration-text), and order each layer's neurons hottest first; for "
+                   "a mixture of experts: store each expert's routing frequency and the "
+                   "pinned share that pays on held-out text")
     p.add_argument("--no-hot-first", dest="hot_first", action="store_false",
                    help="with --calibrate: keep the source order of the neurons (the measured "
                    "frequencies and the calibrated predictor are still stored); for measuring "
