@@ -19,6 +19,14 @@ CACHE_SHARES = (0.25, 0.5)
 PIN_SHARES = (0.1, 0.25, 0.5)
 
 
+def top_tenth_share(uses: np.ndarray) -> np.ndarray:
+    """Per layer (rows of uses, counts or frequencies [n_layer, n_expert]): the share of its
+    expert uses the most used tenth of its experts takes (0.1 under uniform routing)."""
+    ordered = np.sort(uses, axis=1)[:, ::-1]
+    top = ordered[:, :max(1, uses.shape[1] // 10)].sum(axis=1)
+    return top / np.maximum(ordered.sum(axis=1), 1e-30)
+
+
 def pinned_experts(frequency: np.ndarray | None, slots: int, share: float) -> np.ndarray:
     """The experts to pin (int32 keys layer * n_expert + expert, in file order): share of
     the cache's slots (one always left to the rest) taken by the experts a file's calibrated

@@ -361,11 +361,12 @@ void fg_moe_destroy(fg_moe *m);
  * fg_moe_load. */
 int fg_moe_set_layer(fg_moe *m, int32_t layer, uint64_t offset, int64_t stride,
                      const int32_t *part_type, const int64_t *part_offset);
-/* Allocate the slots and read what stays resident (every expert when cfg.resident). */
 /* Before fg_moe_load: experts (keys layer * n_expert + expert, distinct, most wanted first)
  * to read at load and never evict; as many as the budget's slots hold, less one slot left
  * for the rest. Without it nothing is pinned. */
 int fg_moe_pin(fg_moe *m, const int32_t *keys, int32_t n_keys);
+/* Allocate the slots and read what stays resident (every expert when cfg.resident, else
+ * the pinned ones). */
 int fg_moe_load(fg_moe *m);
 /* Layer's router, F32 [n_expert x n_embd] (ggml's [n_embd, n_expert] tensor): with it,
  * each decode call of the layer before guesses this layer's experts from its own input,

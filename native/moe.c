@@ -177,10 +177,17 @@ int fg_moe_create(const fg_moe_config *cfg, const char *path, fg_moe **out) {
     m->hit_slot = calloc(experts, sizeof *m->hit_slot);
     m->hit_expert = calloc(experts, sizeof *m->hit_expert);
     m->token_x = calloc(rows, sizeof *m->token_x);
+    m->router_set = calloc((size_t)c->n_layer, 1);
+    m->pred_logits = calloc(experts, sizeof *m->pred_logits);
+    m->predicted = calloc(experts, 1);
+    m->prefetch_reads = calloc(used, sizeof *m->prefetch_reads);
+    m->prefetch_expert = calloc(used, sizeof *m->prefetch_expert);
+    m->prefetch_done = calloc(experts, 1);
     if (!m->layers || !m->slot_of || !m->x || !m->ids || !m->weights || !m->gate_out ||
         !m->up_out || !m->expert_out || !m->tok_count || !m->tok_start || !m->pairs ||
         !m->need || !m->reads || !m->read_expert || !m->read_slot || !m->hit_slot ||
-        !m->hit_expert || !m->token_x) {
+        !m->hit_expert || !m->token_x || !m->router_set || !m->pred_logits || !m->predicted ||
+        !m->prefetch_reads || !m->prefetch_expert || !m->prefetch_done) {
         fg_moe_destroy(m);
         return FG_ERR_NOMEM;
     }
@@ -317,6 +324,20 @@ static int32_t take_slot(fg_moe *m, int32_t key) {
     return victim;
 }
 
+static uint64_t expert_offset(const fg_moe_layer *L, int32_t e) {
+    return L->offset + (uint64_t)e * (uint64_t)L->stride;
+}
+
+/* At load: expert key (layer * n_expert + expert) read whole into slot s, which owns it. */
+static int load_expert(fg_moe *m, int32_t key, int32_t s) {
+    const fg_moe_layer *L = &m->layers[key / m->cfg.n_expert];
+    const int rc = fg_reader_read(&m->reader, expert_offset(L, key % m->cfg.n_expert),
+                                  (size_t)L->stride, slot_data(m, s));
+    m->owner[s] = key;
+    m->slot_of[key] = s;
+    return rc;
+}
+
 static void forget_slot(fg_moe *m, int32_t s) {
     m->slot_of[m->owner[s]] = -1;
     m->owner[s] = -1;
@@ -352,13 +373,7 @@ static int load_pinned(fg_moe *m) {
     if (n > (int64_t)m->n_slots - 1) n = m->n_slots > 0 ? m->n_slots - 1 : 0;
     int rc = FG_OK;
     for (int32_t s = 0; rc == FG_OK && s < n; s++) {
-        const int32_t key = m->pin_keys[s];
-        const fg_moe_layer *L = &m->layers[key / m->cfg.n_expert];
-        const int32_t e = key % m->cfg.n_expert;
-        rc = fg_reader_read(&m->reader, L->offset + (uint64_t)e * (uint64_t)L->stride,
-                            (size_t)L->stride, slot_data(m, s));
-        m->owner[s] = key;
-        m->slot_of[key] = s;
+        rc = load_expert(m, m->pin_keys[s], s);
         m->count[s] = FG_MOE_PINNED;
         m->stats.pinned++;
     }
@@ -403,16 +418,7 @@ int fg_moe_load(fg_moe *m) {
     const double t0 = fg_now_seconds();
     int rc = FG_OK;
     if (c->resident) { /* every expert, in file order: a few large sequential reads */
-        for (int32_t l = 0; rc == FG_OK && l < c->n_layer; l++) {
-            const fg_moe_layer *L = &m->layers[l];
-            for (int32_t e = 0; rc == FG_OK && e < c->n_expert; e++) {
-                const int32_t s = l * c->n_expert + e;
-                rc = fg_reader_read(&m->reader, L->offset + (uint64_t)e * (uint64_t)L->stride,
-                                    (size_t)L->stride, slot_data(m, s));
-                m->owner[s] = s;
-                m->slot_of[s] = s;
-            }
-        }
+        for (int32_t s = 0; rc == FG_OK && s < (int32_t)total; s++) rc = load_expert(m, s, s);
     } else {
         rc = load_pinned(m);
         if (rc == FG_OK) {
@@ -549,7 +555,7 @@ static int32_t group_pairs(fg_moe *m, int32_t n_tokens) {
 static void expert_read(const fg_moe *m, const fg_moe_layer *L, int32_t e, int32_t k,
                         fg_read *rd) {
     const uint64_t align = (uint64_t)(m->reader.direct ? m->reader.dio_align : 1);
-    rd->offset = L->offset + (uint64_t)e * (uint64_t)L->stride;
+    rd->offset = expert_offset(L, e);
     rd->len = ((uint64_t)L->stride + align - 1) / align * align;
     rd->need = (uint64_t)L->stride;
     rd->copy0 = k;
@@ -568,26 +574,15 @@ static int next_landed(fg_moe *m, fg_landed *got, double *waited) {
  * A decode token's experts at layer L + 1, guessed at the end of layer L from L's MoE input
  * and L + 1's router (the hidden state changes little from one layer to the next), and
  * scored when layer L + 1 routes: what a prefetch issued during L + 1's attention would
- * have read for nothing or in time. Nothing is read on a guess (yet): this measures it. */
+ * have read for nothing or in time. With fg_moe_set_prefetch the guesses are also read. */
 
 int fg_moe_set_router(fg_moe *m, int32_t layer, const float *w) {
     const fg_moe_config *c = &m->cfg;
     if (layer < 0 || layer >= c->n_layer || w == NULL) return FG_ERR_ARG;
     const size_t per_layer = (size_t)c->n_expert * (size_t)c->n_embd;
-    if (m->router == NULL) {
+    if (m->router == NULL) { /* only when asked for: n_layer x n_expert x n_embd floats */
         m->router = malloc((size_t)c->n_layer * per_layer * sizeof *m->router);
-        m->router_set = calloc((size_t)c->n_layer, 1);
-        m->pred_logits = malloc((size_t)c->n_expert * sizeof *m->pred_logits);
-        m->predicted = calloc((size_t)c->n_expert, 1);
-        if (!m->router || !m->router_set || !m->pred_logits || !m->predicted) {
-            free(m->router);
-            free(m->router_set);
-            free(m->pred_logits);
-            free(m->predicted);
-            m->router = m->pred_logits = NULL;
-            m->router_set = m->predicted = NULL;
-            return FG_ERR_NOMEM;
-        }
+        if (m->router == NULL) return FG_ERR_NOMEM;
     }
     memcpy(m->router + (size_t)layer * per_layer, w, per_layer * sizeof *w);
     m->router_set[layer] = 1;
@@ -627,16 +622,7 @@ int fg_moe_set_prefetch(fg_moe *m, int on) {
     }
     if (!m->io_ready) return FG_ERR_STATE; /* resident: nothing to read */
     for (int32_t l = 1; l < c->n_layer; l++) {
-        if (m->router_set == NULL || !m->router_set[l]) return FG_ERR_STATE;
-    }
-    if (m->prefetch_reads == NULL) {
-        m->prefetch_reads = calloc((size_t)c->n_expert_used, sizeof *m->prefetch_reads);
-        m->prefetch_expert = calloc((size_t)c->n_expert_used, sizeof *m->prefetch_expert);
-        m->prefetch_done = calloc((size_t)c->n_expert, 1);
-        if (m->prefetch_reads == NULL || m->prefetch_expert == NULL ||
-            m->prefetch_done == NULL) {
-            return FG_ERR_NOMEM;
-        }
+        if (!m->router_set[l]) return FG_ERR_STATE;
     }
     m->prefetch = 1;
     return FG_OK;
@@ -830,8 +816,7 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
             for (size_t i = 0; i < embd; i++) yt[i] += ok[i] * w[k];
         }
     }
-    if (n_tokens == 1 && layer + 1 < c->n_layer && m->router_set != NULL &&
-        m->router_set[layer + 1]) {
+    if (n_tokens == 1 && layer + 1 < c->n_layer && m->router_set[layer + 1]) {
         predict_next(m, layer + 1, x);
         if (m->prefetch) issue_prefetch(m, layer + 1);
     }

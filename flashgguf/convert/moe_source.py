@@ -17,7 +17,7 @@ import numpy as np
 from ..archs import ARCHS, ArchSpec
 from ..calibrate.collect import ExpertChoices, count_expert_choices
 from ..errors import FormatError, UnsupportedError
-from ..expert_cache import PIN_SHARES, recommend_pinned_share
+from ..expert_cache import PIN_SHARES, recommend_pinned_share, top_tenth_share
 from ..format import (
     CalibrationRecord,
     ExpertLayout,
@@ -110,10 +110,10 @@ def convert_moe(source: _Source, spec: ArchSpec, src: Path, out: Path, opts: Con
                                        opts.calibration)
         frequency = choices.frequency
         calibration = CalibrationRecord(choices.n_tokens, choices.text_sha256)
-        top = np.sort(frequency, axis=1)[:, ::-1][:, :max(1, n_expert // 10)].sum(axis=1)
         opts.log(f"flashgguf-convert: calibration: routing of {choices.n_tokens} tokens from "
                  f"llama.cpp in {time.perf_counter() - t0:.1f} s; the most used tenth of a "
-                 f"layer's experts takes {np.median(top) / n_used:.2f} of its choices "
+                 f"layer's experts takes {np.median(top_tenth_share(frequency)):.2f} of its "
+                 "choices "
                  f"(median over layers; uniform routing: 0.10)")
         t0 = time.perf_counter()
         n_held = max(1, int(round(choices.n_tokens * opts.calibration.held_out)))

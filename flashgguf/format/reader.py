@@ -444,7 +444,7 @@ def _read_curves(payload: GGUFStream, what: str, n_layer: int) -> tuple[Threshol
     tables = []
     for key in keys[1:]:
         values = per_layer(payload, key, what, n_layer * k, "f",
-                            count="one per layer and recall target")
+                           count="one per layer and recall target")
         assert values is not None
         tables.append(values.reshape(n_layer, k).astype(np.float32))
     threshold, density, error = tables
@@ -479,7 +479,7 @@ def _read_gate_curves(payload: GGUFStream, what: str, n_layer: int,
                           "not resident")
     keep = _ascending_shares(payload, keys[0], what, "shares of rows kept")
     error = per_layer(payload, keys[1], what, n_layer * keep.size, "f",
-                       count="one per layer and share")
+                      count="one per layer and share")
     assert error is not None
     if np.any(error < 0.0):
         raise FormatError(f"{what}: key {keys[1]!r}: errors must be >= 0")

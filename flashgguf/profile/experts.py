@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..expert_cache import clock_hits, pinned_experts
+from ..expert_cache import clock_hits, pinned_experts, top_tenth_share
 from ..options import DEFAULT_PINNED_SHARE
 from .harness import (
     PROMPT,
@@ -105,12 +105,7 @@ def opt_hits(calls: list[tuple[int, np.ndarray]], n_expert: int, n_slots: int,
 
 def skew(layer: np.ndarray, used: np.ndarray, n_layer: int) -> np.ndarray:
     """Per layer: the share of expert uses the most used tenth of its experts takes."""
-    out = np.zeros(n_layer)
-    for L in range(n_layer):
-        counts = np.sort(used[layer == L].sum(axis=0))[::-1]
-        top = max(1, len(counts) // 10)
-        out[L] = counts[:top].sum() / max(counts.sum(), 1)
-    return out
+    return top_tenth_share(np.stack([used[layer == L].sum(axis=0) for L in range(n_layer)]))
 
 
 def main(args: argparse.Namespace) -> int:
