@@ -17,6 +17,7 @@ from .errors import NotFlashGGUFError, OptionError
 from .format import MoEFlashFile, is_flash_gguf, open_any_flash_file
 from .options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_DOWN_KEEP,
     DEFAULT_EXPERT_PREFETCH,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
@@ -51,7 +52,9 @@ class Llama(llama_cpp.Llama):
     read: its top flash_gate_keep share by |act(gate)|; flash_gate_cache_bonus > 0 scores
     a row already in DRAM by (1 + bonus) |act|; flash_gate_per_layer=True spreads
     flash_gate_keep over the layers of a file that stores per-layer error curves, at the same
-    summed error; off by default: it measured worse, BENCHMARKS.md), "predicted" (predictor +
+    summed error; off by default: it measured worse, BENCHMARKS.md; on a file converted with
+    --two-stage, the down rows are read only for each token's top flash_down_keep share of
+    rows by |h| x ||down||, once h = act(gate) x up is exact), "predicted" (predictor +
     window cache + pinned hot rows; the file must store a predictor), "naive" (each layer's
     whole FFN read every token) or "hybrid" (the rows the budget holds pinned, the rest read
     every token): the paper's baselines. Default for other files: of predicted and hybrid, the one
@@ -83,6 +86,7 @@ class Llama(llama_cpp.Llama):
                  flash_gate_keep: float = DEFAULT_GATE_KEEP,
                  flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
                  flash_gate_per_layer: bool = DEFAULT_GATE_PER_LAYER,
+                 flash_down_keep: float = DEFAULT_DOWN_KEEP,
                  flash_pinned_share: float | None = None,
                  flash_expert_prefetch: bool = DEFAULT_EXPERT_PREFETCH,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
@@ -121,7 +125,7 @@ class Llama(llama_cpp.Llama):
                 offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
                 n_threads=n_threads, n_threads_batch=n_threads_batch, gate_keep=flash_gate_keep,
                 gate_cache_bonus=flash_gate_cache_bonus, gate_per_layer=flash_gate_per_layer,
-                expert_prefetch=flash_expert_prefetch)
+                down_keep=flash_down_keep, expert_prefetch=flash_expert_prefetch)
 
         if isinstance(flash, MoEFlashFile):
             if flash_mode is not None or flash_predictors is not None or \

@@ -33,6 +33,10 @@ DEFAULT_GATE_PER_LAYER = False
 # flash_gate_cache_bonus: a row already in DRAM is chosen by (1 + bonus) x |act(gate)|
 # (cache-aware choice, as DIP-CA): 0 chooses by |act| alone.
 DEFAULT_GATE_CACHE_BONUS = 0.0
+# flash_down_keep (split files, flashgguf-convert --two-stage): of the rows flash_gate_keep
+# chose, each token reads the down rows of its top down_keep x n_ff by |h| x ||down|| once h
+# is exact (tools/selection.py's two-stage policy, BENCHMARKS.md "Two stages at run time").
+DEFAULT_DOWN_KEEP = 0.6
 # flash_expert_prefetch (mixtures of experts): each decode call guesses the next layer's
 # experts (its input through the next router) and reads the guesses no slot holds while
 # llama.cpp computes that layer's attention. Off: see BENCHMARKS.md ("Pinning and
@@ -198,6 +202,8 @@ class FlashOptions:
     gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS  # mode "gate": rows in DRAM preferred
     # mode "gate": spread gate_keep over the layers by the file's error curves (when stored)
     gate_per_layer: bool = DEFAULT_GATE_PER_LAYER
+    # mode "gate" on split rows: share of rows whose down rows each token reads
+    down_keep: float = DEFAULT_DOWN_KEEP
     # mixtures of experts: read each decode token's guessed next-layer experts ahead
     expert_prefetch: bool = DEFAULT_EXPERT_PREFETCH
 
@@ -207,6 +213,9 @@ class FlashOptions:
         if isinstance(self.gate_keep, bool) or not isinstance(self.gate_keep, (int, float)) \
                 or not 0.0 < self.gate_keep <= 1.0:
             raise OptionError(f"flash_gate_keep must be in (0, 1], got {self.gate_keep!r}")
+        if isinstance(self.down_keep, bool) or not isinstance(self.down_keep, (int, float)) \
+                or not 0.0 < self.down_keep <= 1.0:
+            raise OptionError(f"flash_down_keep must be in (0, 1], got {self.down_keep!r}")
         if not isinstance(self.gate_per_layer, bool):
             raise OptionError(f"flash_gate_per_layer must be a bool, got {self.gate_per_layer!r}")
         bonus = self.gate_cache_bonus

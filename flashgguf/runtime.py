@@ -45,8 +45,8 @@ _MODES = {"dense": lib.FG_MODE_DENSE, "naive": lib.FG_MODE_NAIVE,
 _IO = {"auto": lib.FG_IO_AUTO, "threads": lib.FG_IO_THREADS, "io_uring": lib.FG_IO_URING}
 _IO_NAMES = {lib.FG_IO_THREADS: "threads", lib.FG_IO_URING: "io_uring", 0: "none"}
 _STATS = ("tokens", "bytes_read", "reads", "bytes_needed", "cache_hits", "cache_misses",
-          "neurons_computed", "pinned_neurons", "window_evictions", "time_predict_s",
-          "time_io_wait_s", "time_ffn_s", "time_total_s")
+          "neurons_computed", "down_computed", "pinned_neurons", "window_evictions",
+          "time_predict_s", "time_io_wait_s", "time_ffn_s", "time_total_s")
 # fg_trace_call, field by field (checked against C's struct size at import)
 TRACE_CALL_DTYPE = np.dtype([
     ("layer", np.int32), ("n_tokens", np.int32), ("needed", np.int32), ("pinned", np.int32),
@@ -81,6 +81,8 @@ def _config(flash: FlashFile, spec: ArchSpec, opts: FlashOptions):
     cfg.n_ff = flash.n_ff
     cfg.gated = int(flash.gated)
     cfg.gate_resident = int(flash.gate_resident)
+    cfg.split_rows = int(flash.split)
+    cfg.down_keep = opts.down_keep
     cfg.gate_keep = opts.gate_keep
     cfg.gate_cache_bonus = opts.gate_cache_bonus
     cfg.activation = _ACTIVATIONS[flash.activation]
@@ -230,6 +232,10 @@ class Runtime(_NativeHandle):
             raise OptionError(f"{flash.path}: flash_mode='gate' needs a file whose gate is "
                               "resident: convert the model with flashgguf-convert "
                               "--gate-resident")
+        if flash.split and opts.mode not in ("gate", "dense"):
+            raise OptionError(f"{flash.path}: its up and down rows are stored apart "
+                              "(--two-stage), which only flash_mode='gate' reads; got "
+                              f"flash_mode={opts.mode!r}")
         cfg = _config(flash, spec, opts)
         self.max_tokens = cfg.max_tokens
         self._rt = None
@@ -250,6 +256,10 @@ class Runtime(_NativeHandle):
             if layer.gate_rows is not None:
                 check(lib.fg_runtime_set_gate_rows(self._rt, layer.index, layer.gate_rows.offset),
                       f"gate matrix of layer {layer.index}")
+            if layer.down_norm is not None:
+                check(lib.fg_runtime_set_down_norm(self._rt, layer.index,
+                                                   self._floats(layer.down_norm)),
+                      f"down norms of layer {layer.index}")
         self.gate_keeps = _gate_keeps(flash, opts)
         for i, keep in enumerate(self.gate_keeps):
             check(lib.fg_runtime_set_gate_keep(self._rt, i, keep), f"gate keep of layer {i}")

@@ -30,7 +30,7 @@ import cffi
 NATIVE_DIR = Path(__file__).resolve().parent
 C_SOURCES = ["kernels.c", "kernels_ref.c", "kernels_x86.c", "io.c", "iopool.c", "uring.c",
              "cache.c", "predictor.c", "gate.c", "runtime.c", "hook.c", "capture.c", "error.c",
-             "trace.c", "moe.c"]
+             "trace.c", "moe.c", "two_stage.c"]
 STRICT_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wstrict-prototypes"]
 
 

@@ -117,6 +117,11 @@ typedef struct fg_config {
     int32_t gate_resident;         /* 1 (gated): the gate is not in the bundle rows but one
                                     * matrix per layer (fg_runtime_set_gate_rows), kept in
                                     * DRAM in every mode and counted in the budget */
+    int32_t split_rows;            /* 1 (gate_resident): a layer's n_ff up rows come first,
+                                    * then its n_ff down rows; part_offset[FG_PART_DOWN] is
+                                    * the up rows' stride, bundle_stride minus it the down
+                                    * rows'. Modes dense and gate only; gate mode then reads
+                                    * in two stages (down_keep) */
     int32_t activation;            /* FG_ACT_* */
     float activation_threshold;    /* FG_ACT_FATRELU: values <= this become 0 */
     /* every layer's layout until fg_runtime_set_layer_layout gives it its own */
@@ -142,6 +147,10 @@ typedef struct fg_config {
     float gate_cache_bonus;        /* FG_MODE_GATE, >= 0: a resident row (pinned or cached)
                                     * is chosen by (1 + bonus) x |act|, a row to read by |act|:
                                     * near the cut, rows in DRAM win over rows to read */
+    float down_keep;               /* FG_MODE_GATE on split rows, in (0, 1]: of the rows
+                                    * gate_keep chose, each token's top down_keep x n_ff by
+                                    * |h| x ||down|| (h = act(gate) x up, exact) have their
+                                    * down rows read; >= gate_keep: all of them */
     int32_t coalesce_gap;          /* misses at most this many rows apart share one read;
                                     * -1: as many rows as fit in coalesce_bytes */
     int32_t coalesce_bytes;        /* coalesce_gap -1: the largest gap worth reading through
@@ -160,6 +169,8 @@ typedef struct fg_stats {
     uint64_t cache_hits;           /* unpinned needed rows found in the cache (per layer call) */
     uint64_t cache_misses;         /* unpinned needed rows read from the payload */
     uint64_t neurons_computed;     /* rows computed x tokens they were computed for */
+    uint64_t down_computed;        /* split rows: rows whose down row was used x tokens (the
+                                    * rest of neurons_computed stopped after up) */
     uint64_t pinned_neurons;       /* rows pinned over all layers (not reset) */
     uint64_t window_evictions;     /* evictions of a row used within the window (too small) */
     double time_predict_s;
@@ -200,6 +211,9 @@ int fg_runtime_set_layer_weight(fg_runtime *rt, int32_t layer, double weight);
 /* FG_MODE_GATE: the share of layer's rows each token keeps, in (0, 1], instead of
  * cfg.gate_keep (per-layer keeps allocated from the file's error curves). Between calls. */
 int fg_runtime_set_gate_keep(fg_runtime *rt, int32_t layer, float keep);
+/* cfg.split_rows: layer's down columns' norms (n_ff, >= 0, row order), which with the exact
+ * h score the second stage's choice; copied. Needed before load in gate mode. */
+int fg_runtime_set_down_norm(fg_runtime *rt, int32_t layer, const float *norm);
 /* Allocate every buffer and read what stays resident: every bundle (dense mode) or the
  * pinned rows. FG_ERR_BUDGET when the budget is too small (fg_runtime_min_budget). */
 int fg_runtime_load(fg_runtime *rt);

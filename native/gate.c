@@ -41,6 +41,13 @@ static float kth_largest(float *v, int64_t n, int64_t k) {
     return v[want];
 }
 
+/* Rows of n_ff a share keeps: ceil(share x n_ff), less the float32 rounding of share (0.3f x 160
+ * is 48.000002), in [1, n_ff]. */
+static int64_t share_rows(float share, int64_t n_ff) {
+    int64_t k = (int64_t)ceil((double)share * (double)n_ff - 0.01);
+    return k < 1 ? 1 : k > n_ff ? n_ff : k;
+}
+
 /* A row's score factor: 1 + bonus when it is in DRAM (pinned or cached), else 1. */
 static inline float resident_boost(const fg_layer *L, float bonus, int64_t i) {
     return L->cache.slot_of != NULL && L->cache.slot_of[i] >= 0 ? bonus : 1.0f;
@@ -52,10 +59,7 @@ void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t
     const fg_layout *lay = &L->lay;
     const int64_t n_ff = c->n_ff;
     const int nth = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
-    /* ceil(keep x n_ff), less the float32 rounding of keep (0.3f x 160 is 48.000002) */
-    int64_t keep = (int64_t)ceil((double)L->gate_keep * (double)n_ff - 0.01);
-    if (keep < 1) keep = 1;
-    if (keep > n_ff) keep = n_ff;
+    const int64_t keep = share_rows(L->gate_keep, n_ff);
     float *act = rt->gate_act;
     const float bonus = 1.0f + c->gate_cache_bonus;
 #ifdef _OPENMP
@@ -94,6 +98,35 @@ void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t
                  * in practice but not by the C memory model, hence the atomic store */
                 if (a[i] != 0.0f && fabsf(a[i]) * resident_boost(L, bonus, i) >= cut) {
                     __atomic_store_n(&m[i], 1, __ATOMIC_RELAXED);
+                }
+            }
+        }
+    }
+}
+
+void fg_gate_select_down(fg_runtime *rt, const fg_layer *L, int32_t n_tokens,
+                         const int32_t *rows, int32_t n, int32_t from, uint8_t *mask) {
+    const fg_config *c = &rt->cfg;
+    const int64_t n_ff = c->n_ff;
+    const int64_t keep = share_rows(c->down_keep, n_ff);
+    const int nth = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if ((int64_t)n * n_tokens >= FG_GATE_MIN_PARALLEL)
+#else
+    (void)nth;
+#endif
+    {
+        const int tid = team_index(), team = team_size();
+        float *score = rt->select_scratch + (size_t)tid * (size_t)n_ff;
+        for (int32_t t = (int32_t)tid; t < n_tokens; t += team) {
+            const float *h = rt->gate_act + (size_t)t * (size_t)n_ff;
+            for (int32_t k = 0; k < n; k++) score[k] = fabsf(h[rows[k]]) * L->down_norm[rows[k]];
+            /* fewer candidates than the keep: every one with an h that is not 0 */
+            const float cut = keep < n ? kth_largest(score, n, keep) : 0.0f;
+            for (int32_t k = 0; k < n; k++) {
+                const int32_t i = rows[k];
+                if (i >= from && h[i] != 0.0f && fabsf(h[i]) * L->down_norm[i] >= cut) {
+                    __atomic_store_n(&mask[i], 1, __ATOMIC_RELAXED); /* as fg_gate_select */
                 }
             }
         }

@@ -562,14 +562,6 @@ static void expert_read(const fg_moe *m, const fg_moe_layer *L, int32_t e, int32
     rd->n_copy = 1;
 }
 
-/* The job's next landed read (0 when all are handed out), its wait added to *waited. */
-static int next_landed(fg_moe *m, fg_landed *got, double *waited) {
-    const double t0 = fg_now_seconds();
-    const int more = fg_io_next(&m->io, got);
-    *waited += fg_now_seconds() - t0;
-    return more;
-}
-
 /* ---- next-layer prediction ------------------------------------------------------------
  * A decode token's experts at layer L + 1, guessed at the end of layer L from L's MoE input
  * and L + 1's router (the hidden state changes little from one layer to the next), and
@@ -654,7 +646,7 @@ static double drain_prefetch(fg_moe *m, int32_t layer) {
     const fg_moe_layer *L = same ? &m->layers[layer] : NULL;
     double waited = 0.0;
     fg_landed got;
-    while (next_landed(m, &got, &waited)) {
+    while (fg_io_next_timed(&m->io, &got, &waited)) {
         const int32_t e = m->prefetch_expert[got.read];
         if (same && got.status == FG_OK && m->tok_count[e] > 0) {
             const uint8_t *buf = fg_io_buffer(&m->io, &got);
@@ -780,7 +772,7 @@ static int moe_call(fg_moe *m, int32_t layer, const float *x, float *y, int32_t 
     }
     if (n_miss > 0) {
         fg_landed got;
-        while (next_landed(m, &got, &waited)) {
+        while (fg_io_next_timed(&m->io, &got, &waited)) {
             const int32_t k = m->reads[got.read].copy0;
             const int32_t s = m->read_slot[k];
             if (got.status == FG_OK) {

@@ -12,12 +12,8 @@
 
 /* Large sequential reads for the dense and pinned loads; also the bounce buffer size. */
 #define FG_LOAD_CHUNK (8u << 20)
-/* Fewer rows x tokens than this are computed on one thread, fewer output values than
- * FG_MIN_PARALLEL_OUT summed on one (see ffn_accumulate). */
-#define FG_MIN_PARALLEL_ROWS 128
+/* Fewer output values than this are summed on one thread (see ffn_accumulate). */
 #define FG_MIN_PARALLEL_OUT 8192
-/* Resident rows of a streaming call are handed to the FFN's threads in chunks this long. */
-#define FG_CHUNK_ROWS 64
 /* The FFN asks for the bundle row this many rows ahead of the one it computes: a decode
  * streams every row from memory once (Qwen2.5-Coder-1.5B all resident, 2 threads: FFN 150
  * -> 101 ms/token; 12 rows ahead measured no better). */
@@ -65,6 +61,8 @@ static int check_layout(const fg_config *c, const int32_t *part_type, const int6
             if (part_offset[p] < end[q] && part_offset[q] < end[p]) return FG_ERR_ARG;
         }
     }
+    /* split rows: the down offset is the up rows' stride (the up rows come first) */
+    if (c->split_rows && part_offset[FG_PART_UP] != 0) return FG_ERR_ARG;
     /* streaming: one row, unaligned at both ends, must fit a read */
     if (c->mode != FG_MODE_DENSE && (int64_t)c->max_read_bytes < stride + 2 * FG_IO_ALIGN) {
         return FG_ERR_ARG;
@@ -75,6 +73,8 @@ static int check_layout(const fg_config *c, const int32_t *part_type, const int6
 static int check_streaming_config(const fg_config *c) {
     if (c->mode == FG_MODE_DENSE) return FG_OK;
     if (c->mode < FG_MODE_DENSE || c->mode > FG_MODE_GATE) return FG_ERR_ARG;
+    if (c->split_rows && c->mode != FG_MODE_GATE) return FG_ERR_STATE;
+    if (c->split_rows && !(c->down_keep > 0.0f && c->down_keep <= 1.0f)) return FG_ERR_ARG;
     if (c->mode == FG_MODE_GATE && (!c->gate_resident || !(c->gate_keep > 0.0f) ||
                                     !(c->gate_keep <= 1.0f) || !(c->gate_cache_bonus >= 0.0f) ||
                                     !isfinite(c->gate_cache_bonus))) {
@@ -97,6 +97,7 @@ static int check_config(const fg_config *c) {
     if (c->activation < FG_ACT_SILU || c->activation > FG_ACT_DRELU) return FG_ERR_ARG;
     if (c->activation == FG_ACT_DRELU && !c->gated) return FG_ERR_ARG;
     if (c->gate_resident != 0 && (c->gate_resident != 1 || !c->gated)) return FG_ERR_ARG;
+    if (c->split_rows != 0 && (c->split_rows != 1 || !c->gate_resident)) return FG_ERR_ARG;
     if (!isfinite(c->activation_threshold)) return FG_ERR_ARG;
     if (memchr(c->input_node, 0, sizeof c->input_node) == NULL ||
         memchr(c->output_node, 0, sizeof c->output_node) == NULL || c->input_node[0] == 0 ||
@@ -132,6 +133,16 @@ static int apply_layout(fg_runtime *rt, fg_layer *L, const int32_t *part_type,
         lay->part_offset[FG_PART_GATE] = 0;
     }
     lay->stride = stride;
+    if (c->split_rows) {
+        lay->up_start = 0;
+        lay->up_step = part_offset[FG_PART_DOWN];
+        lay->down_start = (int64_t)c->n_ff * part_offset[FG_PART_DOWN];
+        lay->down_step = stride - part_offset[FG_PART_DOWN];
+    } else {
+        lay->up_start = part_offset[FG_PART_UP];
+        lay->down_start = part_offset[FG_PART_DOWN];
+        lay->up_step = lay->down_step = stride;
+    }
     const int gate_vt = c->gated ? fg_vec_dot_type(part_type[FG_PART_GATE]) : FG_TYPE_F32;
     const int up_vt = fg_vec_dot_type(part_type[FG_PART_UP]);
     lay->dot_gate = c->gated ? fg_vec_dot_fast_fn(part_type[FG_PART_GATE]) : NULL;
@@ -212,6 +223,7 @@ void fg_runtime_destroy(fg_runtime *rt) {
             free(L->up_bias);
             free(L->gate_bias);
             free(L->down_bias);
+            free(L->down_norm);
             fg_predictor_release(&L->pred);
             fg_cache_free(&L->cache);
         }
@@ -375,6 +387,16 @@ int fg_runtime_set_gate_keep(fg_runtime *rt, int32_t layer, float keep) {
     return FG_OK;
 }
 
+int fg_runtime_set_down_norm(fg_runtime *rt, int32_t layer, const float *norm) {
+    const fg_config *c = &rt->cfg;
+    if (layer < 0 || layer >= c->n_layer || norm == NULL) return FG_ERR_ARG;
+    if (!c->split_rows || rt->loaded) return FG_ERR_STATE;
+    for (int32_t i = 0; i < c->n_ff; i++) {
+        if (!(norm[i] >= 0.0f) || !isfinite(norm[i])) return FG_ERR_ARG;
+    }
+    return copy_bias(&rt->layers[layer].down_norm, norm, (size_t)c->n_ff);
+}
+
 /* ---- load ------------------------------------------------------------------------- */
 
 /* Read bytes at offset into *buf, allocated (aligned for direct I/O) on first use. */
@@ -450,9 +472,17 @@ static int load_streaming(fg_runtime *rt) {
         const int32_t capacity = capacities[l];
         const int32_t pinned = pinned_rows(c, capacity);
         rc = fg_cache_alloc(&L->cache, c->n_ff, capacity, pinned, (size_t)L->lay.stride);
-        if (rc == FG_OK && pinned > 0) {
+        if (rc == FG_OK && pinned > 0 && !c->split_rows) {
             rc = fg_reader_read(&rt->reader, L->bundle_offset,
                                 (size_t)pinned * (size_t)L->lay.stride, L->cache.slots);
+        } else if (rc == FG_OK && pinned > 0) { /* the pinned up rows, then their down rows */
+            const size_t up = (size_t)pinned * (size_t)L->lay.up_step;
+            rc = fg_reader_read(&rt->reader, L->bundle_offset, up, L->cache.slots);
+            if (rc == FG_OK) {
+                rc = fg_reader_read(&rt->reader, L->bundle_offset + (uint64_t)L->lay.down_start,
+                                    (size_t)pinned * (size_t)L->lay.down_step,
+                                    L->cache.slots + up);
+            }
         }
         rt->stats.pinned_neurons += (uint64_t)pinned;
     }
@@ -469,6 +499,9 @@ int fg_runtime_load(fg_runtime *rt) {
     for (int32_t l = 0; l < rt->cfg.n_layer; l++) {
         const fg_layer *L = &rt->layers[l];
         if (!L->has_offset || (rt->cfg.gate_resident && !L->has_gate_offset)) return FG_ERR_STATE;
+        if (rt->cfg.split_rows && rt->cfg.mode == FG_MODE_GATE && L->down_norm == NULL) {
+            return FG_ERR_STATE;
+        }
     }
     const double t0 = fg_now_seconds();
     int rc = rt->cfg.gate_resident ? load_gate_rows(rt) : FG_OK;
@@ -504,6 +537,10 @@ int fg_runtime_io_alignment(const fg_runtime *rt) {
 
 /* ---- FFN arithmetic --------------------------------------------------------------- */
 
+static inline void prefetch_bytes(const uint8_t *p, int64_t n) {
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off);
+}
+
 /* Rows [k0, k1) of a list for every token, summed into acc: row k is rows[k] (neuron
  * idx[k]), or with rows == NULL the dense bundle row k. */
 static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *const *rows,
@@ -515,15 +552,28 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
     for (int64_t k = k0; k < k1; k++) {
         if (k + FG_PREFETCH_ROWS < k1) { /* decode streams the rows from memory */
             const int64_t kp = k + FG_PREFETCH_ROWS;
-            const uint8_t *next = rows != NULL ? rows[kp]
-                                               : L->bundles + (idx != NULL ? idx[kp] : kp) *
-                                                                  lay->stride;
-            for (int64_t off = 0; off < lay->stride; off += 64) __builtin_prefetch(next + off);
+            if (rows != NULL) {
+                prefetch_bytes(rows[kp], lay->stride);
+            } else if (lay->up_step == lay->stride) { /* one row holds every part */
+                prefetch_bytes(L->bundles + (idx != NULL ? idx[kp] : kp) * lay->stride,
+                               lay->stride);
+            } else { /* split rows: the up row and the down row */
+                const int64_t ip = idx != NULL ? idx[kp] : kp;
+                prefetch_bytes(L->bundles + lay->up_start + ip * lay->up_step, lay->up_step);
+                prefetch_bytes(L->bundles + lay->down_start + ip * lay->down_step,
+                               lay->down_step);
+            }
         }
         const int64_t i = idx != NULL ? idx[k] : k;
+        const uint8_t *up_w, *down_w;
+        if (rows != NULL) {
+            up_w = rows[k] + lay->part_offset[FG_PART_UP];
+            down_w = rows[k] + lay->part_offset[FG_PART_DOWN];
+        } else {
+            up_w = L->bundles + lay->up_start + i * lay->up_step;
+            down_w = L->bundles + lay->down_start + i * lay->down_step;
+        }
         const uint8_t *row = rows != NULL ? rows[k] : L->bundles + i * lay->stride;
-        const uint8_t *up_w = row + lay->part_offset[FG_PART_UP];
-        const uint8_t *down_w = row + lay->part_offset[FG_PART_DOWN];
         for (int32_t t = 0; t < n_tokens; t++) {
             lay->dot_up(up_w, rt->xq_up + (size_t)t * lay->xq_up_row, embd, &up_vals[t]);
         }
@@ -567,8 +617,27 @@ static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
     return n_tokens > 1 ? rt->cfg.n_threads_batch : rt->cfg.n_threads;
 }
 
-static double consume_reads(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, float *acc,
-                            float *gate_vals, float *up_vals);
+/* What ffn_rows needs besides the rows: one thread's sums and scratch. */
+typedef struct ffn_sums {
+    int32_t n_tokens;
+    float *acc, *gate_vals, *up_vals;
+} ffn_sums;
+
+static void landed_ffn_rows(const fg_runtime *rt, const fg_layer *L, int32_t k0, int32_t k1,
+                            void *arg) {
+    const ffn_sums *s = arg;
+    ffn_rows(rt, L, rt->miss_rows, rt->miss_idx, k0, k1, s->n_tokens, s->acc, s->gate_vals,
+             s->up_vals);
+}
+
+void fg_partial_clear(fg_runtime *rt, int32_t n_tokens) {
+    const size_t embd = (size_t)rt->cfg.n_embd;
+    rt->partial_threads = ffn_threads(rt, n_tokens);
+    for (int k = 0; k < rt->partial_threads; k++) {
+        memset(rt->partial + (size_t)k * (size_t)rt->cfg.max_tokens * embd, 0,
+               (size_t)n_tokens * embd * sizeof(float));
+    }
+}
 
 /* The per-thread partial sums of a call, from zero: n rows of a list split across the
  * threads, then (streaming) every thread computes the engine's reads as they land. Small
@@ -580,11 +649,7 @@ static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *c
                              int with_reads) {
     const fg_config *c = &rt->cfg;
     const size_t embd = (size_t)c->n_embd;
-    const size_t n_out = (size_t)n_tokens * embd;
-    rt->partial_threads = ffn_threads(rt, n_tokens);
-    for (int k = 0; k < rt->partial_threads; k++) {
-        memset(rt->partial + (size_t)k * (size_t)c->max_tokens * embd, 0, n_out * sizeof(float));
-    }
+    fg_partial_clear(rt, n_tokens);
     double waited = 0.0;
     int64_t next_chunk = 0;
 #ifdef _OPENMP
@@ -611,7 +676,9 @@ static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *c
                 ffn_rows(rt, L, rows, idx, k0, k0 + FG_CHUNK_ROWS < n ? k0 + FG_CHUNK_ROWS : n,
                          n_tokens, acc, gate_vals, up_vals);
             }
-            const double w = consume_reads(rt, L, n_tokens, acc, gate_vals, up_vals);
+            ffn_sums sums = {n_tokens, acc, gate_vals, up_vals};
+            const double w = fg_consume_reads(rt, L, (size_t)L->lay.stride, landed_ffn_rows,
+                                              &sums);
             if (tid == 0) waited = w;
         }
     }
@@ -619,7 +686,7 @@ static double ffn_accumulate(fg_runtime *rt, const fg_layer *L, const uint8_t *c
 }
 
 /* y = sum of the partial sums (+ down bias); each thread owns a slice of the output. */
-static void ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_tokens) {
+void fg_ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_tokens) {
     const fg_config *c = &rt->cfg;
     const size_t embd = (size_t)c->n_embd;
     const size_t n_out = (size_t)n_tokens * embd;
@@ -691,17 +758,16 @@ static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
  * it are at most coalesce_bytes, a read's fixed cost measured in bytes of transfer), or
  * when its aligned blocks touch the read's (then joining costs no extra bytes), and the
  * read stays within one staging buffer. Direct I/O reads whole aligned blocks around the
- * rows. Returns the number of reads. */
-static int32_t plan_reads(fg_runtime *rt, const fg_layer *L, const int32_t *rows,
-                          const uint8_t *const *dst, int32_t n) {
+ * rows. */
+int32_t fg_plan_reads(fg_runtime *rt, uint64_t base, uint64_t step, uint64_t len,
+                      const int32_t *rows, const uint8_t *const *dst, int32_t n) {
     const fg_config *c = &rt->cfg;
     const uint64_t align = rt->reader.direct ? rt->reader.dio_align : 1;
-    const uint64_t stride = (uint64_t)L->lay.stride;
     const uint64_t cap = rt->io.staging_cap;
     int32_t n_reads = 0;
     for (int32_t k = 0; k < n; k++) {
-        const uint64_t start = L->bundle_offset + (uint64_t)rows[k] * stride;
-        const uint64_t end = start + stride;
+        const uint64_t start = base + (uint64_t)rows[k] * step;
+        const uint64_t end = start + len;
         const uint64_t end_aligned = (end + align - 1) / align * align;
         const uint64_t first = start / align * align;
         const fg_read *prev = n_reads > 0 ? &rt->reads[n_reads - 1] : NULL;
@@ -734,33 +800,33 @@ static void forget_admitted(fg_cache *C, const int32_t *rows, int32_t n) {
     }
 }
 
-/* Compute the rows of the job's reads as they land, until none is left; adds into this
- * thread's partial sums. Rows admitted to the cache are copied to their slots. Returns the
- * seconds spent blocked on the device. */
-static double consume_reads(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, float *acc,
-                            float *gate_vals, float *up_vals) {
-    const size_t stride = (size_t)L->lay.stride;
+double fg_consume_reads(fg_runtime *rt, const fg_layer *L, size_t row_bytes,
+                        fg_landed_rows_fn compute, void *arg) {
     double waited = 0.0;
-    for (;;) {
-        fg_landed got;
-        const double t = fg_now_seconds();
-        const int more = fg_io_next(&rt->io, &got);
-        waited += fg_now_seconds() - t;
-        if (!more) break;
+    fg_landed got;
+    while (fg_io_next_timed(&rt->io, &got, &waited)) {
         if (got.status == FG_OK) {
             const fg_read *rd = &rt->reads[got.read];
             const uint8_t *buf = fg_io_buffer(&rt->io, &got);
             const int32_t k0 = rd->copy0, k1 = rd->copy0 + rd->n_copy;
             for (int32_t k = k0; k < k1; k++) rt->miss_rows[k] = buf + rt->copies[k].src;
-            ffn_rows(rt, L, rt->miss_rows, rt->miss_idx, k0, k1, n_tokens, acc, gate_vals,
-                     up_vals);
+            compute(rt, L, k0, k1, arg);
             for (int32_t k = k0; k < k1; k++) {
-                if (rt->copies[k].dst != NULL) memcpy(rt->copies[k].dst, rt->miss_rows[k], stride);
+                if (rt->copies[k].dst != NULL) {
+                    memcpy(rt->copies[k].dst, rt->miss_rows[k], row_bytes);
+                }
             }
         }
         fg_io_release(&rt->io, &got);
     }
     return waited;
+}
+
+int fg_io_next_timed(fg_io *io, fg_landed *got, double *waited) {
+    const double t0 = fg_now_seconds();
+    const int more = fg_io_next(io, got);
+    *waited += fg_now_seconds() - t0;
+    return more;
 }
 
 /* One call of a streaming layer: the rows it needs are resident (pinned, cache hits) or
@@ -805,7 +871,8 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
     rt->stats.cache_misses += (uint64_t)n_miss;
     rt->stats.bytes_needed += (uint64_t)n_miss * stride;
 
-    const int32_t n_reads = plan_reads(rt, L, rt->miss_idx, rt->miss_rows, n_miss);
+    const int32_t n_reads = fg_plan_reads(rt, L->bundle_offset, (uint64_t)stride, (uint64_t)stride,
+                                          rt->miss_idx, rt->miss_rows, n_miss);
     const uint64_t bytes_before = rt->reader.bytes_read;
     int rc = fg_io_submit(&rt->io, rt->reads, n_reads);
     if (rc != FG_OK) {
@@ -821,7 +888,7 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
         forget_admitted(C, rt->miss_idx, n_miss);
         return rc;
     }
-    ffn_reduce(rt, L, y, n_tokens);
+    fg_ffn_reduce(rt, L, y, n_tokens);
     const double t_ffn = (fg_now_seconds() - t1) - waited;
     rt->stats.time_io_wait_s += waited;
     rt->stats.time_ffn_s += t_ffn;
@@ -851,7 +918,7 @@ static int ffn_dense(fg_runtime *rt, int32_t layer, const float *x, float *y, in
         idx = rt->miss_idx;
     }
     ffn_accumulate(rt, L, NULL, idx, n, n, n_tokens, 0);
-    ffn_reduce(rt, L, y, n_tokens);
+    fg_ffn_reduce(rt, L, y, n_tokens);
     rt->stats.neurons_computed += (uint64_t)n * (uint64_t)n_tokens;
     rt->stats.time_ffn_s += fg_now_seconds() - t0;
     return FG_OK;
@@ -870,7 +937,11 @@ int fg_runtime_ffn_masked(fg_runtime *rt, int32_t layer, const float *x, float *
         rc = ffn_dense(rt, layer, x, y, n_tokens, mask);
     } else {
         fg_quantize_inputs(rt, &rt->layers[layer], x, n_tokens);
-        rc = ffn_streaming(rt, layer, x, y, n_tokens, mask);
+        if (!c->split_rows) {
+            rc = ffn_streaming(rt, layer, x, y, n_tokens, mask);
+        } else {
+            rc = mask == NULL ? fg_ffn_two_stage(rt, layer, y, n_tokens) : FG_ERR_STATE;
+        }
         rt->gate_act_now = NULL;
     }
     if (rc == FG_OK && layer == 0) rt->stats.tokens += (uint64_t)n_tokens;
@@ -918,16 +989,28 @@ int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void 
     if (layer < 0 || layer >= c->n_layer || row < 0 || row >= c->n_ff) return FG_ERR_ARG;
     if (!rt->loaded) return FG_ERR_STATE;
     const fg_layer *L = &rt->layers[layer];
-    const size_t stride = (size_t)L->lay.stride;
-    const uint8_t *src;
-    if (c->mode == FG_MODE_DENSE) {
-        src = L->bundles + (size_t)row * stride;
+    const fg_layout *lay = &L->lay;
+    const size_t stride = (size_t)lay->stride;
+    if (c->mode == FG_MODE_DENSE && !c->split_rows) {
+        memcpy(out, L->bundles + (size_t)row * stride, stride);
+    } else if (c->mode == FG_MODE_DENSE) { /* the row's parts, side by side */
+        memcpy(out, L->bundles + lay->up_start + row * lay->up_step, (size_t)lay->up_step);
+        memcpy((uint8_t *)out + lay->up_step, L->bundles + lay->down_start + row * lay->down_step,
+               (size_t)lay->down_step);
     } else {
         const int32_t s = L->cache.slot_of[row];
         if (s < 0) return FG_ERR_ARG;
-        src = L->cache.slots + (size_t)s * stride;
+        if (!c->split_rows) {
+            memcpy(out, L->cache.slots + (size_t)s * stride, stride);
+        } else { /* pinned: the up rows, then the down rows (two_stage.c) */
+            const size_t n_pinned = (size_t)L->cache.n_pinned;
+            memcpy(out, L->cache.slots + (size_t)s * (size_t)lay->up_step, (size_t)lay->up_step);
+            memcpy((uint8_t *)out + lay->up_step,
+                   L->cache.slots + n_pinned * (size_t)lay->up_step +
+                       (size_t)s * (size_t)lay->down_step,
+                   (size_t)lay->down_step);
+        }
     }
-    memcpy(out, src, stride);
     return FG_OK;
 }
 

@@ -12,6 +12,11 @@
 #include "io.h"
 #include "kernels.h"
 
+/* Fewer rows x tokens than this are computed on one thread (runtime.c's ffn_accumulate). */
+#define FG_MIN_PARALLEL_ROWS 128
+/* Resident rows of a streaming call are handed to the FFN's threads in chunks this long. */
+#define FG_CHUNK_ROWS 64
+
 /* The low-rank predictor of one layer (rows follow the bundle's hot-first order). */
 typedef struct fg_predictor {
     int32_t rank;             /* 0: none */
@@ -47,7 +52,11 @@ typedef struct fg_cache {
 typedef struct fg_layout {
     int32_t part_type[3];     /* FG_PART_* -> ggml type (gate unused if !gated) */
     int64_t part_offset[3];   /* byte offset of each part inside a row */
-    int64_t stride;           /* bytes per bundle row */
+    int64_t stride;           /* bytes per bundle row (one neuron's parts) */
+    /* where neuron i's parts are in a layer's rows held whole (dense bundles): up at
+     * up_start + i x up_step, down at down_start + i x down_step; side by side in one row,
+     * or with cfg.split_rows the n_ff up rows first, then the down rows */
+    int64_t up_start, up_step, down_start, down_step;
     fg_vec_dot_fn dot_gate, dot_up;
     fg_quantize_fn quant_gate, quant_up;
     fg_axpy_fn axpy_down;
@@ -70,6 +79,7 @@ typedef struct fg_layer {
     fg_cache cache;
     double weight;            /* share of the budget beyond the minimum (1 by default) */
     float gate_keep;          /* FG_MODE_GATE: share of rows a token keeps (cfg's by default) */
+    float *down_norm;         /* cfg.split_rows: n_ff norms of the down columns, or NULL */
 } fg_layer;
 
 /* The calls and reads recorded since fg_runtime_trace_start (trace.c). */
@@ -163,6 +173,30 @@ static inline int team_size(void) {
 }
 double fg_now_seconds(void);
 
+/* runtime.c, shared with two_stage.c */
+/* Coalesce rows (ascending) into rt->reads and rt->copies: row r's bytes are
+ * [base + r x step, + len) (len <= step); dst[k] receives row k's bytes (NULL: none).
+ * Returns the number of reads. */
+int32_t fg_plan_reads(fg_runtime *rt, uint64_t base, uint64_t step, uint64_t len,
+                      const int32_t *rows, const uint8_t *const *dst, int32_t n);
+/* Zero the partial sums of the threads an n_tokens call uses. */
+void fg_partial_clear(fg_runtime *rt, int32_t n_tokens);
+/* y = the sum of the partial sums (+ down bias). */
+void fg_ffn_reduce(fg_runtime *rt, const fg_layer *L, float *y, int32_t n_tokens);
+/* Compute the job's reads as they land, until none is left: compute(rt, L, k0, k1, arg)
+ * for the rows of each read (rt->miss_idx[k0, k1), their bytes at rt->miss_rows[k0, k1)
+ * in its staging buffer); rows with a slot (rt->copies[k].dst) are then copied there,
+ * row_bytes each. Returns the seconds this thread was blocked on the device. */
+typedef void (*fg_landed_rows_fn)(const fg_runtime *rt, const fg_layer *L, int32_t k0,
+                                  int32_t k1, void *arg);
+double fg_consume_reads(fg_runtime *rt, const fg_layer *L, size_t row_bytes,
+                        fg_landed_rows_fn compute, void *arg);
+/* fg_io_next, its seconds blocked added to *waited. */
+int fg_io_next_timed(fg_io *io, fg_landed *got, double *waited);
+
+/* two_stage.c: a streaming call of FG_MODE_GATE on split rows (cfg.split_rows). */
+int fg_ffn_two_stage(fg_runtime *rt, int32_t layer, float *y, int32_t n_tokens);
+
 /* cache.c */
 int fg_cache_alloc(fg_cache *c, int32_t n_ff, int32_t capacity, int32_t n_pinned,
                    size_t stride);
@@ -192,5 +226,10 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
  * to mask + t * mask_stride (stride 0: their union). mask is OR-ed into, not cleared. */
 void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t from,
                     uint8_t *mask, int32_t mask_stride);
+/* The second stage (split rows): among rows[0, n) (ascending), whose exact h is in
+ * rt->gate_act, set mask[i] for rows i >= from in a token's top cfg.down_keep x n_ff by
+ * |h| x down_norm (never an h of exactly 0); union over the n_tokens tokens. */
+void fg_gate_select_down(fg_runtime *rt, const fg_layer *L, int32_t n_tokens,
+                         const int32_t *rows, int32_t n, int32_t from, uint8_t *mask);
 
 #endif

@@ -16,7 +16,8 @@ static void trace_free(fg_trace *t) {
 
 int fg_runtime_trace_start(fg_runtime *rt, int64_t max_calls, int64_t max_reads) {
     if (max_calls < 0 || max_reads < 0) return FG_ERR_ARG;
-    if (!rt->loaded || rt->cfg.mode == FG_MODE_DENSE) return FG_ERR_STATE;
+    /* split rows' two stages are not traced: a call there is two reads of other rows */
+    if (!rt->loaded || rt->cfg.mode == FG_MODE_DENSE || rt->cfg.split_rows) return FG_ERR_STATE;
     fg_trace *t = &rt->trace;
     trace_free(t);
     t->row_bytes = ((size_t)rt->cfg.n_ff + 7) / 8;

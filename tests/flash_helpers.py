@@ -38,10 +38,15 @@ def convert_open(src: Path, folder: Path, **convert_kw) -> FlashFile:
 
 
 def bundle_rows(flash: FlashFile, layer: int) -> np.ndarray:
-    """uint8 [n_ff, stride]: the layer's rows as stored in the file."""
-    info = flash.layers[layer].bundle
+    """uint8 [n_ff, stride]: the layer's rows as stored in the file (a split file's up rows
+    and down rows side by side again)."""
+    info, layout = flash.layers[layer].bundle, flash.layers[layer].layout
     raw = np.fromfile(flash.path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-    return raw.reshape(flash.n_ff, flash.layers[layer].layout.stride)
+    if not flash.split:
+        return raw.reshape(flash.n_ff, layout.stride)
+    up_stride = layout.part("down")[1]
+    up = raw[:flash.n_ff * up_stride].reshape(flash.n_ff, up_stride)
+    return np.concatenate([up, raw[flash.n_ff * up_stride:].reshape(flash.n_ff, -1)], axis=1)
 
 
 def part_weights(flash: FlashFile, layer: int, part: str) -> np.ndarray:

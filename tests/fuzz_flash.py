@@ -220,7 +220,11 @@ def worker(seed_files: list[Path], seed: int) -> None:
     if "libasan" not in os.environ.get("LD_PRELOAD", ""):
         resource.setrlimit(resource.RLIMIT_AS, (32 << 30, 32 << 30))
     checkpoints = [p for p in seed_files if p.is_dir()]
-    flash_seeds = [(p.read_bytes(), regions(p), p.name.startswith("moe"))
+    # a mixture of experts has no modes (its router picks what is read); split rows run in
+    # gate mode only
+    flash_seeds = [(p.read_bytes(), regions(p),
+                    "experts" if p.name.startswith("moe") else
+                    "gate" if p.name.startswith("q4k-split") else None)
                    for p in seed_files if p.is_file()]
     tokens = [1, 40, 41, 42]
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
@@ -241,13 +245,11 @@ def worker(seed_files: list[Path], seed: int) -> None:
                 out.parent.mkdir()
                 outcome, detail = run_conversion(folder, out)
             else:
-                seed_bytes, region, moe = flash_seeds[case % len(flash_seeds)]
+                seed_bytes, region, only_mode = flash_seeds[case % len(flash_seeds)]
                 data, kind = mutate(seed_bytes, region, seed, case)
                 target.write_bytes(data)
                 size = len(data)
-                # a mixture of experts has no modes: its router picks what is read
-                mode = "experts" if moe else \
-                    ("hybrid", "predicted", "naive")[case // len(flash_seeds) % 3]
+                mode = only_mode or ("hybrid", "predicted", "naive")[case // len(flash_seeds) % 3]
                 outcome, detail = run_case(target, tokens, mode)
             grew = status_bytes("VmHWM") - base
             if outcome != "bug" and grew > MEMORY_FIXED + MEMORY_PER_FILE_BYTE * size:
@@ -331,9 +333,9 @@ def fuzz(seed_files: list[Path], cases: list[int], seed: int, n_workers: int,
 
 def make_seed_files(folder: Path) -> list[Path]:
     """What is mutated: flash GGUFs of a generated llama with the weight-only predictor
-    (Q8_0), of a K-quant one whose gate is resident (version 4 layout) and of a qwen3moe
-    mixture of experts (version 5), and a generated Hugging Face llama checkpoint (a
-    folder)."""
+    (Q8_0), of a K-quant one whose gate is resident (version 4 layout), of the same with split
+    rows (version 6) and of a qwen3moe mixture of experts (version 5), and a generated
+    Hugging Face llama checkpoint (a folder)."""
     from gguf import GGMLQuantizationType as Q
     from hf_factory import TinyHF, write_tiny_checkpoint
     from model_factory import TinyModel, write_tiny_model
@@ -348,6 +350,8 @@ def make_seed_files(folder: Path) -> list[Path]:
             ("q8", TinyModel(n_layer=2, n_embd=64, n_ff=96, seed=3), {}),
             ("q4k-gate", TinyModel(n_layer=2, n_embd=256, n_ff=256, ffn_type=Q.Q4_K, seed=4),
              dict(gate_resident=True, predictor=None)),
+            ("q4k-split", TinyModel(n_layer=2, n_embd=256, n_ff=256, ffn_type=Q.Q4_K, seed=4),
+             dict(gate_resident=True, two_stage=True, predictor=None)),
             ("moe", TinyModel(arch="qwen3moe", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
                               n_expert=4, n_expert_used=2, n_ff_exp=64, seed=5), {})):
         src = write_tiny_model(folder / f"{name}.gguf", spec, tokenizer)

@@ -165,8 +165,8 @@ def test_payload_offset_unaligned(tiny_flash, tmp_path):
 
 def test_wrong_version(tiny_flash, tmp_path):
     bad = copy_to(tiny_flash[1], tmp_path)
-    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 6))
-    with pytest.raises(VersionError, match="version 6.*reads versions 1, 2, 3, 4, 5"):
+    patch_key(bad, C.KEY_VERSION, GGUFValueType.UINT32, struct.pack("<I", 7))
+    with pytest.raises(VersionError, match="version 7.*reads versions 1, 2, 3, 4, 5, 6"):
         open_flash_file(bad)
 
 

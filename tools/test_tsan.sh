@@ -16,5 +16,5 @@ TSAN_OPTIONS="halt_on_error=1:ignore_noninstrumented_modules=1:report_signal_uns
 FLASHGGUF_EXPECT_SANITIZED=thread \
     "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not model" \
     tests/test_flash_runtime.py tests/test_concurrency.py tests/test_llama.py tests/test_profile.py \
-    tests/test_moe.py \
+    tests/test_moe.py tests/test_two_stage.py \
     -k "not sigterm and not bench" "$@"

@@ -78,12 +78,18 @@ def choose_down_type(source_type: GGMLQuantizationType, n_embd: int,
 
 
 def make_layout(n_embd: int, gated: bool, types: dict[str, GGMLQuantizationType],
-                align: int) -> BundleLayout:
+                align: int, split: bool = False) -> BundleLayout:
+    """One neuron's row: its parts side by side, padded to align; split (up and down only,
+    their rows stored apart): each part padded to align, so that the down offset is the up
+    rows' stride."""
     parts = (C.PART_GATE, C.PART_UP, C.PART_DOWN) if gated else (C.PART_UP, C.PART_DOWN)
+    assert not (split and gated)
     offsets, pos = [], 0
     for part in parts:
         offsets.append(pos)
         pos += row_nbytes(types[part], n_embd)
+        if split:
+            pos = -(-pos // align) * align
     stride = -(-pos // align) * align
     return BundleLayout(parts, tuple(types[p] for p in parts), tuple(offsets), stride)
 
@@ -117,6 +123,7 @@ class SourceMatrix:
 class LayerBundle:
     rows: np.ndarray  # uint8 [n_ff, stride]
     down_rel_error: float  # ||down' - down|| / ||down|| from re-quantizing the columns
+    down_norm: np.ndarray  # float32 [n_ff]: each down column's norm (the source's), row order
     gate_rows: np.ndarray | None = None  # uint8 [n_ff, row bytes]: a resident gate's rows
 
 
@@ -141,6 +148,7 @@ def build_layer_bundle(layout: BundleLayout, gate: SourceMatrix | None, up: Sour
     down_dense = down.dense()
     dtype, down_off = layout.part(C.PART_DOWN)
     err_sq = norm_sq = 0.0
+    down_norm = np.empty(n_ff, dtype=np.float32)
     for k in range(0, n_ff, _CHUNK_ROWS):
         index = order[k:k + _CHUNK_ROWS]
         for part, source in ((C.PART_GATE, gate), (C.PART_UP, up)):
@@ -155,6 +163,8 @@ def build_layer_bundle(layout: BundleLayout, gate: SourceMatrix | None, up: Sour
         rows[k:k + len(index), down_off:down_off + qcols.shape[1]] = qcols
         back = dequantize_rows(qcols, dtype, columns.shape[1])
         err_sq += float(np.sum((back - columns) ** 2, dtype=np.float64))
-        norm_sq += float(np.sum(columns.astype(np.float64) ** 2))
+        col_sq = np.sum(columns.astype(np.float64) ** 2, axis=1)
+        down_norm[k:k + len(index)] = np.sqrt(col_sq)
+        norm_sq += float(np.sum(col_sq))
     err = float(np.sqrt(err_sq) / max(np.sqrt(norm_sq), 1e-30))
-    return LayerBundle(rows, err, gate_rows)
+    return LayerBundle(rows, err, down_norm, gate_rows)

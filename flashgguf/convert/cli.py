@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gated FFNs: keep each layer's gate matrix apart from the bundles, to "
                    "be held in DRAM so that each token's exact gate picks the rows to read "
                    "(flash_mode='gate', the default for such files)")
+    p.add_argument("--two-stage", action="store_true",
+                   help="with --gate-resident: store up rows and down rows apart (format "
+                   "version 6), so that a down row is read only for the neurons whose exact "
+                   "up x act(gate) passes a second cut (flash_down_keep)")
     p.add_argument("--no-predictor", action="store_true",
                    help="store no activity predictor (the runtime then cannot use "
                    "flash_mode='predicted')")
@@ -106,6 +110,7 @@ def _main(argv: list[str] | None) -> int:
             tokens=args.calibration_tokens, hot_first=args.hot_first)
         if args.calibrate or args.calibration_text else None,
         gate_resident=args.gate_resident,
+        two_stage=args.two_stage,
         force=args.force,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _msg: None) if args.quiet else print,

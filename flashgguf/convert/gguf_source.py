@@ -80,6 +80,10 @@ class ConvertOptions:
     # No low-rank predictor is fitted then (predictor is ignored); calibration orders each
     # layer's rows by how often the gate picks them.
     gate_resident: bool = False
+    # With gate_resident: store each layer's up rows and down rows apart (format version 6),
+    # so that flash_mode "gate" reads a down row only for the neurons whose exact up x
+    # act(gate) passes a second cut (flash_down_keep).
+    two_stage: bool = False
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
@@ -178,7 +182,7 @@ def _layer_layout(tensors: dict[str, TensorInfo], spec: ArchSpec, bid: int, n_em
         types[part] = choose(t.ggml_type, n_embd, requested)
     if opts.gate_resident:
         gate_type = types.pop(C.PART_GATE)
-        return make_layout(n_embd, False, types, opts.bundle_align), gate_type
+        return make_layout(n_embd, False, types, opts.bundle_align, opts.two_stage), gate_type
     return make_layout(n_embd, spec.gated, types, opts.bundle_align), None
 
 
@@ -242,6 +246,9 @@ def convert_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str] | None
         raise ConvertError(f"{out} exists; pass --force to overwrite it")
     if out.resolve() == src.resolve():
         raise ConvertError("the output would overwrite the input")
+    if opts.two_stage and not opts.gate_resident:
+        raise ConvertError("--two-stage needs --gate-resident (the exact gate picks the up rows "
+                           "to read)")
     if opts.gate_resident:
         opts = dataclasses.replace(opts, predictor=None)  # the gate picks the rows
     if opts.predictor is not None:
@@ -391,7 +398,8 @@ def _payload_record(source: _Source, spec: ArchSpec, layouts: list[BundleLayout]
     return PayloadRecord(spec.name, n_embd, n_ff, spec.activation, spec.gated, tuple(layers),
                          opts.source_name or src.name, _sha256(src),
                          activation_threshold=opts.activation_threshold, predictor=predictor,
-                         gate_resident=opts.gate_resident, gate_curves=gate_curves)
+                         gate_resident=opts.gate_resident, gate_curves=gate_curves,
+                         split=opts.two_stage)
 
 
 def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
@@ -421,7 +429,8 @@ def _write_payload(writer: FlashWriter, source: _Source, spec: ArchSpec,
                                                  gate_types[bid])
         down_err = max(down_err, bundle.down_rel_error)
         writer.write_layer(bid, bundle.rows.view(np.int8), layer_order, layer_freq,
-                           gate_rows=bundle.gate_rows)
+                           gate_rows=bundle.gate_rows,
+                           down_norm=bundle.down_norm if opts.two_stage else None)
         del bundle  # not alive while the next layer's bundle is built
         _release_ffn(source, spec, bid)
     writer.finish(down_err)

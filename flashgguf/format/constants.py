@@ -19,7 +19,14 @@ FORMAT_VERSION = 4
 # Version 5: mixture-of-experts files (flashgguf.moe.*): each layer's routed experts are one
 # tensor of expert bundles in the source's own quant types. Dense files stay version 4.
 MOE_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# Version 6: split rows (flashgguf.bundle.split, with a resident gate): a layer's bundle tensor
+# holds its n_ff up rows first, then its n_ff down rows, so that each is read on its own
+# (flash_mode "gate" reads the down rows only for the neurons whose exact up x act(gate)
+# passes a second cut: two stages). The layout keys keep their meaning for one neuron: up at
+# offset 0, down at the up rows' stride (offsets[down]), stride = up + down strides. Each
+# layer also stores its down columns' norms (ffn_down_norm). Unsplit dense files stay version 4.
+SPLIT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 PER_LAYER_LAYOUT_VERSION = 3
 GATE_RESIDENT_VERSION = 4
 
@@ -52,6 +59,7 @@ KEY_BUNDLE_PARTS = "flashgguf.bundle.parts"
 KEY_BUNDLE_TYPES = "flashgguf.bundle.types"
 KEY_BUNDLE_OFFSETS = "flashgguf.bundle.offsets"
 KEY_BUNDLE_STRIDE = "flashgguf.bundle.stride"
+KEY_BUNDLE_SPLIT = "flashgguf.bundle.split"  # bool, version 6: up rows, then down rows
 KEY_SOURCE_NAME = "flashgguf.source.name"
 KEY_SOURCE_SHA256 = "flashgguf.source.sha256"
 KEY_DOWN_REQUANT_ERROR = "flashgguf.bundle.down_requant_rel_error"
@@ -91,6 +99,7 @@ MOE_PARTS = ("gate", "up", "down")
 
 TENSOR_BUNDLE = "blk.{bid}.ffn_bundle"
 TENSOR_GATE_ROWS = "blk.{bid}.ffn_gate_rows"  # gate.resident: [n_embd, n_ff], bundle order
+TENSOR_DOWN_NORM = "blk.{bid}.ffn_down_norm"  # split: F32 [n_ff], ||down column||, bundle order
 TENSOR_ORDER = "blk.{bid}.ffn_order"
 TENSOR_FREQ = "blk.{bid}.ffn_freq"
 TENSOR_UP_BIAS = "blk.{bid}.ffn_up_b"

@@ -54,6 +54,19 @@ class LayerInfo:
     predictor_curve: ThresholdCurve | None = None  # optional: thresholds per recall target
     # gate-resident files (version 4): the gate matrix, rows in bundle order, kept in DRAM
     gate_rows: TensorInfo | None = None
+    # split files (version 6): each down column's norm, bundle order (float32 [n_ff])
+    down_norm: np.ndarray | None = None
+
+    def part_offset(self, part: str, row: int, n_ff: int) -> int:
+        """File offset of bundle row `row`'s up or down part: inside the row, or in a split
+        file in the part's own run of rows (n_ff up rows first, then n_ff down rows)."""
+        offset = self.layout.part(part)[1]
+        if self.down_norm is None:
+            return self.bundle.offset + row * self.layout.stride + offset
+        up_stride = self.layout.part(C.PART_DOWN)[1]
+        if part == C.PART_UP:
+            return self.bundle.offset + row * up_stride
+        return self.bundle.offset + n_ff * up_stride + row * (self.layout.stride - up_stride)
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class FlashFile:
     predictor_keep: float | None = None
     gate_resident: bool = False  # the gate is not in the bundles: layers[i].gate_rows
     gate_curves: GateCurves | None = None  # per-layer error per share kept (gate_keep.py)
+    split: bool = False  # version 6: up rows and down rows apart (LayerInfo.part_offset)
 
     @property
     def layout(self) -> BundleLayout:
@@ -206,7 +220,7 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile | MoEFlashFil
         raise FormatError(f"{pwhat}: architecture {payload.get(C.KEY_ARCH)!r} != trunk's {arch!r}")
     if C.KEY_MOE_EXPERT_COUNT in payload.fields:
         return read_moe_payload(path, size, arch, trunk, payload, version)
-    if version >= C.MOE_VERSION:
+    if version == C.MOE_VERSION:
         raise FormatError(f"{pwhat}: a version {version} file without its experts "
                           f"({C.KEY_MOE_EXPERT_COUNT})")
 
@@ -227,24 +241,27 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile | MoEFlashFil
                 f"{pwhat}: {activation} threshold {threshold!r} is not a finite float")
     if activation == "drelu" and not gated:
         raise FormatError(f"{pwhat}: activation drelu needs a gated FFN")
-    gate_resident = payload.get(C.KEY_GATE_RESIDENT, False)
-    if not isinstance(gate_resident, bool):
-        raise FormatError(f"{pwhat}: key {C.KEY_GATE_RESIDENT!r} must be a bool")
-    if gate_resident and version < C.GATE_RESIDENT_VERSION:
-        raise FormatError(f"{pwhat}: a resident gate in a version {version} file (it needs "
-                          f"version {C.GATE_RESIDENT_VERSION})")
+    gate_resident = _layout_flag(payload, C.KEY_GATE_RESIDENT, pwhat, version,
+                                 C.GATE_RESIDENT_VERSION, "a resident gate")
     if gate_resident and not gated:
         raise FormatError(f"{pwhat}: a resident gate in an FFN that is not gated")
+    split = _layout_flag(payload, C.KEY_BUNDLE_SPLIT, pwhat, version, C.SPLIT_VERSION,
+                         "split rows")
+    if split and not gate_resident:
+        raise FormatError(f"{pwhat}: split rows need a resident gate")
     layouts = _read_layouts(payload, pwhat, n_layer, n_embd, gated, version, gate_resident)
+    if split and any(la.part(C.PART_UP)[1] != 0 for la in layouts):
+        raise FormatError(f"{pwhat}: split rows need the up part at offset 0 (the down "
+                          "offset is the up rows' stride)")
 
     layers = tuple(_read_layer(buf, payload, pwhat, bid, n_embd, n_ff, layouts[bid], gated,
-                               gate_resident) for bid in range(n_layer))
+                               gate_resident, split) for bid in range(n_layer))
     gate_curves = _read_gate_curves(payload, pwhat, n_layer, gate_resident)
     keys = _read_predictor_keys(payload, pwhat, n_layer, n_embd)
     if keys is None:
         return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
                          gated, layers, activation_threshold=threshold,
-                         gate_resident=gate_resident, gate_curves=gate_curves)
+                         gate_resident=gate_resident, gate_curves=gate_curves, split=split)
     layers = tuple(
         dataclasses.replace(
             layer, predictor=_read_predictor(buf, payload, pwhat, layer.index, n_embd, n_ff,
@@ -257,7 +274,20 @@ def _validate(buf: memoryview, size: int, path: Path) -> FlashFile | MoEFlashFil
     return FlashFile(path, size, arch, trunk, payload, n_layer, n_embd, n_ff, activation,
                      gated, layers, activation_threshold=threshold,
                      predictor_kind=keys.kind, predictor_keep=keys.keep,
-                     gate_resident=gate_resident, gate_curves=gate_curves)
+                     gate_resident=gate_resident, gate_curves=gate_curves, split=split)
+
+
+def _layout_flag(payload: GGUFStream, key: str, what: str, version: int, since: int,
+                 name: str) -> bool:
+    """An optional bool layout key (absent: False), which only files of version `since` on
+    may set."""
+    value = payload.get(key, False)
+    if not isinstance(value, bool):
+        raise FormatError(f"{what}: key {key!r} must be a bool")
+    if value and version < since:
+        raise FormatError(f"{what}: {name} in a version {version} file (version {since} "
+                          "on)")
+    return value
 
 
 def _read_layouts(payload: GGUFStream, what: str, n_layer: int, n_embd: int, gated: bool,
@@ -353,7 +383,8 @@ def _f32(buf: memoryview, t: TensorInfo, dtype: type = np.float32) -> np.ndarray
 
 
 def _read_layer(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_embd: int,
-                n_ff: int, layout: BundleLayout, gated: bool, gate_resident: bool) -> LayerInfo:
+                n_ff: int, layout: BundleLayout, gated: bool, gate_resident: bool,
+                split: bool) -> LayerInfo:
     F32, I32 = GGMLQuantizationType.F32, GGMLQuantizationType.I32
     name = C.TENSOR_BUNDLE.format(bid=bid)
     bundle = _expect(payload.tensors.get(name), name, what, (layout.stride, n_ff),
@@ -382,8 +413,17 @@ def _read_layer(buf: memoryview, payload: GGUFStream, what: str, bid: int, n_emb
             raise FormatError(f"{what}: tensor {name!r} is missing")
         t = _row_type(what, name, int(gate_rows.ggml_type), n_embd)
         _expect(gate_rows, name, what, (n_embd, n_ff), t)
+    name = C.TENSOR_DOWN_NORM.format(bid=bid)
+    norm = payload.tensors.get(name)
+    if norm is not None and not split:
+        raise FormatError(f"{what}: {name!r} in a file whose rows are not split")
+    down_norm = None
+    if split:
+        down_norm = _f32(buf, _expect(norm, name, what, (n_ff,), F32))
+        if not np.all(np.isfinite(down_norm)) or np.any(down_norm < 0):
+            raise FormatError(f"{what}: {name!r} holds a negative or non-finite norm")
     return LayerInfo(bid, layout, bundle, order, freq, bias(C.TENSOR_UP_BIAS, n_ff), gate_bias,
-                     bias(C.TENSOR_DOWN_BIAS, n_embd), gate_rows=gate_rows)
+                     bias(C.TENSOR_DOWN_BIAS, n_embd), gate_rows=gate_rows, down_norm=down_norm)
 
 
 # ---- the activity predictor (flashgguf/predictor.py) ---------------------------------

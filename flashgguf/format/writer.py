@@ -112,6 +112,8 @@ class PayloadRecord:
     # the gate is kept apart from the bundles (ffn_gate_rows), resident at run time
     gate_resident: bool = False
     gate_curves: GateCurves | None = None  # gate_resident, calibrated: per-layer error curves
+    # gate_resident: each layer's up rows, then its down rows (version 6), read apart
+    split: bool = False
 
 
 def dummy_shape(part: str, shape: tuple[int, ...],
@@ -142,7 +144,8 @@ class FlashWriter:
         self._trunk_record = trunk
         self._payload_record = payload
         self._moe = isinstance(payload, MoEPayloadRecord)
-        self._version = C.MOE_VERSION if self._moe else C.FORMAT_VERSION
+        self._version = C.MOE_VERSION if self._moe else \
+            C.SPLIT_VERSION if payload.split else C.FORMAT_VERSION
         if isinstance(payload, PayloadRecord):
             self._check(payload)
         try:
@@ -201,6 +204,10 @@ class FlashWriter:
             raise FormatError("a gate bias in an FFN that is not gated")
         if payload.gate_resident and not payload.gated:
             raise FormatError("a resident gate in an FFN that is not gated")
+        if payload.split and not payload.gate_resident:
+            raise FormatError("split rows need a resident gate")
+        if payload.split and any(la.layout.part(C.PART_UP)[1] != 0 for la in payload.layers):
+            raise FormatError("split rows need the up part at offset 0")
         if any((la.gate_type is not None) != payload.gate_resident for la in payload.layers):
             raise FormatError("a resident gate needs a gate type for every layer, and only then")
         curves = payload.gate_curves
@@ -281,6 +288,8 @@ class FlashWriter:
         w.add_key(C.KEY_GATED, p.gated, GGUFValueType.BOOL)
         if p.gate_resident:
             w.add_key(C.KEY_GATE_RESIDENT, True, GGUFValueType.BOOL)
+        if p.split:
+            w.add_key(C.KEY_BUNDLE_SPLIT, True, GGUFValueType.BOOL)
         if p.gate_curves is not None:
             for key, values in ((C.KEY_GATE_CURVE_KEEP, p.gate_curves.keep),
                                 (C.KEY_GATE_CURVE_ERROR, p.gate_curves.error.reshape(-1))):
@@ -293,7 +302,7 @@ class FlashWriter:
             self._add_predictor_keys(w, p.predictor, p.layers)
         for bid, layer in enumerate(p.layers):
             for name, shape, ggml_type, _data in self._layer_tensors(bid, layer, None, None,
-                                                                     None, None):
+                                                                     None, None, None):
                 w.add_tensor(name, shape, ggml_type)
         return w
 
@@ -389,16 +398,24 @@ class FlashWriter:
 
     def _layer_tensors(self, bid: int, layer: PayloadLayer, rows: np.ndarray | None,
                        gate_rows: np.ndarray | None, order: np.ndarray | None,
-                       freq: np.ndarray | None
+                       freq: np.ndarray | None, down_norm: np.ndarray | None
                        ) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType,
                                        np.ndarray | None]]:
         """(name, ggml shape, type, data) of a layer's tensors, in the order they are
-        written; the bundle rows, gate rows, order and frequencies come with write_layer."""
-        n_ff, n_embd = self._payload_record.n_ff, self._payload_record.n_embd
+        written; the bundle rows, gate rows, order, frequencies and (split) down norms come
+        with write_layer."""
+        record = self._payload_record
+        n_ff, n_embd = record.n_ff, record.n_embd
+        if rows is not None and record.split:  # the up rows, then the down rows
+            up_stride = layer.layout.part(C.PART_DOWN)[1]
+            rows = np.concatenate([rows[:, :up_stride].reshape(-1),
+                                   rows[:, up_stride:].reshape(-1)])
         out = [(C.TENSOR_BUNDLE.format(bid=bid), (layer.layout.stride, n_ff), Q.I8, rows)]
         if layer.gate_type is not None:
             out.append((C.TENSOR_GATE_ROWS.format(bid=bid), (n_embd, n_ff), layer.gate_type,
                         gate_rows))
+        if record.split:
+            out.append((C.TENSOR_DOWN_NORM.format(bid=bid), (n_ff,), Q.F32, down_norm))
         out += [(C.TENSOR_ORDER.format(bid=bid), (n_ff,), Q.I32, order),
                 (C.TENSOR_FREQ.format(bid=bid), (n_ff,), Q.F32, freq)]
         for template, bias, n in ((C.TENSOR_UP_BIAS, layer.up_bias, n_ff),
@@ -421,10 +438,12 @@ class FlashWriter:
         return out
 
     def write_layer(self, bid: int, rows: np.ndarray, order: np.ndarray,
-                    freq: np.ndarray, gate_rows: np.ndarray | None = None) -> None:
+                    freq: np.ndarray, gate_rows: np.ndarray | None = None,
+                    down_norm: np.ndarray | None = None) -> None:
         """Layer bid's bundle rows [n_ff, stride], row order (int32) and frequencies
-        (float32), and with a resident gate its gate rows (uint8 [n_ff, row bytes], bundle
-        order); its biases and predictor come from the record. Layers go in order."""
+        (float32), with a resident gate its gate rows (uint8 [n_ff, row bytes], bundle
+        order), and with split rows the down columns' norms (float32 [n_ff], bundle order);
+        its biases and predictor come from the record. Layers go in order."""
         self._expect(_State.PAYLOAD, f"writing layer {bid}")
         if not isinstance(self._payload_record, PayloadRecord):
             raise WriterStateError(f"{self.path.name}: bundle rows written to a MoE payload")
@@ -433,8 +452,10 @@ class FlashWriter:
         if (gate_rows is None) != (layer.gate_type is None):
             raise FormatError(f"layer {bid}: gate rows are given exactly when the gate is "
                               "resident")
+        if (down_norm is None) == self._payload_record.split:
+            raise FormatError(f"layer {bid}: down norms are given exactly when rows are split")
         for name, _shape, ggml_type, data in self._layer_tensors(bid, layer, rows, gate_rows,
-                                                                 order, freq):
+                                                                 order, freq, down_norm):
             assert data is not None
             if ggml_type in (Q.I32, Q.F32) and data.dtype != (np.int32 if ggml_type == Q.I32
                                                               else np.float32):

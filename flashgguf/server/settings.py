@@ -15,6 +15,7 @@ from pydantic import Field
 from ..format import is_flash_gguf
 from ..options import (
     DEFAULT_COALESCE_GAP,
+    DEFAULT_DOWN_KEEP,
     DEFAULT_EXPERT_PREFETCH,
     DEFAULT_GATE_CACHE_BONUS,
     DEFAULT_GATE_KEEP,
@@ -59,6 +60,10 @@ class FlashModelSettings(ModelSettings):
         default=DEFAULT_GATE_PER_LAYER,
         description="Gate mode: spread flash_gate_keep over the layers by the file's error "
         "curves (files converted with --gate-resident --calibrate).")
+    flash_down_keep: float = Field(
+        default=DEFAULT_DOWN_KEEP,
+        description="Gate mode on files converted with --two-stage: each token's share of rows "
+        "whose down rows are read, by |h| x ||down|| once h is exact.")
     flash_pinned_share: Optional[float] = Field(  # noqa: UP045
         default=None,
         description="Predicted mode: share of each layer's slots pinned to its hottest rows "
@@ -108,6 +113,7 @@ def llama_flash_kwargs(settings: ModelSettings) -> dict[str, Any]:
         "flash_gate_keep": settings.flash_gate_keep,
         "flash_gate_cache_bonus": settings.flash_gate_cache_bonus,
         "flash_gate_per_layer": settings.flash_gate_per_layer,
+        "flash_down_keep": settings.flash_down_keep,
         "flash_pinned_share": settings.flash_pinned_share,
         "flash_expert_prefetch": settings.flash_expert_prefetch,
         "flash_coalesce_gap": int(gap) if gap.isdigit() else gap,
