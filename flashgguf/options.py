@@ -35,8 +35,10 @@ DEFAULT_GATE_PER_LAYER = False
 DEFAULT_GATE_CACHE_BONUS = 0.0
 # flash_down_keep (split files, flashgguf-convert --two-stage): of the rows flash_gate_keep
 # chose, each token reads the down rows of its top down_keep x n_ff by |h| x ||down|| once h
-# is exact (tools/selection.py's two-stage policy, BENCHMARKS.md "Two stages at run time").
-DEFAULT_DOWN_KEEP = 0.6
+# is exact. 0.5 kept both sizes within 3% of stock perplexity at a 50% budget, token by token
+# (flashgguf-profile quality; BENCHMARKS.md, "Two stages at run time"): SmolLM2 1.0240x
+# (1,000 tokens), Qwen2.5-Coder-1.5B 1.0228x (300 tokens; 0.4: 1.0290x).
+DEFAULT_DOWN_KEEP = 0.5
 # flash_expert_prefetch (mixtures of experts): each decode call guesses the next layer's
 # experts (its input through the next router) and reads the guesses no slot holds while
 # llama.cpp computes that layer's attention. Off: see BENCHMARKS.md ("Pinning and

@@ -133,9 +133,10 @@ def main(args: argparse.Namespace) -> int:
         overhead = int(over["rss_anon_mb"] * MB)
         gates = 0 if moe else \
             sum(la.gate_rows.nbytes for la in flash.layers if la.gate_rows is not None)
-        # flashgguf's own memory with nothing kept: no rows (naive mode), or no expert slots
+        # flashgguf's own memory with nothing kept: no rows (naive mode; gate mode, the only
+        # one, for split rows), or no expert slots
         bare = dict(flash_dram_budget=1) if moe else \
-            dict(flash_mode="naive", flash_dram_budget=max(gates, 1))
+            dict(flash_mode="gate" if flash.split else "naive", flash_dram_budget=max(gates, 1))
         fover = run_child(dict(base, kind="flash", threads=args.threads[0], no_repack=True,
                                options=bare), None, args.timeout)
         if "error" in fover:
