@@ -115,13 +115,16 @@ def add_flash_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io", default=None, help="flash_io: auto, threads, io_uring")
     g.add_argument("--pinned-share", type=float, default=None, help="flash_pinned_share")
     g.add_argument("--gate-keep", type=float, default=None, help="flash_gate_keep")
+    g.add_argument("--down-keep", type=float, default=None,
+                   help="flash_down_keep (files converted with --two-stage)")
     g.add_argument("--recall", type=float, default=None, help="flash_predictor_recall")
 
 
 def flash_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = {"budget": "flash_dram_budget", "mode": "flash_mode", "window": "flash_window",
              "gap": "flash_coalesce_gap", "io": "flash_io", "pinned_share": "flash_pinned_share",
-             "gate_keep": "flash_gate_keep", "recall": "flash_predictor_recall"}
+             "gate_keep": "flash_gate_keep", "down_keep": "flash_down_keep",
+             "recall": "flash_predictor_recall"}
     out = {flash: getattr(args, name) for name, flash in names.items()
            if getattr(args, name, None) is not None}
     if "flash_coalesce_gap" in out and out["flash_coalesce_gap"] != "auto":
