@@ -54,7 +54,8 @@ class Llama(llama_cpp.Llama):
     flash_gate_keep over the layers of a file that stores per-layer error curves, at the same
     summed error; off by default: it measured worse, BENCHMARKS.md; on a file converted with
     --two-stage, the down rows are read only for each token's top flash_down_keep share of
-    rows by |h| x ||down||, once h = act(gate) x up is exact), "predicted" (predictor +
+    rows by |h| x ||down||, once h = act(gate) x up is exact; default
+    options.DEFAULT_DOWN_KEEP, refused on other files), "predicted" (predictor +
     window cache + pinned hot rows; the file must store a predictor), "naive" (each layer's
     whole FFN read every token) or "hybrid" (the rows the budget holds pinned, the rest read
     every token): the paper's baselines. Default for other files: of predicted and hybrid, the one
@@ -86,7 +87,7 @@ class Llama(llama_cpp.Llama):
                  flash_gate_keep: float = DEFAULT_GATE_KEEP,
                  flash_gate_cache_bonus: float = DEFAULT_GATE_CACHE_BONUS,
                  flash_gate_per_layer: bool = DEFAULT_GATE_PER_LAYER,
-                 flash_down_keep: float = DEFAULT_DOWN_KEEP,
+                 flash_down_keep: float | None = None,
                  flash_pinned_share: float | None = None,
                  flash_expert_prefetch: bool = DEFAULT_EXPERT_PREFETCH,
                  flash_coalesce_gap: int | str = DEFAULT_COALESCE_GAP, flash_io: str = DEFAULT_IO,
@@ -125,7 +126,13 @@ class Llama(llama_cpp.Llama):
                 offload=flash_offload, max_tokens=max(1, min(n_batch, n_ubatch)),
                 n_threads=n_threads, n_threads_batch=n_threads_batch, gate_keep=flash_gate_keep,
                 gate_cache_bonus=flash_gate_cache_bonus, gate_per_layer=flash_gate_per_layer,
-                down_keep=flash_down_keep, expert_prefetch=flash_expert_prefetch)
+                down_keep=DEFAULT_DOWN_KEEP if flash_down_keep is None else flash_down_keep,
+                expert_prefetch=flash_expert_prefetch)
+
+        if flash_down_keep is not None and (isinstance(flash, MoEFlashFile) or not flash.split):
+            raise OptionError(f"{path}: flash_down_keep is for files whose up and down rows are "
+                              "stored apart: convert the model with flashgguf-convert "
+                              "--gate-resident --two-stage")
 
         if isinstance(flash, MoEFlashFile):
             if flash_mode is not None or flash_predictors is not None or \

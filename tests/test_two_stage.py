@@ -17,6 +17,7 @@ from model_factory import TinyModel
 from test_flash_runtime import assert_same_sum
 from test_gate_resident import KQUANT, _as_q8, _gate_act, _logits
 
+from flashgguf import Llama
 from flashgguf.errors import ConvertError, FlashGGUFError, FormatError, OptionError, VersionError
 from flashgguf.format import constants as C
 from flashgguf.format import open_flash_file, open_gguf, tensor_array
@@ -245,3 +246,26 @@ def test_llama_runs_two_stages_and_matches_the_page_cache_engine(q41_pair):
     _, stats = _logits(path, prompt, flash_offload=True, flash_dram_budget=0.5,
                        flash_gate_keep=0.8, flash_down_keep=0.4)
     assert 0 < stats["down_computed"] < stats["neurons_computed"]
+
+
+def test_down_keep_on_a_file_without_split_rows_is_refused(q41_pair):
+    with pytest.raises(OptionError, match="flash_down_keep.*--two-stage"):
+        Llama(model_path=str(q41_pair[1]), flash_offload=True, flash_dram_budget=0.5,
+              flash_down_keep=0.5, verbose=False)
+
+
+@pytest.mark.parametrize("mode", ["dense", "gate"])
+def test_a_resident_row_reads_back_as_the_files_row(q41_pair, mode):
+    """debug_row on split rows: the up row and the down row side by side, as bundle_rows
+    gives them (dense: every row; gate: the pinned ones)."""
+    split = open_flash_file(q41_pair[0])
+    rt = runtime(split, mode="dense") if mode == "dense" else gate_runtime(split)
+    for layer in range(split.n_layer):
+        rows = bundle_rows(split, layer)
+        pinned = rt.capacity(layer)[1]
+        for i in (0, pinned - 1, split.n_ff - 1 if mode == "dense" else pinned // 2):
+            got = rt.resident_row(layer, i)
+            assert got is not None
+            np.testing.assert_array_equal(np.frombuffer(got, np.uint8), rows[i])
+        if mode == "gate":
+            assert rt.resident_row(layer, pinned) is None

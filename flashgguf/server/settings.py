@@ -60,10 +60,11 @@ class FlashModelSettings(ModelSettings):
         default=DEFAULT_GATE_PER_LAYER,
         description="Gate mode: spread flash_gate_keep over the layers by the file's error "
         "curves (files converted with --gate-resident --calibrate).")
-    flash_down_keep: float = Field(
-        default=DEFAULT_DOWN_KEEP,
+    flash_down_keep: Optional[float] = Field(  # noqa: UP045
+        default=None,
         description="Gate mode on files converted with --two-stage: each token's share of rows "
-        "whose down rows are read, by |h| x ||down|| once h is exact.")
+        f"whose down rows are read, by |h| x ||down|| once h is exact (default "
+        f"{DEFAULT_DOWN_KEEP}).")
     flash_pinned_share: Optional[float] = Field(  # noqa: UP045
         default=None,
         description="Predicted mode: share of each layer's slots pinned to its hottest rows "
