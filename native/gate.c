@@ -58,7 +58,7 @@ void fg_gate_select(fg_runtime *rt, const fg_layer *L, int32_t n_tokens, int32_t
     const fg_config *c = &rt->cfg;
     const fg_layout *lay = &L->lay;
     const int64_t n_ff = c->n_ff;
-    const int nth = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
+    const int nth = fg_call_threads(c, n_tokens);
     const int64_t keep = share_rows(L->gate_keep, n_ff);
     float *act = rt->gate_act;
     const float bonus = 1.0f + c->gate_cache_bonus;
@@ -109,7 +109,7 @@ void fg_gate_select_down(fg_runtime *rt, const fg_layer *L, int32_t n_tokens,
     const fg_config *c = &rt->cfg;
     const int64_t n_ff = c->n_ff;
     const int64_t keep = share_rows(c->down_keep, n_ff);
-    const int nth = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
+    const int nth = fg_call_threads(c, n_tokens);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if ((int64_t)n * n_tokens >= FG_GATE_MIN_PARALLEL)
 #else

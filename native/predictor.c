@@ -150,7 +150,7 @@ void fg_predict_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t 
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if ((int64_t)(c->n_ff - from) * p->rank >= \
                                               FG_MIN_PARALLEL_PREDICT) \
-    num_threads(n_tokens > 1 ? c->n_threads_batch : c->n_threads)
+    num_threads(fg_call_threads(c, n_tokens))
 #endif
         for (int32_t i = from; i < c->n_ff; i++) {
             if (mask_stride == 0 && m[i]) continue; /* union: an earlier token chose it */

@@ -559,9 +559,8 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
                                lay->stride);
             } else { /* split rows: the up row and the down row */
                 const int64_t ip = idx != NULL ? idx[kp] : kp;
-                prefetch_bytes(L->bundles + lay->up_start + ip * lay->up_step, lay->up_step);
-                prefetch_bytes(L->bundles + lay->down_start + ip * lay->down_step,
-                               lay->down_step);
+                prefetch_bytes(fg_dense_up(L, ip), lay->up_step);
+                prefetch_bytes(fg_dense_down(L, ip), lay->down_step);
             }
         }
         const int64_t i = idx != NULL ? idx[k] : k;
@@ -570,8 +569,8 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
             up_w = rows[k] + lay->part_offset[FG_PART_UP];
             down_w = rows[k] + lay->part_offset[FG_PART_DOWN];
         } else {
-            up_w = L->bundles + lay->up_start + i * lay->up_step;
-            down_w = L->bundles + lay->down_start + i * lay->down_step;
+            up_w = fg_dense_up(L, i);
+            down_w = fg_dense_down(L, i);
         }
         const uint8_t *row = rows != NULL ? rows[k] : L->bundles + i * lay->stride;
         for (int32_t t = 0; t < n_tokens; t++) {
@@ -613,10 +612,6 @@ static void ffn_rows(const fg_runtime *rt, const fg_layer *L, const uint8_t *con
     }
 }
 
-static int ffn_threads(const fg_runtime *rt, int32_t n_tokens) {
-    return n_tokens > 1 ? rt->cfg.n_threads_batch : rt->cfg.n_threads;
-}
-
 /* What ffn_rows needs besides the rows: one thread's sums and scratch. */
 typedef struct ffn_sums {
     int32_t n_tokens;
@@ -632,7 +627,7 @@ static void landed_ffn_rows(const fg_runtime *rt, const fg_layer *L, int32_t k0,
 
 void fg_partial_clear(fg_runtime *rt, int32_t n_tokens) {
     const size_t embd = (size_t)rt->cfg.n_embd;
-    rt->partial_threads = ffn_threads(rt, n_tokens);
+    rt->partial_threads = fg_call_threads(&rt->cfg, n_tokens);
     for (int k = 0; k < rt->partial_threads; k++) {
         memset(rt->partial + (size_t)k * (size_t)rt->cfg.max_tokens * embd, 0,
                (size_t)n_tokens * embd * sizeof(float));
@@ -723,9 +718,8 @@ void fg_quantize_inputs(fg_runtime *rt, const fg_layer *L, const float *x, int32
 
 /* ---- streaming: decide, look up, read, compute ------------------------------------ */
 
-/* Rows needed by this call, ascending, into rt->need; returns how many. */
-static int32_t needed_rows(fg_runtime *rt, const fg_layer *L, const float *x,
-                           int32_t n_tokens, const uint8_t *mask) {
+int32_t fg_needed_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens,
+                       const uint8_t *mask) {
     const fg_config *c = &rt->cfg;
     int32_t n = 0;
     if (mask != NULL) {
@@ -843,7 +837,7 @@ static int ffn_streaming(fg_runtime *rt, int32_t layer, const float *x, float *y
     const size_t stride = (size_t)L->lay.stride;
     C->clock += (uint64_t)n_tokens;
     const double t0 = fg_now_seconds();
-    const int32_t n_need = needed_rows(rt, L, x, n_tokens, mask);
+    const int32_t n_need = fg_needed_rows(rt, L, x, n_tokens, mask);
     const double t1 = fg_now_seconds();
     rt->stats.time_predict_s += t1 - t0;
 
@@ -990,26 +984,16 @@ int fg_runtime_debug_row(const fg_runtime *rt, int32_t layer, int32_t row, void 
     if (!rt->loaded) return FG_ERR_STATE;
     const fg_layer *L = &rt->layers[layer];
     const fg_layout *lay = &L->lay;
-    const size_t stride = (size_t)lay->stride;
-    if (c->mode == FG_MODE_DENSE && !c->split_rows) {
-        memcpy(out, L->bundles + (size_t)row * stride, stride);
-    } else if (c->mode == FG_MODE_DENSE) { /* the row's parts, side by side */
-        memcpy(out, L->bundles + lay->up_start + row * lay->up_step, (size_t)lay->up_step);
-        memcpy((uint8_t *)out + lay->up_step, L->bundles + lay->down_start + row * lay->down_step,
+    const int dense = c->mode == FG_MODE_DENSE;
+    const int32_t s = dense ? row : L->cache.slot_of[row];
+    if (s < 0) return FG_ERR_ARG;
+    if (!c->split_rows) {
+        const uint8_t *base = dense ? L->bundles : L->cache.slots;
+        memcpy(out, base + (size_t)s * (size_t)lay->stride, (size_t)lay->stride);
+    } else { /* the row's parts, side by side */
+        memcpy(out, dense ? fg_dense_up(L, s) : fg_pinned_up(L, s), (size_t)lay->up_step);
+        memcpy((uint8_t *)out + lay->up_step, dense ? fg_dense_down(L, s) : fg_pinned_down(L, s),
                (size_t)lay->down_step);
-    } else {
-        const int32_t s = L->cache.slot_of[row];
-        if (s < 0) return FG_ERR_ARG;
-        if (!c->split_rows) {
-            memcpy(out, L->cache.slots + (size_t)s * stride, stride);
-        } else { /* pinned: the up rows, then the down rows (two_stage.c) */
-            const size_t n_pinned = (size_t)L->cache.n_pinned;
-            memcpy(out, L->cache.slots + (size_t)s * (size_t)lay->up_step, (size_t)lay->up_step);
-            memcpy((uint8_t *)out + lay->up_step,
-                   L->cache.slots + n_pinned * (size_t)lay->up_step +
-                       (size_t)s * (size_t)lay->down_step,
-                   (size_t)lay->down_step);
-        }
     }
     return FG_OK;
 }

@@ -155,6 +155,30 @@ static inline size_t fg_max_threads(const fg_config *c) {
  * into rt->xq_gate / rt->xq_up (n_tokens <= cfg.max_tokens). */
 void fg_quantize_inputs(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens);
 
+/* Threads of an FFN call: n_threads for decode (one row), n_threads_batch for prompts. */
+static inline int fg_call_threads(const fg_config *c, int32_t n_tokens) {
+    return n_tokens > 1 ? c->n_threads_batch : c->n_threads;
+}
+
+/* Neuron i's up and down parts where a layer's rows are held whole (dense bundles), per
+ * fg_layout's starts and steps. */
+static inline const uint8_t *fg_dense_up(const fg_layer *L, int64_t i) {
+    return L->bundles + L->lay.up_start + i * L->lay.up_step;
+}
+static inline const uint8_t *fg_dense_down(const fg_layer *L, int64_t i) {
+    return L->bundles + L->lay.down_start + i * L->lay.down_step;
+}
+
+/* Split rows (cfg.split_rows), pinned slot s: the slot buffer holds the n_pinned up rows,
+ * then their down rows (read so at load). */
+static inline const uint8_t *fg_pinned_up(const fg_layer *L, int64_t s) {
+    return L->cache.slots + (size_t)s * (size_t)L->lay.up_step;
+}
+static inline const uint8_t *fg_pinned_down(const fg_layer *L, int64_t s) {
+    return L->cache.slots + (size_t)L->cache.n_pinned * (size_t)L->lay.up_step +
+           (size_t)s * (size_t)L->lay.down_step;
+}
+
 /* This thread's place in the current OpenMP team (0 of 1 without OpenMP). */
 static inline int team_index(void) {
 #ifdef _OPENMP
@@ -179,6 +203,10 @@ double fg_now_seconds(void);
  * Returns the number of reads. */
 int32_t fg_plan_reads(fg_runtime *rt, uint64_t base, uint64_t step, uint64_t len,
                       const int32_t *rows, const uint8_t *const *dst, int32_t n);
+/* Rows needed by a streaming call, ascending, into rt->need (pinned rows first); returns
+ * how many. mask (trace replay) gives them instead of the mode's choice. */
+int32_t fg_needed_rows(fg_runtime *rt, const fg_layer *L, const float *x, int32_t n_tokens,
+                       const uint8_t *mask);
 /* Zero the partial sums of the threads an n_tokens call uses. */
 void fg_partial_clear(fg_runtime *rt, int32_t n_tokens);
 /* y = the sum of the partial sums (+ down bias). */

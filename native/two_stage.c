@@ -25,14 +25,11 @@ static void stage_rows(const fg_runtime *rt, const fg_layer *L, int stage,
     const fg_config *c = &rt->cfg;
     const fg_layout *lay = &L->lay;
     const size_t n_ff = (size_t)c->n_ff, embd = (size_t)c->n_embd;
-    const uint8_t *pinned_down =
-        L->cache.slots + (size_t)L->cache.n_pinned * (size_t)lay->up_step;
     float *h = rt->gate_act;
     for (int32_t k = k0; k < k1; k++) {
         const size_t i = (size_t)idx[k];
         if (stage == STAGE_UP) {
-            const uint8_t *w =
-                rows != NULL ? rows[k] : L->cache.slots + i * (size_t)lay->up_step;
+            const uint8_t *w = rows != NULL ? rows[k] : fg_pinned_up(L, (int64_t)i);
             for (int32_t t = 0; t < n_tokens; t++) {
                 float u;
                 lay->dot_up(w, rt->xq_up + (size_t)t * lay->xq_up_row, c->n_embd, &u);
@@ -41,7 +38,7 @@ static void stage_rows(const fg_runtime *rt, const fg_layer *L, int stage,
                 h[(size_t)t * n_ff + i] *= u;
             }
         } else {
-            const uint8_t *w = rows != NULL ? rows[k] : pinned_down + i * (size_t)lay->down_step;
+            const uint8_t *w = rows != NULL ? rows[k] : fg_pinned_down(L, (int64_t)i);
             for (int32_t t = 0; t < n_tokens; t++) {
                 const float v = h[(size_t)t * n_ff + i];
                 if (v != 0.0f) lay->axpy_down(w, v, acc + (size_t)t * embd, c->n_embd);
@@ -84,7 +81,7 @@ static int run_stage(fg_runtime *rt, const fg_layer *L, int stage, const int32_t
     int rc = fg_io_submit(&rt->io, rt->reads, n_reads);
     if (rc != FG_OK) return rc;
     if (stage == STAGE_DOWN) fg_partial_clear(rt, n_tokens);
-    const int nth = n_tokens > 1 ? c->n_threads_batch : c->n_threads;
+    const int nth = fg_call_threads(c, n_tokens);
     double w = 0.0;
     int32_t next_chunk = 0;
 #ifdef _OPENMP
@@ -119,13 +116,7 @@ int fg_ffn_two_stage(fg_runtime *rt, int32_t layer, float *y, int32_t n_tokens) 
     const int32_t n_ff = c->n_ff, pinned = L->cache.n_pinned;
     L->cache.clock += (uint64_t)n_tokens;
     const double t0 = fg_now_seconds();
-    memset(rt->need_mask + pinned, 0, (size_t)(n_ff - pinned));
-    fg_gate_select(rt, L, n_tokens, pinned, rt->need_mask, 0);
-    int32_t n = 0;
-    for (int32_t i = 0; i < pinned; i++) rt->need[n++] = i;
-    for (int32_t i = pinned; i < n_ff; i++) {
-        if (rt->need_mask[i]) rt->need[n++] = i;
-    }
+    int32_t n = fg_needed_rows(rt, L, NULL, n_tokens, NULL); /* the gate's choice */
     double t_select = fg_now_seconds() - t0, waited = 0.0;
     int rc = run_stage(rt, L, STAGE_UP, rt->need, n, pinned, n_tokens, &waited);
     if (rc != FG_OK) return rc;
